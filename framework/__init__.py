@@ -1,0 +1,1 @@
+"""Loom's training framework: config, models, data, parallelism, training, checkpoints, conversion."""

@@ -1,0 +1,550 @@
+"""Recipe sections: one typed dataclass per section, each field documented by the string under it.
+
+The loader (`framework.config.loader`) turns YAML into these classes, checking every key and type; each section's
+`validate()` then checks ranges and rules between fields, raising `ConfigError` with the dotted key. Rules that
+span sections live in `Recipe.validate()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from framework.config.errors import ConfigError
+
+
+def _require(ok: bool, key: str, value: object, rule: str, fix: str) -> None:
+    """Raise a ConfigError (file filled in by the loader) unless `ok`."""
+    if not ok:
+        raise ConfigError(None, key, value, rule, fix)
+
+
+def _positive(section: object, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value is not None:
+            _require(value > 0, f"{prefix}.{name}", value, "must be > 0", "use a positive number")
+
+
+def _non_negative(section: object, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        _require(value >= 0, f"{prefix}.{name}", value, "must be >= 0", "use 0 or a positive number")
+
+
+def _fraction(section: object, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        _require(
+            0.0 <= value < 1.0, f"{prefix}.{name}", value, "must be in [0, 1)", "use a fraction like 0.1"
+        )
+
+
+@dataclass
+class ModelConfig:
+    """The architecture. Everything here is a property of the weights, not of how they are trained."""
+
+    family: Literal["decoder", "encoder", "encoder_decoder"] = "decoder"
+    """decoder: causal LM (GPT/Llama); encoder: bidirectional masked LM (BERT); encoder_decoder: T5-style."""
+    vocab_size: int = 32000
+    """Rows of the token embedding and output head; must cover the tokenizer's vocabulary."""
+    d_model: int = 512
+    """Width of the residual stream (hidden size)."""
+    n_layers: int = 8
+    """Transformer blocks (the encoder's blocks for encoder_decoder)."""
+    n_decoder_layers: int | None = None
+    """encoder_decoder only: decoder blocks; null means n_layers."""
+    n_heads: int = 8
+    """Attention (query) heads."""
+    kv_heads: int | None = None
+    """Key/value heads: n_heads is multi-head, 1 is multi-query, anything between is grouped-query. null = n_heads."""
+    head_dim: int | None = None
+    """Width of one head; null means d_model // n_heads. Set it when it differs (Qwen3, T5)."""
+    ffn_hidden: int = 1376
+    """Hidden width of the feed-forward block (per branch for gated MLPs)."""
+    mlp: Literal["relu", "gelu", "swiglu", "geglu"] = "swiglu"
+    """Feed-forward type: plain ReLU/GELU (2 matrices) or gated SwiGLU/GeGLU (3 matrices)."""
+    gelu_approximate: Literal["none", "tanh"] = "none"
+    """GELU form for gelu/geglu: exact erf ('none', BERT) or the tanh approximation (T5 v1.1, GPT-2)."""
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    """Normalisation layer type."""
+    norm_eps: float = 1e-5
+    """Epsilon added to the variance in every norm."""
+    norm_position: Literal["pre", "post"] = "pre"
+    """pre: x + f(norm(x)) with a final norm (GPT-2/Llama); post: norm(x + f(x)) (original Transformer, BERT)."""
+    qk_norm: bool = False
+    """Normalise queries and keys per head before attention (Qwen3, OLMo2)."""
+    bias: bool = False
+    """Biases in the attention and feed-forward linear layers."""
+    position: Literal["rope", "alibi", "sinusoidal", "learned", "relative_bias", "none"] = "rope"
+    """Position scheme: rotary, ALiBi linear biases, fixed sinusoidal table, learned table, T5 relative bias, none."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    rope_scaling: Literal["none", "linear", "llama3"] = "none"
+    """RoPE context extension: none; linear position interpolation; Llama-3.1 frequency-dependent scaling."""
+    rope_scaling_factor: float = 1.0
+    """Scaling factor for rope_scaling (linear: positions divided by it; llama3: long wavelengths divided by it)."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 rope scaling: wavelengths above original_len / low_freq_factor are fully scaled."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 rope scaling: wavelengths below original_len / high_freq_factor are left unscaled."""
+    rope_original_max_seq_len: int = 8192
+    """llama3 rope scaling: context length the model was originally trained with."""
+    max_seq_len: int = 2048
+    """Longest sequence the model accepts (size of learned/sinusoidal tables and of the RoPE cache)."""
+    relative_buckets: int = 32
+    """relative_bias (T5): number of relative-position buckets."""
+    relative_max_distance: int = 128
+    """relative_bias (T5): distance beyond which all positions share the last bucket."""
+    sliding_window: int | None = None
+    """Attend only to the last `sliding_window` keys (Mistral); null = unlimited."""
+    attention_backend: Literal["sdpa", "flex", "naive"] = "sdpa"
+    """Attention kernel: torch SDPA (flash when the mask is plain causal), FlexAttention (block masks, score mods;
+    forward-only on CPU), naive (reference; materialises the scores)."""
+    softmax_scale: Literal["inv_sqrt_dk", "none"] | float = "inv_sqrt_dk"
+    """Scale of q.k before softmax: 1/sqrt(head_dim), none (1.0, T5), or a number."""
+    attention_temperature: float = 1.0
+    """Soft masking: divide attention scores by this temperature (1.0 = plain attention)."""
+    learned_temperature: bool = False
+    """Soft masking: learn one temperature per head (initialised to attention_temperature)."""
+    soft_distance_bias: bool = False
+    """Soft masking: learned per-head bias -w_h * |i - j| that down-weights distant keys instead of cutting them
+    (w_h starts at 0, so the model starts as plain attention)."""
+    dropout: float = 0.0
+    """Dropout on the residual branches and embeddings."""
+    attention_dropout: float = 0.0
+    """Dropout on the attention probabilities."""
+    tie_embeddings: bool = False
+    """Share the token embedding with the output head."""
+    type_vocab_size: int = 0
+    """Token-type (segment) embeddings, BERT style; 0 = none."""
+    embedding_norm: bool = False
+    """Normalise the embeddings before the first block (BERT, BLOOM)."""
+    mlm_head_transform: bool = False
+    """BERT masked-LM head: dense + activation + norm before the output projection."""
+    output_bias: bool = False
+    """Bias on the output projection (BERT)."""
+    init_std: float = 0.02
+    """Standard deviation of the normal init of weight matrices."""
+    init_depth_scaled: bool = True
+    """Output projections (attention out, MLP down) use init_std / sqrt(2 * layers) (GPT-2)."""
+    embedding_init_std: float | None = None
+    """Std of the embedding init; null = init_std. Small values give the small-init embeddings of Nguyen & Salazar."""
+
+    @property
+    def resolved_kv_heads(self) -> int:
+        return self.kv_heads if self.kv_heads is not None else self.n_heads
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.n_decoder_layers if self.n_decoder_layers is not None else self.n_layers
+
+    @property
+    def causal(self) -> bool:
+        return self.family == "decoder"
+
+    def validate(self) -> None:
+        p = "model"
+        _positive(self, p, "vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "max_seq_len")
+        _positive(
+            self, p, "kv_heads", "head_dim", "n_decoder_layers", "sliding_window", "norm_eps", "rope_theta"
+        )
+        _positive(self, p, "init_std", "embedding_init_std", "attention_temperature", "rope_scaling_factor")
+        _positive(self, p, "relative_buckets", "relative_max_distance")
+        _fraction(self, p, "dropout", "attention_dropout")
+        _non_negative(self, p, "type_vocab_size")
+        if self.head_dim is None:
+            _require(
+                self.d_model % self.n_heads == 0,
+                "model.d_model",
+                self.d_model,
+                f"must be divisible by model.n_heads={self.n_heads} when model.head_dim is not set",
+                "change d_model or n_heads, or set model.head_dim explicitly",
+            )
+        _require(
+            self.n_heads % self.resolved_kv_heads == 0,
+            "model.kv_heads",
+            self.kv_heads,
+            f"model.n_heads={self.n_heads} must be divisible by kv_heads (each kv head serves a group of q heads)",
+            f"use a divisor of {self.n_heads}, e.g. {_divisors(self.n_heads)}",
+        )
+        if self.position == "rope":
+            _require(
+                self.resolved_head_dim % 2 == 0,
+                "model.head_dim",
+                self.resolved_head_dim,
+                "RoPE rotates pairs of channels, so head_dim must be even",
+                "use an even head_dim",
+            )
+        if isinstance(self.softmax_scale, float):
+            _require(
+                self.softmax_scale > 0,
+                "model.softmax_scale",
+                self.softmax_scale,
+                "must be > 0",
+                "use a positive number",
+            )
+        _require(
+            self.n_decoder_layers is None or self.family == "encoder_decoder",
+            "model.n_decoder_layers",
+            self.n_decoder_layers,
+            "only applies to family encoder_decoder",
+            "remove it, or set model.family: encoder_decoder",
+        )
+        _require(
+            self.sliding_window is None or self.family != "encoder",
+            "model.sliding_window",
+            self.sliding_window,
+            "sliding windows are defined here for causal attention only",
+            "remove model.sliding_window for encoder models",
+        )
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is laid out over devices. Sizes multiply to the world size (-1 = fill what is left)."""
+
+    data_parallel: Literal["ddp", "fsdp", "hsdp"] = "fsdp"
+    """Data-parallel flavour: replicated (DDP), fully sharded (FSDP2), or hybrid sharded (HSDP)."""
+    dp_replicate: int = 1
+    """Replicas (DDP, or the replicated dimension of HSDP)."""
+    dp_shard: int = -1
+    """Shards of parameters/gradients/optimizer state (FSDP2); -1 = whatever the world size leaves."""
+    tp: int = 1
+    """Tensor-parallel size (heads and MLP columns split across ranks)."""
+    pp: int = 1
+    """Pipeline-parallel stages."""
+    cp: int = 1
+    """Context-parallel size (sequence split across ranks)."""
+    ep: int = 1
+    """Expert-parallel size (MoE experts split across ranks)."""
+    sequence_parallel: bool = True
+    """With tp > 1: also shard norms/dropout activations along the sequence."""
+    pp_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b", "zero_bubble"] = "1f1b"
+    """Pipeline schedule."""
+    pp_microbatches: int | None = None
+    """Micro-batches per pipeline step; null = number of stages."""
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    """Recompute activations in backward: none, every block (full), or every other block (selective)."""
+    compile: bool = False
+    """torch.compile each block (GPU)."""
+
+    def validate(self) -> None:
+        for name in ("dp_replicate", "tp", "pp", "cp", "ep"):
+            _positive(self, "parallel", name)
+        _require(
+            self.dp_shard == -1 or self.dp_shard >= 1,
+            "parallel.dp_shard",
+            self.dp_shard,
+            "must be -1 (auto) or >= 1",
+            "use -1 to fill the world size",
+        )
+        _positive(self, "parallel", "pp_microbatches")
+
+
+@dataclass
+class PrecisionConfig:
+    """Numeric precision of compute and the fp16 loss scaler."""
+
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Compute dtype: fp32, bf16 autocast, or fp16 autocast with dynamic loss scaling. Master weights stay fp32."""
+    loss_scale_init: float = 65536.0
+    """fp16: initial loss scale."""
+    loss_scale_growth_interval: int = 2000
+    """fp16: steps without overflow before the scale grows by loss_scale_growth_factor."""
+    loss_scale_growth_factor: float = 2.0
+    """fp16: factor the scale grows by."""
+    loss_scale_backoff_factor: float = 0.5
+    """fp16: factor the scale shrinks by on overflow."""
+
+    def validate(self) -> None:
+        _positive(self, "precision", "loss_scale_init", "loss_scale_growth_interval")
+        _require(
+            self.loss_scale_growth_factor > 1.0,
+            "precision.loss_scale_growth_factor",
+            self.loss_scale_growth_factor,
+            "must be > 1",
+            "use 2.0",
+        )
+        _require(
+            0.0 < self.loss_scale_backoff_factor < 1.0,
+            "precision.loss_scale_backoff_factor",
+            self.loss_scale_backoff_factor,
+            "must be in (0, 1)",
+            "use 0.5",
+        )
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with decoupled weight decay and gradient clipping."""
+
+    name: Literal["adamw"] = "adamw"
+    """Optimizer (AdamW; fused kernels on CUDA)."""
+    lr: float = 3e-4
+    """Peak learning rate (reached after warmup)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam beta1, beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay applied to weight matrices."""
+    decay_embeddings: bool = False
+    """Also decay embeddings (norm gains and biases are never decayed)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    fused: bool | None = None
+    """Fused AdamW kernel; null = on for CUDA, off elsewhere."""
+
+    def validate(self) -> None:
+        _positive(self, "optim", "lr", "eps")
+        _non_negative(self, "optim", "weight_decay", "grad_clip")
+        for i, beta in enumerate(self.betas):
+            _require(
+                0.0 <= beta < 1.0, f"optim.betas[{i}]", beta, "must be in [0, 1)", "use e.g. [0.9, 0.95]"
+            )
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule, as a multiplier of optim.lr per optimizer step."""
+
+    name: Literal["cosine", "wsd", "constant"] = "cosine"
+    """cosine: warmup then cosine decay; wsd: warmup-stable-decay (linear decay at the end); constant: warmup then flat."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 over this many steps."""
+    min_lr_ratio: float = 0.1
+    """Final LR as a fraction of the peak (cosine and wsd)."""
+    decay_fraction: float = 0.2
+    """wsd: fraction of train.steps spent in the final decay."""
+
+    def validate(self) -> None:
+        _non_negative(self, "schedule", "warmup_steps")
+        _require(
+            0.0 <= self.min_lr_ratio <= 1.0,
+            "schedule.min_lr_ratio",
+            self.min_lr_ratio,
+            "must be in [0, 1]",
+            "use e.g. 0.1",
+        )
+        _require(
+            0.0 < self.decay_fraction <= 1.0,
+            "schedule.decay_fraction",
+            self.decay_fraction,
+            "must be in (0, 1]",
+            "use e.g. 0.2",
+        )
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from and which training objective turns them into inputs and labels."""
+
+    tokenizer: str = "data/demo/tokenizer.model"
+    """Path of the sentencepiece model (relative paths are from the working directory)."""
+    train: str = "data/demo/train.bin"
+    """Training tokens: a packed token file written by the data tools."""
+    validation: str | None = "data/demo/val.bin"
+    """Held-out tokens for validation loss; null disables validation."""
+    seq_len: int = 256
+    """Tokens per training sequence (the encoder's length for span corruption)."""
+    objective: Literal["causal", "prefix", "mlm", "span_corruption"] = "causal"
+    """causal LM; prefix LM (bidirectional prefix, loss on the rest); masked LM (BERT); T5 span corruption."""
+    document_masking: bool = False
+    """Packed sequences: no attention across document boundaries and positions restart per document."""
+    mlm_probability: float = 0.15
+    """mlm: fraction of tokens selected for prediction (80% masked, 10% random, 10% kept)."""
+    noise_density: float = 0.15
+    """span_corruption: fraction of tokens corrupted."""
+    mean_span_length: float = 3.0
+    """span_corruption: mean length of a corrupted span."""
+    seed: int = 1234
+    """Seed of the sample order and of the objective's randomness."""
+
+    def validate(self) -> None:
+        _positive(self, "data", "seq_len", "mean_span_length")
+        for name in ("mlm_probability", "noise_density"):
+            value = getattr(self, name)
+            _require(0.0 < value < 1.0, f"data.{name}", value, "must be in (0, 1)", "use e.g. 0.15")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: batch, length, loss extras, evaluation and stability policy."""
+
+    steps: int = 100
+    """Optimizer steps to train."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step, over all data-parallel ranks and accumulation micro-steps."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward on one rank; accumulation steps = global / (micro x data-parallel ranks)."""
+    seed: int = 0
+    """Seed of parameter init (by parameter name) and dropout."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when available, else CPU."""
+    z_loss: float = 0.0
+    """Output z-loss coefficient: adds z_loss * mean(logsumexp(logits)^2) (PaLM) to keep logits bounded."""
+    eval_every: int = 50
+    """Run validation every this many steps (and at the end); 0 = only at the end."""
+    eval_batches: int = 8
+    """Micro-batches of held-out data per validation."""
+    skip_nonfinite: bool = True
+    """Skip a step (no update, counted) when the loss or a gradient is NaN/inf."""
+    spike_sigma: float = 0.0
+    """Loss-spike detection: a loss more than this many standard deviations above the recent mean; 0 disables."""
+    spike_window: int = 50
+    """Steps of recent losses used for the spike mean and deviation."""
+    spike_policy: Literal["skip", "halt"] = "skip"
+    """On a spike: skip the update, or stop with a diagnostics file."""
+    max_consecutive_skips: int = 20
+    """Halt after this many consecutive skipped steps."""
+
+    def validate(self) -> None:
+        _positive(
+            self, "train", "steps", "global_batch_size", "micro_batch_size", "eval_batches", "spike_window"
+        )
+        _positive(self, "train", "max_consecutive_skips")
+        _non_negative(self, "train", "z_loss", "eval_every", "spike_sigma")
+        _require(
+            self.global_batch_size % self.micro_batch_size == 0,
+            "train.global_batch_size",
+            self.global_batch_size,
+            f"must be a multiple of train.micro_batch_size={self.micro_batch_size}",
+            f"use a multiple of {self.micro_batch_size}",
+        )
+
+
+@dataclass
+class CheckpointConfig:
+    """When and where checkpoints are written (each one a directory committed atomically)."""
+
+    dir: str | None = None
+    """Checkpoint directory; null = <logging.run_dir>/checkpoints."""
+    every: int = 0
+    """Save every this many steps; 0 = only at the end."""
+    save_final: bool = True
+    """Save after the last step."""
+    keep_last: int = 3
+    """Keep this many newest checkpoints; older ones are deleted after a new one is committed."""
+
+    def validate(self) -> None:
+        _non_negative(self, "checkpoint", "every")
+        _positive(self, "checkpoint", "keep_last")
+
+
+@dataclass
+class LoggingConfig:
+    """Where the run writes and what it reports."""
+
+    run_dir: str = "runs/default"
+    """Directory of this run's logs (metrics.jsonl, TensorBoard) and default checkpoint location."""
+    log_every: int = 1
+    """Write metrics every this many steps."""
+    progress_bar: bool = True
+    """Show a progress bar with ETA (rank 0 only)."""
+    jsonl: bool = True
+    """Write metrics to <run_dir>/metrics.jsonl."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to <run_dir>/tb."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one device for MFU; null = look up the device in the built-in table."""
+
+    def validate(self) -> None:
+        _positive(self, "logging", "log_every", "peak_tflops")
+
+
+@dataclass
+class LaunchConfig:
+    """How many processes and nodes run the job (local launcher and Slurm)."""
+
+    nproc_per_node: int = 1
+    """Worker processes per node."""
+    nnodes: int = 1
+    """Nodes."""
+    partition: str | None = None
+    """Slurm partition."""
+    account: str | None = None
+    """Slurm account."""
+    time: str = "01:00:00"
+    """Slurm time limit (HH:MM:SS or D-HH:MM:SS)."""
+    gpus_per_node: int = 0
+    """GPUs requested per node (Slurm)."""
+
+    def validate(self) -> None:
+        _positive(self, "launch", "nproc_per_node", "nnodes")
+        _non_negative(self, "launch", "gpus_per_node")
+
+
+SECTIONS = (
+    "model",
+    "parallel",
+    "precision",
+    "optim",
+    "schedule",
+    "data",
+    "train",
+    "checkpoint",
+    "logging",
+    "launch",
+)
+
+
+@dataclass
+class Recipe:
+    """A whole training recipe: one field per section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The architecture."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """The parallel layout."""
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """Numeric precision."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data and objective."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training loop."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logs and metrics."""
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    """Processes and nodes."""
+
+    def validate(self) -> None:
+        for name in SECTIONS:
+            getattr(self, name).validate()
+        self._validate_cross_section()
+
+    def _validate_cross_section(self) -> None:
+        m, d = self.model, self.data
+        allowed = {
+            "decoder": ("causal", "prefix"),
+            "encoder": ("mlm",),
+            "encoder_decoder": ("span_corruption",),
+        }[m.family]
+        _require(
+            d.objective in allowed,
+            "data.objective",
+            d.objective,
+            f"model.family={m.family} trains with {' or '.join(allowed)}",
+            f"set data.objective: {allowed[0]}",
+        )
+        _require(
+            d.seq_len <= m.max_seq_len,
+            "data.seq_len",
+            d.seq_len,
+            f"longer than model.max_seq_len={m.max_seq_len}",
+            f"raise model.max_seq_len to at least {d.seq_len} or shorten data.seq_len",
+        )

@@ -1,0 +1,1 @@
+"""Loom's command line and process launchers."""
