@@ -1,0 +1,43 @@
+"""`loom check`: validate a recipe and report its resolved form, size, FLOPs and memory per rank."""
+
+from __future__ import annotations
+
+from framework.config.loader import dump_recipe, load_recipe
+from framework.config.schema import Recipe
+
+
+def _human(n: float, unit: str = "") -> str:
+    for suffix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3f} GiB"
+
+
+def summary(recipe: Recipe) -> str:
+    """Parameter counts, FLOPs per token and memory per rank of a validated recipe."""
+    from framework.models.flops import flops_per_token, param_counts
+    from framework.models.memory import memory_per_rank
+
+    counts = param_counts(recipe.model)
+    flops = flops_per_token(recipe.model, recipe.data.seq_len, training=True)
+    memory = memory_per_rank(recipe)
+    lines = [
+        "# summary",
+        f"parameters: total {counts['total']:,} ({_human(counts['total'])}), active {counts['active']:,}, "
+        f"embedding {counts['embedding']:,}, non-embedding {counts['non_embedding']:,}",
+        f"training FLOPs per token (seq_len {recipe.data.seq_len}): {_human(flops)} (see docs/flops.md)",
+        "memory per rank (micro-batch "
+        f"{recipe.train.micro_batch_size} x {recipe.data.seq_len}, {recipe.precision.dtype}): "
+        + ", ".join(f"{k} {_gib(v)}" for k, v in memory.items()),
+    ]
+    return "\n".join(lines)
+
+
+def check(path: str, overrides: list[str]) -> str:
+    """Load and validate the recipe (ConfigError on mistakes) and return the report to print."""
+    recipe = load_recipe(path, overrides)
+    return "# resolved recipe\n" + dump_recipe(recipe) + "\n" + summary(recipe)
