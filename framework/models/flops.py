@@ -1,0 +1,232 @@
+"""Parameter counts and the one FLOP formula of Loom, as pure functions of the model config.
+
+Conventions (see docs/flops.md for the derivation and a worked example):
+
+* One multiply-accumulate = 2 FLOPs. Only matrix multiplies are counted: element-wise work (norms, activations,
+  softmax, biases, RoPE, position biases, dropout) and embedding lookups are not (Kaplan et al. 2020, table 1;
+  PaLM appendix B; Megatron-LM's MFU formula, Narayanan et al. 2021).
+* Forward matmul FLOPs per token = 2 x (weight-matrix parameters touched by that token), output head included
+  (also when it is tied to the token embedding: the lookup is free, the head matmul is not).
+* Attention scores (q.k) and values (p.v) add 2 x 2 x n_heads x head_dim x (mean keys attended per query) per
+  layer (PaLM appendix B, with the mask's real key count instead of the full sequence):
+  bidirectional = seq_len, causal = (seq_len + 1) / 2, causal sliding window W = mean over i of min(i + 1, W).
+  GQA shrinks the k/v projections, not this term (every query head still scores every key it sees).
+* Training = 3 x forward (the backward pass costs two forwards: input grads and weight grads; Kaplan et al. 2020,
+  section 2.1; Chinchilla appendix F).
+* encoder_decoder: FLOPs per token = FLOPs of one example (encoder length seq_len, decoder length decoder_len)
+  divided by (seq_len + decoder_len), i.e. per source + target token. The encoder is bidirectional, decoder
+  self-attention causal, and cross-attention attends to every encoder position; the cross-attention k/v
+  projections run over the encoder tokens once per decoder layer.
+
+The count ignores document masking and prefix-LM masks (the formula is a property of the config, not the batch):
+a decoder is always counted as causal, so packed documents make the real work slightly smaller.
+"""
+
+from __future__ import annotations
+
+from framework.config.schema import ModelConfig
+
+GATED_MLPS = ("swiglu", "geglu")
+
+
+# --------------------------------------------------------------------------------------------- parameter counts
+def _norm_params(cfg: ModelConfig, dim: int) -> int:
+    """RMSNorm has a gain; LayerNorm a gain and a bias."""
+    return dim if cfg.norm == "rmsnorm" else 2 * dim
+
+
+def _mlp_matrices(cfg: ModelConfig) -> int:
+    """Gated MLPs (SwiGLU/GeGLU; Shazeer 2020) have w1, w3 and w2; plain ReLU/GELU MLPs w1 and w2."""
+    return 3 if cfg.mlp in GATED_MLPS else 2
+
+
+def _attention_matrix_params(cfg: ModelConfig) -> int:
+    """wq, wk, wv, wo weights: GQA shrinks wk and wv to kv_heads x head_dim columns."""
+    d, q_width = cfg.d_model, cfg.n_heads * cfg.resolved_head_dim
+    kv_width = cfg.resolved_kv_heads * cfg.resolved_head_dim
+    return 2 * d * q_width + 2 * d * kv_width
+
+
+def _attention_params(cfg: ModelConfig) -> int:
+    """One attention module: projections, their biases, qk-norm and the soft-masking scalars per head."""
+    hd, heads, kv = cfg.resolved_head_dim, cfg.n_heads, cfg.resolved_kv_heads
+    total = _attention_matrix_params(cfg)
+    if cfg.bias:
+        total += heads * hd + 2 * kv * hd + cfg.d_model
+    if cfg.qk_norm:
+        total += 2 * _norm_params(cfg, hd)  # q_norm and k_norm act per head, shared by the heads
+    total += heads * (int(cfg.learned_temperature) + int(cfg.soft_distance_bias))
+    return total
+
+
+def _mlp_matrix_params(cfg: ModelConfig) -> int:
+    return _mlp_matrices(cfg) * cfg.d_model * cfg.ffn_hidden
+
+
+def _mlp_params(cfg: ModelConfig) -> int:
+    total = _mlp_matrix_params(cfg)
+    if cfg.bias:
+        total += (_mlp_matrices(cfg) - 1) * cfg.ffn_hidden + cfg.d_model
+    return total
+
+
+def _block_params(cfg: ModelConfig, *, cross_attention: bool = False) -> int:
+    """attention_norm + attention + ffn_norm + feed_forward (+ cross_attention_norm + cross_attention)."""
+    total = 2 * _norm_params(cfg, cfg.d_model) + _attention_params(cfg) + _mlp_params(cfg)
+    if cross_attention:
+        total += _norm_params(cfg, cfg.d_model) + _attention_params(cfg)
+    return total
+
+
+def _has_final_norm(cfg: ModelConfig) -> bool:
+    return cfg.norm_position == "pre"
+
+
+def _relative_bias_params(cfg: ModelConfig) -> int:
+    """T5 relative bias: one Embedding(buckets, heads) per stack, shared by its layers."""
+    return cfg.relative_buckets * cfg.n_heads if cfg.position == "relative_bias" else 0
+
+
+def _stack_params(cfg: ModelConfig, n_layers: int, *, cross_attention: bool = False) -> int:
+    """Layers, final norm and relative-bias table of one stack (embeddings and head excluded)."""
+    total = n_layers * _block_params(cfg, cross_attention=cross_attention)
+    total += _norm_params(cfg, cfg.d_model) if _has_final_norm(cfg) else 0
+    return total + _relative_bias_params(cfg)
+
+
+def _embedding_params(cfg: ModelConfig) -> int:
+    """Input lookup tables: tokens, learned positions, token types (Kaplan's N excludes these)."""
+    d = cfg.d_model
+    total = cfg.vocab_size * d
+    if cfg.position == "learned":
+        total += cfg.max_seq_len * d
+    return total + cfg.type_vocab_size * d
+
+
+def _head_params(cfg: ModelConfig) -> int:
+    """Embedding norm, BERT head transform, output projection (absent when tied) and its bias."""
+    d = cfg.d_model
+    total = _norm_params(cfg, d) if cfg.embedding_norm else 0
+    if cfg.mlm_head_transform:
+        total += d * d + d + _norm_params(cfg, d)
+    if not cfg.tie_embeddings:
+        total += cfg.vocab_size * d
+    if cfg.output_bias:
+        total += cfg.vocab_size
+    return total
+
+
+def _body_params(cfg: ModelConfig) -> int:
+    """Everything that is not an input embedding or the head."""
+    if cfg.family == "encoder_decoder":
+        encoder = _stack_params(cfg, cfg.n_layers)
+        return encoder + _stack_params(cfg, cfg.decoder_layers, cross_attention=True)
+    return _stack_params(cfg, cfg.n_layers)
+
+
+def _inactive_expert_params(cfg: ModelConfig) -> int:
+    """Parameters a token does not touch. Dense models: none. MoE adds (experts - top_k) x expert size here."""
+    return 0
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters of `build_model(cfg)`, equal to sum(p.numel()) (tied embeddings counted once).
+
+    embedding: the input lookup tables (token, learned position, token type); non_embedding: the rest, output
+    projection included (Kaplan et al. 2020 count N without embeddings); active: parameters used per token.
+    """
+    embedding = _embedding_params(cfg)
+    non_embedding = _body_params(cfg) + _head_params(cfg)
+    total = embedding + non_embedding
+    return {
+        "total": total,
+        "embedding": embedding,
+        "non_embedding": non_embedding,
+        "active": total - _inactive_expert_params(cfg),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------- FLOPs
+def mean_keys_attended(seq_len: int, *, causal: bool, window: int | None = None) -> float:
+    """Mean number of keys a query sees: seq_len (bidirectional), (seq_len + 1) / 2 (causal), and with a causal
+    sliding window W the exact mean of min(i + 1, W) over positions i = 0 .. seq_len - 1."""
+    if not causal:
+        return float(seq_len)
+    w = seq_len if window is None else min(window, seq_len)
+    # positions 0..w-1 see i + 1 keys (sum w(w+1)/2); the remaining seq_len - w positions see w keys each
+    return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+
+
+def attention_flops_per_query(cfg: ModelConfig, keys: float) -> float:
+    """Forward FLOPs of q.k and p.v for one query and one layer: 2 x 2 x n_heads x head_dim x keys (PaLM B)."""
+    return 4.0 * cfg.n_heads * cfg.resolved_head_dim * keys
+
+
+def _layer_matmul_params(cfg: ModelConfig) -> int:
+    return _attention_matrix_params(cfg) + _mlp_matrix_params(cfg)
+
+
+def _head_matmul_params(cfg: ModelConfig) -> int:
+    """BERT transform dense and the output projection (done even when tied)."""
+    d = cfg.d_model
+    return (d * d if cfg.mlm_head_transform else 0) + cfg.vocab_size * d
+
+
+def _stack_forward_flops(cfg: ModelConfig, n_layers: int, tokens: int, keys: float) -> float:
+    """Self-attention stack: 2 x matmul params per token plus the attention term, over `tokens` tokens."""
+    per_token = 2.0 * _layer_matmul_params(cfg) + attention_flops_per_query(cfg, keys)
+    return n_layers * tokens * per_token
+
+
+def _cross_attention_forward_flops(cfg: ModelConfig, enc_len: int, dec_len: int) -> float:
+    """Per decoder layer: wq, wo over decoder tokens; wk, wv over encoder tokens; all encoder keys attended."""
+    d, hd = cfg.d_model, cfg.resolved_head_dim
+    q_o = 2 * d * cfg.n_heads * hd
+    k_v = 2 * d * cfg.resolved_kv_heads * hd
+    per_layer = 2.0 * (dec_len * q_o + enc_len * k_v) + dec_len * attention_flops_per_query(cfg, enc_len)
+    return cfg.decoder_layers * per_layer
+
+
+def _decoder_window(cfg: ModelConfig) -> int | None:
+    return cfg.sliding_window
+
+
+def forward_flops_per_sequence(cfg: ModelConfig, seq_len: int, *, decoder_len: int | None = None) -> float:
+    """Forward FLOPs of one sequence (encoder_decoder: encoder seq_len, decoder decoder_len, default seq_len)."""
+    head = 2.0 * _head_matmul_params(cfg)
+    if cfg.family != "encoder_decoder":
+        keys = mean_keys_attended(seq_len, causal=cfg.causal, window=_decoder_window(cfg))
+        return _stack_forward_flops(cfg, cfg.n_layers, seq_len, keys) + seq_len * head
+    dec_len = seq_len if decoder_len is None else decoder_len
+    encoder = _stack_forward_flops(cfg, cfg.n_layers, seq_len, float(seq_len))
+    dec_keys = mean_keys_attended(dec_len, causal=True, window=_decoder_window(cfg))
+    decoder = _stack_forward_flops(cfg, cfg.decoder_layers, dec_len, dec_keys)
+    cross = _cross_attention_forward_flops(cfg, seq_len, dec_len)
+    return encoder + decoder + cross + dec_len * head
+
+
+def tokens_per_sequence(cfg: ModelConfig, seq_len: int, *, decoder_len: int | None = None) -> int:
+    """Tokens the per-token FLOPs are divided by: seq_len, or source + target tokens for encoder_decoder."""
+    if cfg.family != "encoder_decoder":
+        return seq_len
+    return seq_len + (seq_len if decoder_len is None else decoder_len)
+
+
+def flops_per_token(
+    cfg: ModelConfig, seq_len: int, *, training: bool = True, decoder_len: int | None = None
+) -> float:
+    """Model FLOPs per token (forward, or forward + backward = 3 x forward when training)."""
+    forward = forward_flops_per_sequence(cfg, seq_len, decoder_len=decoder_len)
+    per_token = forward / tokens_per_sequence(cfg, seq_len, decoder_len=decoder_len)
+    return 3.0 * per_token if training else per_token
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the device peak (PaLM appendix B; Megatron-LM).
+
+    tokens_per_s and peak_flops must describe the same devices (per device, or summed over all of them), and
+    tokens must be counted as flops_per_token counts them (source + target tokens for encoder_decoder).
+    """
+    if peak_flops <= 0:
+        raise ValueError(f"peak_flops must be > 0, got {peak_flops}")
+    return tokens_per_s * flops_per_token / peak_flops
