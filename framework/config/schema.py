@@ -468,7 +468,7 @@ class LaunchConfig:
     nproc_per_node: int = 1
     """Worker processes per node."""
     nnodes: int = 1
-    """Nodes."""
+    """Number of nodes the job spans."""
     partition: str | None = None
     """Slurm partition."""
     account: str | None = None
