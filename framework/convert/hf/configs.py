@@ -1,0 +1,202 @@
+"""Which Hugging Face `transformers` family represents a Loom model config, and that family's config.
+
+Used as the independent check of parameter counts now, and by `loom convert --to hf` later. A Loom architecture
+that no family represents is refused with the fields that make it so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from framework.config.errors import ConfigError
+from framework.config.schema import ModelConfig
+
+
+def hf_family(cfg: ModelConfig) -> str:
+    """llama | mistral | qwen3 | bloom | bert | t5, from the architecture fields."""
+    if cfg.family == "encoder":
+        return "bert"
+    if cfg.family == "encoder_decoder":
+        return "t5"
+    if cfg.position == "alibi":
+        return "bloom"
+    if cfg.qk_norm:
+        return "qwen3"
+    if cfg.sliding_window is not None:
+        return "mistral"
+    return "llama"
+
+
+# Fields each family fixes; a config that differs cannot be represented by it.
+_REQUIRED: dict[str, dict[str, Any]] = {
+    "llama": {
+        "position": "rope",
+        "norm": "rmsnorm",
+        "norm_position": "pre",
+        "mlp": "swiglu",
+        "qk_norm": False,
+    },
+    "mistral": {
+        "position": "rope",
+        "norm": "rmsnorm",
+        "norm_position": "pre",
+        "mlp": "swiglu",
+        "bias": False,
+    },
+    "qwen3": {"position": "rope", "norm": "rmsnorm", "norm_position": "pre", "mlp": "swiglu", "bias": False},
+    "bloom": {
+        "norm": "layernorm",
+        "norm_position": "pre",
+        "mlp": "gelu",
+        "bias": True,
+        "embedding_norm": True,
+    },
+    "bert": {
+        "position": "learned",
+        "norm": "layernorm",
+        "norm_position": "post",
+        "mlp": "gelu",
+        "bias": True,
+    },
+    "t5": {"position": "relative_bias", "norm": "rmsnorm", "norm_position": "pre", "bias": False},
+}
+_NEVER = {"learned_temperature": False, "soft_distance_bias": False, "attention_temperature": 1.0}
+
+
+def check_representable(cfg: ModelConfig) -> str:
+    """The HF family for `cfg`, or a ConfigError listing every field that family cannot represent."""
+    family = hf_family(cfg)
+    wrong = [
+        f"model.{k}={getattr(cfg, k)!r} (needs {v!r})"
+        for k, v in {**_REQUIRED[family], **_NEVER}.items()
+        if getattr(cfg, k) != v
+    ]
+    if family == "t5" and cfg.mlp not in ("relu", "geglu"):
+        wrong.append(f"model.mlp={cfg.mlp!r} (needs 'relu' or 'geglu')")
+    if wrong:
+        raise ConfigError(
+            None,
+            "model",
+            family,
+            f"no Hugging Face family represents: {', '.join(wrong)}",
+            "change those fields",
+        )
+    return family
+
+
+def hf_config(cfg: ModelConfig) -> tuple[str, Any]:
+    """(transformers model class name, config object) for the family representing `cfg`."""
+    import transformers
+
+    family = check_representable(cfg)
+    builder = {
+        "llama": _llama,
+        "mistral": _mistral,
+        "qwen3": _qwen3,
+        "bloom": _bloom,
+        "bert": _bert,
+        "t5": _t5,
+    }[family]
+    class_name, config_name, kwargs = builder(cfg)
+    config = getattr(transformers, config_name)(**kwargs)
+    # Some configs (T5 in transformers 5) reset tie_word_embeddings in __init__; the recipe decides.
+    config.tie_word_embeddings = cfg.tie_embeddings
+    return class_name, config
+
+
+def _decoder_common(cfg: ModelConfig) -> dict[str, Any]:
+    return {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.ffn_hidden,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.resolved_kv_heads,
+        "head_dim": cfg.resolved_head_dim,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "rope_parameters": _rope_parameters(cfg),
+        "hidden_act": "silu",
+    }
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
+    params: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling == "linear":
+        params.update(rope_type="linear", factor=cfg.rope_scaling_factor)
+    elif cfg.rope_scaling == "llama3":
+        params.update(
+            rope_type="llama3",
+            factor=cfg.rope_scaling_factor,
+            low_freq_factor=cfg.rope_low_freq_factor,
+            high_freq_factor=cfg.rope_high_freq_factor,
+            original_max_position_embeddings=cfg.rope_original_max_seq_len,
+        )
+    return params
+
+
+def _llama(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
+    kwargs = _decoder_common(cfg) | {"attention_bias": cfg.bias, "mlp_bias": cfg.bias}
+    return "LlamaForCausalLM", "LlamaConfig", kwargs
+
+
+def _mistral(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
+    return (
+        "MistralForCausalLM",
+        "MistralConfig",
+        _decoder_common(cfg) | {"sliding_window": cfg.sliding_window},
+    )
+
+
+def _qwen3(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
+    kwargs = _decoder_common(cfg) | {"attention_bias": False, "sliding_window": cfg.sliding_window}
+    kwargs["use_sliding_window"] = cfg.sliding_window is not None
+    return "Qwen3ForCausalLM", "Qwen3Config", kwargs
+
+
+def _bloom(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
+    kwargs = {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "n_layer": cfg.n_layers,
+        "n_head": cfg.n_heads,
+        "layer_norm_epsilon": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+    }
+    return "BloomForCausalLM", "BloomConfig", kwargs
+
+
+def _bert(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
+    kwargs = {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "intermediate_size": cfg.ffn_hidden,
+        "hidden_act": "gelu" if cfg.gelu_approximate == "none" else "gelu_new",
+        "max_position_embeddings": cfg.max_seq_len,
+        "type_vocab_size": cfg.type_vocab_size,
+        "layer_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+    }
+    return "BertForMaskedLM", "BertConfig", kwargs
+
+
+def _t5(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
+    gated = cfg.mlp == "geglu"
+    kwargs = {
+        "vocab_size": cfg.vocab_size,
+        "d_model": cfg.d_model,
+        "d_kv": cfg.resolved_head_dim,
+        "d_ff": cfg.ffn_hidden,
+        "num_layers": cfg.n_layers,
+        "num_decoder_layers": cfg.decoder_layers,
+        "num_heads": cfg.n_heads,
+        "relative_attention_num_buckets": cfg.relative_buckets,
+        "relative_attention_max_distance": cfg.relative_max_distance,
+        "layer_norm_epsilon": cfg.norm_eps,
+        "feed_forward_proj": "gated-gelu" if gated else "relu",
+        "tie_word_embeddings": cfg.tie_embeddings,
+    }
+    return "T5ForConditionalGeneration", "T5Config", kwargs
