@@ -200,3 +200,17 @@ def _t5(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
         "tie_word_embeddings": cfg.tie_embeddings,
     }
     return "T5ForConditionalGeneration", "T5Config", kwargs
+
+
+def build_hf_model(cfg: ModelConfig) -> Any:
+    """The `transformers` model for `cfg` (random init, on the current default device, no download)."""
+    import transformers
+
+    class_name, config = hf_config(cfg)
+    model = getattr(transformers, class_name)(config)
+    if class_name == "T5ForConditionalGeneration":
+        # transformers 5 unties the stacks' embed_tokens from `shared` whenever tie_word_embeddings is false;
+        # in T5 (v1.1 included) both stacks always read the one shared embedding — only lm_head is untied.
+        model.encoder.embed_tokens = model.shared
+        model.decoder.embed_tokens = model.shared
+    return model
