@@ -1,0 +1,42 @@
+"""The CLI in-process: user mistakes are one line on stderr with exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from launcher.cli import EXIT_USER_ERROR, main
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["check", str(RECIPES / "debug.yaml"), "--set", "model.n_layer=2"], "did you mean 'n_layers'"),
+        (["check", str(RECIPES / "debug.yaml"), "--set", "model.n_layers"], "section.key=value"),
+        (["check", "no/such/recipe.yaml"], "file not found"),
+        (["frobnicate"], "invalid choice"),
+        (["train"], "required"),
+    ],
+)
+def test_user_errors_are_one_line_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str], expected: str) -> None:
+    code, out, err = run(capsys, *argv)
+    assert code == EXIT_USER_ERROR
+    assert expected in err
+    assert err.count("\n") == 1 and err.startswith("loom: error: ")
+    assert "Traceback" not in err and out == ""
+
+
+def test_check_prints_resolved_recipe_and_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "check", str(RECIPES / "llama-1b.yaml"), "--set", "model.n_layers=2")
+    assert code == 0, err
+    assert "# resolved recipe" in out and "n_layers: 2" in out
+    assert "parameters: total" in out and "FLOPs per token" in out and "memory per rank" in out
