@@ -1,0 +1,276 @@
+"""Multi-head attention (MHA / GQA / MQA) with three interchangeable kernels: naive (reference), SDPA, Flex.
+
+Scores, per head h, query i, key j (every backend computes exactly this):
+
+    logit = (scale * q_i . k_j + bias_h(i, j)) / T_h,   masked logits = -inf,   p = softmax_j(logit)
+
+bias_h(i, j) = T5 relative bias[h, bucket(p_j - p_i)] - (alibi_slope_h + w_h) * |p_i - p_j|, where p are the
+position ids, w_h the learned soft distance weight and T_h the fixed or learned (exp(log_temperature))
+temperature. Heads are indexed globally from `head_offset` so a tensor-parallel shard keeps its heads' slopes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from framework.config.schema import ModelConfig
+from framework.models.masks import AttentionMask
+from framework.models.norms import build_norm
+from framework.models.positions import alibi_slopes, apply_rope
+
+BiasFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class AttentionContext:
+    """What every layer of one stack needs for one forward: the mask, the position ids (ALiBi / soft distance),
+    RoPE cos/sin and the shared T5 bias. Masks are built on first use and reused by the following layers."""
+
+    mask: AttentionMask = field(default_factory=AttentionMask)
+    positions: torch.Tensor | None = None
+    """[B, S] position ids of queries and keys (self-attention only)."""
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    position_bias: torch.Tensor | None = None
+    """[B or 1, heads, Sq, Sk] additive T5 relative bias."""
+    _cache: dict[str, torch.Tensor | BlockMask] = field(default_factory=dict)
+
+    def dense_mask(self, batch: int, q_len: int, k_len: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean [B, 1, Sq, Sk] mask, or None for full attention."""
+        if self.mask.is_full:
+            return None
+        if "dense" not in self._cache:
+            self._cache["dense"] = self.mask.dense(batch, q_len, k_len, device)
+        return self._cache["dense"]
+
+    def block_mask(self, batch: int, q_len: int, k_len: int, device: torch.device) -> BlockMask | None:
+        """FlexAttention block mask, or None for full attention."""
+        if self.mask.is_full:
+            return None
+        if "block" not in self._cache:
+            per_batch = self.mask.prefix_lengths is not None or self.mask.q_documents is not None
+            b = batch if per_batch else None
+            self._cache["block"] = create_block_mask(
+                self.mask.mask_mod(), b, None, q_len, k_len, device=device
+            )
+        return self._cache["block"]
+
+
+def softmax_scale(cfg: ModelConfig) -> float:
+    """inv_sqrt_dk: 1/sqrt(head_dim) (Vaswani et al.); none: 1 (T5 folds it into the init); else the number."""
+    if cfg.softmax_scale == "inv_sqrt_dk":
+        return cfg.resolved_head_dim**-0.5
+    if cfg.softmax_scale == "none":
+        return 1.0
+    return float(cfg.softmax_scale)
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, Hkv, S, D] -> [B, Hkv * groups, S, D]: kv head g serves query heads g*groups .. g*groups+groups-1."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def naive_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    inv_temperature: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Reference attention over q [B, H, Sq, D], k/v [B, Hkv, Sk, D]; materialises the scores."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) * scale
+    if bias is not None:
+        scores = scores + bias
+    if inv_temperature is not None:
+        scores = scores * inv_temperature.view(1, -1, 1, 1)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = F.dropout(scores.float().softmax(dim=-1).type_as(q), p=dropout_p)
+    return torch.einsum("bhqk,bhkd->bhqd", probs, v)
+
+
+def sdpa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    inv_temperature: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """torch SDPA. A per-head temperature scales q (and the bias) so the kernel keeps a scalar scale;
+    is_causal is only passed with no mask and no bias so the flash kernel stays eligible."""
+    if inv_temperature is not None:
+        q = q * inv_temperature.view(1, -1, 1, 1).to(q.dtype)
+        bias = None if bias is None else bias * inv_temperature.view(1, -1, 1, 1)
+    attn_mask = mask
+    if bias is not None:
+        attn_mask = bias.to(q.dtype)
+        if mask is not None:
+            attn_mask = attn_mask.masked_fill(~mask, float("-inf"))
+    groups = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+        enable_gqa=groups > 1,
+    )  # fmt: skip
+
+
+class Attention(nn.Module):
+    """Self- or cross-attention: wq, wk, wv, wo projections, optional per-head QK-norm, optional learned
+    per-head temperature (`log_temperature`) and soft distance weight (`distance_weight`, self-attention)."""
+
+    def __init__(self, cfg: ModelConfig, *, cross: bool = False) -> None:
+        super().__init__()
+        heads, kv_heads, head_dim = cfg.n_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim
+        self.n_heads = heads
+        self.head_offset = 0
+        self.head_dim = head_dim
+        self.backend = cfg.attention_backend
+        self.scale = softmax_scale(cfg)
+        self.temperature = cfg.attention_temperature
+        self.dropout_p = cfg.attention_dropout
+        self.alibi = cfg.position == "alibi" and not cross
+        self.wq = nn.Linear(cfg.d_model, heads * head_dim, bias=cfg.bias)
+        self.wk = nn.Linear(cfg.d_model, kv_heads * head_dim, bias=cfg.bias)
+        self.wv = nn.Linear(cfg.d_model, kv_heads * head_dim, bias=cfg.bias)
+        self.wo = nn.Linear(heads * head_dim, cfg.d_model, bias=cfg.bias)
+        self.q_norm = build_norm(cfg, head_dim) if cfg.qk_norm else None
+        self.k_norm = build_norm(cfg, head_dim) if cfg.qk_norm else None
+        if cfg.learned_temperature:
+            self.log_temperature = nn.Parameter(torch.full((heads,), math.log(cfg.attention_temperature)))
+        if cfg.soft_distance_bias and not cross:
+            self.distance_weight = nn.Parameter(torch.zeros(heads))
+
+    def forward(
+        self, x: torch.Tensor, ctx: AttentionContext, memory: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [B, S, D] -> [B, S, D]; keys and values come from `memory` [B, Sk, D] for cross-attention."""
+        source = x if memory is None else memory
+        q = self.wq(x).unflatten(-1, (-1, self.head_dim))
+        k = self.wk(source).unflatten(-1, (-1, self.head_dim))
+        v = self.wv(source).unflatten(-1, (-1, self.head_dim))
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if ctx.rope is not None:
+            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+        out = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx)
+        return self.wo(out.transpose(1, 2).flatten(-2))
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
+    ) -> torch.Tensor:
+        batch, heads, q_len, _ = q.shape
+        k_len = k.shape[2]
+        bias_fn = self._bias_fn(ctx, heads)
+        inv_temperature = self._inv_temperature(heads, q.device)
+        dropout_p = self.dropout_p if self.training else 0.0
+        if self.backend == "flex":
+            block_mask = ctx.block_mask(batch, q_len, k_len, q.device)
+            return self._flex(q, k, v, block_mask, bias_fn, inv_temperature, dropout_p)
+        bias = None if bias_fn is None else bias_fn(*_dense_indices(batch, heads, q_len, k_len, q.device))
+        mask = ctx.dense_mask(batch, q_len, k_len, q.device)
+        kwargs = dict(scale=self.scale, bias=bias, inv_temperature=inv_temperature, dropout_p=dropout_p)
+        if self.backend == "naive":
+            return naive_attention(q, k, v, mask=mask, **kwargs)
+        if bias is None and ctx.mask.is_plain_causal and q_len == k_len:
+            return sdpa_attention(q, k, v, is_causal=True, **kwargs)
+        return sdpa_attention(q, k, v, mask=mask, **kwargs)
+
+    def _flex(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        block_mask: BlockMask | None,
+        bias_fn: BiasFn | None,
+        inv_temperature: torch.Tensor | None,
+        dropout_p: float,
+    ) -> torch.Tensor:
+        if dropout_p > 0:
+            raise NotImplementedError("FlexAttention has no attention dropout; use attention_backend sdpa")
+        score_mod = None
+        if bias_fn is not None or inv_temperature is not None:
+
+            def score_mod(score, b, h, q_idx, k_idx):  # noqa: ANN001, ANN202 (flex callback)
+                if bias_fn is not None:
+                    score = score + bias_fn(b, h, q_idx, k_idx)
+                return score if inv_temperature is None else score * inv_temperature[h]
+
+        groups = q.shape[1] // k.shape[1]
+        return flex_attention(
+            q, k, v, score_mod=score_mod, block_mask=block_mask, scale=self.scale, enable_gqa=groups > 1
+        )
+
+    def _inv_temperature(self, heads: int, device: torch.device) -> torch.Tensor | None:
+        """1 / T_h per local head; None when it is exactly 1 (plain attention)."""
+        log_t = getattr(self, "log_temperature", None)
+        if log_t is not None:
+            return torch.exp(-log_t.float())
+        if self.temperature == 1.0:
+            return None
+        return torch.full((heads,), 1.0 / self.temperature, device=device)
+
+    def _bias_fn(self, ctx: AttentionContext, heads: int) -> BiasFn | None:
+        """bias_h(b, i, j) as a function of index tensors (dense broadcast or Flex scalars); None if zero."""
+        terms: list[BiasFn] = []
+        if ctx.position_bias is not None:
+            terms.append(_table_bias(self._local_heads(ctx.position_bias, heads)))
+        distance_coef = self._distance_coefficient(heads)
+        if distance_coef is not None and ctx.positions is not None:
+            terms.append(_distance_bias(ctx.positions, distance_coef))
+        if not terms:
+            return None
+        return lambda b, h, q, k: sum(term(b, h, q, k) for term in terms)
+
+    def _distance_coefficient(self, heads: int) -> torch.Tensor | None:
+        """alibi_slope_h + w_h (both multiply -|p_i - p_j|) for the local heads; None when neither is used."""
+        coef = getattr(self, "distance_weight", None)
+        coef = None if coef is None else coef.float()
+        if self.alibi:
+            # slopes of the global heads head_offset .. head_offset + heads - 1
+            slopes = alibi_slopes(self.n_heads)[self.head_offset : self.head_offset + heads]
+            slopes = slopes.to(self.wq.weight.device)
+            coef = slopes if coef is None else coef + slopes
+        return coef
+
+    def _local_heads(self, bias: torch.Tensor, heads: int) -> torch.Tensor:
+        """This module's heads of a [B, all heads, Sq, Sk] bias (unchanged when it is already local)."""
+        return bias if bias.shape[1] == heads else bias.narrow(1, self.head_offset, heads)
+
+
+def _dense_indices(
+    batch: int, heads: int, q_len: int, k_len: int, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """Index tensors shaped to broadcast to [B, H, Sq, Sk]."""
+    return (
+        torch.arange(batch, device=device).view(-1, 1, 1, 1),
+        torch.arange(heads, device=device).view(1, -1, 1, 1),
+        torch.arange(q_len, device=device).view(1, 1, -1, 1),
+        torch.arange(k_len, device=device).view(1, 1, 1, -1),
+    )
+
+
+def _table_bias(table: torch.Tensor) -> BiasFn:
+    """Look up a materialised [B or 1, H, Sq, Sk] bias (batch 1 broadcasts)."""
+    shared = table.shape[0] == 1
+    return lambda b, h, q, k: table[torch.zeros_like(b) if shared else b, h, q, k]
+
+
+def _distance_bias(positions: torch.Tensor, coef: torch.Tensor) -> BiasFn:
+    """-coef_h * |p_i - p_j| (ALiBi, Press et al. 2022; symmetric in encoders)."""
+    return lambda b, h, q, k: -coef[h] * (positions[b, q] - positions[b, k]).abs().float()

@@ -1,0 +1,110 @@
+"""Parameter initialisation from (seed, parameter name) only.
+
+Every tensor draws from its own CPU `torch.Generator` seeded by a stable hash of f"{seed}:{name}", so a
+parameter gets the same values whatever device it lives on, whatever other parameters exist (pipeline stages)
+and whether the model was built directly or on the meta device and materialised with `to_empty`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from framework.config.schema import ModelConfig
+from framework.models.attention import Attention
+from framework.models.norms import RMSNorm
+
+# prefixes that torch wrappers (compile, activation checkpointing, FSDP1) insert into parameter names
+_WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+
+@dataclass
+class _Group:
+    names: list[str]
+    std: float
+    fill: float | None = None
+    """Constant value instead of a normal draw (std is then 0)."""
+
+
+def canonical_name(name: str) -> str:
+    """The parameter name without wrapper prefixes, so wrapping never changes the init."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def stable_seed(seed: int, name: str) -> int:
+    """63-bit generator seed from sha256(f"{seed}:{name}") (Python's hash() is salted per process)."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _group_of(cfg: ModelConfig, module_name: str, module: nn.Module, param_name: str) -> str:
+    if param_name in ("bias", "output_bias"):
+        return "biases"
+    if isinstance(module, RMSNorm | nn.LayerNorm):
+        return "norms"
+    if isinstance(module, nn.Embedding):
+        return "embeddings"
+    if isinstance(module, Attention):
+        return {"log_temperature": "temperatures", "distance_weight": "distance_weights"}[param_name]
+    if module_name.endswith((".wo", ".w2")):
+        in_decoder = cfg.family == "encoder_decoder" and module_name.startswith("decoder.")
+        return "decoder_output_projections" if in_decoder else "output_projections"
+    return "matrices"
+
+
+def _group_specs(cfg: ModelConfig) -> dict[str, _Group]:
+    """Std (or constant) of each group. Output projections follow GPT-2: init_std / sqrt(2 * blocks of the
+    stack the projection adds into), since each block adds two branches to the residual stream."""
+
+    def out_std(blocks: int) -> float:
+        return cfg.init_std / math.sqrt(2 * blocks) if cfg.init_depth_scaled else cfg.init_std
+
+    emb_std = cfg.embedding_init_std if cfg.embedding_init_std is not None else cfg.init_std
+    return {
+        "embeddings": _Group([], emb_std),
+        "matrices": _Group([], cfg.init_std),
+        "output_projections": _Group([], out_std(cfg.n_layers)),
+        "decoder_output_projections": _Group([], out_std(cfg.decoder_layers)),
+        "norms": _Group([], 0.0, fill=1.0),
+        "biases": _Group([], 0.0, fill=0.0),
+        "temperatures": _Group([], 0.0, fill=math.log(cfg.attention_temperature)),
+        "distance_weights": _Group([], 0.0, fill=0.0),
+    }
+
+
+def _groups(model: nn.Module, cfg: ModelConfig) -> dict[str, _Group]:
+    groups = _group_specs(cfg)
+    for module_name, module in model.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            full = canonical_name(f"{module_name}.{param_name}" if module_name else param_name)
+            groups[_group_of(cfg, module_name, module, param_name)].names.append(full)
+    return {name: group for name, group in groups.items() if group.names}
+
+
+def init_groups(model: nn.Module, cfg: ModelConfig) -> dict[str, tuple[list[str], float]]:
+    """Group name -> (parameter names, std). Constant groups (norms 1, biases 0, temperatures
+    log(attention_temperature) as they are stored as log_temperature, distance weights 0) have std 0."""
+    return {name: (group.names, group.std) for name, group in _groups(model, cfg).items()}
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
+    """Initialise every parameter in place (the model has no buffers: RoPE/sinusoids are computed on the fly)."""
+    params = {canonical_name(name): p for name, p in model.named_parameters()}
+    for group in _groups(model, cfg).values():
+        for name in group.names:
+            param = params[name]
+            if group.fill is not None:
+                param.fill_(group.fill)
+                continue
+            generator = torch.Generator().manual_seed(stable_seed(seed, name))
+            values = torch.empty(param.shape, dtype=torch.float32).normal_(
+                0.0, group.std, generator=generator
+            )
+            param.copy_(values)

@@ -1,0 +1,287 @@
+"""The three model families, built from one stack class.
+
+`Transformer` is a stack of blocks with its optional embeddings and LM head. As a whole model it is the
+decoder (causal LM, GPT/Llama) or the encoder (masked LM, BERT); inside `EncoderDecoder` (T5) it is the
+encoder or decoder stack, built without token embeddings and head. Optional modules are looked up at forward
+time, so a pipeline stage may delete them: without `tok_embeddings` the input is already hidden states, without
+`output` (and without a tied head) hidden states are returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from framework.config.schema import ModelConfig
+from framework.models.attention import Attention, AttentionContext
+from framework.models.masks import AttentionMask
+from framework.models.mlp import FeedForward, activation
+from framework.models.norms import build_norm
+from framework.models.positions import (
+    RelativePositionBias,
+    SinusoidalEmbedding,
+    default_positions,
+    rope_angles,
+)
+
+
+class TransformerBlock(nn.Module):
+    """Self-attention, optional cross-attention (T5 decoder), feed-forward; each a residual branch.
+    pre-norm: x + f(norm(x)) (GPT-2, Llama, T5); post-norm: norm(x + f(x)) (Vaswani et al., BERT)."""
+
+    def __init__(self, cfg: ModelConfig, *, cross_attention: bool = False) -> None:
+        super().__init__()
+        self.pre_norm = cfg.norm_position == "pre"
+        self.attention_norm = build_norm(cfg)
+        self.attention = Attention(cfg)
+        if cross_attention:
+            self.cross_attention_norm = build_norm(cfg)
+            self.cross_attention = Attention(cfg, cross=True)
+        self.ffn_norm = build_norm(cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        ctx: AttentionContext,
+        memory: torch.Tensor | None = None,
+        memory_ctx: AttentionContext | None = None,
+    ) -> torch.Tensor:
+        x = self._residual(x, self.attention_norm, lambda h: self.attention(h, ctx))
+        if hasattr(self, "cross_attention"):
+            if memory is None or memory_ctx is None:
+                raise ValueError("a block with cross-attention needs the encoder output (memory)")
+            attend = self.cross_attention
+            x = self._residual(x, self.cross_attention_norm, lambda h: attend(h, memory_ctx, memory))
+        return self._residual(x, self.ffn_norm, self.feed_forward)
+
+    def _residual(
+        self, x: torch.Tensor, norm: nn.Module, branch: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        if self.pre_norm:
+            return x + self.dropout(branch(norm(x)))
+        return norm(x + self.dropout(branch(x)))
+
+
+class HeadTransform(nn.Module):
+    """BERT masked-LM head transform: dense (d -> d), the MLP's activation, norm."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.act = activation(cfg)
+        self.norm = build_norm(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.act(self.dense(x)))
+
+
+def _optional(module: nn.Module, name: str) -> nn.Module | None:
+    """A child that may have been deleted (or set to None) by a pipeline stage."""
+    return getattr(module, name, None)
+
+
+def _add_head(model: nn.Module, cfg: ModelConfig) -> None:
+    """head_transform (BERT) and the output projection; a tied head keeps only its bias (`output_bias`)."""
+    if cfg.mlm_head_transform:
+        model.head_transform = HeadTransform(cfg)
+    if not cfg.tie_embeddings:
+        model.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.output_bias)
+    elif cfg.output_bias:
+        model.output_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+
+def lm_head(model: nn.Module, h: torch.Tensor, holds_last_layer: bool) -> torch.Tensor:
+    """Logits from the last hidden states, or the hidden states themselves when this module has no head.
+
+    A tied head (no `output`) uses tok_embeddings.weight, but only in a module that also holds the last block,
+    so a first pipeline stage that keeps the embeddings still returns hidden states."""
+    transform = _optional(model, "head_transform")
+    if transform is not None:
+        h = transform(h)
+    output = _optional(model, "output")
+    if output is not None:
+        return output(h)
+    embeddings = _optional(model, "tok_embeddings")
+    if model.cfg.tie_embeddings and embeddings is not None and holds_last_layer:
+        return F.linear(h, embeddings.weight, _optional(model, "output_bias"))
+    return h
+
+
+class Transformer(nn.Module):
+    """One stack of blocks. As a model (embeddings=head=True): the decoder or encoder family."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        causal: bool,
+        n_layers: int,
+        cross_attention: bool = False,
+        embeddings: bool = True,
+        head: bool = True,
+        token_types: bool = True,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.causal = causal
+        self.n_layers = n_layers
+        self.substack = not embeddings
+        if embeddings:
+            self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self._add_input_modules(cfg, token_types)
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerBlock(cfg, cross_attention=cross_attention) for i in range(n_layers)}
+        )
+        if cfg.norm_position == "pre":
+            self.norm = build_norm(cfg)
+        if head:
+            _add_head(self, cfg)
+
+    def _add_input_modules(self, cfg: ModelConfig, token_types: bool) -> None:
+        if cfg.position == "learned":
+            self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        elif cfg.position == "sinusoidal":
+            self.pos_embeddings = SinusoidalEmbedding(cfg.d_model)
+        if token_types and cfg.type_vocab_size > 0:
+            self.type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.d_model)
+        if cfg.embedding_norm:
+            self.embed_norm = build_norm(cfg)
+        if cfg.position == "relative_bias":
+            # decoders look only backwards, so their buckets are unidirectional (T5)
+            self.relative_bias = RelativePositionBias(cfg, bidirectional=not self.causal)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        prefix_lengths: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        memory: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids [B, S] (or hidden states [B, S, D]) -> logits [B, S, vocab] (or hidden states).
+        `memory` [B, Sk, D] is the encoder output for a stack with cross-attention."""
+        if decoder_input_ids is not None:
+            raise ValueError(f"decoder_input_ids is only for family encoder_decoder, not {self.cfg.family}")
+        batch, seq_len = input_ids.shape[:2]
+        if seq_len > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {seq_len} > model.max_seq_len={self.cfg.max_seq_len}")
+        if positions is None:
+            positions = default_positions(batch, seq_len, input_ids.device, document_ids)
+        h = self._embed(input_ids, positions, token_type_ids)
+        ctx = self._context(positions, document_ids, prefix_lengths)
+        memory_ctx = AttentionContext() if memory is not None else None
+        for layer in self.layers.values():
+            h = layer(h, ctx, memory, memory_ctx)
+        norm = _optional(self, "norm")
+        if norm is not None:
+            h = norm(h)
+        return h if self.substack else lm_head(self, h, str(self.n_layers - 1) in self.layers)
+
+    def _embed(
+        self, x: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Token + position + type embeddings, embed_norm, dropout; a no-op for a later pipeline stage."""
+        tokens = _optional(self, "tok_embeddings")
+        if tokens is None and not self.substack:
+            return x
+        h = tokens(x) if tokens is not None else x
+        pos = _optional(self, "pos_embeddings")
+        if pos is not None:
+            h = h + pos(positions).to(h.dtype)
+        types = _optional(self, "type_embeddings")
+        if types is not None:
+            h = h + types(token_type_ids if token_type_ids is not None else torch.zeros_like(positions))
+        norm = _optional(self, "embed_norm")
+        if norm is not None:
+            h = norm(h)
+        return self.dropout(h)
+
+    def _context(
+        self, positions: torch.Tensor, document_ids: torch.Tensor | None, prefix_lengths: torch.Tensor | None
+    ) -> AttentionContext:
+        cfg = self.cfg
+        mask = AttentionMask(
+            causal=self.causal,
+            window=cfg.sliding_window if self.causal else None,
+            prefix_lengths=prefix_lengths if self.causal else None,
+            q_documents=document_ids,
+            k_documents=document_ids,
+        )
+        rope = rope_angles(cfg, positions) if cfg.position == "rope" else None
+        return AttentionContext(
+            mask, positions=positions, rope=rope, position_bias=self._relative_bias(positions)
+        )
+
+    def _relative_bias(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """T5 bias computed once per forward and shared by all blocks of this stack."""
+        if self.cfg.position != "relative_bias":
+            return None
+        table = _optional(self, "relative_bias")
+        if table is None:
+            raise RuntimeError("position relative_bias needs this stack's `relative_bias` module")
+        return table.bias(positions, positions)
+
+
+class EncoderDecoder(nn.Module):
+    """T5: shared token embedding, bidirectional encoder stack, causal decoder stack with cross-attention."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.encoder = Transformer(cfg, causal=False, n_layers=cfg.n_layers, embeddings=False, head=False)
+        self.decoder = Transformer(
+            cfg,
+            causal=True,
+            n_layers=cfg.decoder_layers,
+            cross_attention=True,
+            embeddings=False,
+            head=False,
+            token_types=False,
+        )
+        _add_head(self, cfg)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        prefix_lengths: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Encoder inputs [B, S] -> logits over decoder positions [B, T, vocab]. positions, document_ids and
+        token_type_ids describe the encoder input; prefix_lengths does not apply (the encoder sees everything)."""
+        if decoder_input_ids is None:
+            raise ValueError("family encoder_decoder needs decoder_input_ids")
+        memory = self.encoder(
+            self._embed(input_ids),
+            positions=positions,
+            document_ids=document_ids,
+            token_type_ids=token_type_ids,
+        )
+        h = self.decoder(self._embed(decoder_input_ids), memory=memory)
+        return lm_head(self, h, True)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        tokens = _optional(self, "tok_embeddings")
+        return ids if tokens is None else tokens(ids)
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The model of cfg.family on the current default device (use `with torch.device("meta")` for large ones,
+    then `to_empty` and `init_weights`). Weights hold PyTorch's default init until init_weights runs."""
+    cfg.validate()
+    if cfg.family == "encoder_decoder":
+        return EncoderDecoder(cfg)
+    return Transformer(cfg, causal=cfg.causal, n_layers=cfg.n_layers)
