@@ -1,0 +1,48 @@
+"""Callbacks of the training loop, and the default set a recipe asks for."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from framework.config import Recipe
+from framework.train.callbacks.base import Callback
+from framework.train.callbacks.checkpointer import Checkpointer
+from framework.train.callbacks.metrics_logger import MetricsLogger
+from framework.train.callbacks.profiler import Profiler
+from framework.train.callbacks.stability import Stability, TrainingHalted
+from framework.train.callbacks.validation import Validation
+
+
+def default_callbacks(
+    recipe: Recipe,
+    *,
+    val_batches: Iterable | None = None,
+    flops_per_token: float | None = None,
+    resume: str | Path | None = None,
+    rank: int = 0,
+) -> list[Callback]:
+    """Logger first (it records a step before anything else may stop the run), then stability, validation,
+    checkpoints (a checkpoint at step N then holds that step's validation in the logs)."""
+    callbacks: list[Callback] = [
+        MetricsLogger(
+            recipe.logging, total_steps=recipe.train.steps, flops_per_token=flops_per_token, rank=rank
+        ),
+        Stability(recipe.train, recipe.logging.run_dir),
+    ]
+    if val_batches is not None:
+        callbacks.append(Validation.from_recipe(val_batches, recipe.train))
+    callbacks.append(Checkpointer(recipe, resume=resume, rank=rank))
+    return callbacks
+
+
+__all__ = [
+    "Callback",
+    "Checkpointer",
+    "MetricsLogger",
+    "Profiler",
+    "Stability",
+    "TrainingHalted",
+    "Validation",
+    "default_callbacks",
+]

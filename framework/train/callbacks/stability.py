@@ -1,0 +1,91 @@
+"""Loss-spike detection and the consecutive-skip limit.
+
+A spike is a loss above mean + spike_sigma x std of the last spike_window *accepted* (applied) steps' losses; the
+window must be full before anything fires. Skipped steps never enter the window, so one spike cannot raise the bar
+for the next. Policy `skip` vetoes the update (the train module then leaves parameters and optimizer untouched);
+`halt` writes a diagnostics JSON and raises TrainingHalted. Independently, train.max_consecutive_skips skipped steps
+in a row (non-finite values, spikes, fp16 overflows) also halt: the run is not recovering by itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+from collections import deque
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from framework.config import TrainConfig
+from framework.train.callbacks.base import Callback
+
+if TYPE_CHECKING:
+    from framework.train.trainer import Trainer
+
+_HISTORY_KEYS = ("step", "loss", "z_loss", "grad_norm", "lr", "skipped", "skip_reason", "loss_scale")
+
+
+class TrainingHalted(RuntimeError):
+    """Training stopped on purpose by a stability rule; the message names the diagnostics file."""
+
+
+def _json_value(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class Stability(Callback):
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.accepted: deque[float] = deque(maxlen=cfg.spike_window)
+        # Recent steps (accepted or not) for the diagnostics file.
+        self.history: deque[dict[str, Any]] = deque(maxlen=max(cfg.spike_window, cfg.max_consecutive_skips))
+
+    def spike_threshold(self) -> float | None:
+        """mean + k x population std of the accepted-loss window; None until the window is full or k = 0."""
+        if self.cfg.spike_sigma <= 0 or len(self.accepted) < self.cfg.spike_window:
+            return None
+        return statistics.fmean(self.accepted) + self.cfg.spike_sigma * statistics.pstdev(self.accepted)
+
+    def on_before_optim_step(self, trainer: Trainer, stats: dict[str, Any]) -> str | None:
+        threshold = self.spike_threshold()
+        if threshold is None or stats["loss"] <= threshold:
+            return None
+        reason = f"loss spike: {stats['loss']:.6g} > {threshold:.6g} (mean + {self.cfg.spike_sigma} sigma)"
+        if self.cfg.spike_policy == "halt":
+            self.halt(trainer, reason, current=stats)
+        return "loss_spike"
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        self.history.append({k: metrics.get(k) for k in _HISTORY_KEYS})
+        if not metrics["skipped"]:
+            self.accepted.append(metrics["loss"])
+        limit = self.cfg.max_consecutive_skips
+        if metrics["consecutive_skips"] >= limit:
+            reason = f"{metrics['consecutive_skips']} consecutive skipped steps (train.max_consecutive_skips={limit})"
+            self.halt(trainer, reason, current=metrics)
+
+    def halt(self, trainer: Trainer, reason: str, current: dict[str, Any]) -> None:
+        """Write <run_dir>/halt_step_XXXXXXXX.json and raise TrainingHalted."""
+        step = current.get("step", trainer.step)
+        path = self.run_dir / f"halt_step_{step:08d}.json"
+        report = {
+            "step": step,
+            "reason": reason,
+            "spike_threshold": self.spike_threshold(),
+            "current": {k: _json_value(current.get(k)) for k in _HISTORY_KEYS},
+            "recent_steps": [{k: _json_value(v) for k, v in h.items()} for h in self.history],
+            "accepted_losses": list(self.accepted),
+            "train_config": dataclasses.asdict(self.cfg),
+        }
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1))
+        raise TrainingHalted(f"training halted at step {step}: {reason}; diagnostics in {path}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"accepted": list(self.accepted)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.accepted.clear()
+        self.accepted.extend(state.get("accepted", []))

@@ -1,0 +1,62 @@
+"""Token cross-entropy normalised over the whole global batch, and the PaLM output z-loss.
+
+With gradient accumulation, each micro-batch's summed loss is divided by the labelled-token count of the *whole*
+global batch (counted before any backward), so the accumulated gradient equals that of one big batch even when
+micro-batches hold different numbers of labelled tokens (a per-micro-batch mean would weight them equally).
+
+z-loss (PaLM, Chowdhery et al. 2022): z * mean over labelled tokens of logsumexp(logits)^2. It pushes the softmax
+normaliser log Z towards 0, keeping logits bounded; it is normalised like the cross-entropy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LossOutput:
+    """`loss` is what backward runs on; `ce` and `z_loss` are its two detached parts, for logging."""
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    z_loss: torch.Tensor
+
+
+def count_labelled(labels: torch.Tensor) -> torch.Tensor:
+    """Number of labelled (not -100) tokens, as a device tensor (no host sync)."""
+    return (labels != IGNORE_INDEX).sum()
+
+
+def loss_sums(logits: torch.Tensor, labels: torch.Tensor, with_z: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of cross-entropy, sum of logsumexp^2) over labelled tokens, in fp32.
+
+    Logits are upcast first: logsumexp over a large vocabulary in bf16/fp16 loses the precision the loss needs.
+    """
+    logits = logits.float().flatten(0, -2)
+    labels = labels.flatten()
+    if not with_z:
+        ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        return ce, logits.new_zeros(())
+    mask = labels != IGNORE_INDEX
+    lse = torch.logsumexp(logits, dim=-1)
+    target = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    # cross-entropy = log Z - logit[label]; the same log Z feeds the z-loss.
+    ce = torch.where(mask, lse - target, 0.0).sum()
+    z = torch.where(mask, lse.square(), 0.0).sum()
+    return ce, z
+
+
+def compute_loss(
+    logits: torch.Tensor, labels: torch.Tensor, total_labelled: torch.Tensor, z_coef: float
+) -> LossOutput:
+    """Loss of one micro-batch as its share of the global-batch mean: sums / total labelled tokens (>= 1)."""
+    ce_sum, z_sum = loss_sums(logits, labels, with_z=z_coef > 0)
+    denom = total_labelled.clamp(min=1).to(ce_sum.dtype)
+    ce = ce_sum / denom
+    z = z_coef * z_sum / denom
+    return LossOutput(loss=ce + z, ce=ce.detach(), z_loss=z.detach())

@@ -1,0 +1,59 @@
+"""AdamW with weight-decay parameter groups.
+
+Decoupled weight decay pulls weights towards zero; that is meant for weight matrices only. Norm gains, biases and
+any other 1-D parameter are never decayed (decaying a norm gain towards 0 shrinks the whole residual branch), and
+embedding tables are decayed only when `optim.decay_embeddings` is set.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from framework.config import OptimConfig
+
+_EMBEDDING_NAME_PARTS = ("embeddings", "embedding")
+
+
+def _embedding_param_names(model: nn.Module) -> set[str]:
+    """Names of parameters that are embedding tables: owned by an nn.Embedding or named `*_embeddings`."""
+    names: set[str] = set()
+    for module_name, module in model.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            leaf = module_name.rsplit(".", 1)[-1]
+            if isinstance(module, nn.Embedding) or leaf.endswith(_EMBEDDING_NAME_PARTS):
+                names.add(full)
+    return names
+
+
+def split_decay_groups(model: nn.Module, decay_embeddings: bool) -> tuple[list[str], list[str]]:
+    """(decayed, not decayed) parameter names. Shared (tied) parameters appear once, under their first name."""
+    embeddings = _embedding_param_names(model)
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_matrix = param.ndim >= 2
+        decayed = is_matrix and (decay_embeddings or name not in embeddings)
+        (decay if decayed else no_decay).append(name)
+    return decay, no_decay
+
+
+def use_fused(cfg: OptimConfig, device: torch.device) -> bool:
+    """optim.fused, or when null: the fused kernel on CUDA (one launch for all tensors), the default path elsewhere."""
+    return cfg.fused if cfg.fused is not None else device.type == "cuda"
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over two groups: decayed matrices (weight_decay) and everything else (0)."""
+    params = dict(model.named_parameters())
+    decay, no_decay = split_decay_groups(model, cfg.decay_embeddings)
+    groups = [
+        {"params": [params[n] for n in decay], "weight_decay": cfg.weight_decay},
+        {"params": [params[n] for n in no_decay], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=use_fused(cfg, device)
+    )

@@ -1,0 +1,56 @@
+"""Compute precision: autocast per dtype and the fp16 dynamic loss scaler.
+
+Master weights, gradients and optimizer state stay fp32 in every mode; only the forward/backward math runs in
+bf16/fp16 under autocast. fp16's narrow exponent range needs loss scaling: the loss is multiplied by S before
+backward so small gradients do not flush to zero, gradients are divided by S before clipping and the update, and S
+adapts: x backoff_factor on an overflow (that step is skipped), x growth_factor after growth_interval clean steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from framework.config import PrecisionConfig
+
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Precision:
+    """Autocast context and (fp16 only) the GradScaler, built from the recipe's `precision` section."""
+
+    def __init__(self, cfg: PrecisionConfig, device: torch.device) -> None:
+        self.name = cfg.dtype
+        self.device = device
+        self.autocast_dtype: torch.dtype | None = _DTYPES[cfg.dtype]
+        self.scaler: torch.amp.GradScaler | None = None
+        if cfg.dtype == "fp16":
+            self.scaler = torch.amp.GradScaler(
+                device.type,
+                init_scale=cfg.loss_scale_init,
+                growth_factor=cfg.loss_scale_growth_factor,
+                backoff_factor=cfg.loss_scale_backoff_factor,
+                growth_interval=cfg.loss_scale_growth_interval,
+            )
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """Forward-pass context: nothing for fp32, torch.autocast in the compute dtype otherwise."""
+        if self.autocast_dtype is None:
+            yield
+            return
+        with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
+            yield
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to call backward on (multiplied by the current loss scale in fp16)."""
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict() if self.scaler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
