@@ -47,16 +47,17 @@ def _attention_matrix_params(cfg: ModelConfig) -> int:
     return 2 * d * q_width + 2 * d * kv_width
 
 
-def _attention_params(cfg: ModelConfig) -> int:
-    """One attention module: projections, their biases, qk-norm and the soft-masking scalars per head."""
+def _attention_params(cfg: ModelConfig, *, cross: bool = False) -> int:
+    """One attention module: projections, their biases, qk-norm and the soft-masking scalars per head
+    (the soft distance weight exists in self-attention only)."""
     hd, heads, kv = cfg.resolved_head_dim, cfg.n_heads, cfg.resolved_kv_heads
     total = _attention_matrix_params(cfg)
     if cfg.bias:
         total += heads * hd + 2 * kv * hd + cfg.d_model
     if cfg.qk_norm:
         total += 2 * _norm_params(cfg, hd)  # q_norm and k_norm act per head, shared by the heads
-    total += heads * (int(cfg.learned_temperature) + int(cfg.soft_distance_bias))
-    return total
+    total += heads * int(cfg.learned_temperature)
+    return total + heads * int(cfg.soft_distance_bias and not cross)
 
 
 def _mlp_matrix_params(cfg: ModelConfig) -> int:
@@ -74,54 +75,42 @@ def _block_params(cfg: ModelConfig, *, cross_attention: bool = False) -> int:
     """attention_norm + attention + ffn_norm + feed_forward (+ cross_attention_norm + cross_attention)."""
     total = 2 * _norm_params(cfg, cfg.d_model) + _attention_params(cfg) + _mlp_params(cfg)
     if cross_attention:
-        total += _norm_params(cfg, cfg.d_model) + _attention_params(cfg)
+        total += _norm_params(cfg, cfg.d_model) + _attention_params(cfg, cross=True)
     return total
-
-
-def _has_final_norm(cfg: ModelConfig) -> bool:
-    return cfg.norm_position == "pre"
-
-
-def _relative_bias_params(cfg: ModelConfig) -> int:
-    """T5 relative bias: one Embedding(buckets, heads) per stack, shared by its layers."""
-    return cfg.relative_buckets * cfg.n_heads if cfg.position == "relative_bias" else 0
 
 
 def _stack_params(cfg: ModelConfig, n_layers: int, *, cross_attention: bool = False) -> int:
-    """Layers, final norm and relative-bias table of one stack (embeddings and head excluded)."""
-    total = n_layers * _block_params(cfg, cross_attention=cross_attention)
-    total += _norm_params(cfg, cfg.d_model) if _has_final_norm(cfg) else 0
-    return total + _relative_bias_params(cfg)
-
-
-def _embedding_params(cfg: ModelConfig) -> int:
-    """Input lookup tables: tokens, learned positions, token types (Kaplan's N excludes these)."""
-    d = cfg.d_model
-    total = cfg.vocab_size * d
-    if cfg.position == "learned":
-        total += cfg.max_seq_len * d
-    return total + cfg.type_vocab_size * d
+    """One stack: its T5 relative-bias table (one Embedding(buckets, heads) per stack, shared by its layers),
+    the blocks and the final norm of pre-norm stacks."""
+    total = cfg.relative_buckets * cfg.n_heads if cfg.position == "relative_bias" else 0
+    total += n_layers * _block_params(cfg, cross_attention=cross_attention)
+    return total + (_norm_params(cfg, cfg.d_model) if cfg.norm_position == "pre" else 0)
 
 
 def _head_params(cfg: ModelConfig) -> int:
-    """Embedding norm, BERT head transform, output projection (absent when tied) and its bias."""
+    """BERT head transform (dense with bias, norm), output projection (absent when tied), output bias."""
     d = cfg.d_model
-    total = _norm_params(cfg, d) if cfg.embedding_norm else 0
-    if cfg.mlm_head_transform:
-        total += d * d + d + _norm_params(cfg, d)
+    total = d * d + d + _norm_params(cfg, d) if cfg.mlm_head_transform else 0
     if not cfg.tie_embeddings:
         total += cfg.vocab_size * d
-    if cfg.output_bias:
-        total += cfg.vocab_size
-    return total
+    return total + (cfg.vocab_size if cfg.output_bias else 0)
+
+
+def _embedding_params(cfg: ModelConfig) -> int:
+    """Input lookup tables, shared by encoder and decoder: tokens, learned positions, token types
+    (Kaplan et al. 2020 leave these out of N)."""
+    d = cfg.d_model
+    total = cfg.vocab_size * d + cfg.type_vocab_size * d
+    return total + (cfg.max_seq_len * d if cfg.position == "learned" else 0)
 
 
 def _body_params(cfg: ModelConfig) -> int:
-    """Everything that is not an input embedding or the head."""
+    """Non-embedding parameters before the head: embed_norm and the stacks (encoder + decoder for T5)."""
+    total = _norm_params(cfg, cfg.d_model) if cfg.embedding_norm else 0
+    total += _stack_params(cfg, cfg.n_layers)
     if cfg.family == "encoder_decoder":
-        encoder = _stack_params(cfg, cfg.n_layers)
-        return encoder + _stack_params(cfg, cfg.decoder_layers, cross_attention=True)
-    return _stack_params(cfg, cfg.n_layers)
+        total += _stack_params(cfg, cfg.decoder_layers, cross_attention=True)
+    return total
 
 
 def _inactive_expert_params(cfg: ModelConfig) -> int:
@@ -172,37 +161,38 @@ def _head_matmul_params(cfg: ModelConfig) -> int:
     return (d * d if cfg.mlm_head_transform else 0) + cfg.vocab_size * d
 
 
-def _stack_forward_flops(cfg: ModelConfig, n_layers: int, tokens: int, keys: float) -> float:
-    """Self-attention stack: 2 x matmul params per token plus the attention term, over `tokens` tokens."""
-    per_token = 2.0 * _layer_matmul_params(cfg) + attention_flops_per_query(cfg, keys)
-    return n_layers * tokens * per_token
-
-
-def _cross_attention_forward_flops(cfg: ModelConfig, enc_len: int, dec_len: int) -> float:
-    """Per decoder layer: wq, wo over decoder tokens; wk, wv over encoder tokens; all encoder keys attended."""
+def _cross_attention_matmul_flops(cfg: ModelConfig, enc_len: int, dec_len: int) -> float:
+    """Per decoder layer: wq and wo over the decoder tokens, wk and wv over the encoder tokens."""
     d, hd = cfg.d_model, cfg.resolved_head_dim
     q_o = 2 * d * cfg.n_heads * hd
     k_v = 2 * d * cfg.resolved_kv_heads * hd
-    per_layer = 2.0 * (dec_len * q_o + enc_len * k_v) + dec_len * attention_flops_per_query(cfg, enc_len)
-    return cfg.decoder_layers * per_layer
+    return 2.0 * cfg.decoder_layers * (dec_len * q_o + enc_len * k_v)
 
 
-def _decoder_window(cfg: ModelConfig) -> int | None:
-    return cfg.sliding_window
+def forward_flops_breakdown(
+    cfg: ModelConfig, seq_len: int, *, decoder_len: int | None = None
+) -> dict[str, float]:
+    """Forward FLOPs of one sequence, split into `matmul` (2 x weight params per token, head included) and
+    `attention` (q.k and p.v). encoder_decoder: encoder length seq_len, decoder length decoder_len
+    (default seq_len); cross-attention attends to all encoder positions."""
+    if cfg.family != "encoder_decoder":
+        keys = mean_keys_attended(seq_len, causal=cfg.causal, window=cfg.sliding_window)
+        matmul = 2.0 * seq_len * (cfg.n_layers * _layer_matmul_params(cfg) + _head_matmul_params(cfg))
+        attention = cfg.n_layers * seq_len * attention_flops_per_query(cfg, keys)
+        return {"matmul": matmul, "attention": attention}
+    dec_len = seq_len if decoder_len is None else decoder_len
+    layer = _layer_matmul_params(cfg)
+    matmul = 2.0 * (cfg.n_layers * seq_len + cfg.decoder_layers * dec_len) * layer
+    matmul += _cross_attention_matmul_flops(cfg, seq_len, dec_len) + 2.0 * dec_len * _head_matmul_params(cfg)
+    dec_keys = mean_keys_attended(dec_len, causal=True, window=cfg.sliding_window)
+    queries_keys = cfg.n_layers * seq_len * seq_len  # bidirectional encoder
+    queries_keys += cfg.decoder_layers * dec_len * (dec_keys + seq_len)  # causal self + full cross
+    return {"matmul": matmul, "attention": attention_flops_per_query(cfg, queries_keys)}
 
 
 def forward_flops_per_sequence(cfg: ModelConfig, seq_len: int, *, decoder_len: int | None = None) -> float:
-    """Forward FLOPs of one sequence (encoder_decoder: encoder seq_len, decoder decoder_len, default seq_len)."""
-    head = 2.0 * _head_matmul_params(cfg)
-    if cfg.family != "encoder_decoder":
-        keys = mean_keys_attended(seq_len, causal=cfg.causal, window=_decoder_window(cfg))
-        return _stack_forward_flops(cfg, cfg.n_layers, seq_len, keys) + seq_len * head
-    dec_len = seq_len if decoder_len is None else decoder_len
-    encoder = _stack_forward_flops(cfg, cfg.n_layers, seq_len, float(seq_len))
-    dec_keys = mean_keys_attended(dec_len, causal=True, window=_decoder_window(cfg))
-    decoder = _stack_forward_flops(cfg, cfg.decoder_layers, dec_len, dec_keys)
-    cross = _cross_attention_forward_flops(cfg, seq_len, dec_len)
-    return encoder + decoder + cross + dec_len * head
+    """Forward FLOPs of one sequence (matmul + attention)."""
+    return sum(forward_flops_breakdown(cfg, seq_len, decoder_len=decoder_len).values())
 
 
 def tokens_per_sequence(cfg: ModelConfig, seq_len: int, *, decoder_len: int | None = None) -> int:
