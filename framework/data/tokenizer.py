@@ -1,0 +1,156 @@
+"""SentencePiece tokenizers: training one with Loom's special tokens, and the wrapper the data layer uses.
+
+Id layout of a model trained here (fixed, so objectives and recipes can rely on it):
+    0 <pad>   1 </s> (eos)   2 <unk>   3 <s> (bos)   4 <mask>
+    5 .. 4+n  the T5 sentinels <extra_id_{n-1}> .. <extra_id_0>: listed in reverse so that, as in T5, <extra_id_0>
+              has the highest sentinel id and each next sentinel the next lower id
+    then the 256 byte-fallback pieces <0x00>..<0xFF>, then the learned pieces.
+<mask> and the sentinels are user-defined symbols (not control symbols): they decode to visible text, as T5's and
+BERT's do, which keeps corrupted batches readable when debugging.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import sentencepiece as spm
+
+from framework.config.errors import ConfigError
+
+PAD, EOS, UNK, BOS, MASK = "<pad>", "</s>", "<unk>", "<s>", "<mask>"
+DEFAULT_NUM_SENTINELS = 32
+BUILD_FIX = (
+    "run `make data` (tools/build_demo_data.py) to build the demo tokenizer, or point data.tokenizer at one"
+)
+
+
+def sentinel_piece(index: int) -> str:
+    """The T5 sentinel piece for noise span `index`."""
+    return f"<extra_id_{index}>"
+
+
+def reserved_pieces(num_sentinels: int) -> int:
+    """Pieces a model trained here holds besides the learned ones (meta, mask, sentinels, 256 bytes)."""
+    return 4 + 1 + num_sentinels + 256
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    out_path: str | Path,
+    vocab_size: int = 4096,
+    *,
+    model_type: Literal["bpe", "unigram"] = "bpe",
+    num_sentinels: int = DEFAULT_NUM_SENTINELS,
+    num_threads: int = 2,
+    input_sentence_size: int = 0,
+) -> Tokenizer:
+    """Train a SentencePiece model on `texts` (each line is one training sentence) and write it to `out_path`.
+
+    Deterministic for the same texts, arguments and sentencepiece version: no sampling unless
+    `input_sentence_size` > 0 (then sentencepiece samples that many sentences with its fixed default seed), and
+    a fixed `num_threads` (the unigram trainer's sums depend on how sentences are split between threads).
+    """
+    if vocab_size <= reserved_pieces(num_sentinels):
+        raise ValueError(f"vocab_size={vocab_size} leaves no learned pieces after the reserved ones")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_lines(texts),
+        model_writer=model,
+        model_type=model_type,
+        vocab_size=vocab_size,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=3,
+        user_defined_symbols=[MASK] + [sentinel_piece(i) for i in reversed(range(num_sentinels))],
+        byte_fallback=True,
+        character_coverage=0.9995,
+        split_digits=True,
+        num_threads=num_threads,
+        input_sentence_size=input_sentence_size,
+        shuffle_input_sentence=input_sentence_size > 0,
+        minloglevel=2,
+    )
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_bytes(model.getvalue())
+    tmp.replace(out_path)
+    return Tokenizer(out_path)
+
+
+def _lines(texts: Iterable[str]) -> Iterable[str]:
+    # sentencepiece trains on sentences; the lines of a multi-line document are its natural sentences.
+    for text in texts:
+        for line in text.splitlines():
+            if line.strip():
+                yield line
+
+
+class Tokenizer:
+    """A loaded SentencePiece model with the ids the objectives need."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        data = _read_model(self.path)
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.LoadFromSerializedProto(data)
+        except (RuntimeError, OSError) as error:
+            raise ConfigError(
+                None, "data.tokenizer", str(path), f"not a sentencepiece model ({error})", BUILD_FIX
+            ) from None
+        self.vocab_size: int = self._sp.get_piece_size()
+        self.pad_id: int = self._sp.pad_id()
+        self.eos_id: int = self._sp.eos_id()
+        self.bos_id: int = self._sp.bos_id()
+        self.unk_id: int = self._sp.unk_id()
+        self.mask_id: int | None = self._find(MASK)
+        self.sentinel_ids: tuple[int, ...] = self._sentinels()
+
+    def _find(self, piece: str) -> int | None:
+        # piece_to_id answers unk_id for unknown pieces, so confirm the round trip.
+        index = self._sp.piece_to_id(piece)
+        return index if self._sp.id_to_piece(index) == piece else None
+
+    def _sentinels(self) -> tuple[int, ...]:
+        ids = []
+        while (index := self._find(sentinel_piece(len(ids)))) is not None:
+            ids.append(index)
+        return tuple(ids)
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids that are never text: pad, eos, bos, unk, mask and the sentinels (ids < 0 mean 'disabled')."""
+        ids = {self.pad_id, self.eos_id, self.bos_id, self.unk_id, self.mask_id, *self.sentinel_ids}
+        return frozenset(i for i in ids if i is not None and i >= 0)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (no bos/eos added)."""
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
+        """Token ids of each text, encoded on `num_threads` threads (the result does not depend on it)."""
+        return self._sp.encode(list(texts), num_threads=num_threads)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`; pad/bos/eos are dropped, <mask> and sentinels are kept as their piece text."""
+        return self._sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, index: int) -> str:
+        """The piece string of one id."""
+        return self._sp.id_to_piece(int(index))
+
+
+def _read_model(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(None, "data.tokenizer", str(path), "file not found", BUILD_FIX) from None
+    except OSError as error:
+        raise ConfigError(None, "data.tokenizer", str(path), f"cannot read ({error})", BUILD_FIX) from None
