@@ -10,8 +10,8 @@ Layout under the checkpoint root:
 A save writes everything into a hidden temp directory beside the target, fsyncs every file and directory, writes
 the marker, and only then renames the directory into place (rename is atomic within one filesystem) and updates
 `latest` by write-temp + fsync + rename. A crash or an exception at any point leaves the previous checkpoint and
-`latest` untouched and no half-written step directory visible. Nothing is pickled: tensors go through DCP, the rest
-is JSON.
+`latest` untouched and no half-written step directory visible. Nothing is pickled: DCP receives tensors only (it
+stores each in torch's tensor format and reads it back with torch.load(weights_only=True)); everything else is JSON.
 
 One process today; the multi-rank engine will have every rank write its shards into the same temp directory and
 rank 0 commit after a barrier.

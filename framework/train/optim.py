@@ -16,13 +16,13 @@ _EMBEDDING_NAME_PARTS = ("embeddings", "embedding")
 
 
 def _embedding_param_names(model: nn.Module) -> set[str]:
-    """Names of parameters that are embedding tables: owned by an nn.Embedding or named `*_embeddings`."""
+    """Parameters that are embedding tables: owned by an nn.Embedding, or with a `*_embeddings` part in their name."""
     names: set[str] = set()
     for module_name, module in model.named_modules():
         for param_name, _ in module.named_parameters(recurse=False):
             full = f"{module_name}.{param_name}" if module_name else param_name
-            leaf = module_name.rsplit(".", 1)[-1]
-            if isinstance(module, nn.Embedding) or leaf.endswith(_EMBEDDING_NAME_PARTS):
+            by_name = any(part.endswith(_EMBEDDING_NAME_PARTS) for part in full.split("."))
+            if isinstance(module, nn.Embedding) or by_name:
                 names.add(full)
     return names
 
