@@ -72,7 +72,7 @@ class HeadTransform(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model)  # BERT's transform always has a bias
         self.act = activation(cfg)
         self.norm = build_norm(cfg)
 
@@ -83,6 +83,44 @@ class HeadTransform(nn.Module):
 def _optional(module: nn.Module, name: str) -> nn.Module | None:
     """A child that may have been deleted (or set to None) by a pipeline stage."""
     return getattr(module, name, None)
+
+
+def _add_embeddings(model: nn.Module, cfg: ModelConfig) -> None:
+    """Input modules of a whole model: token, position and type tables, embed_norm, embedding dropout."""
+    model.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+    if cfg.position == "learned":
+        model.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+    elif cfg.position == "sinusoidal":
+        model.pos_embeddings = SinusoidalEmbedding(cfg.d_model)
+    if cfg.type_vocab_size > 0:
+        model.type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.d_model)
+    if cfg.embedding_norm:
+        model.embed_norm = build_norm(cfg)
+    model.dropout = nn.Dropout(cfg.dropout)
+
+
+def embed(
+    model: nn.Module,
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    token_type_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Token + position + type embeddings, embed_norm, dropout. Without `tok_embeddings` (a later pipeline
+    stage) x already holds hidden states and is returned unchanged."""
+    tokens = _optional(model, "tok_embeddings")
+    if tokens is None:
+        return x
+    h = tokens(x)
+    pos = _optional(model, "pos_embeddings")
+    if pos is not None:
+        h = h + pos(positions).to(h.dtype)
+    types = _optional(model, "type_embeddings")
+    if types is not None:
+        h = h + types(token_type_ids if token_type_ids is not None else torch.zeros_like(positions))
+    norm = _optional(model, "embed_norm")
+    if norm is not None:
+        h = norm(h)
+    return model.dropout(h)
 
 
 def _add_head(model: nn.Module, cfg: ModelConfig) -> None:
@@ -112,8 +150,15 @@ def lm_head(model: nn.Module, h: torch.Tensor, holds_last_layer: bool) -> torch.
     return h
 
 
+def _check_length(cfg: ModelConfig, seq_len: int) -> None:
+    if seq_len > cfg.max_seq_len:
+        raise ValueError(f"sequence length {seq_len} > model.max_seq_len={cfg.max_seq_len}")
+
+
 class Transformer(nn.Module):
-    """One stack of blocks. As a model (embeddings=head=True): the decoder or encoder family."""
+    """A stack of blocks. As a whole model (`whole=True`): the decoder (causal LM) or encoder (masked LM)
+    family, with embeddings and head; inside EncoderDecoder: a T5 stack that maps hidden states to hidden
+    states."""
 
     def __init__(
         self,
@@ -122,39 +167,25 @@ class Transformer(nn.Module):
         causal: bool,
         n_layers: int,
         cross_attention: bool = False,
-        embeddings: bool = True,
-        head: bool = True,
-        token_types: bool = True,
+        whole: bool = True,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.causal = causal
         self.n_layers = n_layers
-        self.substack = not embeddings
-        if embeddings:
-            self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self._add_input_modules(cfg, token_types)
+        self.whole = whole
+        if whole:
+            _add_embeddings(self, cfg)
+        if cfg.position == "relative_bias":
+            # decoders look only backwards, so their buckets are unidirectional (T5)
+            self.relative_bias = RelativePositionBias(cfg, bidirectional=not causal)
         self.layers = nn.ModuleDict(
             {str(i): TransformerBlock(cfg, cross_attention=cross_attention) for i in range(n_layers)}
         )
         if cfg.norm_position == "pre":
             self.norm = build_norm(cfg)
-        if head:
+        if whole:
             _add_head(self, cfg)
-
-    def _add_input_modules(self, cfg: ModelConfig, token_types: bool) -> None:
-        if cfg.position == "learned":
-            self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.d_model)
-        elif cfg.position == "sinusoidal":
-            self.pos_embeddings = SinusoidalEmbedding(cfg.d_model)
-        if token_types and cfg.type_vocab_size > 0:
-            self.type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.d_model)
-        if cfg.embedding_norm:
-            self.embed_norm = build_norm(cfg)
-        if cfg.position == "relative_bias":
-            # decoders look only backwards, so their buckets are unidirectional (T5)
-            self.relative_bias = RelativePositionBias(cfg, bidirectional=not self.causal)
-        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(
         self,
@@ -172,11 +203,10 @@ class Transformer(nn.Module):
         if decoder_input_ids is not None:
             raise ValueError(f"decoder_input_ids is only for family encoder_decoder, not {self.cfg.family}")
         batch, seq_len = input_ids.shape[:2]
-        if seq_len > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {seq_len} > model.max_seq_len={self.cfg.max_seq_len}")
+        _check_length(self.cfg, seq_len)
         if positions is None:
             positions = default_positions(batch, seq_len, input_ids.device, document_ids)
-        h = self._embed(input_ids, positions, token_type_ids)
+        h = embed(self, input_ids, positions, token_type_ids) if self.whole else input_ids
         ctx = self._context(positions, document_ids, prefix_lengths)
         memory_ctx = AttentionContext() if memory is not None else None
         for layer in self.layers.values():
@@ -184,26 +214,7 @@ class Transformer(nn.Module):
         norm = _optional(self, "norm")
         if norm is not None:
             h = norm(h)
-        return h if self.substack else lm_head(self, h, str(self.n_layers - 1) in self.layers)
-
-    def _embed(
-        self, x: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Token + position + type embeddings, embed_norm, dropout; a no-op for a later pipeline stage."""
-        tokens = _optional(self, "tok_embeddings")
-        if tokens is None and not self.substack:
-            return x
-        h = tokens(x) if tokens is not None else x
-        pos = _optional(self, "pos_embeddings")
-        if pos is not None:
-            h = h + pos(positions).to(h.dtype)
-        types = _optional(self, "type_embeddings")
-        if types is not None:
-            h = h + types(token_type_ids if token_type_ids is not None else torch.zeros_like(positions))
-        norm = _optional(self, "embed_norm")
-        if norm is not None:
-            h = norm(h)
-        return self.dropout(h)
+        return lm_head(self, h, str(self.n_layers - 1) in self.layers) if self.whole else h
 
     def _context(
         self, positions: torch.Tensor, document_ids: torch.Tensor | None, prefix_lengths: torch.Tensor | None
@@ -232,21 +243,16 @@ class Transformer(nn.Module):
 
 
 class EncoderDecoder(nn.Module):
-    """T5: shared token embedding, bidirectional encoder stack, causal decoder stack with cross-attention."""
+    """T5: shared input embeddings, a bidirectional encoder stack, a causal decoder stack with cross-attention
+    to the encoder output, and the LM head over decoder positions."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.encoder = Transformer(cfg, causal=False, n_layers=cfg.n_layers, embeddings=False, head=False)
+        _add_embeddings(self, cfg)
+        self.encoder = Transformer(cfg, causal=False, n_layers=cfg.n_layers, whole=False)
         self.decoder = Transformer(
-            cfg,
-            causal=True,
-            n_layers=cfg.decoder_layers,
-            cross_attention=True,
-            embeddings=False,
-            head=False,
-            token_types=False,
+            cfg, causal=True, n_layers=cfg.decoder_layers, cross_attention=True, whole=False
         )
         _add_head(self, cfg)
 
@@ -261,21 +267,20 @@ class EncoderDecoder(nn.Module):
         decoder_input_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Encoder inputs [B, S] -> logits over decoder positions [B, T, vocab]. positions, document_ids and
-        token_type_ids describe the encoder input; prefix_lengths does not apply (the encoder sees everything)."""
+        token_type_ids describe the encoder input (the decoder counts 0..T-1); prefix_lengths has no effect
+        (the encoder already sees everything)."""
         if decoder_input_ids is None:
             raise ValueError("family encoder_decoder needs decoder_input_ids")
-        memory = self.encoder(
-            self._embed(input_ids),
-            positions=positions,
-            document_ids=document_ids,
-            token_type_ids=token_type_ids,
-        )
-        h = self.decoder(self._embed(decoder_input_ids), memory=memory)
+        batch, seq_len = input_ids.shape[:2]
+        _check_length(self.cfg, seq_len)
+        _check_length(self.cfg, decoder_input_ids.shape[1])
+        if positions is None:
+            positions = default_positions(batch, seq_len, input_ids.device, document_ids)
+        source = embed(self, input_ids, positions, token_type_ids)
+        memory = self.encoder(source, positions=positions, document_ids=document_ids)
+        target_positions = default_positions(batch, decoder_input_ids.shape[1], decoder_input_ids.device)
+        h = self.decoder(embed(self, decoder_input_ids, target_positions), memory=memory)
         return lm_head(self, h, True)
-
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        tokens = _optional(self, "tok_embeddings")
-        return ids if tokens is None else tokens(ids)
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
