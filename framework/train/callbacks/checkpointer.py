@@ -72,8 +72,7 @@ class Checkpointer(Callback):
         module.load_state_dict(loaded.state)
         trainer.load_data_state(loaded.metadata.get("data_state"))
         trainer.load_callback_states(loaded.metadata.get("callbacks", {}))
-        set_rng_state(
-            loaded.metadata["rng"], module.device
-        )  # last: nothing above may draw random numbers after
+        # Last, so that nothing above can draw from the generators after they are restored.
+        set_rng_state(loaded.metadata["rng"], module.device)
         self._last_saved = module.step
         return loaded

@@ -34,9 +34,8 @@ def _run(run_dir, resume=None, seed=0):
 def test_resume_gives_bitwise_identical_steps(tmp_path):
     full, full_records = _run(tmp_path / "full")
     step3 = tmp_path / "full" / "checkpoints" / "step_00000003"
-    resumed, resumed_records = _run(
-        tmp_path / "resumed", resume=step3, seed=123
-    )  # different init: overwritten
+    # A different init (seed 123): the checkpoint must overwrite all of it.
+    resumed, resumed_records = _run(tmp_path / "resumed", resume=step3, seed=123)
     assert sorted(resumed_records) == [4, 5, 6]
     for step in (4, 5, 6):
         for key in ("loss", "grad_norm", "lr", "tokens"):
