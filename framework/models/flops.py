@@ -161,6 +161,15 @@ def _head_matmul_params(cfg: ModelConfig) -> int:
     return (d * d if cfg.mlm_head_transform else 0) + cfg.vocab_size * d
 
 
+def matmul_params(cfg: ModelConfig) -> int:
+    """Weight-matrix parameters one forward multiplies with, each matrix once: every projection of every stack
+    (cross-attention included), the BERT transform dense and the output head (tied or not)."""
+    total = cfg.n_layers * _layer_matmul_params(cfg) + _head_matmul_params(cfg)
+    if cfg.family == "encoder_decoder":
+        total += cfg.decoder_layers * (_layer_matmul_params(cfg) + _attention_matrix_params(cfg))
+    return total
+
+
 def _cross_attention_matmul_flops(cfg: ModelConfig, enc_len: int, dec_len: int) -> float:
     """Per decoder layer: wq and wo over the decoder tokens, wk and wv over the encoder tokens."""
     d, hd = cfg.d_model, cfg.resolved_head_dim

@@ -1,0 +1,366 @@
+"""Per-rank training memory of a recipe, in bytes, as pure functions of the config.
+
+    parameters       fp32 master weights (bf16/fp16 autocast keeps parameters fp32 and casts per op)
+    gradients        fp32, one per parameter
+    optimizer_state  AdamW: exp_avg and exp_avg_sq, fp32 (Kingma & Ba 2015; Loshchilov & Hutter 2019)
+    activations      tensors autograd saves for backward during one micro-batch
+                     (train.micro_batch_size x data.seq_len), including autocast's low-precision weight copies
+    total            the sum (temporaries, the allocator's caches and communication buffers are not included)
+
+The activation term is derived op by op from framework/models (which tensors each op's backward keeps, deduplicated
+by storage as autograd keeps them alive), and tests/framework/models/test_memory.py checks it against
+`torch.autograd.graph.saved_tensors_hooks` on CPU. The general shape follows Korthikanti et al. 2022 ("Reducing
+Activation Recomputation in Large Transformer Models", section 4), but every term below is *our* op sequence:
+
+* RMSNorm (framework/models/norms.py) keeps its fp32 input, the per-row rsqrt and the normalised tensor (before the
+  gain); nn.LayerNorm keeps its input, mean and rstd. The norm's output is kept by the linears that read it:
+  once in fp32, but under autocast every nn.Linear casts its input separately (wq, wk and wv each keep a copy).
+* Autocast also keeps one low-precision copy of every weight matrix (cached per forward, freed by backward).
+* SDPA's fused kernels (CPU flash, CUDA flash / memory-efficient) keep q, k, v, the output (which wo reads as a
+  view) and a float32 logsumexp per query and head; with a mask or bias they also keep it, as [B, 1 or H, S, S].
+  On CPU, attention dropout or a bias that needs a gradient (T5 relative bias, soft distance bias) falls back to
+  the math kernel, which runs in fp32 and keeps scaled q and k, v, the probabilities (and dropout noise and the
+  dropped probabilities), and wo keeps a copy of the output. The naive backend keeps copies of q, k, v, the fp32
+  softmax and its low-precision copy, the boolean mask, and wo's input copy. GQA keys and values are repeated to
+  all heads wherever the kernel repeats them (math, naive), and kept at kv_heads by the fused kernels.
+* RoPE keeps only the shared cos / sin tables (its rotations multiply by constants); the learned temperature keeps
+  q (q * exp(-log_t)); the soft distance bias keeps |i - j| per layer; T5 keeps the bucket ids per stack.
+* MLPs: SwiGLU / GeGLU keep the gate input, the activation output, the up projection and their product (w2's
+  input); GELU keeps its input and output; ReLU only its output (which is also w2's input).
+* Dropout (p > 0): on CPU the noise tensor in the input's dtype, on CUDA a bool mask (native_dropout).
+* Embeddings keep their index tensors; cross-entropy keeps the fp32 log-softmax [tokens, vocab] and the labels;
+  the z-loss also keeps the fp32 logits.
+
+Parallel layouts are taken into account where the division is obvious; the engine issue will verify these:
+FSDP / HSDP shard parameters, gradients and optimizer state over dp_shard; tensor parallelism splits layer weights
+and per-layer activations over tp (norm and dropout activations only with sequence_parallel, Korthikanti et al.
+2022); context parallelism splits tokens over cp; pipeline stages hold n_layers / pp layers, and 1F1B-style
+schedules keep up to pp micro-batches in flight on the first stage (GPipe keeps all of them), so its activation
+memory is that of about n_layers layers (Narayanan et al. 2021). Activation checkpointing keeps only the block
+inputs of checkpointed blocks, plus one block recomputed at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from framework.config.schema import ModelConfig, Recipe
+from framework.models.flops import GATED_MLPS, matmul_params, param_counts
+
+FP32 = 4
+INDEX = 8  # int64 token / position / bucket ids
+ADAMW_STATES = 2
+
+
+# ------------------------------------------------------------------------------------------------ layout
+def _world_size(recipe: Recipe) -> int:
+    return recipe.launch.nproc_per_node * recipe.launch.nnodes
+
+
+def shard_degree(recipe: Recipe) -> int:
+    """Ranks that share one copy of the weights: dp_shard for FSDP / HSDP (-1 = what the world size leaves after
+    the other dimensions), 1 for DDP."""
+    p = recipe.parallel
+    if p.data_parallel == "ddp":
+        return 1
+    if p.dp_shard != -1:
+        return p.dp_shard
+    return max(1, _world_size(recipe) // (p.dp_replicate * p.tp * p.pp * p.cp))
+
+
+def _weight_fraction(recipe: Recipe) -> float:
+    """Share of the weights one rank holds: 1 / (fsdp shards x tp x pp) (norms replicated under tp: ignored)."""
+    p = recipe.parallel
+    return 1.0 / (shard_degree(recipe) * p.tp * p.pp)
+
+
+# ------------------------------------------------------------------------------------ precision / device
+@dataclass(frozen=True)
+class _Sizes:
+    """Bytes per element of what backward keeps, for one precision and device."""
+
+    compute: int
+    """Matmul outputs and their inputs' casts: 2 under bf16 / fp16 autocast, else 4."""
+    dropout: int
+    """Dropout keeps a noise tensor of the input dtype on CPU and a bool mask (1 byte) on CUDA."""
+    cpu: bool
+    """CPU SDPA falls back to the math kernel for attention dropout and biases with gradients."""
+
+    @property
+    def autocast(self) -> bool:
+        return self.compute < FP32
+
+    def dropout_bytes(self, input_bytes: int) -> int:
+        return input_bytes if self.cpu else self.dropout
+
+
+def _sizes(recipe: Recipe, device: str | None) -> _Sizes:
+    """device None = recipe.train.device, where "auto" plans for CUDA."""
+    device = device or recipe.train.device
+    compute = FP32 if recipe.precision.dtype == "fp32" else 2
+    return _Sizes(compute=compute, dropout=1, cpu=device == "cpu")
+
+
+# ------------------------------------------------------------------------------------------- shapes
+@dataclass(frozen=True)
+class _Shape:
+    """One stack's forward: batch, query length, whether it is causal, and the batch's masks."""
+
+    batch: int
+    seq: int
+    causal: bool
+    documents: bool = False
+    prefix: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+
+def sequence_lengths(recipe: Recipe) -> tuple[int, int | None]:
+    """(encoder or decoder-only length, decoder length or None): span corruption shortens both (T5 sentinels)."""
+    d, m = recipe.data, recipe.model
+    if m.family != "encoder_decoder":
+        return d.seq_len, None
+    from framework.data.objectives import span_corruption_lengths
+
+    return span_corruption_lengths(d.seq_len, d.noise_density, d.mean_span_length)
+
+
+# ---------------------------------------------------------------------------------------------- norms
+def _norm_bytes(cfg: ModelConfig, s: _Sizes, rows: int, dim: int, input_bytes: int) -> int:
+    """RMSNorm: fp32 input (a copy when the input is low precision), rsqrt per row, normed in the input dtype
+    (`normed.type_as(x)` is what the gain multiplies). LayerNorm: input, mean, rstd; CUDA autocast runs it in
+    fp32 (an fp32 copy of a low-precision input), CPU autocast in the input dtype."""
+    if cfg.norm == "rmsnorm":
+        return rows * dim * (FP32 + input_bytes) + rows * FP32
+    saved_input = input_bytes if s.cpu else FP32
+    return rows * dim * saved_input + 2 * rows * FP32
+
+
+def _linear_input_bytes(s: _Sizes, tokens: int, dim: int, readers: int) -> int:
+    """A fp32 tensor read by `readers` linears: kept once in fp32, or once per linear as its autocast copy."""
+    return tokens * dim * (readers * s.compute if s.autocast else FP32)
+
+
+# ------------------------------------------------------------------------------------------ attention
+def _sdpa_path(cfg: ModelConfig, s: _Sizes, *, has_bias: bool) -> str:
+    """fused, math (CPU fallback) or naive, as framework/models/attention.py and torch pick them."""
+    if cfg.attention_backend == "naive":
+        return "naive"
+    bias_has_grad = has_bias and (
+        cfg.position == "relative_bias" or cfg.soft_distance_bias or cfg.learned_temperature
+    )
+    if s.cpu and (cfg.attention_dropout > 0 or bias_has_grad):
+        return "math"
+    return "fused"
+
+
+def _bias_kind(cfg: ModelConfig, cross: bool) -> bool:
+    """Self-attention has an additive bias with ALiBi, T5 relative bias or the soft distance bias."""
+    return not cross and (cfg.position in ("alibi", "relative_bias") or cfg.soft_distance_bias)
+
+
+def _dense_mask(shape: _Shape, cross: bool) -> bool:
+    """The attention context builds a dense mask unless attention is full (cross-attention, plain encoders)."""
+    return not cross and (shape.causal or shape.documents)
+
+
+def _plain_causal(cfg: ModelConfig, shape: _Shape) -> bool:
+    """SDPA gets is_causal=True instead of a mask (when there is no bias either)."""
+    return shape.causal and cfg.sliding_window is None and not shape.prefix and not shape.documents
+
+
+def _attention_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape, k_len: int, *, cross: bool = False) -> int:
+    """One attention module's kept tensors after the projections (their inputs are counted by the block)."""
+    b, sq, h, hd = shape.batch, shape.seq, cfg.n_heads, cfg.resolved_head_dim
+    q_elems, kv_elems = b * sq * h * hd, b * k_len * cfg.resolved_kv_heads * hd
+    has_bias, dense = _bias_kind(cfg, cross), _dense_mask(shape, cross)
+    path = _sdpa_path(cfg, s, has_bias=has_bias)
+    total = _qk_norm_bytes(cfg, s, b * sq, b * k_len) + _bias_bytes(cfg, s, shape, k_len, cross, path)
+    if path == "fused":
+        total += (2 * q_elems + 2 * kv_elems) * s.compute + b * h * sq * FP32  # q, k, v, out, logsumexp
+        if has_bias:
+            total += b * h * sq * k_len * s.compute  # the bias (masked), as attn_mask
+        elif dense and not _plain_causal(cfg, shape):
+            total += b * sq * k_len * s.compute  # the bool mask converted to an additive one
+        return total
+    repeated = b * k_len * h * hd  # k and v repeated to every query head
+    total += q_elems * s.compute  # wo's input: a copy of the output
+    if path == "math":
+        total += b * sq * k_len * int(dense and has_bias)  # bool ~mask of masked_fill on the bias
+        return total + (q_elems + 2 * repeated) * FP32 + _probs_bytes(cfg, b * h * sq * k_len, FP32, FP32)
+    total += b * sq * k_len * int(dense)  # bool ~mask of masked_fill on the scores
+    total += (q_elems + 2 * repeated) * s.compute  # q, k, v copies for the einsums
+    return total + _probs_bytes(cfg, b * h * sq * k_len, s.compute, FP32)
+
+
+def _probs_bytes(cfg: ModelConfig, scores: int, compute: int, softmax: int) -> int:
+    """softmax output (fp32 in the naive backend), plus dropout noise and the dropped probabilities, or the
+    probabilities' cast back to the compute dtype."""
+    total = scores * softmax
+    if cfg.attention_dropout > 0:
+        return total + 2 * scores * compute
+    return total + (scores * compute if compute != softmax else 0)
+
+
+def _bias_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape, k_len: int, cross: bool, path: str) -> int:
+    """Soft-masking extras: the learned temperature keeps q (SDPA: q * exp(-log_t), and the bias it scales) or
+    the scores (naive); the soft distance bias keeps |p_i - p_j| for its multiply with w_h."""
+    b, sq, h = shape.batch, shape.seq, cfg.n_heads
+    scores = b * h * sq * k_len
+    total = b * sq * k_len * FP32 if cfg.soft_distance_bias and not cross else 0
+    if not cfg.learned_temperature:
+        return total
+    if path == "naive":
+        score_bytes = FP32 if _bias_kind(cfg, cross) else s.compute  # an fp32 bias promotes the scores
+        return total + scores * score_bytes
+    total += b * sq * h * cfg.resolved_head_dim * s.compute
+    return total + (scores * FP32 if _bias_kind(cfg, cross) else 0)
+
+
+def _qk_norm_bytes(cfg: ModelConfig, s: _Sizes, q_tokens: int, k_tokens: int) -> int:
+    """q_norm and k_norm over head_dim, on the projections' outputs (compute dtype)."""
+    if not cfg.qk_norm:
+        return 0
+    hd = cfg.resolved_head_dim
+    q_rows, k_rows = q_tokens * cfg.n_heads, k_tokens * cfg.resolved_kv_heads
+    return _norm_bytes(cfg, s, q_rows, hd, s.compute) + _norm_bytes(cfg, s, k_rows, hd, s.compute)
+
+
+# ----------------------------------------------------------------------------------------------- MLP
+def _mlp_bytes(cfg: ModelConfig, s: _Sizes, tokens: int) -> int:
+    """Hidden tensors kept by the activation, the gate product and w2 (the MLP input is counted by the block)."""
+    kept = {"relu": 1, "gelu": 2}.get(cfg.mlp, 4)
+    return kept * tokens * cfg.ffn_hidden * s.compute
+
+
+def _mlp_readers(cfg: ModelConfig) -> int:
+    return 2 if cfg.mlp in GATED_MLPS else 1
+
+
+# --------------------------------------------------------------------------------------------- blocks
+def _block_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape, memory_len: int | None = None) -> dict[str, int]:
+    """One block, split into what tensor parallelism always divides (`split`) and the norm / dropout /
+    linear-input part it divides only with sequence parallelism (`sequence`)."""
+    d, tokens = cfg.d_model, shape.tokens
+    branches = 2 if memory_len is None else 3
+    split = _attention_bytes(cfg, s, shape, shape.seq) + _mlp_bytes(cfg, s, tokens)
+    sequence = branches * _norm_bytes(cfg, s, tokens, d, FP32)
+    sequence += _linear_input_bytes(s, tokens, d, 3) + _linear_input_bytes(s, tokens, d, _mlp_readers(cfg))
+    if cfg.dropout > 0:
+        sequence += branches * tokens * d * s.dropout_bytes(s.compute)
+    if memory_len is not None:
+        split += _attention_bytes(cfg, s, shape, memory_len, cross=True)
+        sequence += _linear_input_bytes(s, tokens, d, 1)  # cross-attention wq
+        if s.autocast:  # wk and wv each cast the encoder output (its fp32 copy is counted once per stack)
+            split += 2 * shape.batch * memory_len * d * s.compute
+    return {"split": split, "sequence": sequence}
+
+
+def _checkpointed_layers(recipe: Recipe, n_layers: int) -> int:
+    """Blocks whose activations are recomputed: all (full), every other one (selective), none."""
+    mode = recipe.parallel.activation_checkpointing
+    return {"full": n_layers, "selective": n_layers // 2}.get(mode, 0)
+
+
+def _stack_bytes(recipe: Recipe, s: _Sizes, shape: _Shape, n_layers: int, memory_len: int | None) -> int:
+    """The blocks of one stack on one rank, plus the tables every block shares (RoPE cos/sin, T5 buckets)."""
+    cfg, p = recipe.model, recipe.parallel
+    block = _block_bytes(cfg, s, shape, memory_len)
+    per_block = block["split"] / p.tp + block["sequence"] / (p.tp if p.sequence_parallel else 1)
+    stored = n_layers - _checkpointed_layers(recipe, n_layers)
+    boundary = shape.tokens * cfg.d_model * FP32  # a checkpointed block keeps its input only
+    layers = stored * per_block + (n_layers - stored) * boundary + (per_block if stored < n_layers else 0)
+    shared = 0
+    if cfg.position == "rope":
+        shared += shape.tokens * cfg.resolved_head_dim * FP32  # cos and sin, [B, S, head_dim / 2] each
+    if cfg.position == "relative_bias":
+        shared += shape.batch * shape.seq * shape.seq * INDEX  # bucket ids
+    if memory_len is not None and not s.autocast:
+        shared += shape.batch * memory_len * cfg.d_model * FP32  # encoder output, read by every wk / wv
+    return int(layers + shared)
+
+
+# ------------------------------------------------------------------------------ embeddings, head, loss
+def _embedding_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape, *, token_types: bool) -> int:
+    """Index tensors of the lookups, embed_norm and the embedding dropout of one embedded sequence."""
+    tokens, d = shape.tokens, cfg.d_model
+    total = tokens * INDEX
+    if cfg.position == "learned":
+        total += shape.seq * INDEX  # positions 0..S-1 broadcast over the batch
+    if token_types and cfg.type_vocab_size > 0:
+        total += tokens * INDEX
+    if cfg.embedding_norm:
+        total += _norm_bytes(cfg, s, tokens, d, FP32)
+    if cfg.dropout > 0:
+        total += tokens * d * s.dropout_bytes(FP32)
+    return total
+
+
+def _head_bytes(recipe: Recipe, s: _Sizes, tokens: int) -> int:
+    """Final norm, BERT head transform, output projection input, cross-entropy (and z-loss)."""
+    cfg = recipe.model
+    d, vocab = cfg.d_model, cfg.vocab_size
+    total = _norm_bytes(cfg, s, tokens, d, FP32) if cfg.norm_position == "pre" else 0
+    total += _linear_input_bytes(s, tokens, d, 1)
+    if cfg.mlm_head_transform:
+        activation = tokens * d * s.compute  # the activation's input (ReLU: its output)
+        total += activation + _norm_bytes(cfg, s, tokens, d, s.compute) + _linear_input_bytes(s, tokens, d, 1)
+    total += tokens * vocab * FP32 + tokens * INDEX  # log-softmax, labels
+    if recipe.train.z_loss > 0:
+        total += tokens * vocab * FP32  # fp32 logits kept by logsumexp and gather
+    return total
+
+
+# ---------------------------------------------------------------------------------------- activations
+def _pipeline_in_flight(recipe: Recipe) -> int:
+    """Micro-batches whose activations the first stage holds at once: pp (1F1B family) or all (GPipe)."""
+    p = recipe.parallel
+    if p.pp == 1:
+        return 1
+    micro = p.pp_microbatches or p.pp
+    return micro if p.pp_schedule == "gpipe" else min(p.pp, micro)
+
+
+def activation_breakdown(recipe: Recipe, *, device: str | None = None) -> dict[str, int]:
+    """Bytes saved for backward by one micro-batch on one rank: embeddings, stacks, head and loss, and autocast's
+    weight copies. device: "cpu" or "cuda" (None = recipe.train.device, "auto" planning for CUDA)."""
+    cfg, s, p = recipe.model, _sizes(recipe, device), recipe.parallel
+    batch = recipe.train.micro_batch_size
+    enc_len, dec_len = sequence_lengths(recipe)
+    documents, prefix = recipe.data.document_masking, recipe.data.objective == "prefix"
+    first = _Shape(batch, enc_len // p.cp, cfg.causal, documents, prefix)
+    layers_per_stage = math.ceil(cfg.n_layers / p.pp)
+    out = {"embeddings": _embedding_bytes(cfg, s, first, token_types=True)}
+    out["layers"] = _stack_bytes(recipe, s, first, layers_per_stage, None)
+    out_tokens = first.tokens
+    if dec_len is not None:
+        second = _Shape(batch, dec_len // p.cp, causal=True)
+        out["embeddings"] += _embedding_bytes(cfg, s, second, token_types=False)
+        dec_layers = math.ceil(cfg.decoder_layers / p.pp)
+        out["layers"] += _stack_bytes(recipe, s, second, dec_layers, first.seq)
+        out_tokens = second.tokens
+        out["layers"] += (
+            _norm_bytes(cfg, s, first.tokens, cfg.d_model, FP32) if cfg.norm_position == "pre" else 0
+        )
+    out["layers"] *= _pipeline_in_flight(recipe)
+    out["head_and_loss"] = _head_bytes(recipe, s, out_tokens)
+    out["autocast_weights"] = (
+        int(matmul_params(cfg) * s.compute * _weight_fraction(recipe)) if s.autocast else 0
+    )
+    return out
+
+
+def memory_per_rank(recipe: Recipe, *, device: str | None = None) -> dict[str, int]:
+    """Bytes one rank needs to train `recipe`: parameters, gradients, optimizer_state, activations, total."""
+    params = param_counts(recipe.model)["total"] * _weight_fraction(recipe)
+    out = {
+        "parameters": int(params * FP32),
+        "gradients": int(params * FP32),
+        "optimizer_state": int(params * FP32 * ADAMW_STATES),
+        "activations": sum(activation_breakdown(recipe, device=device).values()),
+    }
+    out["total"] = sum(out.values())
+    return out
