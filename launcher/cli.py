@@ -18,7 +18,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a bad command line is a ConfigError like any other user mistake."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError("command line", self.prog, " ".join(sys.argv[1:]), message, f"see `{self.prog} --help`")
+        raise ConfigError(
+            "command line", self.prog, " ".join(sys.argv[1:]), message, f"see `{self.prog} --help`"
+        )
 
 
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -34,11 +36,21 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="loom", description="Loom: pretrain transformer language models from a YAML recipe.")
+    parser = _Parser(
+        prog="loom", description="Loom: pretrain transformer language models from a YAML recipe."
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = commands.add_parser("train", help="train from a recipe")
     _add_recipe_args(train)
-    check = commands.add_parser("check", help="validate a recipe; print it resolved, with size, FLOPs and memory")
+    train.add_argument(
+        "--resume",
+        default=None,
+        metavar="auto|PATH",
+        help="continue from a checkpoint: 'auto' = the newest complete one in the run's checkpoint folder",
+    )
+    check = commands.add_parser(
+        "check", help="validate a recipe; print it resolved, with size, FLOPs and memory"
+    )
     _add_recipe_args(check)
     data = commands.add_parser("data", help="data tools")
     data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
@@ -59,7 +71,7 @@ def run(argv: Sequence[str]) -> int:
         from framework.config.loader import load_recipe
         from framework.run import train
 
-        train(load_recipe(args.recipe, args.overrides), recipe_path=args.recipe)
+        train(load_recipe(args.recipe, args.overrides), recipe_path=args.recipe, resume=args.resume)
         return 0
     if args.command == "data" and args.data_command == "demo":
         from framework.data.demo import build_demo_data

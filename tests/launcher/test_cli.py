@@ -27,7 +27,9 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
         (["train"], "required"),
     ],
 )
-def test_user_errors_are_one_line_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str], expected: str) -> None:
+def test_user_errors_are_one_line_exit_2(
+    capsys: pytest.CaptureFixture[str], argv: list[str], expected: str
+) -> None:
     code, out, err = run(capsys, *argv)
     assert code == EXIT_USER_ERROR
     assert expected in err
@@ -40,3 +42,18 @@ def test_check_prints_resolved_recipe_and_summary(capsys: pytest.CaptureFixture[
     assert code == 0, err
     assert "# resolved recipe" in out and "n_layers: 2" in out
     assert "parameters: total" in out and "FLOPs per token" in out and "memory per rank" in out
+
+
+def test_missing_tokenizer_is_a_user_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    argv = ["train", str(RECIPES / "debug.yaml"), "--set", f"data.tokenizer={tmp_path / 'absent.model'}"]
+    code, _, err = run(capsys, *argv)
+    assert code == EXIT_USER_ERROR and "data.tokenizer" in err and err.count("\n") == 1
+
+
+def test_missing_train_file_is_a_user_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, demo_data: Path
+) -> None:
+    argv = ["train", str(RECIPES / "debug.yaml"), "--set", f"data.tokenizer={demo_data / 'tokenizer.model'}"]
+    argv += ["--set", f"data.train={tmp_path / 'absent.bin'}"]
+    code, _, err = run(capsys, *argv)
+    assert code == EXIT_USER_ERROR and "data.train" in err and err.count("\n") == 1
