@@ -39,7 +39,7 @@ class AttentionContext:
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
     position_bias: torch.Tensor | None = None
     """[B or 1, heads, Sq, Sk] additive T5 relative bias."""
-    _cache: dict[str, torch.Tensor | BlockMask] = field(default_factory=dict)
+    _cache: dict[str, torch.Tensor | BlockMask] = field(default_factory=dict, repr=False)
 
     def dense_mask(self, batch: int, q_len: int, k_len: int, device: torch.device) -> torch.Tensor | None:
         """Boolean [B, 1, Sq, Sk] mask, or None for full attention."""

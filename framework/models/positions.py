@@ -35,15 +35,17 @@ def default_positions(
 
 
 def rope_inv_freq(cfg: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
-    """theta^(-2i/d) for i < d/2 (Su et al. 2021), with cfg.rope_scaling applied; float32 [head_dim // 2]."""
+    """theta^(-2i/d) for i < d/2 (Su et al. 2021), with cfg.rope_scaling applied; float32 [head_dim // 2].
+
+    Computed in float64 on the CPU and then moved, so every device rotates by exactly the same angles."""
     dim = cfg.resolved_head_dim
-    inv_freq = cfg.rope_theta ** -(torch.arange(0, dim, 2, device=device, dtype=torch.float64) / dim)
+    inv_freq = cfg.rope_theta ** -(torch.arange(0, dim, 2, dtype=torch.float64) / dim)
     if cfg.rope_scaling == "linear":
         # position interpolation (Chen et al. 2023): angle(p) = p / factor * freq
         inv_freq = inv_freq / cfg.rope_scaling_factor
     elif cfg.rope_scaling == "llama3":
         inv_freq = _llama3_scale(inv_freq, cfg)
-    return inv_freq.float()
+    return inv_freq.float().to(device)
 
 
 def _llama3_scale(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
