@@ -15,7 +15,8 @@ Activation Recomputation in Large Transformer Models", section 4), but every ter
 * RMSNorm (framework/models/norms.py) keeps its fp32 input, the per-row rsqrt and the normalised tensor (before the
   gain); nn.LayerNorm keeps its input, mean and rstd. The norm's output is kept by the linears that read it:
   once in fp32, but under autocast every nn.Linear casts its input separately (wq, wk and wv each keep a copy).
-* Autocast also keeps one low-precision copy of every weight matrix (cached per forward, freed by backward).
+* Autocast also keeps one low-precision copy of every weight matrix (cached per forward, freed by backward);
+  under FSDP it is a copy of the all-gathered weight, so it is not divided by dp_shard.
 * SDPA's fused kernels (CPU flash, CUDA flash / memory-efficient) keep q, k, v, the output (which wo reads as a
   view) and a float32 logsumexp per query and head; with a mask or bias they also keep it, as [B, 1 or H, S, S].
   On CPU, attention dropout or a bias that needs a gradient (T5 relative bias, soft distance bias) falls back to
@@ -69,10 +70,11 @@ def shard_degree(recipe: Recipe) -> int:
     return max(1, _world_size(recipe) // (p.dp_replicate * p.tp * p.pp * p.cp))
 
 
-def _weight_fraction(recipe: Recipe) -> float:
-    """Share of the weights one rank holds: 1 / (fsdp shards x tp x pp) (norms replicated under tp: ignored)."""
+def _weight_fraction(recipe: Recipe, *, sharded: bool = True) -> float:
+    """Share of the weights one rank holds: 1 / (fsdp shards x tp x pp) (norms replicated under tp: ignored).
+    sharded=False leaves out the FSDP shards: what a rank computes with is the all-gathered layer."""
     p = recipe.parallel
-    return 1.0 / (shard_degree(recipe) * p.tp * p.pp)
+    return 1.0 / ((shard_degree(recipe) if sharded else 1) * p.tp * p.pp)
 
 
 # ------------------------------------------------------------------------------------ precision / device
@@ -324,33 +326,44 @@ def _pipeline_in_flight(recipe: Recipe) -> int:
     return micro if p.pp_schedule == "gpipe" else min(p.pp, micro)
 
 
+def _encoder_decoder_extra(recipe: Recipe, s: _Sizes, encoder: _Shape, dec_len: int) -> tuple[int, int, int]:
+    """(embedding bytes, layer bytes, output tokens) the decoder stack adds: its embedded inputs, its blocks with
+    cross-attention to the encoder output, and the encoder's final norm (the decoder's is in the head)."""
+    cfg, p = recipe.model, recipe.parallel
+    decoder = _Shape(encoder.batch, dec_len // p.cp, causal=True)
+    embeddings = _embedding_bytes(cfg, s, decoder, token_types=False)
+    layers = _stack_bytes(recipe, s, decoder, math.ceil(cfg.decoder_layers / p.pp), encoder.seq)
+    if cfg.norm_position == "pre":
+        layers += _norm_bytes(cfg, s, encoder.tokens, cfg.d_model, FP32)
+    return embeddings, layers, decoder.tokens
+
+
 def activation_breakdown(recipe: Recipe, *, device: str | None = None) -> dict[str, int]:
     """Bytes saved for backward by one micro-batch on one rank: embeddings, stacks, head and loss, and autocast's
     weight copies. device: "cpu" or "cuda" (None = recipe.train.device, "auto" planning for CUDA)."""
-    cfg, s, p = recipe.model, _sizes(recipe, device), recipe.parallel
-    batch = recipe.train.micro_batch_size
+    cfg, s, p, data = recipe.model, _sizes(recipe, device), recipe.parallel, recipe.data
     enc_len, dec_len = sequence_lengths(recipe)
-    documents, prefix = recipe.data.document_masking, recipe.data.objective == "prefix"
-    first = _Shape(batch, enc_len // p.cp, cfg.causal, documents, prefix)
-    layers_per_stage = math.ceil(cfg.n_layers / p.pp)
-    out = {"embeddings": _embedding_bytes(cfg, s, first, token_types=True)}
-    out["layers"] = _stack_bytes(recipe, s, first, layers_per_stage, None)
+    first = _Shape(
+        recipe.train.micro_batch_size,
+        enc_len // p.cp,
+        cfg.causal,
+        data.document_masking,
+        data.objective == "prefix",
+    )
+    embeddings = _embedding_bytes(cfg, s, first, token_types=True)
+    layers = _stack_bytes(recipe, s, first, math.ceil(cfg.n_layers / p.pp), None)
     out_tokens = first.tokens
     if dec_len is not None:
-        second = _Shape(batch, dec_len // p.cp, causal=True)
-        out["embeddings"] += _embedding_bytes(cfg, s, second, token_types=False)
-        dec_layers = math.ceil(cfg.decoder_layers / p.pp)
-        out["layers"] += _stack_bytes(recipe, s, second, dec_layers, first.seq)
-        out_tokens = second.tokens
-        out["layers"] += (
-            _norm_bytes(cfg, s, first.tokens, cfg.d_model, FP32) if cfg.norm_position == "pre" else 0
-        )
-    out["layers"] *= _pipeline_in_flight(recipe)
-    out["head_and_loss"] = _head_bytes(recipe, s, out_tokens)
-    out["autocast_weights"] = (
-        int(matmul_params(cfg) * s.compute * _weight_fraction(recipe)) if s.autocast else 0
-    )
-    return out
+        extra_embeddings, extra_layers, out_tokens = _encoder_decoder_extra(recipe, s, first, dec_len)
+        embeddings, layers = embeddings + extra_embeddings, layers + extra_layers
+    # autocast casts the weights a layer computes with: all-gathered under FSDP, local shards under tp / pp
+    weights = matmul_params(cfg) * s.compute * _weight_fraction(recipe, sharded=False) if s.autocast else 0
+    return {
+        "embeddings": embeddings,
+        "layers": layers * _pipeline_in_flight(recipe),
+        "head_and_loss": _head_bytes(recipe, s, out_tokens),
+        "autocast_weights": int(weights),
+    }
 
 
 def memory_per_rank(recipe: Recipe, *, device: str | None = None) -> dict[str, int]:
