@@ -178,25 +178,33 @@ def _cross_attention_matmul_flops(cfg: ModelConfig, enc_len: int, dec_len: int) 
     return 2.0 * cfg.decoder_layers * (dec_len * q_o + enc_len * k_v)
 
 
+def _single_stack_flops(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """decoder (causal, optional sliding window) or encoder (bidirectional): one stack and the head."""
+    keys = mean_keys_attended(seq_len, causal=cfg.causal, window=cfg.sliding_window)
+    matmul = 2.0 * seq_len * (cfg.n_layers * _layer_matmul_params(cfg) + _head_matmul_params(cfg))
+    return {"matmul": matmul, "attention": cfg.n_layers * seq_len * attention_flops_per_query(cfg, keys)}
+
+
+def _encoder_decoder_flops(cfg: ModelConfig, enc_len: int, dec_len: int) -> dict[str, float]:
+    """Bidirectional encoder over enc_len tokens; causal decoder over dec_len tokens with cross-attention to
+    every encoder position; the head over the decoder tokens."""
+    tokens_through_blocks = cfg.n_layers * enc_len + cfg.decoder_layers * dec_len
+    matmul = 2.0 * tokens_through_blocks * _layer_matmul_params(cfg)
+    matmul += _cross_attention_matmul_flops(cfg, enc_len, dec_len) + 2.0 * dec_len * _head_matmul_params(cfg)
+    dec_keys = mean_keys_attended(dec_len, causal=True, window=cfg.sliding_window)
+    query_keys = cfg.n_layers * enc_len * enc_len + cfg.decoder_layers * dec_len * (dec_keys + enc_len)
+    return {"matmul": matmul, "attention": attention_flops_per_query(cfg, query_keys)}
+
+
 def forward_flops_breakdown(
     cfg: ModelConfig, seq_len: int, *, decoder_len: int | None = None
 ) -> dict[str, float]:
     """Forward FLOPs of one sequence, split into `matmul` (2 x weight params per token, head included) and
     `attention` (q.k and p.v). encoder_decoder: encoder length seq_len, decoder length decoder_len
-    (default seq_len); cross-attention attends to all encoder positions."""
+    (default seq_len)."""
     if cfg.family != "encoder_decoder":
-        keys = mean_keys_attended(seq_len, causal=cfg.causal, window=cfg.sliding_window)
-        matmul = 2.0 * seq_len * (cfg.n_layers * _layer_matmul_params(cfg) + _head_matmul_params(cfg))
-        attention = cfg.n_layers * seq_len * attention_flops_per_query(cfg, keys)
-        return {"matmul": matmul, "attention": attention}
-    dec_len = seq_len if decoder_len is None else decoder_len
-    layer = _layer_matmul_params(cfg)
-    matmul = 2.0 * (cfg.n_layers * seq_len + cfg.decoder_layers * dec_len) * layer
-    matmul += _cross_attention_matmul_flops(cfg, seq_len, dec_len) + 2.0 * dec_len * _head_matmul_params(cfg)
-    dec_keys = mean_keys_attended(dec_len, causal=True, window=cfg.sliding_window)
-    queries_keys = cfg.n_layers * seq_len * seq_len  # bidirectional encoder
-    queries_keys += cfg.decoder_layers * dec_len * (dec_keys + seq_len)  # causal self + full cross
-    return {"matmul": matmul, "attention": attention_flops_per_query(cfg, queries_keys)}
+        return _single_stack_flops(cfg, seq_len)
+    return _encoder_decoder_flops(cfg, seq_len, seq_len if decoder_len is None else decoder_len)
 
 
 def forward_flops_per_sequence(cfg: ModelConfig, seq_len: int, *, decoder_len: int | None = None) -> float:

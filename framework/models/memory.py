@@ -47,6 +47,7 @@ import math
 from dataclasses import dataclass
 
 from framework.config.schema import ModelConfig, Recipe
+from framework.data.objectives import span_corruption_lengths
 from framework.models.flops import GATED_MLPS, matmul_params, param_counts
 
 FP32 = 4
@@ -84,24 +85,23 @@ class _Sizes:
 
     compute: int
     """Matmul outputs and their inputs' casts: 2 under bf16 / fp16 autocast, else 4."""
-    dropout: int
-    """Dropout keeps a noise tensor of the input dtype on CPU and a bool mask (1 byte) on CUDA."""
     cpu: bool
-    """CPU SDPA falls back to the math kernel for attention dropout and biases with gradients."""
+    """CPU: dropout keeps noise in the input dtype (CUDA: a bool mask); SDPA falls back to the math kernel for
+    attention dropout and biases with gradients; autocast runs LayerNorm in the input dtype."""
 
     @property
     def autocast(self) -> bool:
         return self.compute < FP32
 
     def dropout_bytes(self, input_bytes: int) -> int:
-        return input_bytes if self.cpu else self.dropout
+        return input_bytes if self.cpu else 1
 
 
 def _sizes(recipe: Recipe, device: str | None) -> _Sizes:
     """device None = recipe.train.device, where "auto" plans for CUDA."""
     device = device or recipe.train.device
     compute = FP32 if recipe.precision.dtype == "fp32" else 2
-    return _Sizes(compute=compute, dropout=1, cpu=device == "cpu")
+    return _Sizes(compute=compute, cpu=device == "cpu")
 
 
 # ------------------------------------------------------------------------------------------- shapes
@@ -125,8 +125,6 @@ def sequence_lengths(recipe: Recipe) -> tuple[int, int | None]:
     d, m = recipe.data, recipe.model
     if m.family != "encoder_decoder":
         return d.seq_len, None
-    from framework.data.objectives import span_corruption_lengths
-
     return span_corruption_lengths(d.seq_len, d.noise_density, d.mean_span_length)
 
 
@@ -151,6 +149,8 @@ def _sdpa_path(cfg: ModelConfig, s: _Sizes, *, has_bias: bool) -> str:
     """fused, math (CPU fallback) or naive, as framework/models/attention.py and torch pick them."""
     if cfg.attention_backend == "naive":
         return "naive"
+    if cfg.attention_backend == "flex":
+        return "fused"  # q, k, v, out, logsumexp; block masks and score mods keep no dense tensor
     bias_has_grad = has_bias and (
         cfg.position == "relative_bias" or cfg.soft_distance_bias or cfg.learned_temperature
     )
@@ -159,7 +159,7 @@ def _sdpa_path(cfg: ModelConfig, s: _Sizes, *, has_bias: bool) -> str:
     return "fused"
 
 
-def _bias_kind(cfg: ModelConfig, cross: bool) -> bool:
+def _has_bias(cfg: ModelConfig, cross: bool) -> bool:
     """Self-attention has an additive bias with ALiBi, T5 relative bias or the soft distance bias."""
     return not cross and (cfg.position in ("alibi", "relative_bias") or cfg.soft_distance_bias)
 
@@ -178,7 +178,7 @@ def _attention_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape, k_len: int, *, 
     """One attention module's kept tensors after the projections (their inputs are counted by the block)."""
     b, sq, h, hd = shape.batch, shape.seq, cfg.n_heads, cfg.resolved_head_dim
     q_elems, kv_elems = b * sq * h * hd, b * k_len * cfg.resolved_kv_heads * hd
-    has_bias, dense = _bias_kind(cfg, cross), _dense_mask(shape, cross)
+    has_bias, dense = _has_bias(cfg, cross), _dense_mask(shape, cross)
     path = _sdpa_path(cfg, s, has_bias=has_bias)
     total = _qk_norm_bytes(cfg, s, b * sq, b * k_len) + _bias_bytes(cfg, s, shape, k_len, cross, path)
     if path == "fused":
@@ -216,10 +216,10 @@ def _bias_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape, k_len: int, cross: b
     if not cfg.learned_temperature:
         return total
     if path == "naive":
-        score_bytes = FP32 if _bias_kind(cfg, cross) else s.compute  # an fp32 bias promotes the scores
+        score_bytes = FP32 if _has_bias(cfg, cross) else s.compute  # an fp32 bias promotes the scores
         return total + scores * score_bytes
     total += b * sq * h * cfg.resolved_head_dim * s.compute
-    return total + (scores * FP32 if _bias_kind(cfg, cross) else 0)
+    return total + (scores * FP32 if _has_bias(cfg, cross) else 0)
 
 
 def _qk_norm_bytes(cfg: ModelConfig, s: _Sizes, q_tokens: int, k_tokens: int) -> int:
