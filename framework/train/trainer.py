@@ -55,7 +55,12 @@ class Trainer:
         return self.train_module.step
 
     def fit(self) -> dict[str, Any] | None:
-        """Train to recipe.train.steps (or until the data ends); returns the last step's metrics."""
+        """Train to recipe.train.steps (or until the data ends or a callback sets should_stop); returns the last
+        step's metrics. Calling it again continues from the current step."""
+        self.should_stop = False
+        if self.train_module.step == 0:
+            # Dropout draws from torch's generators: seed them for a fresh run (a resume restores them instead).
+            torch.manual_seed(self.recipe.train.seed)
         try:
             self.emit("on_fit_start")
             self._train_steps()

@@ -1,5 +1,14 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# Tests run in importlib mode (no test directory on sys.path); the tests here share `train_helpers` beside this file.
+# Its name is unique, so adding this directory shadows nothing.
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
 
 
 @pytest.fixture(autouse=True)

@@ -189,3 +189,25 @@ def test_peak_override_and_throughput():
     rates = throughput(tokens=2000, seconds=2.0, flops_per_token=6e9, peak=12.0)
     assert rates == pytest.approx({"tokens_per_s": 1000.0, "tflops": 6.0, "mfu": 0.5})
     assert throughput(10, 1.0, None, 12.0)["mfu"] is None
+
+
+def test_fit_again_continues_after_a_stop(tmp_path):
+    class StopEvery2(Callback):
+        def on_step_end(self, trainer, metrics):
+            trainer.should_stop = metrics["step"] % 2 == 0
+
+    trainer = _trainer(tmp_path, callbacks=[StopEvery2()])
+    assert [trainer.fit()["step"] for _ in range(3)] == [2, 4, 6]
+    assert [r["step"] for r in _records(tmp_path)] == [1, 2, 3, 4, 5, 6]  # one JSONL, appended across fits
+
+
+def test_fresh_fit_seeds_dropout_from_train_seed(tmp_path):
+    def losses(run_dir):
+        recipe = make_recipe(run_dir, {"train.seed": 5, "train.steps": 2})
+        module = TrainModule(make_model(dropout=0.5), recipe, "cpu")
+        torch.manual_seed(run_dir.name.__hash__() % 1000)  # whatever the caller's generator state was
+        logger = MetricsLogger(recipe.logging, total_steps=2)
+        Trainer(module, make_batches(2), [logger], recipe).fit()
+        return [r["loss"] for r in _records(run_dir)]
+
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
