@@ -90,6 +90,8 @@ class TrainModule(BaseTrainModule):
 
     def __init__(self, model: nn.Module, recipe: Recipe, device: torch.device | str) -> None:
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # tensors report cuda:N, not cuda
         _check_on_device(model, self.device)
         self.model = model
         self.recipe = recipe
@@ -242,6 +244,8 @@ class TrainModule(BaseTrainModule):
     def _grad_norm(self) -> torch.Tensor:
         """Global L2 norm over all gradients (inf/NaN when any gradient is non-finite)."""
         grads = [p.grad for p in self._params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.device)
         return torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False)
 
     # -- helpers -------------------------------------------------------------------------------------------

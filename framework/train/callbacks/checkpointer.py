@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +15,7 @@ from framework.checkpoint import (
     set_rng_state,
 )
 from framework.config import Recipe
+from framework.config.loader import recipe_to_dict
 from framework.train.callbacks.base import Callback
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ class Checkpointer(Callback):
         module = trainer.train_module
         metadata = {
             "tokens": module.tokens,
-            "recipe": dataclasses.asdict(self.recipe),
+            "recipe": recipe_to_dict(self.recipe),
             "data_state": trainer.data_state(),
             "rng": get_rng_state(module.device),
             "callbacks": trainer.callback_states(),
