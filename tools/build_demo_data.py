@@ -15,7 +15,7 @@ from pathlib import Path
 # Runnable as a plain script from a checkout: make the repository root importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from framework.data.demo import DEFAULT_VOCAB_SIZE, build_demo_data  # noqa: E402
+from framework.data.demo import DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE, build_demo_data  # noqa: E402
 from framework.data.tokenizer import DEFAULT_NUM_SENTINELS  # noqa: E402
 
 
@@ -29,7 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe", help="SentencePiece model")
     parser.add_argument("--sentinels", type=int, default=DEFAULT_NUM_SENTINELS, help="T5 <extra_id_N> pieces")
-    parser.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out")
+    parser.add_argument(
+        "--val-fraction", type=float, default=DEFAULT_VAL_FRACTION, help="share of documents held out"
+    )
     parser.add_argument("--threads", type=int, default=2, help="threads for tokenizer training and encoding")
     return parser.parse_args(argv)
 
