@@ -41,6 +41,104 @@ def _fraction(section: object, prefix: str, *names: str) -> None:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-Experts feed-forward layers (`model.moe`; null = a dense model). Selected layers replace the MLP
+    with a router, `n_experts` routed experts (each a copy of the model's MLP type, width `expert_hidden`) and
+    optional always-on shared experts. Layer i is MoE when i >= first_dense and (i - first_dense) % every == 0."""
+
+    n_experts: int = 8
+    """Routed experts per MoE layer."""
+    top_k: int = 2
+    """Experts each token is sent to (Switch: 1; GShard/Mixtral: 2; fine-grained models: 6-8)."""
+    expert_hidden: int | None = None
+    """Hidden width of one routed expert (per branch for gated MLPs); null = model.ffn_hidden. Fine-grained
+    experts (DeepSeekMoE, Qwen3-MoE) use a width much smaller than a dense MLP's."""
+    n_shared_experts: int = 0
+    """Always-on shared experts (DeepSeekMoE), run as one MLP of width n_shared_experts x expert_hidden."""
+    every: int = 1
+    """Every this many layers (counted from first_dense) is an MoE layer; the others are dense."""
+    first_dense: int = 0
+    """The first this many layers keep a dense MLP (width model.ffn_hidden), as in DeepSeek-V2/V3."""
+    router: Literal["softmax", "sigmoid"] = "softmax"
+    """Router scores: softmax over experts (Switch, Mixtral, Qwen3-MoE) or per-expert sigmoid (DeepSeek-V3)."""
+    n_groups: int = 1
+    """Group-limited routing (DeepSeek-V3): experts split into this many groups; 1 = no grouping."""
+    topk_groups: int = 1
+    """Group-limited routing: a token picks its top_k experts only from its best topk_groups groups, a group
+    scoring the sum of its two best expert scores."""
+    renormalize: bool = True
+    """Divide the top_k weights by their sum (Mixtral, Qwen3-MoE norm_topk_prob, DeepSeek-V3)."""
+    route_scale: float = 1.0
+    """Multiplier of the routed experts' weights (DeepSeek-V3: routed_scaling_factor 2.5)."""
+    jitter: float = 0.0
+    """Training only: multiply the router input by U(1 - jitter, 1 + jitter) noise (Switch Transformer); 0 = off."""
+    capacity_factor: float | None = None
+    """Token dropping: each expert takes at most ceil(capacity_factor x tokens x top_k / n_experts) assignments of
+    a micro-batch; first choices before second choices, then token order (GShard). null = dropless."""
+    aux_loss: float = 0.01
+    """Coefficient of the load-balancing loss n_experts x sum_i f_i x P_i (Switch/GShard; 1.0 at uniform
+    routing), averaged over MoE layers; 0 = off."""
+    aux_loss_scope: Literal["micro_batch", "global_batch", "sequence"] = "micro_batch"
+    """Tokens f_i and P_i are counted over: each micro-batch, the whole optimizer step's batch (Qwen's
+    global-batch balancing), or each sequence (DeepSeek-V3's complementary sequence-wise loss)."""
+    z_loss: float = 0.0
+    """Coefficient of the router z-loss mean(logsumexp(router logits)^2) (ST-MoE uses 0.001); 0 = off."""
+    bias_update_rate: float = 0.0
+    """Auxiliary-loss-free balancing (DeepSeek-V3): after each optimizer step, each expert's selection bias moves
+    by this rate towards balance (sign of mean load - its load); 0 = off (no bias)."""
+
+    def resolved_expert_hidden(self, ffn_hidden: int) -> int:
+        return self.expert_hidden if self.expert_hidden is not None else ffn_hidden
+
+    def validate(self, n_layers: int) -> None:
+        p = "model.moe"
+        _positive(self, p, "n_experts", "top_k", "expert_hidden", "every", "n_groups", "topk_groups")
+        _positive(self, p, "route_scale", "capacity_factor")
+        _non_negative(self, p, "n_shared_experts", "first_dense", "aux_loss", "z_loss", "bias_update_rate")
+        _fraction(self, p, "jitter")
+        _require(
+            self.top_k <= self.n_experts,
+            f"{p}.top_k",
+            self.top_k,
+            f"a token cannot pick more than model.moe.n_experts={self.n_experts} experts",
+            f"use a top_k of at most {self.n_experts}",
+        )
+        _require(
+            self.first_dense < n_layers,
+            f"{p}.first_dense",
+            self.first_dense,
+            f"leaves no MoE layer among model.n_layers={n_layers}",
+            f"use a first_dense below {n_layers}, or remove model.moe for a dense model",
+        )
+        self._validate_groups()
+
+    def _validate_groups(self) -> None:
+        p = "model.moe"
+        _require(
+            self.n_experts % self.n_groups == 0,
+            f"{p}.n_groups",
+            self.n_groups,
+            f"must divide model.moe.n_experts={self.n_experts} (groups are equal slices of the experts)",
+            f"use a divisor of {self.n_experts}, e.g. {_divisors(self.n_experts)}",
+        )
+        _require(
+            self.topk_groups <= self.n_groups,
+            f"{p}.topk_groups",
+            self.topk_groups,
+            f"cannot exceed model.moe.n_groups={self.n_groups}",
+            f"use at most {self.n_groups}",
+        )
+        reachable = self.topk_groups * self.n_experts // self.n_groups
+        _require(
+            self.top_k <= reachable,
+            f"{p}.top_k",
+            self.top_k,
+            f"exceeds the {reachable} experts in the topk_groups={self.topk_groups} groups a token may use",
+            "raise model.moe.topk_groups or lower top_k",
+        )
+
+
+@dataclass
 class ModelConfig:
     """The architecture. Everything here is a property of the weights, not of how they are trained."""
 
@@ -130,6 +228,8 @@ class ModelConfig:
     """Output projections (attention out, MLP down) use init_std / sqrt(2 * layers) (GPT-2)."""
     embedding_init_std: float | None = None
     """Std of the embedding init; null = init_std. Small values give the small-init embeddings of Nguyen & Salazar."""
+    moe: MoEConfig | None = None
+    """Mixture-of-Experts layers (see MoEConfig); null = every feed-forward block is a dense MLP."""
 
     @property
     def resolved_kv_heads(self) -> int:
@@ -146,6 +246,16 @@ class ModelConfig:
     @property
     def causal(self) -> bool:
         return self.family == "decoder"
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether block `index` of a stack has an MoE feed-forward (see MoEConfig)."""
+        m = self.moe
+        return m is not None and index >= m.first_dense and (index - m.first_dense) % m.every == 0
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Indices of the MoE blocks (empty for a dense model)."""
+        return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
 
     def validate(self) -> None:
         p = "model"
@@ -201,6 +311,25 @@ class ModelConfig:
             self.sliding_window,
             "sliding windows are defined here for causal attention only",
             "remove model.sliding_window for encoder models",
+        )
+        if self.moe is not None:
+            self._validate_moe(self.moe)
+
+    def _validate_moe(self, moe: MoEConfig) -> None:
+        moe.validate(self.n_layers)
+        _require(
+            self.family == "decoder",
+            "model.moe",
+            self.family,
+            "MoE layers are implemented for family decoder only",
+            "remove model.moe, or set model.family: decoder",
+        )
+        _require(
+            not self.bias,
+            "model.bias",
+            self.bias,
+            "experts have no biases (as in Mixtral, Qwen3-MoE, DeepSeek), so MoE models need bias: false",
+            "set model.bias: false",
         )
 
 

@@ -71,9 +71,25 @@ def _mlp_params(cfg: ModelConfig) -> int:
     return total
 
 
-def _block_params(cfg: ModelConfig, *, cross_attention: bool = False) -> int:
+def _expert_matrix_params(cfg: ModelConfig) -> int:
+    """One routed expert: the model's MLP type at width moe.expert_hidden (experts have no biases)."""
+    assert cfg.moe is not None
+    return _mlp_matrices(cfg) * cfg.d_model * cfg.moe.resolved_expert_hidden(cfg.ffn_hidden)
+
+
+def _ffn_params(cfg: ModelConfig, layer: int, *, active: bool = False) -> int:
+    """Feed-forward of block `layer`: the dense MLP, or router + experts + shared experts of an MoE layer.
+    active: only the top_k experts a token uses (the router and shared experts are used by every token)."""
+    moe = cfg.moe
+    if moe is None or not cfg.is_moe_layer(layer):
+        return _mlp_params(cfg)
+    experts = moe.top_k if active else moe.n_experts
+    return cfg.d_model * moe.n_experts + (experts + moe.n_shared_experts) * _expert_matrix_params(cfg)
+
+
+def _block_params(cfg: ModelConfig, *, cross_attention: bool = False, layer: int = 0) -> int:
     """attention_norm + attention + ffn_norm + feed_forward (+ cross_attention_norm + cross_attention)."""
-    total = 2 * _norm_params(cfg, cfg.d_model) + _attention_params(cfg) + _mlp_params(cfg)
+    total = 2 * _norm_params(cfg, cfg.d_model) + _attention_params(cfg) + _ffn_params(cfg, layer)
     if cross_attention:
         total += _norm_params(cfg, cfg.d_model) + _attention_params(cfg, cross=True)
     return total
@@ -83,7 +99,7 @@ def _stack_params(cfg: ModelConfig, n_layers: int, *, cross_attention: bool = Fa
     """One stack: its T5 relative-bias table (one Embedding(buckets, heads) per stack, shared by its layers),
     the blocks and the final norm of pre-norm stacks."""
     total = cfg.relative_buckets * cfg.n_heads if cfg.position == "relative_bias" else 0
-    total += n_layers * _block_params(cfg, cross_attention=cross_attention)
+    total += sum(_block_params(cfg, cross_attention=cross_attention, layer=i) for i in range(n_layers))
     return total + (_norm_params(cfg, cfg.d_model) if cfg.norm_position == "pre" else 0)
 
 
@@ -114,8 +130,10 @@ def _body_params(cfg: ModelConfig) -> int:
 
 
 def _inactive_expert_params(cfg: ModelConfig) -> int:
-    """Parameters a token does not touch. Dense models: none. MoE adds (experts - top_k) x expert size here."""
-    return 0
+    """Parameters a token does not touch: (n_experts - top_k) routed experts in every MoE layer."""
+    if cfg.moe is None:
+        return 0
+    return len(cfg.moe_layers) * (cfg.moe.n_experts - cfg.moe.top_k) * _expert_matrix_params(cfg)
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
@@ -155,6 +173,15 @@ def _layer_matmul_params(cfg: ModelConfig) -> int:
     return _attention_matrix_params(cfg) + _mlp_matrix_params(cfg)
 
 
+def _stack_matmul_params(cfg: ModelConfig, *, active: bool) -> int:
+    """Weight-matrix parameters of the n_layers blocks; MoE layers count the router, the shared experts and all
+    experts (active=False) or the top_k experts one token passes through (active=True: FLOPs per token)."""
+    if cfg.moe is None:
+        return cfg.n_layers * _layer_matmul_params(cfg)
+    attention = cfg.n_layers * _attention_matrix_params(cfg)
+    return attention + sum(_ffn_params(cfg, i, active=active) for i in range(cfg.n_layers))
+
+
 def _head_matmul_params(cfg: ModelConfig) -> int:
     """BERT transform dense and the output projection (done even when tied)."""
     d = cfg.d_model
@@ -164,7 +191,7 @@ def _head_matmul_params(cfg: ModelConfig) -> int:
 def matmul_params(cfg: ModelConfig) -> int:
     """Weight-matrix parameters one forward multiplies with, each matrix once: every projection of every stack
     (cross-attention included), the BERT transform dense and the output head (tied or not)."""
-    total = cfg.n_layers * _layer_matmul_params(cfg) + _head_matmul_params(cfg)
+    total = _stack_matmul_params(cfg, active=False) + _head_matmul_params(cfg)
     if cfg.family == "encoder_decoder":
         total += cfg.decoder_layers * (_layer_matmul_params(cfg) + _attention_matrix_params(cfg))
     return total
@@ -181,7 +208,7 @@ def _cross_attention_matmul_flops(cfg: ModelConfig, enc_len: int, dec_len: int) 
 def _single_stack_flops(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     """decoder (causal, optional sliding window) or encoder (bidirectional): one stack and the head."""
     keys = mean_keys_attended(seq_len, causal=cfg.causal, window=cfg.sliding_window)
-    matmul = 2.0 * seq_len * (cfg.n_layers * _layer_matmul_params(cfg) + _head_matmul_params(cfg))
+    matmul = 2.0 * seq_len * (_stack_matmul_params(cfg, active=True) + _head_matmul_params(cfg))
     return {"matmul": matmul, "attention": cfg.n_layers * seq_len * attention_flops_per_query(cfg, keys)}
 
 

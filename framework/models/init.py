@@ -16,6 +16,7 @@ from torch import nn
 
 from framework.config.schema import ModelConfig
 from framework.models.attention import Attention
+from framework.models.moe import GroupedExperts
 from framework.models.norms import RMSNorm
 
 # prefixes that torch wrappers (compile, activation checkpointing, FSDP1) insert into parameter names
@@ -52,7 +53,7 @@ def _group_of(cfg: ModelConfig, module_name: str, module: nn.Module, param_name:
         return "embeddings"
     if isinstance(module, Attention):
         return {"log_temperature": "temperatures", "distance_weight": "distance_weights"}[param_name]
-    if module_name.endswith((".wo", ".w2")):
+    if module_name.endswith((".wo", ".w2")) or (isinstance(module, GroupedExperts) and param_name == "w2"):
         in_decoder = cfg.family == "encoder_decoder" and module_name.startswith("decoder.")
         return "decoder_output_projections" if in_decoder else "output_projections"
     return "matrices"
@@ -95,16 +96,35 @@ def init_groups(model: nn.Module, cfg: ModelConfig) -> dict[str, tuple[list[str]
 
 @torch.no_grad()
 def init_weights(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
-    """Initialise every parameter in place (the model has no buffers: RoPE/sinusoids are computed on the fly)."""
+    """Initialise every parameter in place, and the MoE selection biases (the only buffers; RoPE/sinusoids are
+    computed on the fly) to 0. Stacked expert weights [E, ...] draw each expert's slice from its own generator,
+    seeded by f"{name}.{e}", so an expert-parallel rank holding only some experts gets the same values."""
     params = {canonical_name(name): p for name, p in model.named_parameters()}
+    stacked = _stacked_expert_names(model)
     for group in _groups(model, cfg).values():
         for name in group.names:
             param = params[name]
             if group.fill is not None:
                 param.fill_(group.fill)
-                continue
-            generator = torch.Generator().manual_seed(stable_seed(seed, name))
-            values = torch.empty(param.shape, dtype=torch.float32).normal_(
-                0.0, group.std, generator=generator
-            )
-            param.copy_(values)
+            elif name in stacked:
+                for e in range(param.shape[0]):
+                    param[e].copy_(_normal(param.shape[1:], group.std, seed, f"{name}.{e}"))
+            else:
+                param.copy_(_normal(param.shape, group.std, seed, name))
+    for name, buffer in model.named_buffers():
+        if name.endswith("expert_bias"):
+            buffer.zero_()
+
+
+def _normal(shape: torch.Size, std: float, seed: int, name: str) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(stable_seed(seed, name))
+    return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+
+
+def _stacked_expert_names(model: nn.Module) -> set[str]:
+    return {
+        canonical_name(f"{module_name}.{param_name}")
+        for module_name, module in model.named_modules()
+        if isinstance(module, GroupedExperts)
+        for param_name, _ in module.named_parameters(recurse=False)
+    }

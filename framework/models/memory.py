@@ -232,10 +232,33 @@ def _qk_norm_bytes(cfg: ModelConfig, s: _Sizes, q_tokens: int, k_tokens: int) ->
 
 
 # ----------------------------------------------------------------------------------------------- MLP
-def _mlp_bytes(cfg: ModelConfig, s: _Sizes, tokens: int) -> int:
+def _mlp_bytes(cfg: ModelConfig, s: _Sizes, tokens: int, hidden: int | None = None) -> int:
     """Hidden tensors kept by the activation, the gate product and w2 (the MLP input is counted by the block)."""
     kept = {"relu": 1, "gelu": 2}.get(cfg.mlp, 4)
-    return kept * tokens * cfg.ffn_hidden * s.compute
+    return kept * tokens * (hidden or cfg.ffn_hidden) * s.compute
+
+
+def _moe_bytes(cfg: ModelConfig, s: _Sizes, tokens: int) -> int:
+    """An MoE feed-forward (an estimate, not yet checked against saved tensors): the fp32 router input, logits
+    and probabilities; per kept assignment (tokens x top_k, dropless) the gathered input (per expert linear),
+    the expert's hidden tensors and its output (kept by the weighting); the shared experts' MLP."""
+    moe = cfg.moe
+    assert moe is not None
+    hidden, assignments = moe.resolved_expert_hidden(cfg.ffn_hidden), tokens * moe.top_k
+    router = tokens * cfg.d_model * FP32 + 2 * tokens * moe.n_experts * FP32
+    routed = _linear_input_bytes(s, assignments, cfg.d_model, _mlp_readers(cfg))
+    routed += _mlp_bytes(cfg, s, assignments, hidden) + assignments * cfg.d_model * s.compute
+    shared = _mlp_bytes(cfg, s, tokens, moe.n_shared_experts * hidden) if moe.n_shared_experts else 0
+    return router + routed + shared
+
+
+def _ffn_bytes(cfg: ModelConfig, s: _Sizes, tokens: int) -> int:
+    """Feed-forward bytes of one block, averaged over the stack's dense and MoE blocks."""
+    if cfg.moe is None:
+        return _mlp_bytes(cfg, s, tokens)
+    moe_layers = len(cfg.moe_layers)
+    dense = (cfg.n_layers - moe_layers) * _mlp_bytes(cfg, s, tokens)
+    return (dense + moe_layers * _moe_bytes(cfg, s, tokens)) // cfg.n_layers
 
 
 def _mlp_readers(cfg: ModelConfig) -> int:
@@ -248,7 +271,7 @@ def _block_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape, memory_len: int | N
     linear-input part it divides only with sequence parallelism (`sequence`)."""
     d, tokens = cfg.d_model, shape.tokens
     branches = 2 if memory_len is None else 3
-    split = _attention_bytes(cfg, s, shape, shape.seq) + _mlp_bytes(cfg, s, tokens)
+    split = _attention_bytes(cfg, s, shape, shape.seq) + _ffn_bytes(cfg, s, tokens)
     sequence = branches * _norm_bytes(cfg, s, tokens, d, FP32)
     sequence += _linear_input_bytes(s, tokens, d, 3) + _linear_input_bytes(s, tokens, d, _mlp_readers(cfg))
     if cfg.dropout > 0:

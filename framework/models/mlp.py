@@ -26,12 +26,14 @@ def activation(cfg: ModelConfig) -> Callable[[torch.Tensor], torch.Tensor]:
 class FeedForward(nn.Module):
     """Plain: w2(act(w1 x)). Gated: w2(act(w1 x) * w3 x), where w1 is the gate and w3 the up projection."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, *, hidden: int | None = None) -> None:
+        """hidden: the width (default cfg.ffn_hidden; MoE shared experts pass theirs)."""
         super().__init__()
+        hidden = hidden if hidden is not None else cfg.ffn_hidden
         self.act = activation(cfg)
-        self.w1 = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias)
-        self.w3 = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias) if cfg.mlp in GATED else None
-        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=cfg.bias)
+        self.w1 = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
+        self.w3 = nn.Linear(cfg.d_model, hidden, bias=cfg.bias) if cfg.mlp in GATED else None
+        self.w2 = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.act(self.w1(x))

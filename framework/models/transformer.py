@@ -19,6 +19,7 @@ from framework.config.schema import ModelConfig
 from framework.models.attention import Attention, AttentionContext
 from framework.models.masks import AttentionMask
 from framework.models.mlp import FeedForward, activation
+from framework.models.moe import MoE
 from framework.models.norms import build_norm
 from framework.models.positions import (
     RelativePositionBias,
@@ -32,7 +33,8 @@ class TransformerBlock(nn.Module):
     """Self-attention, optional cross-attention (T5 decoder), feed-forward; each a residual branch.
     pre-norm: x + f(norm(x)) (GPT-2, Llama, T5); post-norm: norm(x + f(x)) (Vaswani et al., BERT)."""
 
-    def __init__(self, cfg: ModelConfig, *, cross_attention: bool = False) -> None:
+    def __init__(self, cfg: ModelConfig, *, cross_attention: bool = False, index: int = 0) -> None:
+        """index: the block's position in its stack (decides whether its feed-forward is MoE)."""
         super().__init__()
         self.pre_norm = cfg.norm_position == "pre"
         self.attention_norm = build_norm(cfg)
@@ -41,7 +43,7 @@ class TransformerBlock(nn.Module):
             self.cross_attention_norm = build_norm(cfg)
             self.cross_attention = Attention(cfg, cross=True)
         self.ffn_norm = build_norm(cfg)
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward = MoE(cfg) if cfg.is_moe_layer(index) else FeedForward(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(
@@ -180,7 +182,7 @@ class Transformer(nn.Module):
             # decoders look only backwards, so their buckets are unidirectional (T5)
             self.relative_bias = RelativePositionBias(cfg, bidirectional=not causal)
         self.layers = nn.ModuleDict(
-            {str(i): TransformerBlock(cfg, cross_attention=cross_attention) for i in range(n_layers)}
+            {str(i): TransformerBlock(cfg, cross_attention=cross_attention, index=i) for i in range(n_layers)}
         )
         if cfg.norm_position == "pre":
             self.norm = build_norm(cfg)

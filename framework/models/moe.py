@@ -1,0 +1,251 @@
+"""Mixture-of-Experts feed-forward: router, capacity, grouped experts, shared experts.
+
+One MoE layer (`MoE`, the block's `feed_forward` in MoE layers) maps tokens [B, S, D] -> [B, S, D]:
+
+1. `Router`: logits = x W_r (fp32, outside autocast: Switch Transformer's selective precision), scores by softmax
+   or sigmoid; the top_k experts are chosen on scores + `expert_bias` (aux-loss-free balancing, DeepSeek-V3: the
+   bias steers selection only and never enters the weights), optionally only among the best `topk_groups` groups
+   of experts (DeepSeek-V3 group-limited routing); weights are the chosen scores, renormalised and scaled.
+2. `capacity_keep`: with a capacity factor, each expert keeps at most C assignments (drop policy below).
+3. `dispatch` -> `GroupedExperts` -> `combine`: assignments are sorted by expert, each expert runs once on its
+   contiguous slice of tokens (a loop over experts, never over tokens), and the weighted outputs are added back
+   per token. `dispatch`/`combine` are the seam expert parallelism replaces with all_to_all_single.
+4. Shared experts (DeepSeekMoE) run on every token and are added.
+
+Drop policy (capacity_factor set): C = ceil(capacity_factor x N x top_k / n_experts) for N tokens of the
+micro-batch. Assignments are ranked per expert in the order (choice rank k, token index t): every token's first
+choice comes before any token's second choice, and within one rank the earlier token (flattened [B, S] order)
+comes first (GShard, Lepikhin et al. 2020). An assignment is kept iff fewer than C assignments to its expert
+come before it; a dropped assignment contributes nothing (the token keeps its other experts and the residual;
+the remaining weights are not renormalised). Dropless (capacity_factor null) keeps every assignment.
+
+Each forward stores a `RoutingRecord` in `last_routing`: the sufficient statistics of the balancing losses per
+sequence (so any scope can be formed from them and all-reduced by the trainer), plus load metrics. This module
+never imports torch.distributed; the losses themselves live in framework/train/moe_loss.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from framework.config.schema import ModelConfig, MoEConfig
+from framework.models.mlp import GATED, FeedForward, activation
+
+
+@dataclass
+class Routing:
+    """The router's decision for N tokens: `experts` [N, K] long, `weights` [N, K] (grad flows to the router),
+    `logits` [N, E] fp32 and `probs` [N, E] (softmax, or sigmoid scores normalised to sum 1 per token)."""
+
+    experts: torch.Tensor
+    weights: torch.Tensor
+    logits: torch.Tensor
+    probs: torch.Tensor
+
+
+@dataclass
+class RoutingRecord:
+    """Statistics of one MoE layer's forward over a micro-batch of B sequences (all sums over tokens).
+
+    prob_sums [B, E]: sum over the sequence of the router probabilities (with grad: P_i of the aux loss);
+    counts [B, E]: assignments chosen per sequence and expert, before capacity dropping (f_i; no grad);
+    z_sum: sum over tokens of logsumexp(logits)^2 (with grad; ST-MoE router z-loss);
+    entropy_sum: sum over tokens of the entropy of `probs` (no grad); dropped: assignments dropped (no grad);
+    tokens: N = B x S."""
+
+    prob_sums: torch.Tensor
+    counts: torch.Tensor
+    z_sum: torch.Tensor
+    entropy_sum: torch.Tensor
+    dropped: torch.Tensor
+    tokens: int
+
+
+class Router(nn.Module):
+    """Linear gate over experts plus the selection rules of MoEConfig."""
+
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig) -> None:
+        super().__init__()
+        self.moe = moe
+        self.gate = nn.Linear(cfg.d_model, moe.n_experts, bias=False)
+        if moe.bias_update_rate > 0:
+            # A buffer, not a parameter: it is updated from the observed load, never by gradients, and it is
+            # in state_dict() so checkpoints restore it (DeepSeek-V3, auxiliary-loss-free balancing).
+            self.register_buffer("expert_bias", torch.zeros(moe.n_experts))
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        """x [N, D] -> Routing."""
+        if self.training and self.moe.jitter > 0:
+            noise = torch.empty_like(x).uniform_(1.0 - self.moe.jitter, 1.0 + self.moe.jitter)
+            x = x * noise  # Switch Transformer's multiplicative jitter, training only
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.gate.weight.float())
+        if self.moe.router == "softmax":
+            scores = logits.softmax(dim=-1)
+            probs = scores
+        else:
+            scores = logits.sigmoid()
+            probs = scores / scores.sum(dim=-1, keepdim=True)  # DeepSeek-V3's normalised scores for P_i
+        experts = self._select(scores.detach())
+        weights = scores.gather(-1, experts)
+        if self.moe.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=1e-20)
+        return Routing(experts, weights * self.moe.route_scale, logits, probs)
+
+    def _select(self, scores: torch.Tensor) -> torch.Tensor:
+        """Top-k experts on scores + bias, restricted to the best groups when n_groups > 1."""
+        bias = getattr(self, "expert_bias", None)
+        choice = scores + bias if bias is not None else scores
+        if self.moe.n_groups > 1:
+            choice = self._mask_groups(choice)
+        return choice.topk(self.moe.top_k, dim=-1).indices
+
+    def _mask_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3: a group scores the sum of its two best experts; experts outside the best topk_groups
+        groups are set to -inf so top-k cannot pick them."""
+        n, e, g = choice.shape[0], self.moe.n_experts, self.moe.n_groups
+        grouped = choice.view(n, g, e // g)
+        group_score = grouped.topk(min(2, e // g), dim=-1).values.sum(dim=-1)
+        best = group_score.topk(self.moe.topk_groups, dim=-1).indices
+        allowed = torch.zeros(n, g, dtype=torch.bool, device=choice.device).scatter_(1, best, True)
+        return grouped.masked_fill(~allowed.unsqueeze(-1), float("-inf")).view(n, e)
+
+
+def expert_capacity(capacity_factor: float, tokens: int, top_k: int, n_experts: int) -> int:
+    """C = ceil(capacity_factor x tokens x top_k / n_experts) assignments per expert (Switch/GShard)."""
+    return math.ceil(capacity_factor * tokens * top_k / n_experts)
+
+
+def capacity_keep(experts: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
+    """[N, K] bool: which assignments survive the drop policy of this module's docstring."""
+    n, k = experts.shape
+    by_priority = experts.t().reshape(-1)  # index k * N + t: first choices of all tokens, then second choices
+    order = torch.argsort(by_priority, stable=True)
+    sorted_experts = by_priority[order]
+    counts = torch.bincount(sorted_experts, minlength=n_experts)
+    starts = counts.cumsum(0) - counts
+    rank_sorted = torch.arange(n * k, device=experts.device) - starts[sorted_experts]
+    rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
+    return (rank < capacity).view(k, n).t()
+
+
+@dataclass
+class Dispatch:
+    """Assignments sorted by expert: `tokens` [M] token index of each kept assignment, `weights` [M, 1],
+    `counts` [E] assignments per expert (host list, as the expert loop slices by it)."""
+
+    tokens: torch.Tensor
+    weights: torch.Tensor
+    counts: list[int]
+
+
+def dispatch(x: torch.Tensor, routing: Routing, keep: torch.Tensor | None) -> tuple[torch.Tensor, Dispatch]:
+    """Gather each kept assignment's token, grouped by expert (stable: token order within an expert).
+    Expert parallelism replaces this gather with an all_to_all_single to the experts' ranks."""
+    n, k = routing.experts.shape
+    experts = routing.experts.reshape(-1)
+    tokens = torch.arange(n, device=x.device).repeat_interleave(k)
+    weights = routing.weights.reshape(-1)
+    if keep is not None:
+        mask = keep.reshape(-1)
+        experts, tokens, weights = experts[mask], tokens[mask], weights[mask]
+    order = torch.argsort(experts, stable=True)
+    counts = torch.bincount(experts, minlength=routing.logits.shape[-1]).tolist()
+    plan = Dispatch(tokens[order], weights[order].unsqueeze(-1), counts)
+    return x.index_select(0, plan.tokens), plan
+
+
+def combine(expert_out: torch.Tensor, plan: Dispatch, n_tokens: int) -> torch.Tensor:
+    """Weighted sum of each token's expert outputs (the inverse of `dispatch`; all_to_all_single under EP)."""
+    out = expert_out.new_zeros(n_tokens, expert_out.shape[-1])
+    weighted = expert_out * plan.weights.to(expert_out.dtype)
+    return out.index_add_(0, plan.tokens, weighted)
+
+
+class GroupedExperts(nn.Module):
+    """`n_experts` MLPs with stacked weights: w1 [E, H, D] (gate / up), w3 [E, H, D] (up of gated MLPs),
+    w2 [E, D, H] (down). Stacked so expert parallelism can shard dim 0 over the ep mesh dimension."""
+
+    def __init__(self, cfg: ModelConfig, n_experts: int, hidden: int) -> None:
+        super().__init__()
+        self.act = activation(cfg)
+        d = cfg.d_model
+        self.w1 = nn.Parameter(torch.empty(n_experts, hidden, d))
+        self.w3 = nn.Parameter(torch.empty(n_experts, hidden, d)) if cfg.mlp in GATED else None
+        self.w2 = nn.Parameter(torch.empty(n_experts, d, hidden))
+
+    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """x [M, D] sorted by expert with counts[e] rows for expert e -> [M, D]; one matmul chain per expert."""
+        outputs = [self.expert(e, chunk) for e, chunk in enumerate(x.split(counts)) if counts[e] > 0]
+        return torch.cat(outputs) if outputs else x.new_zeros(x.shape)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on x [n, D] (the same function as FeedForward with w1[e], w3[e], w2[e])."""
+        hidden = self.act(F.linear(x, self.w1[e]))
+        if self.w3 is not None:
+            hidden = hidden * F.linear(x, self.w3[e])
+        return F.linear(hidden, self.w2[e])
+
+
+class MoE(nn.Module):
+    """The feed-forward of an MoE block: `router`, `experts`, optional `shared_experts` (see module docstring)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.moe is None:
+            raise ValueError("MoE needs model.moe")
+        moe = cfg.moe
+        self.moe = moe
+        hidden = moe.resolved_expert_hidden(cfg.ffn_hidden)
+        self.router = Router(cfg, moe)
+        self.experts = GroupedExperts(cfg, moe.n_experts, hidden)
+        if moe.n_shared_experts > 0:
+            self.shared_experts = FeedForward(cfg, hidden=moe.n_shared_experts * hidden)
+        self.last_routing: RoutingRecord | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        routing = self.router(tokens)
+        keep = self._keep(routing, tokens.shape[0])
+        routed, plan = dispatch(tokens, routing, keep)
+        out = combine(self.experts(routed, plan.counts), plan, tokens.shape[0])
+        shared = getattr(self, "shared_experts", None)
+        if shared is not None:
+            out = out + shared(tokens)
+        self.last_routing = routing_record(routing, keep, shape[0])
+        return out.view(shape)
+
+    def _keep(self, routing: Routing, n_tokens: int) -> torch.Tensor | None:
+        if self.moe.capacity_factor is None:
+            return None
+        capacity = expert_capacity(self.moe.capacity_factor, n_tokens, self.moe.top_k, self.moe.n_experts)
+        return capacity_keep(routing.experts, self.moe.n_experts, capacity)
+
+
+def routing_record(routing: Routing, keep: torch.Tensor | None, batch: int) -> RoutingRecord:
+    """Per-sequence sums of one forward (see RoutingRecord)."""
+    n, e = routing.probs.shape
+    probs = routing.probs.view(batch, n // batch, e)
+    choices = F.one_hot(routing.experts.view(batch, -1), e).sum(dim=1)
+    probs_detached = routing.probs.detach()
+    entropy = -(probs_detached * probs_detached.clamp(min=1e-20).log()).sum()
+    dropped = (~keep).sum() if keep is not None else torch.zeros((), device=probs.device, dtype=torch.long)
+    return RoutingRecord(
+        prob_sums=probs.sum(dim=1),
+        counts=choices,
+        z_sum=torch.logsumexp(routing.logits, dim=-1).square().sum(),
+        entropy_sum=entropy,
+        dropped=dropped,
+        tokens=n,
+    )
+
+
+def moe_layers(model: nn.Module) -> dict[str, MoE]:
+    """The model's MoE modules by name (empty for a dense model)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoE)}
