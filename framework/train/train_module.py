@@ -20,6 +20,7 @@ from torch import nn
 
 from framework.config import Recipe
 from framework.train.loss import LossOutput, compute_loss, count_labelled, loss_sums
+from framework.train.moe_loss import MoEBalancer
 from framework.train.optim import build_optimizer
 from framework.train.precision import Precision
 from framework.train.schedule import build_scheduler
@@ -104,6 +105,8 @@ class TrainModule(BaseTrainModule):
         # Optimizer state is saved keyed by parameter name (FQN), in the optimizer's own parameter order.
         self._param_names = [names[id(p)] for p in self._params]
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # MoE router losses, load metrics and selection-bias updates (None for dense models).
+        self.moe = MoEBalancer.for_model(model, recipe.model.moe, self._global_sum)
 
     @property
     def step(self) -> int:
@@ -125,6 +128,8 @@ class TrainModule(BaseTrainModule):
         batches = [self._to_device(mb) for mb in micro_batches]
         # Normaliser of every micro-batch: labelled tokens of the whole global batch, counted before any backward.
         total = self._global_sum(sum(count_labelled(b["labels"]) for b in batches))
+        if self.moe is not None:
+            self.moe.start_step([b["input_ids"].shape for b in batches])
         ce = z = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
             with self._grad_sync(last=i == len(batches) - 1):
@@ -148,6 +153,8 @@ class TrainModule(BaseTrainModule):
         # The one host sync of the step: the skip decision and the logs need these numbers on the host.
         loss, z_loss, n_labelled, grad_norm = torch.stack([ce, z, labelled.float(), norm.float()]).tolist()
         stats = {"step": self.step + 1, "loss": loss, "z_loss": z_loss, "grad_norm": grad_norm}
+        if self.moe is not None:
+            stats.update(self.moe.metrics())
         lr = self.lr
         reason = self._skip_reason(stats, veto)
         if reason is None:
@@ -191,7 +198,10 @@ class TrainModule(BaseTrainModule):
 
     def _forward_loss(self, batch: Batch, total_labelled: torch.Tensor) -> LossOutput:
         # The loss runs outside autocast, in fp32 (loss_sums upcasts the logits).
-        return compute_loss(self._forward(batch), batch["labels"], total_labelled, self.recipe.train.z_loss)
+        out = compute_loss(self._forward(batch), batch["labels"], total_labelled, self.recipe.train.z_loss)
+        if self.moe is not None:
+            out.loss = out.loss + self.moe.micro_batch_loss()  # router aux + z losses; logged by metrics()
+        return out
 
     def _skip_reason(self, stats: dict[str, Any], veto: StepVeto | None) -> str | None:
         finite = all(math.isfinite(stats[k]) for k in ("loss", "z_loss", "grad_norm"))
@@ -207,6 +217,8 @@ class TrainModule(BaseTrainModule):
             torch.nn.utils.clip_grads_with_norm_(self._params, clip, norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.moe is not None:
+            self.moe.update_bias()  # aux-loss-free balancing uses the load of the step just applied
         # The schedule advances with applied updates only, so a skip leaves the optimizer untouched (LR included).
         self.scheduler.step()
         self.counters.updates += 1

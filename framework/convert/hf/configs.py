@@ -13,7 +13,9 @@ from framework.config.schema import ModelConfig
 
 
 def hf_family(cfg: ModelConfig) -> str:
-    """llama | mistral | qwen3 | bloom | bert | t5, from the architecture fields."""
+    """llama | mistral | qwen3 | bloom | bert | t5 | mixtral | qwen3_moe, from the architecture fields."""
+    if cfg.moe is not None and cfg.family == "decoder":
+        return "qwen3_moe" if cfg.qk_norm else "mixtral"
     if cfg.family == "encoder":
         return "bert"
     if cfg.family == "encoder_decoder":
@@ -60,6 +62,36 @@ _REQUIRED: dict[str, dict[str, Any]] = {
     },
     "t5": {"position": "relative_bias", "norm": "rmsnorm", "norm_position": "pre", "bias": False},
 }
+_REQUIRED["mixtral"] = _REQUIRED["llama"]
+_REQUIRED["qwen3_moe"] = _REQUIRED["qwen3"]
+# MoE fields each MoE family fixes: both route with a softmax over all experts and top-k, have no shared experts,
+# no expert groups, no selection bias and no weight scale; every layer is sparse (Qwen3-MoE: except its
+# mlp_only_layers, our first_dense); Mixtral always renormalises the top-k weights.
+_MOE_REQUIRED: dict[str, dict[str, Any]] = {
+    "qwen3_moe": {
+        "router": "softmax",
+        "n_shared_experts": 0,
+        "n_groups": 1,
+        "bias_update_rate": 0.0,
+        "route_scale": 1.0,
+        "every": 1,
+    },
+    "mixtral": {"first_dense": 0, "renormalize": True},
+}
+_MOE_REQUIRED["mixtral"] |= _MOE_REQUIRED["qwen3_moe"]
+
+
+def _moe_rules(cfg: ModelConfig, family: str) -> list[str]:
+    """MoE fields `family` cannot represent (none for dense families, which refuse model.moe themselves)."""
+    if cfg.moe is None or family not in _MOE_REQUIRED:
+        return []
+    return [
+        f"model.moe.{k}={getattr(cfg.moe, k)!r} (needs {v!r})"
+        for k, v in _MOE_REQUIRED[family].items()
+        if getattr(cfg.moe, k) != v
+    ]
+
+
 _NEVER = {"learned_temperature": False, "soft_distance_bias": False, "attention_temperature": 1.0}
 
 
@@ -73,6 +105,7 @@ def check_representable(cfg: ModelConfig) -> str:
     ]
     if family == "t5" and cfg.mlp not in ("relu", "geglu"):
         wrong.append(f"model.mlp={cfg.mlp!r} (needs 'relu' or 'geglu')")
+    wrong += _moe_rules(cfg, family)
     if wrong:
         raise ConfigError(
             None,
@@ -96,6 +129,8 @@ def hf_config(cfg: ModelConfig) -> tuple[str, Any]:
         "bloom": _bloom,
         "bert": _bert,
         "t5": _t5,
+        "mixtral": _mixtral,
+        "qwen3_moe": _qwen3_moe,
     }[family]
     class_name, config_name, kwargs = builder(cfg)
     config = getattr(transformers, config_name)(**kwargs)
@@ -200,6 +235,45 @@ def _t5(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
         "tie_word_embeddings": cfg.tie_embeddings,
     }
     return "T5ForConditionalGeneration", "T5Config", kwargs
+
+
+def _moe_common(cfg: ModelConfig) -> dict[str, Any]:
+    assert cfg.moe is not None
+    return {
+        "num_experts_per_tok": cfg.moe.top_k,
+        "router_aux_loss_coef": cfg.moe.aux_loss,
+        "router_jitter_noise": cfg.moe.jitter,
+    }
+
+
+def _mixtral(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
+    assert cfg.moe is not None
+    kwargs = _decoder_common(cfg) | _moe_common(cfg)
+    # Mixtral's intermediate_size is the width of one expert (every layer is sparse)
+    kwargs |= {
+        "intermediate_size": cfg.moe.resolved_expert_hidden(cfg.ffn_hidden),
+        "num_local_experts": cfg.moe.n_experts,
+        "sliding_window": cfg.sliding_window,
+    }
+    return "MixtralForCausalLM", "MixtralConfig", kwargs
+
+
+def _qwen3_moe(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
+    assert cfg.moe is not None
+    kwargs = _decoder_common(cfg) | _moe_common(cfg)
+    del kwargs["router_jitter_noise"]  # Qwen3-MoE has no router jitter
+    # head_dim is not in Qwen3MoeConfig's signature but is kept as an attribute, and the model reads it
+    # (it would default to hidden_size / heads, wrong for Qwen3's 128-wide heads)
+    kwargs |= {
+        "moe_intermediate_size": cfg.moe.resolved_expert_hidden(cfg.ffn_hidden),
+        "num_experts": cfg.moe.n_experts,
+        "norm_topk_prob": cfg.moe.renormalize,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": list(range(cfg.moe.first_dense)),
+        "attention_bias": False,
+        "use_sliding_window": False,
+    }
+    return "Qwen3MoeForCausalLM", "Qwen3MoeConfig", kwargs
 
 
 def build_hf_model(cfg: ModelConfig) -> Any:

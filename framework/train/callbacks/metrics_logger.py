@@ -88,6 +88,8 @@ class MetricsLogger(Callback):
         rates = throughput(self._interval_tokens, self._interval_time, self.flops_per_token, self._peak)
         self._interval_time, self._interval_tokens = 0.0, 0
         record = {key: _json_value({**metrics, **rates}.get(key)) for key in TRAIN_KEYS}
+        # MoE router losses and load metrics, when the model has MoE layers (see framework/train/moe_loss.py).
+        record.update({k: _json_value(v) for k, v in metrics.items() if k.startswith("moe_")})
         self._write("train", record)
         if self._bar is not None:
             loss = "nan" if record["loss"] is None else f"{record['loss']:.4f}"
