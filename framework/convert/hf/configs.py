@@ -105,6 +105,7 @@ def check_representable(cfg: ModelConfig) -> str:
     ]
     if family == "t5" and cfg.mlp not in ("relu", "geglu"):
         wrong.append(f"model.mlp={cfg.mlp!r} (needs 'relu' or 'geglu')")
+    wrong += _derived_rules(cfg, family)
     wrong += _moe_rules(cfg, family)
     if wrong:
         raise ConfigError(
@@ -115,6 +116,50 @@ def check_representable(cfg: ModelConfig) -> str:
             "change those fields",
         )
     return family
+
+
+# Weight-layout fields of the other families that these families have no tensor or switch for.
+_ABSENT = {"embedding_norm": False, "mlm_head_transform": False, "output_bias": False, "type_vocab_size": 0}
+_EXTRA: dict[str, dict[str, Any]] = {
+    "llama": _ABSENT | {"softmax_scale": "inv_sqrt_dk"},
+    "mistral": _ABSENT | {"softmax_scale": "inv_sqrt_dk"},
+    # transformers' Qwen3 windows only some layers (layer_types); a uniform window is not what it computes
+    "qwen3": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None},
+    "bloom": _ABSENT | {"embedding_norm": True, "softmax_scale": "inv_sqrt_dk", "gelu_approximate": "tanh"},
+    "bert": {
+        "embedding_norm": True,
+        "mlm_head_transform": True,
+        "output_bias": True,
+        "softmax_scale": "inv_sqrt_dk",
+    },
+    "t5": _ABSENT | {"softmax_scale": "none"},
+    "mixtral": _ABSENT | {"softmax_scale": "inv_sqrt_dk"},
+    "qwen3_moe": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None},
+}
+
+
+def _derived_rules(cfg: ModelConfig, family: str) -> list[str]:
+    """Rules beyond fixed field values: head shapes the family hard-codes, MLP width, token types, gelu form."""
+    wrong = [
+        f"model.{k}={getattr(cfg, k)!r} (needs {v!r})"
+        for k, v in _EXTRA.get(family, {}).items()
+        if getattr(cfg, k) != v
+    ]
+    if family in ("bloom", "bert", "t5") and cfg.resolved_kv_heads != cfg.n_heads:
+        wrong.append(
+            f"model.kv_heads={cfg.kv_heads!r} (needs n_heads={cfg.n_heads}: no grouped-query attention)"
+        )
+    if family in ("bloom", "bert") and cfg.resolved_head_dim * cfg.n_heads != cfg.d_model:
+        wrong.append(f"model.head_dim={cfg.head_dim!r} (needs d_model / n_heads)")
+    if family == "bloom" and cfg.ffn_hidden != 4 * cfg.d_model:
+        wrong.append(f"model.ffn_hidden={cfg.ffn_hidden} (needs 4 * d_model = {4 * cfg.d_model})")
+    if family == "bert" and cfg.type_vocab_size < 1:
+        wrong.append("model.type_vocab_size=0 (needs >= 1: BERT always adds a token-type embedding)")
+    if family == "t5" and cfg.mlp == "geglu" and cfg.gelu_approximate != "tanh":
+        wrong.append(f"model.gelu_approximate={cfg.gelu_approximate!r} (needs 'tanh' for gated-gelu)")
+    if getattr(cfg, "moe", None) is not None and family in _EXTRA and family not in _MOE_REQUIRED:
+        wrong.append(f"model.moe (family {family} is dense)")
+    return wrong
 
 
 def hf_config(cfg: ModelConfig) -> tuple[str, Any]:
@@ -233,6 +278,8 @@ def _t5(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
         "layer_norm_epsilon": cfg.norm_eps,
         "feed_forward_proj": "gated-gelu" if gated else "relu",
         "tie_word_embeddings": cfg.tie_embeddings,
+        # Loom never rescales the decoder output; transformers does by default for a tied T5 head
+        "scale_decoder_outputs": False,
     }
     return "T5ForConditionalGeneration", "T5Config", kwargs
 

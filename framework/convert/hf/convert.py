@@ -1,0 +1,186 @@
+"""Loom checkpoint <-> Hugging Face folder, for the families in `FAMILIES`.
+
+Export: recipe (from the checkpoint's meta.json) -> family -> renamed tensors -> safetensors, config.json,
+generation_config.json and tokenizer files. Import: config.json -> ModelConfig -> tensors -> a step-0 Loom
+checkpoint written exactly as training writes one (so `loom train --resume` continues from it) plus a recipe.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from framework.config.errors import ConfigError
+from framework.config.schema import ModelConfig, Recipe
+from framework.convert.hf import bert, bloom, llama, mistral, qwen3, t5
+from framework.convert.hf.configs import check_representable, hf_config
+from framework.convert.hf.mapping import check_shapes, from_hf_state, to_hf_state
+from framework.convert.hf.weights import DEFAULT_SHARD_BYTES, save_weights
+
+# transformers' model_type -> the module mapping that family's weights
+FAMILIES: dict[str, ModuleType] = {
+    "llama": llama,
+    "mistral": mistral,
+    "qwen3": qwen3,
+    "bloom": bloom,
+    "bert": bert,
+    "t5": t5,
+}
+
+
+def export_state(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Loom model state dict -> HF state dict (ConfigError for an unrepresentable architecture)."""
+    family = check_representable(cfg)
+    return to_hf_state(FAMILIES[family].renames(cfg), state)
+
+
+def import_state(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF state dict -> Loom model state dict, checked name by name and shape by shape."""
+    family = FAMILIES[check_representable(cfg)]
+    ours = from_hf_state(family.renames(cfg), state, family.optional)
+    check_shapes(ours, _expected_state(cfg), "Hugging Face weights")
+    return ours
+
+
+def _expected_state(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    from framework.models import build_model
+
+    with torch.device("meta"):
+        return build_model(cfg).state_dict()
+
+
+def config_from_hf(hf: Any, state: dict[str, torch.Tensor] | None = None) -> ModelConfig:
+    """The Loom ModelConfig of a transformers config object (ConfigError for an unsupported model_type). A family
+    whose config cannot say whether the head is tied (T5 in transformers 5) decides from the weights `state`."""
+    module = FAMILIES.get(hf.model_type)
+    if module is None:
+        raise ConfigError(
+            "config.json", "model_type", hf.model_type, "no Loom mapping for this family",
+            f"import one of: {', '.join(FAMILIES)}",
+        )  # fmt: skip
+    fields = module.model_config(hf)
+    if state is not None and hasattr(module, "tied"):
+        fields["tie_embeddings"] = module.tied(state)
+    cfg = ModelConfig(**fields)
+    try:
+        cfg.validate()
+    except ConfigError as error:
+        raise ConfigError("config.json", error.key, error.value, error.rule, error.fix) from None
+    check_representable(cfg)  # the round trip back to HF must exist too
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------- export
+
+
+def save_hf(
+    cfg: ModelConfig,
+    state: dict[str, torch.Tensor],
+    out: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Write a Loom model state as a Hugging Face folder that `from_pretrained` loads offline."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_state = export_state(cfg, {k: v.detach().cpu() for k, v in state.items()})
+    ids = _token_ids(cfg, tokenizer)
+    _, config = hf_config(cfg)
+    for key, value in ids.items():
+        setattr(config, key, value)
+    config.architectures = [hf_config(cfg)[0]]
+    if not hasattr(config, "max_position_embeddings"):
+        # T5 and BLOOM have no length limit in their config; recorded so an import restores max_seq_len
+        config.n_positions = cfg.max_seq_len
+    config.save_pretrained(str(out))
+    _generation_config(cfg, ids).save_pretrained(str(out))
+    save_weights(hf_state, out, max_shard_bytes)
+    if tokenizer is not None:
+        from framework.convert.hf.tokenizer import save_hf_tokenizer
+
+        save_hf_tokenizer(tokenizer, out)
+        shutil.copyfile(tokenizer, out / "tokenizer.model")  # the original, so an import can train on with it
+    return out
+
+
+def _token_ids(cfg: ModelConfig, tokenizer: str | Path | None) -> dict[str, int]:
+    """bos/eos/pad (and T5's decoder start = pad) ids from the tokenizer, after checking it fits the vocab."""
+    if tokenizer is None:
+        # Loom's tokenizer layout fixes pad = 0, which T5 also uses to start decoding
+        return {"decoder_start_token_id": 0} if cfg.family == "encoder_decoder" else {}
+    from framework.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer)
+    if tok.vocab_size > cfg.vocab_size:
+        raise ConfigError(
+            None, "data.tokenizer", str(tokenizer),
+            f"has {tok.vocab_size} pieces but model.vocab_size={cfg.vocab_size}: ids would fall outside the embedding",
+            "pass the tokenizer the model was trained with (--tokenizer)",
+        )  # fmt: skip
+    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    if cfg.family == "encoder_decoder":
+        ids["decoder_start_token_id"] = tok.pad_id  # what Loom's span-corruption objective starts with
+    return {k: v for k, v in ids.items() if v >= 0}
+
+
+def _generation_config(cfg: ModelConfig, ids: dict[str, int]) -> Any:
+    from transformers import GenerationConfig
+
+    # greedy by default: the same decode as framework.models.generate.greedy_decode
+    return GenerationConfig(do_sample=False, **ids)
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """`loom convert CKPT --to hf OUT`: the model of a committed checkpoint (and its recipe's tokenizer)."""
+    from framework.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(checkpoint)
+    recipe = recipe_from_metadata(loaded.metadata, loaded.path)
+    check_representable(recipe.model)  # refuse before any work is written
+    tokenizer = tokenizer if tokenizer is not None else _recipe_tokenizer(recipe)
+    state = loaded.state.get("model")
+    if not isinstance(state, dict):
+        raise ConfigError(
+            None, "checkpoint", str(loaded.path), "holds no model state", "pass a training checkpoint"
+        )
+    return save_hf(recipe.model, state, out, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
+
+
+def recipe_from_metadata(metadata: dict[str, Any], path: Path) -> Recipe:
+    from framework.config.loader import to_dataclass
+
+    if "recipe" not in metadata:
+        raise ConfigError(
+            None,
+            "checkpoint",
+            str(path),
+            "meta.json has no recipe",
+            "pass a checkpoint written by loom train",
+        )
+    try:
+        recipe = to_dataclass(Recipe, metadata["recipe"], "")
+        recipe.validate()
+    except ConfigError as error:
+        raise ConfigError(str(path / "meta.json"), error.key, error.value, error.rule, error.fix) from None
+    return recipe
+
+
+def _recipe_tokenizer(recipe: Recipe) -> Path:
+    path = Path(recipe.data.tokenizer)
+    if not path.is_file():
+        raise ConfigError(
+            None, "data.tokenizer", str(path), "the checkpoint's recipe names a tokenizer file that does not exist",
+            "pass the sentencepiece model with --tokenizer PATH",
+        )  # fmt: skip
+    return path

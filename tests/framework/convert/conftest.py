@@ -1,0 +1,108 @@
+"""Tiny, deliberately non-square models of every convertible family."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from framework.config.schema import ModelConfig
+from framework.run import materialize_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+VOCAB = 101  # not a multiple of 64
+SEQ = 16
+
+_DECODER = dict(family="decoder", vocab_size=VOCAB, d_model=48, n_layers=2, n_heads=6, kv_heads=2, head_dim=12,
+                ffn_hidden=72, max_seq_len=64, norm_eps=1e-6)  # fmt: skip
+CONFIGS: dict[str, ModelConfig] = {
+    "llama": ModelConfig(**_DECODER, bias=True),
+    "llama_tied": ModelConfig(**_DECODER, tie_embeddings=True, rope_theta=500.0),
+    "mistral": ModelConfig(**_DECODER, sliding_window=5),  # SEQ and the 20 generated tokens exceed it
+    "qwen3": ModelConfig(**_DECODER, qk_norm=True, tie_embeddings=True),
+    "t5": ModelConfig(
+        family="encoder_decoder",
+        vocab_size=VOCAB,
+        d_model=40,
+        n_layers=2,
+        n_decoder_layers=3,
+        n_heads=6,
+        head_dim=12,
+        ffn_hidden=56,
+        mlp="geglu",
+        gelu_approximate="tanh",
+        norm_eps=1e-6,
+        position="relative_bias",
+        relative_buckets=8,
+        relative_max_distance=20,
+        softmax_scale="none",
+        max_seq_len=64,
+    ),  # fmt: skip
+    # T5 v1.0 style: ReLU MLP, tied head (transformers must then not rescale the decoder output)
+    "t5_relu_tied": ModelConfig(
+        family="encoder_decoder",
+        vocab_size=VOCAB,
+        d_model=40,
+        n_layers=2,
+        n_heads=4,
+        head_dim=8,
+        ffn_hidden=56,
+        mlp="relu",
+        norm_eps=1e-6,
+        position="relative_bias",
+        relative_buckets=8,
+        relative_max_distance=20,
+        softmax_scale="none",
+        max_seq_len=64,
+        tie_embeddings=True,
+    ),  # fmt: skip
+    "bert": ModelConfig(
+        family="encoder",
+        vocab_size=VOCAB,
+        d_model=48,
+        n_layers=2,
+        n_heads=6,
+        ffn_hidden=72,
+        mlp="gelu",
+        norm="layernorm",
+        norm_eps=1e-12,
+        norm_position="post",
+        bias=True,
+        position="learned",
+        max_seq_len=64,
+        type_vocab_size=2,
+        embedding_norm=True,
+        mlm_head_transform=True,
+        output_bias=True,
+        tie_embeddings=True,
+    ),  # fmt: skip
+    "bloom": ModelConfig(
+        family="decoder",
+        vocab_size=VOCAB,
+        d_model=48,
+        n_layers=2,
+        n_heads=6,
+        ffn_hidden=192,
+        mlp="gelu",
+        gelu_approximate="tanh",
+        norm="layernorm",
+        bias=True,
+        position="alibi",
+        embedding_norm=True,
+        max_seq_len=64,
+        tie_embeddings=True,
+    ),  # fmt: skip
+}
+
+
+def random_model(cfg: ModelConfig, seed: int = 0) -> nn.Module:
+    """Loom's init, then every tensor perturbed, so norm gains and biases are not 1 and 0 (a swapped or
+    dropped norm/bias would otherwise go unnoticed)."""
+    model = materialize_model(cfg, torch.device("cpu"), seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    return model.eval()
