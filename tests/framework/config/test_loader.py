@@ -11,7 +11,7 @@ import pytest
 from framework.config import ConfigError, Recipe
 from framework.config.docs import field_docs
 from framework.config.loader import dump_recipe, load_recipe
-from framework.config.schema import SECTIONS
+from framework.config.schema import SECTIONS, MoEConfig
 
 BASE = """
 model:
@@ -144,10 +144,30 @@ def test_yaml_is_read_safely(tmp_path: Path) -> None:
 
 
 def test_every_field_is_documented() -> None:
-    for section in SECTIONS:
-        cls = type(getattr(Recipe(), section))
+    nested = (MoEConfig,)  # sections inside sections (model.moe)
+    for cls in [type(getattr(Recipe(), section)) for section in SECTIONS] + list(nested):
         docs = field_docs(cls)
         missing = [name for name, doc in docs.items() if len(doc) < 10]
         assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
     assert set(field_docs(Recipe)) == set(SECTIONS)
     assert all(dataclasses.is_dataclass(getattr(Recipe(), s)) for s in SECTIONS)
+
+
+def test_moe_section_loads_and_its_mistakes_name_the_nested_key(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "moe.yaml",
+        BASE.replace("  max_seq_len: 128\n", "  max_seq_len: 128\n  moe:\n    top_k: 1\n"),
+    )
+    recipe = load_recipe(path, ["model.moe.n_experts=4"])
+    assert recipe.model.moe == MoEConfig(n_experts=4, top_k=1)
+    assert load_recipe(write(tmp_path, "dense.yaml", BASE)).model.moe is None
+    assert load_recipe(write(tmp_path, "again.yaml", dump_recipe(recipe))) == recipe
+    err = error_of(path, ["model.moe.top_k=5", "model.moe.n_experts=4"])
+    assert (err.file, err.key, err.value) == ("--set", "model.moe.top_k", 5) and "n_experts=4" in err.rule
+    err = error_of(path, ["model.moe.topk=2"])
+    assert err.key == "model.moe.topk" and "top_k" in err.fix
+    err = error_of(path, ["model.moe.router=softmx"])
+    assert err.key == "model.moe.router" and "softmax" in err.fix
+    err = error_of(path, ["model.moe.first_dense=2"])
+    assert err.key == "model.moe.first_dense" and "n_layers=2" in err.rule
