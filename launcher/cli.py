@@ -35,6 +35,102 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_input_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", help="text or JSONL files (.gz/.zst too) or folders of them")
+    parser.add_argument("--text-field", default="text", help="JSONL field holding the text (default text)")
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.01,
+        help="share of documents held out for validation, chosen by a hash of the text (default 0.01)",
+    )
+
+
+def _add_tokenizer_parser(data_commands: argparse._SubParsersAction) -> None:
+    tok = data_commands.add_parser("tokenizer", help="train a sentencepiece tokenizer on text/JSONL")
+    _add_input_args(tok)
+    tok.add_argument("--out", required=True, help="path of the .model file to write")
+    tok.add_argument("--vocab-size", type=int, default=32000, help="pieces in the model (default 32000)")
+    tok.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="default bpe")
+    tok.add_argument("--sentinels", type=int, default=32, help="T5 sentinels <extra_id_N> (default 32)")
+    tok.add_argument(
+        "--no-byte-fallback", action="store_true", help="unknown characters become <unk> instead of bytes"
+    )
+    tok.add_argument("--threads", type=int, default=2, help="trainer threads (part of reproducibility)")
+    tok.add_argument(
+        "--sample-sentences", type=int, default=0, help="train on this many sampled lines (0 = all)"
+    )
+
+
+def _add_prepare_parser(data_commands: argparse._SubParsersAction) -> None:
+    prep = data_commands.add_parser("prepare", help="tokenize and pack text/JSONL into webdataset shards")
+    _add_input_args(prep)
+    prep.add_argument("--out", required=True, help="output folder of the prepared dataset")
+    prep.add_argument("--tokenizer", required=True, help="sentencepiece .model file")
+    prep.add_argument("--seq-len", type=int, required=True, help="the recipe's data.seq_len (or a multiple)")
+    prep.add_argument("--shard-samples", type=int, default=8192, help="samples per shard (default 8192)")
+    prep.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    prep.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_data(args: argparse.Namespace) -> None:
+    if args.data_command == "demo":
+        from framework.data.demo import build_demo_data
+
+        build_demo_data(args.out)
+        return
+    _check_data_args(args)
+    if args.data_command == "tokenizer":
+        from framework.data.tokenizer import train_tokenizer_on_files
+
+        tokenizer = train_tokenizer_on_files(
+            args.inputs,
+            args.out,
+            args.vocab_size,
+            text_field=args.text_field,
+            val_fraction=args.val_fraction,
+            model_type=args.model_type,
+            num_sentinels=args.sentinels,
+            byte_fallback=not args.no_byte_fallback,
+            num_threads=args.threads,
+            input_sentence_size=args.sample_sentences,
+        )
+        print(f"wrote {tokenizer.path} ({tokenizer.vocab_size} pieces, sha256 {tokenizer.sha256})")
+        return
+    _run_prepare(args)
+
+
+def _run_prepare(args: argparse.Namespace) -> None:
+    from framework.data.prepare import prepare
+
+    manifest = prepare(
+        args.inputs,
+        args.out,
+        args.tokenizer,
+        args.seq_len,
+        text_field=args.text_field,
+        val_fraction=args.val_fraction,
+        shard_samples=args.shard_samples,
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
+    for name, split in manifest["splits"].items():
+        print(f"{name}: {split['documents']} documents, {split['tokens']} tokens, {split['samples']} samples")
+
+
+def _check_data_args(args: argparse.Namespace) -> None:
+    """Numbers argparse cannot range-check, as one-line user errors."""
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise ConfigError(
+            "command line", "--val-fraction", args.val_fraction, "must be in [0, 1)", "e.g. 0.01"
+        )
+    for name in ("vocab_size", "seq_len", "shard_samples", "threads"):
+        value = getattr(args, name, 1)
+        if value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError("command line", flag, value, "must be >= 1", "use a positive number")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="loom", description="Loom: pretrain transformer language models from a YAML recipe."
@@ -56,7 +152,31 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     demo = data_commands.add_parser("demo", help="build the bundled demo corpus and tokenizer")
     demo.add_argument("--out", default="data/demo", help="output folder (default data/demo)")
+    _add_tokenizer_parser(data_commands)
+    _add_prepare_parser(data_commands)
+    _add_convert(commands)
     return parser
+
+
+def _add_convert(commands: argparse._SubParsersAction) -> None:
+    convert = commands.add_parser(
+        "convert", help="convert a checkpoint to a Hugging Face folder (--to hf) or back (--from hf)"
+    )
+    convert.add_argument(
+        "source", help="a checkpoint (step directory or root) with --to; an HF folder with --from"
+    )
+    direction = convert.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--to", choices=["hf"], help="export the checkpoint SOURCE to format hf")
+    direction.add_argument(
+        "--from", dest="from_", choices=["hf"], help="import SOURCE, a Hugging Face folder"
+    )
+    convert.add_argument("out", help="output folder")
+    convert.add_argument(
+        "--tokenizer", default=None, help="--to hf: sentencepiece model (default: the recipe's)"
+    )
+    convert.add_argument(
+        "--max-shard-size", default="5GB", help="--to hf: split weights into files of at most this size"
+    )
 
 
 def run(argv: Sequence[str]) -> int:
@@ -73,10 +193,17 @@ def run(argv: Sequence[str]) -> int:
 
         train(load_recipe(args.recipe, args.overrides), recipe_path=args.recipe, resume=args.resume)
         return 0
-    if args.command == "data" and args.data_command == "demo":
-        from framework.data.demo import build_demo_data
+    if args.command == "data":
+        _run_data(args)
+        return 0
+    if args.command == "convert":
+        from framework.convert.command import convert
 
-        build_demo_data(args.out)
+        print(
+            convert(
+                args.source, args.out, to=args.to, tokenizer=args.tokenizer, max_shard=args.max_shard_size
+            )
+        )
         return 0
     raise AssertionError(f"unhandled command {args.command}")  # argparse only lets known commands through
 

@@ -58,14 +58,12 @@ def _with_defaults(roles: dict[str, tuple[int, str]]) -> list[tuple[str, tuple[i
 def _check_supported(proto: Any, path: str | Path) -> None:
     """Refuse sentencepiece settings this converter does not reproduce (rather than write a tokenizer that
     silently gives other ids)."""
-    spec, norm = proto.trainer_spec, proto.normalizer_spec
+    spec = proto.trainer_spec
     wrong = []
     if spec.model_type != 2:
         wrong.append(f"model_type={spec.model_type} (needs BPE=2)")
     if spec.treat_whitespace_as_suffix or not spec.split_by_whitespace:
         wrong.append("whitespace handling other than split_by_whitespace with a prefix marker")
-    if not norm.add_dummy_prefix or not norm.remove_extra_whitespaces:
-        wrong.append("normalizer without add_dummy_prefix and remove_extra_whitespaces")
     if wrong:
         raise ConfigError(
             None,
@@ -78,7 +76,7 @@ def _check_supported(proto: Any, path: str | Path) -> None:
 
 def _backend(proto: Any, path: Path) -> Any:
     """The `tokenizers.Tokenizer`: the same vocabulary and merges, normaliser, pre-tokeniser and decoder."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders
     from tokenizers.models import BPE
     from transformers.convert_slow_tokenizer import SentencePieceExtractor
 
@@ -89,29 +87,47 @@ def _backend(proto: Any, path: Path) -> Any:
         byte_fallback=spec.byte_fallback,
     )  # fmt: skip
     tokenizer = Tokenizer(model)
-    # sentencepiece normalises first (nmt_nfkc maps e.g. tabs and newlines to spaces), then trims and collapses
-    # whitespace and marks spaces, then adds the dummy prefix (at the start of the text only); user-defined pieces
-    # are matched in the normalised text, so "x <mask>" gives "▁x", "▁", "<mask>": hence normalized=True below.
-    charsmap = proto.normalizer_spec.precompiled_charsmap
-    steps = [normalizers.Precompiled(charsmap)] if charsmap else []
-    # Trailing whitespace only: stripping the left would move the text start off offset 0, where the "first"
-    # prepend scheme adds the dummy prefix (leading spaces collapse into that prefix anyway).
-    steps += [normalizers.Strip(left=False, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
-    steps.append(normalizers.Replace(" ", SPACE))
-    tokenizer.normalizer = normalizers.Sequence(steps)
-    split = [pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="first", split=True)]
-    if spec.split_digits:
-        split.append(pre_tokenizers.Digits(individual_digits=True))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(split)
+    tokenizer.normalizer = _normalizer(proto)
+    tokenizer.pre_tokenizer = _pre_tokenizer(proto)
     tokenizer.decoder = decoders.Sequence(
         [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
-    control = [
-        AddedToken(p.piece, normalized=False, special=True) for p in proto.pieces if p.type == _CONTROL
-    ]
-    user = [AddedToken(p.piece, normalized=True, special=False) for p in proto.pieces if p.type == _USER]
-    tokenizer.add_tokens(control + user)
+    # user-defined pieces (<mask>, sentinels) are matched in the raw text, as sentencepiece matches them
+    kinds = {_CONTROL: True, _USER: False}
+    tokenizer.add_tokens(
+        [
+            AddedToken(p.piece, normalized=False, special=kinds[p.type])
+            for p in proto.pieces
+            if p.type in kinds
+        ]
+    )
     return tokenizer
+
+
+def _normalizer(proto: Any) -> Any:
+    """sentencepiece's order: the character map (nmt_nfkc maps tabs and newlines to spaces; identity has none),
+    optional whitespace trimming and collapsing, spaces marked as U+2581, then the dummy prefix (unconditional)."""
+    from tokenizers import Regex, normalizers
+
+    norm = proto.normalizer_spec
+    steps = [normalizers.Precompiled(norm.precompiled_charsmap)] if norm.precompiled_charsmap else []
+    if norm.remove_extra_whitespaces:
+        steps += [normalizers.Strip(), normalizers.Replace(Regex(" {2,}"), " ")]
+    steps.append(normalizers.Replace(" ", SPACE))
+    if norm.add_dummy_prefix:
+        steps.append(normalizers.Prepend(SPACE))
+    return normalizers.Sequence(steps)
+
+
+def _pre_tokenizer(proto: Any) -> Any:
+    """Words as sentencepiece splits them: each starts at a U+2581; with allow_whitespace_only_pieces a run of
+    them stays with the word that follows (indentation pieces like "▁▁▁▁def")."""
+    from tokenizers import Regex, pre_tokenizers
+
+    word = f"{SPACE}+[^{SPACE}]*|[^{SPACE}]+" if proto.trainer_spec.allow_whitespace_only_pieces else None
+    if word is None:
+        return pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never", split=True)
+    return pre_tokenizers.Split(Regex(word), behavior="isolated")
 
 
 def save_hf_tokenizer(spm_path: str | Path, out: str | Path) -> None:
