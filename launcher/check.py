@@ -29,12 +29,28 @@ def summary(recipe: Recipe) -> str:
         "# summary",
         f"parameters: total {counts['total']:,} ({_human(counts['total'])}), active {counts['active']:,}, "
         f"embedding {counts['embedding']:,}, non-embedding {counts['non_embedding']:,}",
-        f"training FLOPs per token (seq_len {recipe.data.seq_len}): {_human(flops)} (see docs/flops.md)",
+        *_moe_lines(recipe, counts),
+        f"training FLOPs per token (seq_len {recipe.data.seq_len}): {_human(flops)}"
+        + (" with active experts only" if recipe.model.moe else "")
+        + " (see docs/flops.md)",
         "memory per rank (micro-batch "
         f"{recipe.train.micro_batch_size} x {recipe.data.seq_len}, {recipe.precision.dtype}): "
         + ", ".join(f"{k} {_gib(v)}" for k, v in memory.items()),
     ]
     return "\n".join(lines)
+
+
+def _moe_lines(recipe: Recipe, counts: dict[str, int]) -> list[str]:
+    """Total vs active parameters of an MoE model, and its layer pattern (nothing for dense models)."""
+    moe = recipe.model.moe
+    if moe is None:
+        return []
+    layers = recipe.model.moe_layers
+    return [
+        f"moe: {len(layers)} of {recipe.model.n_layers} layers, {moe.n_experts} experts (top-{moe.top_k}"
+        f", {moe.n_shared_experts} shared); parameters total {_human(counts['total'])}, "
+        f"active per token {_human(counts['active'])} ({counts['active'] / counts['total']:.1%})"
+    ]
 
 
 def check(path: str, overrides: list[str]) -> str:

@@ -44,6 +44,13 @@ def test_check_prints_resolved_recipe_and_summary(capsys: pytest.CaptureFixture[
     assert "parameters: total" in out and "FLOPs per token" in out and "memory per rank" in out
 
 
+def test_check_reports_total_and_active_parameters_of_moe(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "check", str(RECIPES / "mixtral-8x7b.yaml"))
+    assert code == 0, err
+    assert "parameters: total 46,702,792,704" in out and "active 12,879,925,248" in out
+    assert "moe: 32 of 32 layers, 8 experts (top-2" in out and "with active experts only" in out
+
+
 def test_missing_tokenizer_is_a_user_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     argv = ["train", str(RECIPES / "debug.yaml"), "--set", f"data.tokenizer={tmp_path / 'absent.model'}"]
     code, _, err = run(capsys, *argv)
