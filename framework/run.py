@@ -11,7 +11,7 @@ from torch import nn
 
 from framework.config.loader import dump_recipe
 from framework.config.schema import ModelConfig, Recipe
-from framework.data import Tokenizer, TokenSource, ValidationSource, build_data
+from framework.data import Tokenizer, TrainSource, ValidationSource, build_data
 from framework.models import build_model, init_weights
 from framework.models.flops import flops_per_token
 from framework.train import Trainer, TrainModule, default_callbacks, resolve_device
@@ -51,7 +51,7 @@ class StepBatches:
     """Per-step micro-batches of a data source; its state (consumed samples, seed) is checkpointed by the trainer.
     The stream starts when iterated, i.e. after a resume has restored the state."""
 
-    def __init__(self, source: TokenSource, recipe: Recipe) -> None:
+    def __init__(self, source: TrainSource, recipe: Recipe) -> None:
         self.source = source
         self.global_batch_size = recipe.train.global_batch_size
         self.micro_batch_size = recipe.train.micro_batch_size

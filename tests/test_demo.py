@@ -16,10 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_demo_recipe_learns(demo_data: Path, tmp_path: Path) -> None:
     overrides = [f"logging.run_dir={tmp_path}", "logging.progress_bar=false"]
-    overrides += [
-        f"data.{k}={demo_data / f}" for k, f in (("tokenizer", "tokenizer.model"), ("train", "train.bin"))
-    ]
-    overrides.append(f"data.validation={demo_data / 'val.bin'}")
+    overrides += [f"data.tokenizer={demo_data / 'tokenizer.model'}", f"data.train={demo_data}"]
+    overrides.append(f"data.validation={demo_data}")
     recipe = load_recipe(ROOT / "recipes" / "debug.yaml", overrides)
     train(recipe)
 

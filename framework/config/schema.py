@@ -479,12 +479,18 @@ class DataConfig:
 
     tokenizer: str = "data/demo/tokenizer.model"
     """Path of the sentencepiece model (relative paths are from the working directory)."""
-    train: str = "data/demo/train.bin"
-    """Training tokens: a packed token file written by the data tools."""
-    validation: str | None = "data/demo/val.bin"
-    """Held-out tokens for validation loss; null disables validation."""
+    train: str | list[str] = "data/demo"
+    """Training data: a folder prepared by `loom data prepare` (its train split), or a list of them (a mixture)."""
+    validation: str | None = "data/demo"
+    """A prepared folder whose validation split gives the validation loss; null disables validation."""
+    weights: list[float] | None = None
+    """Mixture weights, one per data.train folder; null = proportional to their sample counts."""
+    verify: Literal["size", "sha256"] = "sha256"
+    """Shard check at start: sizes only (fast for huge data), or sizes and sha256 against the manifest."""
+    num_workers: int = 0
+    """DataLoader worker processes reading training batches; 0 = in the training process. Batches are the same."""
     seq_len: int = 256
-    """Tokens per training sequence (the encoder's length for span corruption)."""
+    """Tokens per training sequence (the encoder's length for span corruption); must divide the prepared one."""
     objective: Literal["causal", "prefix", "mlm", "span_corruption"] = "causal"
     """causal LM; prefix LM (bidirectional prefix, loss on the rest); masked LM (BERT); T5 span corruption."""
     document_masking: bool = False
@@ -500,6 +506,7 @@ class DataConfig:
 
     def validate(self) -> None:
         _positive(self, "data", "seq_len", "mean_span_length")
+        _non_negative(self, "data", "num_workers")
         for name in ("mlm_probability", "noise_density"):
             value = getattr(self, name)
             _require(0.0 < value < 1.0, f"data.{name}", value, "must be in (0, 1)", "use e.g. 0.15")

@@ -1,6 +1,8 @@
-"""Loom's data layer: the demo corpus and tokenizer, packed token files, objectives and batch streams.
+"""Loom's data layer: tokenizers, offline packing into webdataset shards, the deterministic sample order,
+mixtures, objectives and batch streams, and the bundled demo corpus.
 
-See docs/contracts.md for the batch format. Entry point for training: `build_data(data_cfg, model_cfg)`.
+See docs/data.md for the formats and the determinism contract, docs/contracts.md for the batch format.
+Entry point for training: `build_data(data_cfg, model_cfg)`; for preparing data: framework.data.prepare.prepare(...).
 """
 
 from framework.data.demo import DEFAULT_VOCAB_SIZE, build_demo_data
@@ -8,7 +10,6 @@ from framework.data.objectives import (
     IGNORE_INDEX,
     causal_lm,
     corrupt_spans,
-    document_ids_from_eos,
     masked_lm,
     noise_span_counts,
     prefix_lm,
@@ -16,39 +17,38 @@ from framework.data.objectives import (
     span_corruption,
     span_corruption_lengths,
 )
+from framework.data.order import SampleOrder
+from framework.data.shards import PreparedSplit, read_manifest
 from framework.data.source import (
     Objective,
-    PackedSamples,
-    TokenSource,
+    TrainSource,
     ValidationSource,
     build_data,
     make_objective,
 )
-from framework.data.token_file import open_tokens, read_sidecar, write_token_file
-from framework.data.tokenizer import Tokenizer, train_tokenizer
+from framework.data.tokenizer import Tokenizer, train_tokenizer, train_tokenizer_on_files
 
 __all__ = [
     "DEFAULT_VOCAB_SIZE",
     "IGNORE_INDEX",
     "Objective",
-    "PackedSamples",
-    "TokenSource",
+    "PreparedSplit",
+    "SampleOrder",
     "Tokenizer",
+    "TrainSource",
     "ValidationSource",
     "build_data",
     "build_demo_data",
     "causal_lm",
     "corrupt_spans",
-    "document_ids_from_eos",
     "make_objective",
     "masked_lm",
     "noise_span_counts",
-    "open_tokens",
     "prefix_lm",
     "random_spans_noise_mask",
-    "read_sidecar",
+    "read_manifest",
     "span_corruption",
     "span_corruption_lengths",
     "train_tokenizer",
-    "write_token_file",
+    "train_tokenizer_on_files",
 ]

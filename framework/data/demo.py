@@ -1,14 +1,17 @@
-"""The bundled demo corpus: the docstrings of Python's standard library, a tokenizer, and packed token files.
+"""The bundled demo corpus: the docstrings of Python's standard library, built with the user-facing data commands.
 
 Nothing is downloaded: the text comes from the interpreter that runs the build (one docstring = one document,
 plus the language-reference topics that `help()` prints), so the same machine always builds the same bytes.
+`loom data demo` = collect the docstrings into corpus.jsonl -> `loom data tokenizer` -> `loom data prepare`.
 
 Output directory (default `data/demo/`):
+    corpus.jsonl                 the collected documents, one {"text": ...} per line
     tokenizer.model              SentencePiece model (see framework.data.tokenizer for the id layout)
-    train.bin / train.json       packed training tokens + sidecar (framework.data.token_file)
-    val.bin / val.json           held-out documents (about `val_fraction` of them, chosen by a hash of the text)
-    manifest.json                written last: its presence means the build finished; it records the parameters
-                                 and the sha256 of every file, so an unchanged rebuild is a no-op
+    manifest.json, train-*.tar/.idx, validation-*.tar/.idx
+                                 the prepared dataset (framework.data.shards); about `val_fraction` of the
+                                 documents are held out, chosen by a hash of the text
+    demo.json                    written last: the demo's parameters and the prepared manifest's sha256, so an
+                                 unchanged rebuild is a no-op
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from framework.data import stdlib_docs
-from framework.data.token_file import write_token_file
-from framework.data.tokenizer import DEFAULT_NUM_SENTINELS, train_tokenizer
+from framework.data.prepare import prepare
+from framework.data.shards import MANIFEST, PreparedSplit
+from framework.data.tokenizer import DEFAULT_NUM_SENTINELS, train_tokenizer_on_files
 
 # 4096: the debug recipe's model.vocab_size. The demo's bar, mean loss <= 0.6 * ln(vocab), is relatively easiest
 # here: measured with a 4-layer d192 proxy (300 steps x 16 x 128 tokens), the gap to the bar was +0.57 nats at
@@ -35,9 +39,11 @@ DEFAULT_VOCAB_SIZE = 4096
 # 5%, not 1%: the whole stdlib yields only ~2 MB of prose, and 1% (~5k tokens) would not fill one evaluation of
 # the debug recipe (8 micro-batches x 16 x 128 = 16k tokens). 5% holds ~25k tokens and costs little training data.
 DEFAULT_VAL_FRACTION = 0.05
-MANIFEST = "manifest.json"
+# The debug recipe's data.seq_len; shorter recipes use a divisor of it (framework.data.shards.PreparedSplit).
+DEFAULT_SEQ_LEN = 128
+STAMP = "demo.json"
 FORMAT = "loom-demo-data"
-VERSION = 1
+VERSION = 2
 COLLECT_TIMEOUT_S = 300
 
 
@@ -87,16 +93,6 @@ def _digest(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8")).digest()
 
 
-def split_documents(documents: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:
-    """(train, validation): a document is held out when the first 8 bytes of its sha256 fall in the lowest
-    `val_fraction` of the range, so the split depends on the text only, not on order or on the other documents."""
-    limit = int(val_fraction * 2**64)
-    train, val = [], []
-    for doc in documents:
-        (val if int.from_bytes(_digest(doc)[:8], "big") < limit else train).append(doc)
-    return train, val
-
-
 def build_demo_data(
     out_dir: str | Path = "data/demo",
     vocab_size: int = DEFAULT_VOCAB_SIZE,
@@ -104,86 +100,88 @@ def build_demo_data(
     model_type: Literal["bpe", "unigram"] = "bpe",
     num_sentinels: int = DEFAULT_NUM_SENTINELS,
     val_fraction: float = DEFAULT_VAL_FRACTION,
+    seq_len: int = DEFAULT_SEQ_LEN,
     num_threads: int = 2,
     modules: Sequence[str] | None = None,
+    shard_samples: int = 8192,
 ) -> dict[str, Any]:
-    """Build (or, when an identical finished build is there, just return) the demo data; returns the manifest.
-
-    `modules` restricts the corpus to some stdlib modules (tests use it to build a small corpus quickly).
-    """
+    """Build (or, when an identical finished build is there, just return) the demo data; returns the prepared
+    manifest. `modules` restricts the corpus to some stdlib modules (tests use it to build a small corpus)."""
     out = Path(out_dir)
     params = {
+        "format": FORMAT,
+        "version": VERSION,
         "vocab_size": vocab_size,
         "model_type": model_type,
         "num_sentinels": num_sentinels,
         "val_fraction": val_fraction,
+        "seq_len": seq_len,
         "num_threads": num_threads,
         "modules": sorted(modules) if modules else None,
+        "shard_samples": shard_samples,
         # The corpus is this interpreter's stdlib: another Python version is another corpus.
         "python": sys.version,
     }
-    existing = finished_manifest(out, params)
+    existing = finished_demo(out, params)
     if existing is not None:
         return existing
     out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
+    (out / STAMP).unlink(missing_ok=True)
     manifest = _build(out, params)
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(out / MANIFEST)
+    stamp = {"params": params, "manifest_sha256": _sha256(out / MANIFEST)}
+    tmp = out / (STAMP + ".tmp")
+    tmp.write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(out / STAMP)
     return manifest
 
 
 def _build(out: Path, params: dict[str, Any]) -> dict[str, Any]:
-    documents = collect_documents(params["modules"])
-    train_docs, val_docs = split_documents(documents, params["val_fraction"])
-    tokenizer = train_tokenizer(
-        train_docs,
+    corpus = out / "corpus.jsonl"
+    tmp = out / "corpus.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for text in collect_documents(params["modules"]):
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    tmp.replace(corpus)
+    # The same two steps as `loom data tokenizer` and `loom data prepare`.
+    train_tokenizer_on_files(
+        [corpus],
         out / "tokenizer.model",
         params["vocab_size"],
+        val_fraction=params["val_fraction"],
         model_type=params["model_type"],
         num_sentinels=params["num_sentinels"],
         num_threads=params["num_threads"],
     )
-    splits = {}
-    for name, docs in (("train", train_docs), ("val", val_docs)):
-        ids = tokenizer.encode_batch(docs, num_threads=params["num_threads"])
-        splits[name] = write_token_file(
-            out / f"{name}.bin",
-            ids,
-            eos_id=tokenizer.eos_id,
-            vocab_size=tokenizer.vocab_size,
-            tokenizer_sha256=tokenizer.sha256,
-        )
-    names = ("tokenizer.model", "train.bin", "train.json", "val.bin", "val.json")
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "params": params,
-        "text_bytes": sum(len(doc.encode("utf-8")) for doc in documents),
-        "documents": {name: meta["documents"] for name, meta in splits.items()},
-        "tokens": {name: meta["tokens"] for name, meta in splits.items()},
-        "files": {name: _file_record(out / name) for name in names},
-    }
+    return prepare(
+        [corpus],
+        out,
+        out / "tokenizer.model",
+        params["seq_len"],
+        val_fraction=params["val_fraction"],
+        shard_samples=params["shard_samples"],
+        workers=params["num_threads"],
+        progress=False,
+    )
 
 
-def _file_record(path: Path) -> dict[str, Any]:
-    data = path.read_bytes()
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def finished_manifest(out_dir: str | Path, params: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """The manifest of a finished build in `out_dir` whose files are all intact (and, when given, whose
-    parameters equal `params`); None otherwise: missing, half-built, edited or built differently."""
+def finished_demo(out_dir: str | Path, params: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The prepared manifest of a finished demo build in `out_dir` whose shards are all intact (and, when given,
+    whose parameters equal `params`); None otherwise: missing, half-built, edited or built differently."""
     out = Path(out_dir)
     try:
-        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-        files = manifest["files"]
-        if params is not None and manifest["params"] != params:
+        stamp = json.loads((out / STAMP).read_text(encoding="utf-8"))
+        if params is not None and stamp["params"] != params:
             return None
-        intact = all(
-            (out / name).is_file() and _file_record(out / name) == rec for name, rec in files.items()
-        )
+        if stamp["manifest_sha256"] != _sha256(out / MANIFEST):
+            return None
+        for split in ("train", "validation"):
+            dataset = PreparedSplit(out, split, "data/demo", verify="sha256")
+        if _sha256(out / "tokenizer.model") != dataset.manifest["tokenizer"]["sha256"]:
+            return None
+        return dataset.manifest
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return manifest if intact else None

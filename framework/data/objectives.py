@@ -188,9 +188,3 @@ def _compact(values: Tensor, keep: Tensor, length: int | None, fill: int) -> tup
     where = torch.where(keep, keep.long().cumsum(dim=1) - 1, length)
     out = torch.full((values.shape[0], length + 1), fill, dtype=torch.long)
     return out.scatter_(1, where, values)[:, :length], counts
-
-
-def document_ids_from_eos(tokens: Tensor, eos_id: int) -> Tensor:
-    """Per-token document number [..., S] counted from 0 in each row; an eos belongs to the document it ends."""
-    is_eos = (tokens == eos_id).long()
-    return is_eos.cumsum(dim=-1) - is_eos

@@ -1,13 +1,12 @@
-"""Training and validation batches from packed token files (framework.data.token_file).
+"""Training and validation batches from prepared datasets (framework.data.shards), per the determinism contract.
 
-Sample i of a file is tokens[i * seq_len : i * seq_len + sample_len], where sample_len is seq_len + 1 for the
-causal objectives (the shifted labels need one more token) and seq_len for masked LM and span corruption.
+A sample is one packed sequence of seq_len + 1 tokens with its document ids; the causal objectives use all of it
+(the shifted labels need the extra token), masked LM and span corruption use the first seq_len tokens.
 
-The training stream is infinite and indexed by the *global sample index* g = 0, 1, 2, ...: epoch e = g // n
-visits the n samples in a permutation drawn from (seed, e), and the objective's randomness for g comes from a
-generator seeded with (seed, g). So which tokens and which masks a sample gets depends on g only — never on the
-batch size, the number of data-parallel ranks or when the run was resumed — and resuming needs nothing but
-`consumed_samples`.
+The training stream is infinite and indexed by the *global sample index* g = 0, 1, 2, ...: framework.data.order
+maps g to (dataset, sample) as a seeded function of g only, and the objective's randomness for g comes from a
+generator seeded with (seed, g). So the tokens and masks of sample g never depend on the batch size, the number of
+data-parallel ranks or DataLoader workers, or when the run was resumed: the state is `consumed_samples` + seed.
 """
 
 from __future__ import annotations
@@ -15,37 +14,30 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
 from framework.config.errors import ConfigError
 from framework.config.schema import DataConfig, ModelConfig
 from framework.data.objectives import (
+    IGNORE_INDEX,
     Batch,
     causal_lm,
-    document_ids_from_eos,
     masked_lm,
     noise_span_counts,
     prefix_lm,
     span_corruption,
 )
-from framework.data.token_file import open_tokens
+from framework.data.order import TRAIN, VALIDATION, SampleOrder, check_weights, seed_sequence
+from framework.data.shards import PreparedSplit
 from framework.data.tokenizer import Tokenizer
-
-# Independent random streams derived from one seed: sample order, training objective, validation objective.
-_ORDER, _TRAIN, _VALIDATION = 0, 1, 2
-
-
-def _seed_sequence(seed: int, stream: int, index: int) -> np.random.SeedSequence:
-    # SeedSequence hashes its words well (nearby seeds give unrelated streams) and is stable across numpy versions.
-    return np.random.SeedSequence([seed % 2**64, stream, index])
 
 
 def _torch_generator(seed: int, stream: int, index: int) -> torch.Generator:
-    state = int(_seed_sequence(seed, stream, index).generate_state(1, np.uint64)[0])
+    state = int(seed_sequence(seed, stream, index).generate_state(1, np.uint64)[0])
     return torch.Generator().manual_seed(state)
 
 
@@ -57,13 +49,20 @@ class Objective:
     extra_tokens: int
     """Tokens a sample needs beyond seq_len (1 for the causal shift, else 0)."""
     apply: Callable[[Tensor, torch.Generator], Batch]
-    document_eos_id: int | None = None
-    """When set, batches also carry `document_ids` (document masking), split at this eos id."""
+    document_masking: bool = False
+    """When set, batches also carry `document_ids` (no attention across packed documents)."""
+    pad_id: int | None = None
+    """Labels equal to this id (the padding of a split's last sample) are ignored."""
 
-    def __call__(self, tokens: Tensor, generator: torch.Generator) -> Batch:
+    def __call__(self, tokens: Tensor, document_ids: Tensor, generator: torch.Generator) -> Batch:
+        """tokens and document_ids [B, seq_len + 1] -> the batch (objectives without the shift drop the last)."""
+        if self.extra_tokens == 0:
+            tokens, document_ids = tokens[:, :-1], document_ids[:, :-1]
         batch = self.apply(tokens, generator)
-        if self.document_eos_id is not None:
-            batch["document_ids"] = document_ids_from_eos(batch["input_ids"], self.document_eos_id)
+        if self.pad_id is not None:
+            batch["labels"] = batch["labels"].masked_fill(batch["labels"] == self.pad_id, IGNORE_INDEX)
+        if self.document_masking:
+            batch["document_ids"] = document_ids[:, : batch["input_ids"].shape[1]].long()
         return batch
 
 
@@ -71,7 +70,7 @@ def make_objective(cfg: DataConfig, tokenizer: Tokenizer) -> Objective:
     """The objective `cfg.objective` with its settings and the tokenizer's special ids bound."""
     if cfg.objective in ("causal", "prefix"):
         apply = _causal if cfg.objective == "causal" else prefix_lm
-        return Objective(cfg.objective, 1, apply, tokenizer.eos_id if cfg.document_masking else None)
+        return Objective(cfg.objective, 1, apply, cfg.document_masking, tokenizer.pad_id)
     if cfg.objective == "mlm":
         _require_piece(tokenizer.mask_id is not None, tokenizer, "a <mask> piece", "mlm")
         apply = partial(
@@ -81,7 +80,7 @@ def make_objective(cfg: DataConfig, tokenizer: Tokenizer) -> Objective:
             special_ids=tokenizer.special_ids,
             probability=cfg.mlm_probability,
         )
-        return Objective("mlm", 0, apply, tokenizer.eos_id if cfg.document_masking else None)
+        return Objective("mlm", 0, apply, cfg.document_masking, tokenizer.pad_id)
     return _span_objective(cfg, tokenizer)
 
 
@@ -117,7 +116,7 @@ def _span_objective(cfg: DataConfig, tokenizer: Tokenizer) -> Objective:
         eos_id=tokenizer.eos_id,
         pad_id=tokenizer.pad_id,
     )
-    return Objective("span_corruption", 0, apply)
+    return Objective("span_corruption", 0, apply, False, tokenizer.pad_id)
 
 
 def _require_piece(ok: bool, tokenizer: Tokenizer, what: str, objective: str) -> None:
@@ -131,79 +130,83 @@ def _require_piece(ok: bool, tokenizer: Tokenizer, what: str, objective: str) ->
         )
 
 
-class PackedSamples:
-    """Fixed-length samples of a token file, read through a memory map (pages are read on demand)."""
-
-    def __init__(self, path: str | Path, seq_len: int, extra_tokens: int, key: str) -> None:
-        self.path = Path(path)
-        self.key = key
-        self.tokens, self.meta = open_tokens(path, key)
-        self.seq_len = seq_len
-        self.sample_len = seq_len + extra_tokens
-        self.num_samples = max(0, (len(self.tokens) - extra_tokens) // seq_len)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, index: int) -> Tensor:
-        start = index * self.seq_len
-        return torch.from_numpy(self.tokens[start : start + self.sample_len].astype(np.int64))
+def _rows(datasets: Sequence[PreparedSplit], ids: Sequence[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+    """tokens and document ids [len(ids), seq_len + 1] of (dataset, sample) pairs."""
+    rows = [datasets[d].sample(i) for d, i in ids]
+    tokens = torch.from_numpy(np.stack([r[0] for r in rows]).astype(np.int64))
+    return tokens, torch.from_numpy(np.stack([r[1] for r in rows]))
 
 
 def _batch(
-    samples: PackedSamples, objective: Objective, seed: int, stream: int, pairs: Sequence[tuple]
+    datasets: Sequence[PreparedSplit], objective: Objective, seed: int, stream: int, pairs: Sequence[tuple]
 ) -> Batch:
-    """One micro-batch from (sample id, stream index) pairs; each row gets its own generator, so a sample's
-    batch row is the same whatever else shares its batch."""
-    rows = [objective(samples[i][None, :], _torch_generator(seed, stream, g)) for i, g in pairs]
+    """One micro-batch from ((dataset, sample), stream index) pairs; each row gets its own generator, so a
+    sample's batch row is the same whatever else shares its batch."""
+    tokens, documents = _rows(datasets, [ids for ids, _ in pairs])
+    if objective.name == "causal":
+        # Deterministic objective: no generator needed, and the whole batch goes through at once (speed).
+        return objective(tokens, documents, torch.Generator())
+    rows = [
+        objective(tokens[r : r + 1], documents[r : r + 1], _torch_generator(seed, stream, g))
+        for r, (_, g) in enumerate(pairs)
+    ]
     return {name: torch.cat([row[name] for row in rows]) for name in rows[0]}
 
 
-class TokenSource:
-    """The infinite, resumable, shuffled training stream of a token file."""
+class TrainSource:
+    """The infinite, resumable, shuffled training stream of one prepared dataset or a weighted mixture."""
 
     def __init__(
-        self, path: str | Path, seq_len: int, objective: Objective, seed: int, key: str = "data.train"
+        self,
+        datasets: Sequence[PreparedSplit],
+        objective: Objective,
+        seed: int,
+        weights: Sequence[float] | None = None,
+        num_workers: int = 0,
     ) -> None:
-        self.samples = PackedSamples(path, seq_len, objective.extra_tokens, key)
+        self.datasets = list(datasets)
         self.objective = objective
-        self.seed = seed
+        self.weights = None if weights is None else list(weights)
+        self.num_workers = num_workers
         self.consumed_samples = 0
-        self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation) of the current epoch
+        self._reseed(seed)
 
-    @property
-    def num_samples(self) -> int:
-        """Samples per epoch."""
-        return len(self.samples)
+    def _reseed(self, seed: int) -> None:
+        self.seed = seed
+        self.order = SampleOrder([len(d) for d in self.datasets], self.weights, seed)
 
-    def sample_index(self, global_index: int) -> int:
-        """Which sample of the file global sample `global_index` is."""
-        epoch, position = divmod(global_index, self.num_samples)
-        if self._order is None or self._order[0] != epoch:
-            rng = np.random.default_rng(_seed_sequence(self.seed, _ORDER, epoch))
-            self._order = (epoch, rng.permutation(self.num_samples))
-        return int(self._order[1][position])
+    def sample_id(self, global_index: int) -> tuple[int, int]:
+        """(dataset, sample) that global sample `global_index` is."""
+        return self.order(global_index)
 
     def micro_batch(self, global_indices: Sequence[int]) -> Batch:
         """The batch of the given global sample indices, in that order."""
-        pairs = [(self.sample_index(g), g) for g in global_indices]
-        return _batch(self.samples, self.objective, self.seed, _TRAIN, pairs)
+        pairs = [(self.order(g), g) for g in global_indices]
+        return _batch(self.datasets, self.objective, self.seed, TRAIN, pairs)
+
+    def step_indices(
+        self, start: int, global_batch_size: int, micro: int, rank: int, size: int
+    ) -> list[range]:
+        """Rank `rank`'s micro-batches of the step whose global samples are [start, start + global_batch_size):
+        the rank-th of `size` equal contiguous slices, cut into micro-batches of `micro`."""
+        first = start + rank * (global_batch_size // size)
+        return [range(s, s + micro) for s in range(first, first + global_batch_size // size, micro)]
 
     def batches(
         self, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1
     ) -> Iterator[list[Batch]]:
-        """Per optimizer step, this rank's micro-batches: rank r takes the r-th of dp_size equal contiguous slices
-        of the step's global samples [consumed, consumed + global_batch_size), cut into micro-batches.
-        `consumed_samples` advances by the global batch as each step is handed out (so a checkpoint written
-        after the step resumes with the next one)."""
+        """Per optimizer step, this rank's micro-batches (see `step_indices`), read by `num_workers` DataLoader
+        workers (0: in this process; the batches are the same). `consumed_samples` advances by the global batch
+        when a step is handed to training, not when workers prefetch it, so a checkpoint written after the step
+        resumes with the next one."""
         _check_batching(global_batch_size, micro_batch_size, dp_rank, dp_size)
-        per_rank = global_batch_size // dp_size
+        per_step = global_batch_size // (micro_batch_size * dp_size)
+        requests = _Requests(
+            self, self.consumed_samples, global_batch_size, micro_batch_size, dp_rank, dp_size
+        )
+        loader = iter(_loader(_MicroBatches(self), requests, self.num_workers))
         while True:
-            first = self.consumed_samples + dp_rank * per_rank
-            step = [
-                self.micro_batch(range(start, start + micro_batch_size))
-                for start in range(first, first + per_rank, micro_batch_size)
-            ]
+            step = [next(loader) for _ in range(per_step)]
             self.consumed_samples += global_batch_size
             yield step
 
@@ -214,8 +217,43 @@ class TokenSource:
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Resume: continue after `consumed_samples` with the checkpoint's seed (hence the same order)."""
         self.consumed_samples = int(state["consumed_samples"])
-        self.seed = int(state["seed"])
-        self._order = None
+        self._reseed(int(state["seed"]))
+
+
+class _Requests:
+    """The DataLoader's sampler: this rank's micro-batches (tuples of global indices), step after step."""
+
+    def __init__(self, source: TrainSource, start: int, gbs: int, micro: int, rank: int, size: int) -> None:
+        self.source, self.start, self.args = source, start, (gbs, micro, rank, size)
+
+    def __iter__(self) -> Iterator[tuple[int, ...]]:
+        start = self.start
+        while True:
+            for micro in self.source.step_indices(start, *self.args):
+                yield tuple(micro)
+            start += self.args[0]
+
+
+class _MicroBatches(Dataset):
+    """Map-style dataset whose items are micro-batches, keyed by their tuple of global sample indices."""
+
+    def __init__(self, source: TrainSource) -> None:
+        self.source = source
+
+    def __getitem__(self, indices: tuple[int, ...]) -> Batch:
+        return self.source.micro_batch(indices)
+
+
+def _loader(dataset: Dataset, sampler: _Requests, num_workers: int) -> DataLoader:
+    # batch_size=None: the sampler's items already are whole micro-batches; the loader keeps their order.
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=sampler,
+        num_workers=num_workers,
+        persistent_workers=False,
+        prefetch_factor=2 if num_workers else None,
+    )
 
 
 def _check_batching(global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int) -> None:
@@ -233,23 +271,21 @@ def _check_batching(global_batch_size: int, micro_batch_size: int, dp_rank: int,
 
 
 class ValidationSource:
-    """Held-out batches: the first samples of a token file, in file order, with fixed objective randomness, so
-    every evaluation sees exactly the same batches."""
+    """Held-out batches: the first samples of a validation split, in index order, with fixed objective
+    randomness, so every evaluation sees exactly the same batches."""
 
-    def __init__(
-        self, path: str | Path, seq_len: int, objective: Objective, seed: int, key: str = "data.validation"
-    ) -> None:
-        self.samples = PackedSamples(path, seq_len, objective.extra_tokens, key)
+    def __init__(self, split: PreparedSplit, objective: Objective, seed: int) -> None:
+        self.split = split
         self.objective = objective
         self.seed = seed
 
     @property
     def num_samples(self) -> int:
-        """Samples in the file."""
-        return len(self.samples)
+        """Samples in the split."""
+        return len(self.split)
 
     def num_batches(self, micro_batch_size: int) -> int:
-        """Full micro-batches the file holds."""
+        """Full micro-batches the split holds."""
         return self.num_samples // micro_batch_size
 
     def batches(
@@ -259,25 +295,54 @@ class ValidationSource:
         micro-batch j goes to rank j % dp_size (sum the losses and label counts over ranks)."""
         _check_batching(micro_batch_size * dp_size, micro_batch_size, dp_rank, dp_size)
         for j in range(dp_rank, min(num_batches, self.num_batches(micro_batch_size)), dp_size):
-            indices = range(j * micro_batch_size, (j + 1) * micro_batch_size)
-            yield _batch(self.samples, self.objective, self.seed, _VALIDATION, [(i, i) for i in indices])
+            pairs = [((0, i), i) for i in range(j * micro_batch_size, (j + 1) * micro_batch_size)]
+            yield _batch([self.split], self.objective, self.seed, VALIDATION, pairs)
 
 
 def build_data(
     data_cfg: DataConfig, model_cfg: ModelConfig, tokenizer: Tokenizer | None = None
-) -> tuple[TokenSource, ValidationSource | None]:
+) -> tuple[TrainSource, ValidationSource | None]:
     """The training stream and (unless data.validation is null) the validation batches of a recipe, after
-    checking the files exist, match the tokenizer, and that the tokenizer fits model.vocab_size."""
+    checking the prepared datasets are intact, match the tokenizer, and that the tokenizer fits the model."""
     tokenizer = tokenizer if tokenizer is not None else Tokenizer(data_cfg.tokenizer)
     _check_vocab(tokenizer, model_cfg)
     objective = make_objective(data_cfg, tokenizer)
-    train = TokenSource(data_cfg.train, data_cfg.seq_len, objective, data_cfg.seed)
-    _check_samples(train.samples, tokenizer)
+    paths = [data_cfg.train] if isinstance(data_cfg.train, str) else list(data_cfg.train)
+    keys = (
+        ["data.train"] if isinstance(data_cfg.train, str) else [f"data.train[{i}]" for i in range(len(paths))]
+    )
+    datasets = [_open(data_cfg, path, "train", key, tokenizer) for path, key in zip(paths, keys)]
+    check_weights(
+        data_cfg.weights if data_cfg.weights is not None else [len(d) for d in datasets], len(paths)
+    )
+    train = TrainSource(datasets, objective, data_cfg.seed, data_cfg.weights, data_cfg.num_workers)
     if data_cfg.validation is None:
         return train, None
-    val = ValidationSource(data_cfg.validation, data_cfg.seq_len, objective, data_cfg.seed)
-    _check_samples(val.samples, tokenizer)
-    return train, val
+    split = _open(data_cfg, data_cfg.validation, "validation", "data.validation", tokenizer)
+    return train, ValidationSource(split, objective, data_cfg.seed)
+
+
+def _open(cfg: DataConfig, path: str, split: str, key: str, tokenizer: Tokenizer) -> PreparedSplit:
+    samples = PreparedSplit(path, split, key, cfg.seq_len, cfg.verify)
+    built_with = samples.manifest["tokenizer"]["sha256"]
+    if built_with != tokenizer.sha256:
+        raise ConfigError(
+            None,
+            "data.tokenizer",
+            str(tokenizer.path),
+            f"is not the tokenizer {key}={path} was prepared with (sha256 {tokenizer.sha256[:12]}... "
+            f"vs the manifest's {built_with[:12]}...)",
+            f"point data.tokenizer at the tokenizer used for {path}, or prepare it again",
+        )
+    if len(samples) == 0:
+        raise ConfigError(
+            None,
+            key,
+            path,
+            f"its {split} split holds no samples",
+            "prepare more text, or (validation) a larger --val-fraction, or set data.validation: null",
+        )
+    return samples
 
 
 def _check_vocab(tokenizer: Tokenizer, model_cfg: ModelConfig) -> None:
@@ -289,25 +354,4 @@ def _check_vocab(tokenizer: Tokenizer, model_cfg: ModelConfig) -> None:
             model_cfg.vocab_size,
             f"smaller than the tokenizer's {tokenizer.vocab_size} pieces ({tokenizer.path})",
             f"set model.vocab_size to at least {tokenizer.vocab_size} (e.g. {suggested}, a multiple of 64)",
-        )
-
-
-def _check_samples(samples: PackedSamples, tokenizer: Tokenizer) -> None:
-    built_with = samples.meta.get("tokenizer_sha256")
-    if built_with is not None and built_with != tokenizer.sha256:
-        raise ConfigError(
-            None,
-            "data.tokenizer",
-            str(tokenizer.path),
-            f"is not the tokenizer {samples.key}={samples.path} was built with (sha256 differs)",
-            f"point data.tokenizer at the tokenizer used for {samples.path}, or rebuild it (`make data`)",
-        )
-    if len(samples) == 0:
-        raise ConfigError(
-            None,
-            "data.seq_len",
-            samples.seq_len,
-            f"{samples.key}={samples.path} holds {len(samples.tokens)} tokens, "
-            f"fewer than one sample of {samples.sample_len}",
-            "lower data.seq_len or use a bigger token file",
         )

@@ -7,6 +7,11 @@ Id layout of a model trained here (fixed, so objectives and recipes can rely on 
     then the 256 byte-fallback pieces <0x00>..<0xFF>, then the learned pieces.
 <mask> and the sentinels are user-defined symbols (not control symbols): they decode to visible text, as T5's and
 BERT's do, which keeps corrupted batches readable when debugging.
+
+Normalisation is off (sentencepiece's "identity" rule, extra whitespace kept): decode(encode(text)) == text for
+every text, newlines and indentation included (a newline, never seen inside a training line, becomes the byte
+piece <0x0A>). sentencepiece's default nmt_nfkc rule would collapse whitespace and NFKC-fold characters, which
+loses the layout of code and docstrings.
 """
 
 from __future__ import annotations
@@ -15,17 +20,16 @@ import hashlib
 import io
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import sentencepiece as spm
 
 from framework.config.errors import ConfigError
+from framework.data.documents import expand_inputs, is_validation, iter_documents
 
 PAD, EOS, UNK, BOS, MASK = "<pad>", "</s>", "<unk>", "<s>", "<mask>"
 DEFAULT_NUM_SENTINELS = 32
-BUILD_FIX = (
-    "run `make data` (tools/build_demo_data.py) to build the demo tokenizer, or point data.tokenizer at one"
-)
+BUILD_FIX = "run `make data` to build the demo tokenizer, or `loom data tokenizer` to train one"
 
 
 def sentinel_piece(index: int) -> str:
@@ -47,16 +51,55 @@ def train_tokenizer(
     num_sentinels: int = DEFAULT_NUM_SENTINELS,
     num_threads: int = 2,
     input_sentence_size: int = 0,
+    byte_fallback: bool = True,
 ) -> Tokenizer:
     """Train a SentencePiece model on `texts` (each line is one training sentence) and write it to `out_path`.
 
     Deterministic for the same texts, arguments and sentencepiece version: no sampling unless
     `input_sentence_size` > 0 (then sentencepiece samples that many sentences with its fixed default seed), and
     a fixed `num_threads` (the unigram trainer's sums depend on how sentences are split between threads).
+    Without `byte_fallback`, characters outside the learned pieces become <unk> (the round trip is then lossy).
     """
-    if vocab_size <= reserved_pieces(num_sentinels):
-        raise ValueError(f"vocab_size={vocab_size} leaves no learned pieces after the reserved ones")
+    if vocab_size <= reserved_pieces(num_sentinels) - (0 if byte_fallback else 256):
+        raise ConfigError(
+            None, "vocab_size", vocab_size, "leaves no learned pieces after the reserved ones", "raise it"
+        )
     model = io.BytesIO()
+    try:
+        _train(
+            texts,
+            model,
+            vocab_size,
+            model_type,
+            num_sentinels,
+            num_threads,
+            input_sentence_size,
+            byte_fallback,
+        )
+    except RuntimeError as error:
+        # sentencepiece refuses e.g. a vocabulary larger than the text supports.
+        rule = f"sentencepiece training failed: {error}".strip()
+        raise ConfigError(
+            None, "vocab_size", vocab_size, rule, "lower the vocab size or give more text"
+        ) from None
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_bytes(model.getvalue())
+    tmp.replace(out_path)
+    return Tokenizer(out_path)
+
+
+def _train(
+    texts: Iterable[str],
+    model: io.BytesIO,
+    vocab_size: int,
+    model_type: str,
+    num_sentinels: int,
+    num_threads: int,
+    input_sentence_size: int,
+    byte_fallback: bool,
+) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=_lines(texts),
         model_writer=model,
@@ -67,7 +110,10 @@ def train_tokenizer(
         unk_id=2,
         bos_id=3,
         user_defined_symbols=[MASK] + [sentinel_piece(i) for i in reversed(range(num_sentinels))],
-        byte_fallback=True,
+        byte_fallback=byte_fallback,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
         character_coverage=0.9995,
         split_digits=True,
         num_threads=num_threads,
@@ -75,12 +121,6 @@ def train_tokenizer(
         shuffle_input_sentence=input_sentence_size > 0,
         minloglevel=2,
     )
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_bytes(model.getvalue())
-    tmp.replace(out_path)
-    return Tokenizer(out_path)
 
 
 def _lines(texts: Iterable[str]) -> Iterable[str]:
@@ -154,3 +194,22 @@ def _read_model(path: Path) -> bytes:
         raise ConfigError(None, "data.tokenizer", str(path), "file not found", BUILD_FIX) from None
     except OSError as error:
         raise ConfigError(None, "data.tokenizer", str(path), f"cannot read ({error})", BUILD_FIX) from None
+
+
+def train_tokenizer_on_files(
+    inputs: Sequence[str | Path],
+    out_path: str | Path,
+    vocab_size: int,
+    *,
+    text_field: str = "text",
+    val_fraction: float = 0.0,
+    **options: Any,
+) -> Tokenizer:
+    """`train_tokenizer` on the documents of text/JSONL files (framework.data.documents). Documents that
+    `loom data prepare` holds out with the same `val_fraction` are skipped, so validation text stays unseen."""
+    paths = expand_inputs(inputs)
+    # Read once up front: a bad line raises its ConfigError here rather than from inside sentencepiece's C++.
+    texts = [
+        doc.text for doc, _ in iter_documents(paths, text_field) if not is_validation(doc.text, val_fraction)
+    ]
+    return train_tokenizer(texts, out_path, vocab_size, **options)

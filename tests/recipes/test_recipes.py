@@ -73,11 +73,9 @@ def size_overrides(recipe_path: Path, data_dir: Path, run_dir: Path) -> list[str
         sets.append("model.n_decoder_layers=2")
     if recipe.model.moe is not None:
         sets += moe_size_overrides(recipe.model.moe)
+    sets += [f"data.tokenizer={data_dir / 'tokenizer.model'}", f"data.train={data_dir}"]
     sets += [
-        f"data.{k}={data_dir / f}" for k, f in (("tokenizer", "tokenizer.model"), ("train", "train.bin"))
-    ]
-    sets += [
-        f"data.validation={data_dir / 'val.bin'}",
+        f"data.validation={data_dir}",
         f"logging.run_dir={run_dir}",
         "logging.progress_bar=false",
     ]

@@ -28,3 +28,24 @@ def small_texts() -> list[str]:
 def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory, small_texts: list[str]) -> Tokenizer:
     path: Path = tmp_path_factory.mktemp("tokenizer") / "tiny.model"
     return train_tokenizer(small_texts, path, TINY_VOCAB, num_sentinels=TINY_SENTINELS, num_threads=1)
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    """One {"text": ...} per line."""
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory: pytest.TempPathFactory, small_texts: list[str]) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("corpus") / "corpus.jsonl", small_texts)
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path, tiny_tokenizer: Tokenizer) -> Path:
+    """The small corpus prepared at seq_len 32 into shards of 64 samples (several shards per split)."""
+    from framework.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("prepared")
+    prepare([corpus_file], out, tiny_tokenizer.path, 32, val_fraction=0.1, shard_samples=64, progress=False)
+    return out

@@ -1,29 +1,31 @@
-"""The bundled demo corpus: collection, prose filter, split, build, manifest and no-op rebuilds."""
+"""The bundled demo corpus: collection, prose filter, the build through tokenizer + prepare, no-op rebuilds, and
+the exact tokenize -> detokenize round trip on the whole bundled corpus."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from framework.data.demo import (
-    MANIFEST,
-    build_demo_data,
-    collect_documents,
-    finished_manifest,
-    is_prose,
-    split_documents,
-)
-from framework.data.token_file import read_sidecar
+from framework.data.demo import STAMP, build_demo_data, collect_documents, finished_demo, is_prose
+from framework.data.shards import MANIFEST, PreparedSplit
 from framework.data.tokenizer import Tokenizer
 
 MODULES = ["argparse", "collections", "json", "textwrap", "string"]
 
 
 def build(out: Path) -> dict:
-    return build_demo_data(out, 400, num_sentinels=8, val_fraction=0.2, num_threads=1, modules=MODULES)
+    return build_demo_data(
+        out,
+        400,
+        num_sentinels=8,
+        val_fraction=0.2,
+        seq_len=32,
+        num_threads=1,
+        modules=MODULES,
+        shard_samples=256,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -32,42 +34,52 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return out, build(out)
 
 
-def test_build_writes_consistent_files(built: tuple[Path, dict]) -> None:
+def test_build_writes_a_prepared_dataset_of_the_corpus(built: tuple[Path, dict]) -> None:
     out, manifest = built
     assert json.loads((out / MANIFEST).read_text()) == manifest
     tokenizer = Tokenizer(out / "tokenizer.model")
-    for name in ("train", "val"):
-        meta = read_sidecar(out / f"{name}.bin", f"data.{name}")
-        tokens = np.fromfile(out / f"{name}.bin", dtype="<u2")
-        assert meta["dtype"] == "uint16" and meta["tokens"] == len(tokens) == manifest["tokens"][name]
-        assert meta["tokenizer_sha256"] == tokenizer.sha256
-        # one eos per document, and the stream ends with one
-        assert int((tokens == tokenizer.eos_id).sum()) == meta["documents"] == manifest["documents"][name] > 0
-        assert tokens[-1] == tokenizer.eos_id and int(tokens.max()) < tokenizer.vocab_size
+    assert manifest["tokenizer"]["sha256"] == tokenizer.sha256 and manifest["seq_len"] == 32
+    documents = (out / "corpus.jsonl").read_text().count("\n")
+    splits = manifest["splits"]
+    assert splits["train"]["documents"] + splits["validation"]["documents"] == documents
+    assert 0.1 < splits["validation"]["documents"] / documents < 0.3
+    assert len(splits["train"]["shards"]) > 1 and len(PreparedSplit(out, "validation", "data.validation")) > 0
 
 
 def test_rebuild_is_a_no_op_and_a_fresh_build_gives_the_same_bytes(
     built: tuple[Path, dict], tmp_path: Path
 ) -> None:
     out, manifest = built
-    stamp = (out / "train.bin").stat().st_mtime_ns
+    stamp = (out / "train-00000.tar").stat().st_mtime_ns
     assert build(out) == manifest
-    assert (out / "train.bin").stat().st_mtime_ns == stamp
-    assert build(tmp_path)["files"] == manifest["files"]  # same machine, same bytes
+    assert (out / "train-00000.tar").stat().st_mtime_ns == stamp
+    fresh = build(tmp_path)
+    assert fresh["splits"] == manifest["splits"] and fresh["tokenizer"] == manifest["tokenizer"]
 
 
 def test_half_built_or_edited_directories_are_rebuilt(built: tuple[Path, dict], tmp_path: Path) -> None:
     out, manifest = built
-    assert finished_manifest(out, manifest["params"]) == manifest
-    assert finished_manifest(out, {**manifest["params"], "vocab_size": 500}) is None
-    assert finished_manifest(tmp_path) is None  # no manifest: not finished
+    params = json.loads((out / STAMP).read_text())["params"]
+    assert finished_demo(out, params) == manifest
+    assert finished_demo(out, {**params, "vocab_size": 500}) is None
+    assert finished_demo(tmp_path) is None  # nothing there
     copy = tmp_path / "copy"
     copy.mkdir()
-    for name in [*manifest["files"], MANIFEST]:
-        (copy / name).write_bytes((out / name).read_bytes())
-    (copy / "val.bin").write_bytes(b"")
-    assert finished_manifest(copy) is None
-    assert build(copy)["files"] == manifest["files"]
+    for path in out.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    (copy / "validation-00000.tar").write_bytes(b"")
+    assert finished_demo(copy) is None
+    assert build(copy)["splits"]["validation"] == manifest["splits"]["validation"]
+
+
+def test_round_trip_on_the_bundled_corpus_is_exact(demo_data: Path) -> None:
+    tokenizer = Tokenizer(demo_data / "tokenizer.model")
+    lines = (demo_data / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
+    texts = [json.loads(line)["text"] for line in lines]
+    assert len(texts) > 5000 and any("\n    " in t for t in texts)  # indentation and newlines are present
+    ids = tokenizer.encode_batch(texts, num_threads=2)
+    assert all(tokenizer.unk_id not in doc for doc in ids)
+    assert [tokenizer.decode(doc) for doc in ids] == texts
 
 
 def test_prose_filter() -> None:
@@ -75,13 +87,6 @@ def test_prose_filter() -> None:
     assert not is_prose("-self")
     assert not is_prose(">>> f(b'\\x00\\x01')\n1234\n>>> f(b'\\xff')\n255")
     assert not is_prose("Это документ на русском языке, не английском.")
-
-
-def test_split_depends_on_the_text_only() -> None:
-    docs = [f"document number {i} about things" for i in range(2000)]
-    train, val = split_documents(docs, 0.05)
-    assert 60 < len(val) < 140 and len(train) + len(val) == 2000
-    assert split_documents(docs[::-1], 0.05)[1] == val[::-1]
 
 
 def test_whole_stdlib_collection() -> None:

@@ -9,7 +9,6 @@ from framework.data.objectives import (
     IGNORE_INDEX,
     causal_lm,
     corrupt_spans,
-    document_ids_from_eos,
     masked_lm,
     noise_span_counts,
     prefix_lm,
@@ -153,8 +152,3 @@ def test_objectives_are_deterministic_in_the_generator(objective: str) -> None:
     first, again, other = run(7), run(7), run(8)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert any(not torch.equal(first[k], other[k]) for k in first)
-
-
-def test_document_ids_from_eos() -> None:
-    tokens = torch.tensor([[5, EOS, 7, 8, EOS, 9], [EOS, EOS, 3, 3, 3, 3]])
-    assert document_ids_from_eos(tokens, EOS).tolist() == [[0, 0, 1, 1, 1, 2], [0, 1, 2, 2, 2, 2]]

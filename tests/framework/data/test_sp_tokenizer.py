@@ -24,6 +24,9 @@ def test_special_id_layout(tiny_tokenizer: Tokenizer) -> None:
 
 
 def test_encode_decode_round_trip_with_byte_fallback(tiny_tokenizer: Tokenizer) -> None:
+    # No normalisation: whitespace runs, tabs, newlines and CRLF survive exactly.
+    for layout in ("  two leading", "a\tb\n\n    indented  ", "x\r\ny", " "):
+        assert tiny_tokenizer.decode(tiny_tokenizer.encode(layout)) == layout
     text = "Return a new list of the arguments."
     ids = tiny_tokenizer.encode(text)
     assert tiny_tokenizer.decode(ids) == text
@@ -58,7 +61,7 @@ def test_training_is_deterministic(tmp_path: Path, small_texts: list[str]) -> No
 
 
 def test_vocab_too_small_for_reserved_pieces(tmp_path: Path, small_texts: list[str]) -> None:
-    with pytest.raises(ValueError, match="reserved"):
+    with pytest.raises(ConfigError, match="reserved"):
         train_tokenizer(small_texts, tmp_path / "x.model", 256 + 4 + 1 + 32)
 
 
