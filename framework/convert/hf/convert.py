@@ -32,15 +32,25 @@ FAMILIES: dict[str, ModuleType] = {
 }
 
 
+def _family(cfg: ModelConfig) -> ModuleType:
+    """The weight mapping of cfg's HF family; families with a config but no mapping yet (MoE) are refused."""
+    family = check_representable(cfg)
+    if family not in FAMILIES:
+        raise ConfigError(
+            None, "model", family, "has a Hugging Face config but no weight conversion yet",
+            f"convert one of: {', '.join(FAMILIES)}",
+        )  # fmt: skip
+    return FAMILIES[family]
+
+
 def export_state(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Loom model state dict -> HF state dict (ConfigError for an unrepresentable architecture)."""
-    family = check_representable(cfg)
-    return to_hf_state(FAMILIES[family].renames(cfg), state)
+    return to_hf_state(_family(cfg).renames(cfg), state)
 
 
 def import_state(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF state dict -> Loom model state dict, checked name by name and shape by shape."""
-    family = FAMILIES[check_representable(cfg)]
+    family = _family(cfg)
     ours = from_hf_state(family.renames(cfg), state, family.optional)
     check_shapes(ours, _expected_state(cfg), "Hugging Face weights")
     return ours
@@ -147,7 +157,7 @@ def export_checkpoint(
 
     loaded = load_checkpoint(checkpoint)
     recipe = recipe_from_metadata(loaded.metadata, loaded.path)
-    check_representable(recipe.model)  # refuse before any work is written
+    _family(recipe.model)  # refuse before any work is written
     tokenizer = tokenizer if tokenizer is not None else _recipe_tokenizer(recipe)
     state = loaded.state.get("model")
     if not isinstance(state, dict):
