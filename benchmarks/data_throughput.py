@@ -45,11 +45,13 @@ def run_prepare(corpus: Path, out: Path, seq_len: int, workers: int) -> tuple[in
 
 def reader(out: Path, seq_len: int, num_workers: int, steps: int) -> float:
     cfg = DataConfig(
-        tokenizer=str(DEMO / "tokenizer.model"), train=str(out), validation=None, seq_len=seq_len
+        tokenizer=str(DEMO / "tokenizer.model"),
+        train=str(out),
+        validation=None,
+        seq_len=seq_len,
+        num_workers=num_workers,
     )
-    source = build_data(
-        DataConfig(**{**cfg.__dict__, "num_workers": num_workers}), ModelConfig(vocab_size=4096)
-    )[0]
+    source = build_data(cfg, ModelConfig(vocab_size=4096))[0]
     stream = source.batches(8, 8)
     next(stream)  # workers started, first maps opened
     start = time.perf_counter()
@@ -59,7 +61,9 @@ def reader(out: Path, seq_len: int, num_workers: int, steps: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--copies", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=2048)
@@ -80,7 +84,9 @@ def main() -> None:
         print(f"ratio prepare / raw encode: {raw_s / prep_s:.2f} (target >= 0.8)")
         for workers in (0, 1):
             speed = reader(Path(tmp) / "out", args.seq_len, workers, args.steps)
-            print(f"reader, num_workers={workers}, seq_len {args.seq_len}: {speed / 1e6:.2f} M tokens/s per rank")
+            print(
+                f"reader, num_workers={workers}, seq_len {args.seq_len}: {speed / 1e6:.2f} M tokens/s per rank"
+            )
 
 
 if __name__ == "__main__":
