@@ -62,11 +62,13 @@ _REQUIRED: dict[str, dict[str, Any]] = {
     },
     "t5": {"position": "relative_bias", "norm": "rmsnorm", "norm_position": "pre", "bias": False},
 }
-_REQUIRED["mixtral"] = _REQUIRED["llama"]
+# transformers' Mixtral has no attention or MLP bias switch (Llama has one)
+_REQUIRED["mixtral"] = _REQUIRED["llama"] | {"bias": False}
 _REQUIRED["qwen3_moe"] = _REQUIRED["qwen3"]
 # MoE fields each MoE family fixes: both route with a softmax over all experts and top-k, have no shared experts,
-# no expert groups, no selection bias and no weight scale; every layer is sparse (Qwen3-MoE: except its
-# mlp_only_layers, our first_dense); Mixtral always renormalises the top-k weights.
+# no expert groups, no selection bias and no weight scale, and are dropless (transformers runs every chosen
+# expert; Loom's capacity dropping applies in eval too, so a capped model would compute something else).
+# Qwen3-MoE places dense layers anywhere (mlp_only_layers); Mixtral has none and always renormalises top-k.
 _MOE_REQUIRED: dict[str, dict[str, Any]] = {
     "qwen3_moe": {
         "router": "softmax",
@@ -74,9 +76,9 @@ _MOE_REQUIRED: dict[str, dict[str, Any]] = {
         "n_groups": 1,
         "bias_update_rate": 0.0,
         "route_scale": 1.0,
-        "every": 1,
+        "capacity_factor": None,
     },
-    "mixtral": {"first_dense": 0, "renormalize": True},
+    "mixtral": {"first_dense": 0, "every": 1, "renormalize": True},
 }
 _MOE_REQUIRED["mixtral"] |= _MOE_REQUIRED["qwen3_moe"]
 
@@ -315,8 +317,9 @@ def _qwen3_moe(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
         "moe_intermediate_size": cfg.moe.resolved_expert_hidden(cfg.ffn_hidden),
         "num_experts": cfg.moe.n_experts,
         "norm_topk_prob": cfg.moe.renormalize,
+        # step 1 plus an explicit list of dense layers expresses any first_dense / every placement
         "decoder_sparse_step": 1,
-        "mlp_only_layers": list(range(cfg.moe.first_dense)),
+        "mlp_only_layers": [i for i in range(cfg.n_layers) if not cfg.is_moe_layer(i)],
         "attention_bias": False,
         "use_sliding_window": False,
     }

@@ -16,7 +16,7 @@ import torch
 
 from framework.config.errors import ConfigError
 from framework.config.schema import ModelConfig, Recipe
-from framework.convert.hf import bert, bloom, llama, mistral, qwen3, t5
+from framework.convert.hf import bert, bloom, llama, mistral, mixtral, qwen3, qwen3_moe, t5
 from framework.convert.hf.configs import check_representable, hf_config
 from framework.convert.hf.mapping import check_shapes, from_hf_state, to_hf_state
 from framework.convert.hf.weights import DEFAULT_SHARD_BYTES, save_weights
@@ -29,11 +29,13 @@ FAMILIES: dict[str, ModuleType] = {
     "bloom": bloom,
     "bert": bert,
     "t5": t5,
+    "mixtral": mixtral,
+    "qwen3_moe": qwen3_moe,
 }
 
 
 def _family(cfg: ModelConfig) -> ModuleType:
-    """The weight mapping of cfg's HF family; families with a config but no mapping yet (MoE) are refused."""
+    """The weight mapping of cfg's HF family; a family with a config but no mapping would be refused."""
     family = check_representable(cfg)
     if family not in FAMILIES:
         raise ConfigError(
@@ -44,13 +46,18 @@ def _family(cfg: ModelConfig) -> ModuleType:
 
 
 def export_state(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Loom model state dict -> HF state dict (ConfigError for an unrepresentable architecture)."""
-    return to_hf_state(_family(cfg).renames(cfg), state)
+    """Loom model state dict -> HF state dict as files lay it out (ConfigError for an unrepresentable
+    architecture). MoE families rename onto transformers' in-memory names, then split them per expert."""
+    family = _family(cfg)
+    hf_state = to_hf_state(family.renames(cfg), state)
+    return family.to_files(cfg, hf_state) if hasattr(family, "to_files") else hf_state
 
 
 def import_state(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF state dict -> Loom model state dict, checked name by name and shape by shape."""
     family = _family(cfg)
+    if hasattr(family, "from_files"):
+        state = family.from_files(cfg, state)  # per-expert file tensors -> the in-memory names renames use
     ours = from_hf_state(family.renames(cfg), state, family.optional)
     check_shapes(ours, _expected_state(cfg), "Hugging Face weights")
     return ours

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from framework.config.errors import ConfigError
@@ -38,7 +39,8 @@ def feed_forward(cfg: ModelConfig, i: int) -> list[Rename]:
     return [copy(f"{src}{ours}.{k}", f"{dst}{theirs}.{k}") for ours, theirs in names.items() for k in kinds]
 
 
-def renames(cfg: ModelConfig) -> list[Rename]:
+def renames(cfg: ModelConfig, ffn: Callable[[ModelConfig, int], list[Rename]] = feed_forward) -> list[Rename]:
+    """`ffn` maps layer i's feed-forward (the MoE families swap in their experts)."""
     out = [
         copy("tok_embeddings.weight", "model.embed_tokens.weight"),
         copy("norm.weight", "model.norm.weight"),
@@ -47,7 +49,7 @@ def renames(cfg: ModelConfig) -> list[Rename]:
         layer = LAYER.format(i=i)
         out += [copy(f"layers.{i}.attention_norm.weight", f"{layer}input_layernorm.weight")]
         out += [copy(f"layers.{i}.ffn_norm.weight", f"{layer}post_attention_layernorm.weight")]
-        out += attention(cfg, i) + feed_forward(cfg, i)
+        out += attention(cfg, i) + ffn(cfg, i)
     if not cfg.tie_embeddings:
         out.append(copy("output.weight", "lm_head.weight"))
     return out

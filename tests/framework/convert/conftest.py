@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from framework.config.schema import ModelConfig
+from framework.config.schema import ModelConfig, MoEConfig
+from framework.models.moe import Router, Routing
 from framework.run import materialize_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,6 +25,25 @@ CONFIGS: dict[str, ModelConfig] = {
     "llama_tied": ModelConfig(**_DECODER, tie_embeddings=True, rope_theta=500.0),
     "mistral": ModelConfig(**_DECODER, sliding_window=5),  # SEQ and the 20 generated tokens exceed it
     "qwen3": ModelConfig(**_DECODER, qk_norm=True, tie_embeddings=True),
+    # every layer sparse, a window shorter than the sequence; Mixtral's files give one width to both fields
+    "mixtral": ModelConfig(
+        **_DECODER | {"ffn_hidden": 40},
+        sliding_window=5,
+        moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=40, aux_loss=0.02, jitter=0.1),
+    ),
+    # a dense first layer (mlp_only_layers), narrow experts, raw top-k probabilities (norm_topk_prob false)
+    "qwen3_moe": ModelConfig(
+        **_DECODER | {"n_layers": 3},
+        qk_norm=True,
+        tie_embeddings=True,
+        moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=20, first_dense=1, renormalize=False),
+    ),
+    # sparse layers 0 and 2 around a dense one, renormalised top-3 of 5
+    "qwen3_moe_every2": ModelConfig(
+        **_DECODER | {"n_layers": 3},
+        qk_norm=True,
+        moe=MoEConfig(n_experts=5, top_k=3, expert_hidden=16, every=2),
+    ),
     "t5": ModelConfig(
         family="encoder_decoder",
         vocab_size=VOCAB,
@@ -106,3 +128,24 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> nn.Module:
         for p in model.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=gen))
     return model.eval()
+
+
+@contextmanager
+def routing_margins(model: nn.Module) -> Iterator[list[float]]:
+    """Collects, per router call, the smallest gap between a token's k-th and (k+1)-th softmax score. Two
+    implementations route identically only if their ~1e-6 numeric differences cannot swap an expert in or out,
+    so the comparisons assert this gap is well above that."""
+    margins: list[float] = []
+
+    def record(router: nn.Module, _: tuple[torch.Tensor, ...], routing: Routing) -> None:
+        k, scores = router.moe.top_k, routing.logits.softmax(dim=-1)
+        if k < scores.shape[-1]:
+            top = scores.topk(k + 1, dim=-1).values
+            margins.append((top[:, k - 1] - top[:, k]).min().item())
+
+    handles = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, Router)]
+    try:
+        yield margins
+    finally:
+        for handle in handles:
+            handle.remove()

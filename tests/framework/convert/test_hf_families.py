@@ -16,9 +16,10 @@ from framework.convert.hf.importer import read_hf
 from framework.models import build_model
 from framework.models.generate import greedy_decode
 from framework.train.loss import compute_loss
-from tests.framework.convert.conftest import CONFIGS, SEQ, random_model
+from tests.framework.convert.conftest import CONFIGS, SEQ, random_model, routing_margins
 
 TOL = 1e-4
+ROUTING_MARGIN = 1e-4  # MoE: smallest k-th vs (k+1)-th router score gap, far above fp32 differences
 AUTO = {
     "decoder": "AutoModelForCausalLM",
     "encoder": "AutoModelForMaskedLM",
@@ -72,8 +73,9 @@ def test_export_logits_loss_and_import_round_trip(name: str, tmp_path: Path) -> 
     save_hf(cfg, model.state_dict(), tmp_path)
     hf = _load_hf(cfg, tmp_path)
     batch = _inputs(cfg)
-    with torch.no_grad():
+    with torch.no_grad(), routing_margins(model) as margins:
         ours = model(**batch)
+    assert min(margins, default=1.0) > ROUTING_MARGIN, "pick a seed whose routing has no near-ties"
     theirs = _hf_logits(hf, batch)
     diff = (ours - theirs).abs().max().item()
     print(f"{name}: max |logit diff| = {diff:.2e}")
@@ -99,8 +101,9 @@ def test_import_model_built_by_transformers(name: str, tmp_path: Path) -> None:
     model.load_state_dict(state)
     model.eval()
     batch = _inputs(cfg, seed=2)
-    with torch.no_grad():
+    with torch.no_grad(), routing_margins(model) as margins:
         diff = (model(**batch) - _hf_logits(hf, batch)).abs().max().item()
+    assert min(margins, default=1.0) > ROUTING_MARGIN, "pick a seed whose routing has no near-ties"
     print(f"{name}: imported max |logit diff| = {diff:.2e}")
     assert diff <= TOL
 
@@ -113,8 +116,10 @@ def test_greedy_decode_matches_transformers(name: str, tmp_path: Path) -> None:
     hf = _load_hf(cfg, tmp_path)
     prompt = _inputs(cfg, seed=4)["input_ids"][:1, :6]
     start = 0 if cfg.family == "encoder_decoder" else None
-    ours, margins = greedy_decode(model, prompt, 20, decoder_start_id=start)
+    with routing_margins(model) as routing:
+        ours, margins = greedy_decode(model, prompt, 20, decoder_start_id=start)
     assert margins.min().item() > 1e-4, "pick a seed whose greedy path has no near-ties"
+    assert min(routing, default=1.0) > ROUTING_MARGIN, "pick a seed whose routing has no near-ties"
     # transformers' T5 cache is sized by the encoder's layer count, so it breaks when the decoder has more
     use_cache = cfg.family != "encoder_decoder"
     generated = hf.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None,
