@@ -361,6 +361,8 @@ class ParallelConfig:
     """Pipeline schedule."""
     pp_microbatches: int | None = None
     """Micro-batches per pipeline step; null = number of stages."""
+    pp_layers: list[int] | None = None
+    """Blocks per pipeline stage (one entry per stage, summing to the model's blocks); null = split evenly."""
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     """Recompute activations in backward: none, every block (full), or every other block (selective)."""
     compile: bool = False

@@ -1,0 +1,229 @@
+"""The parallel layout of a run: sizes of each mesh dimension, validated, and the one DeviceMesh built from them.
+
+Every rule is checked by `ParallelDims.from_recipe` before any process-group work, so a bad layout is a one-line
+`ConfigError` (exit 2) instead of a hang or a collective error on N processes.
+
+Mesh convention: `build_mesh` always builds all five dimensions, in the order `MESH_DIMS` (size-1 dimensions
+included). Code can then always slice by name (`mesh["tp"]`, `mesh["dp_replicate", "dp_shard"]`) without asking
+which dimensions exist; a size-1 dimension costs one trivial process group.
+
+Support matrix (families x dimensions; anything else is a ConfigError):
+
+    decoder:          dp_replicate, dp_shard, tp (+ sequence parallel), pp         (cp, ep: part 2)
+    encoder:          dp_replicate, dp_shard, tp (+ sequence parallel)             (cp: part 2)
+    encoder_decoder:  dp_replicate, dp_shard, tp (+ sequence parallel)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from framework.config import ConfigError, Recipe
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+"""Outer to inner: tp innermost keeps its (most frequent) collectives between neighbouring ranks (one node)."""
+
+# Dimensions each model family may use with a size > 1. cp/ep are not in any set yet: they arrive in part 2.
+SUPPORTED = {
+    "decoder": {"dp_replicate", "dp_shard", "tp", "pp"},
+    "encoder": {"dp_replicate", "dp_shard", "tp"},
+    "encoder_decoder": {"dp_replicate", "dp_shard", "tp"},
+}
+NOT_YET = {"cp": "context parallel", "ep": "expert parallel"}
+INTERLEAVED = ("interleaved_1f1b", "zero_bubble")
+"""Schedules that hold two stages per pipeline rank (stages r and r + pp, or a V shape)."""
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Validated sizes of every mesh dimension; their product is the world size."""
+
+    pp: int
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    world_size: int
+    data_parallel: str = "fsdp"
+    sequence_parallel: bool = False
+    pp_stages: int = 1
+    """Pipeline stages in total (pp, or 2 x pp for the interleaved schedules)."""
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, world_size: int) -> ParallelDims:
+        """Resolve dp_shard=-1 and check every rule against the model, data and batch sections."""
+        p = recipe.parallel
+        dp_replicate, dp_shard = _dp_sizes(recipe, world_size)
+        dims = cls(
+            pp=p.pp,
+            dp_replicate=dp_replicate,
+            dp_shard=dp_shard,
+            cp=p.cp,
+            tp=p.tp,
+            world_size=world_size,
+            data_parallel=p.data_parallel,
+            sequence_parallel=p.sequence_parallel and p.tp > 1,
+            pp_stages=p.pp * (2 if p.pp_schedule in INTERLEAVED and p.pp > 1 else 1),
+        )
+        _check_product(dims, recipe)
+        _check_supported(dims, recipe)
+        _check_tp(dims, recipe)
+        _check_pp(dims, recipe)
+        _check_batch(dims, recipe)
+        return dims
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel ranks (replicas x shards): each reads a different slice of the global batch."""
+        return self.dp_replicate * self.dp_shard
+
+    def sizes(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in MESH_DIMS}
+
+    def describe(self) -> str:
+        """The layout for logs, e.g. 'world 4 = dp_shard 2 x tp 2 (fsdp, sequence parallel)'."""
+        used = [f"{n} {s}" for n, s in self.sizes().items() if s > 1] or ["single process"]
+        extra = [self.data_parallel] + (["sequence parallel"] if self.sequence_parallel else [])
+        return f"world {self.world_size} = {' x '.join(used)} ({', '.join(extra)})"
+
+
+def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
+    """One DeviceMesh over the default process group with every dimension of MESH_DIMS, named (size 1 too)."""
+    shape = tuple(getattr(dims, name) for name in MESH_DIMS)
+    return init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+
+
+def _error(key: str, value: object, rule: str, fix: str) -> ConfigError:
+    return ConfigError(None, key, value, rule, fix)
+
+
+def _dp_sizes(recipe: Recipe, world_size: int) -> tuple[int, int]:
+    """(dp_replicate, dp_shard) after the data_parallel flavour and dp_shard=-1 are resolved."""
+    p = recipe.parallel
+    if world_size < 1:
+        raise _error("world_size", world_size, "must be >= 1", "launch at least one process")
+    others = p.pp * p.cp * p.tp * p.dp_replicate
+    dp_shard = p.dp_shard
+    if dp_shard == -1:
+        if world_size % others:
+            raise _error(
+                "parallel",
+                p.dp_replicate,
+                f"pp x cp x tp x dp_replicate = {others} does not divide the world size {world_size}",
+                f"use a world size that is a multiple of {others}",
+            )
+        dp_shard = world_size // others
+    if p.data_parallel == "ddp" and dp_shard > 1:
+        # DDP replicates: the ranks data parallelism gets are replicas, not shards.
+        if p.dp_replicate > 1:
+            raise _error(
+                "parallel.dp_shard",
+                dp_shard,
+                "must be 1 with data_parallel=ddp when dp_replicate is set",
+                "use data_parallel: hsdp to combine replicas and shards",
+            )
+        return dp_shard, 1
+    if p.data_parallel == "fsdp" and p.dp_replicate > 1:
+        raise _error(
+            "parallel.dp_replicate",
+            p.dp_replicate,
+            "must be 1 with data_parallel=fsdp (replicas of shards are HSDP)",
+            "use data_parallel: hsdp, or dp_replicate: 1",
+        )
+    return p.dp_replicate, dp_shard
+
+
+def _check_product(dims: ParallelDims, recipe: Recipe) -> None:
+    product = dims.pp * dims.dp_replicate * dims.dp_shard * dims.cp * dims.tp
+    if product != dims.world_size:
+        sizes = " x ".join(f"{n} {s}" for n, s in dims.sizes().items())
+        raise _error(
+            "parallel",
+            sizes,
+            f"the sizes multiply to {product}, not the world size {dims.world_size}",
+            "make them multiply to the number of processes, or set dp_shard: -1 to fill",
+        )
+
+
+def _check_supported(dims: ParallelDims, recipe: Recipe) -> None:
+    family = recipe.model.family
+    for name, what in NOT_YET.items():
+        size = getattr(recipe.parallel, name)
+        if size > 1:
+            raise _error(
+                f"parallel.{name}", size, f"{what} is not yet supported (a later release)", f"set {name}: 1"
+            )
+    allowed = SUPPORTED[family]
+    for name, size in dims.sizes().items():
+        if size > 1 and name not in allowed:
+            raise _error(
+                f"parallel.{name}",
+                size,
+                f"model family {family} does not support {name} > 1 (supported: {', '.join(sorted(allowed))})",
+                f"set {name}: 1",
+            )
+
+
+def _check_tp(dims: ParallelDims, recipe: Recipe) -> None:
+    if dims.tp == 1:
+        return
+    m = recipe.model
+    heads = {"model.n_heads": m.n_heads, "model.kv_heads": m.kv_heads or m.n_heads}
+    for key, count in heads.items():
+        if count % dims.tp:
+            raise _error(key, count, f"must be divisible by parallel.tp={dims.tp}", "change tp or the heads")
+    if m.ffn_hidden % dims.tp:
+        raise _error(
+            "model.ffn_hidden", m.ffn_hidden, f"must be divisible by parallel.tp={dims.tp}", "change tp"
+        )
+    if dims.sequence_parallel and recipe.data.seq_len % dims.tp:
+        raise _error(
+            "data.seq_len",
+            recipe.data.seq_len,
+            f"must be divisible by parallel.tp={dims.tp} with sequence parallel",
+            "change seq_len, or set parallel.sequence_parallel: false",
+        )
+
+
+def _check_pp(dims: ParallelDims, recipe: Recipe) -> None:
+    if dims.pp == 1:
+        return
+    layers, explicit = recipe.model.n_layers, recipe.parallel.pp_layers
+    stages = dims.pp_stages
+    if explicit is None:
+        if layers % stages:
+            raise _error(
+                "model.n_layers",
+                layers,
+                f"does not split evenly into {stages} pipeline stages",
+                "change n_layers, or list the blocks per stage in parallel.pp_layers",
+            )
+        return
+    if len(explicit) != stages or sum(explicit) != layers or min(explicit) < 1:
+        raise _error(
+            "parallel.pp_layers",
+            explicit,
+            f"needs {stages} entries >= 1 that sum to model.n_layers={layers}",
+            f"list the blocks of each of the {stages} stages",
+        )
+
+
+def _check_batch(dims: ParallelDims, recipe: Recipe) -> None:
+    t = recipe.train
+    if t.global_batch_size % (dims.dp * t.micro_batch_size):
+        raise _error(
+            "train.global_batch_size",
+            t.global_batch_size,
+            f"must be a multiple of data-parallel ranks x micro_batch_size = {dims.dp} x {t.micro_batch_size}",
+            f"use a multiple of {dims.dp * t.micro_batch_size}",
+        )
+    chunks = recipe.parallel.pp_microbatches or dims.pp_stages
+    if dims.pp > 1 and t.micro_batch_size % chunks:
+        raise _error(
+            "train.micro_batch_size",
+            t.micro_batch_size,
+            f"must split into parallel.pp_microbatches={chunks} pipeline micro-batches",
+            f"use a multiple of {chunks}",
+        )
