@@ -1,0 +1,118 @@
+"""Lay a built model out over a DeviceMesh, in one fixed order.
+
+    1. PP split      stages keep the full model's parameter names (delete what a stage does not own)
+    2. TP / SP       DTensor plans on attention, MLP, embeddings and head
+    3. EP            experts over ranks (part 2)
+    4. CP            sequence over ranks (part 2)
+    5. activation checkpointing
+    6. compile       per block, GPU only
+    7. FSDP2 / DDP   last: sharding wraps whatever the steps above produced (DTensor params, compiled blocks)
+
+Why this order: TP must see plain nn.Linear modules before FSDP turns parameters into sharded DTensors; compile
+must see the final block (checkpointed, TP-planned) but not FSDP's per-block hooks, which FSDP2 is built to sit
+outside of; the pipeline split comes first so every later step only touches the blocks this rank holds.
+
+Nothing here edits a model class or renames a parameter: blocks are found by name (every `layers` ModuleDict)
+and changed in place, so checkpoints and parameter-name initialisation work for every layout.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch import nn
+from torch.distributed._composable.replicate import replicate
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
+
+from framework.config import ConfigError, Recipe
+from framework.parallel.dims import ParallelDims
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, recipe: Recipe) -> nn.Module:
+    """Apply every step of the fixed order to `model` (materialised, initialised) and return it."""
+    p = recipe.parallel
+    apply_pipeline(model, dims)
+    apply_tensor_parallel(model, dims, mesh)
+    # EP and CP: ParallelDims refuses ep/cp > 1 until part 2 wires them here.
+    apply_activation_checkpointing(model, p.activation_checkpointing)
+    apply_compile(model, p.compile)
+    apply_data_parallel(model, dims, mesh, recipe.precision.dtype)
+    return model
+
+
+def blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, block) of every transformer block: the children of each `layers` ModuleDict
+    (decoder/encoder: `layers.N`; encoder-decoder: `encoder.layers.N`, `decoder.layers.N`)."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleDict) and name.rsplit(".", 1)[-1] == "layers":
+            found += [(f"{name}.{key}", block) for key, block in module.items()]
+    return found
+
+
+def apply_pipeline(model: nn.Module, dims: ParallelDims) -> None:
+    if dims.pp > 1:
+        raise ConfigError(
+            None, "parallel.pp", dims.pp, "pipeline parallelism is not yet implemented", "set pp: 1"
+        )
+
+
+def apply_tensor_parallel(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh) -> None:
+    if dims.tp > 1:
+        raise ConfigError(
+            None, "parallel.tp", dims.tp, "tensor parallelism is not yet implemented", "set tp: 1"
+        )
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """none; full: recompute every block in backward; selective: every other block (half the memory saving for
+    half the recompute). The block's forward is wrapped on the instance rather than with checkpoint_wrapper,
+    which would insert a `_checkpoint_wrapped_module` level into every parameter name."""
+    if mode == "none":
+        return
+    for i, (_, block) in enumerate(blocks(model)):
+        if mode == "full" or i % 2 == 0:
+            # Non-reentrant checkpointing supports keyword arguments and works under FSDP2's hooks.
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def apply_compile(model: nn.Module, enabled: bool) -> None:
+    """torch.compile each block in place (nn.Module.compile keeps parameter names). GPU only: on CPU the compile
+    time of a tiny test model dwarfs any gain and inductor needs a C++ toolchain, so it is skipped with a note."""
+    if not enabled:
+        return
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        log.warning("parallel.compile is set but the model is on %s: compile skipped (GPU only)", device.type)
+        return
+    for _, block in blocks(model):
+        block.compile()
+
+
+def mixed_precision(dtype: str) -> MixedPrecisionPolicy:
+    """Parameters (and so matmuls) in the training dtype; gradients reduced and kept in fp32."""
+    return MixedPrecisionPolicy(param_dtype=DTYPES[dtype], reduce_dtype=torch.float32)
+
+
+def apply_data_parallel(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, dtype: str) -> None:
+    """DDP (replicate) over dp_replicate; FSDP2 over dp_shard; HSDP over (dp_replicate, dp_shard).
+    Each block is its own FSDP unit (its parameters are gathered just before use and freed after), then the root
+    takes what is left (embeddings, final norm, head)."""
+    if dims.dp == 1:
+        return
+    if dims.data_parallel == "ddp":
+        replicate(model, device_mesh=mesh["dp_replicate"])
+        return
+    dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.data_parallel == "hsdp" else mesh["dp_shard"]
+    shard = functools.partial(fully_shard, mesh=dp_mesh, mp_policy=mixed_precision(dtype))
+    for _, block in blocks(model):
+        shard(block)
+    shard(model)
