@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import functools
+import logging
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from framework.config.loader import dump_recipe
 from framework.config.schema import ModelConfig, Recipe
 from framework.data import Tokenizer, TrainSource, ValidationSource, build_data
 from framework.models import build_model, init_weights
 from framework.models.flops import flops_per_token
+from framework.parallel.dims import ParallelDims, build_mesh
+from framework.parallel.engine import DistributedTrainModule
+from framework.parallel.parallelize import parallelize
 from framework.train import Trainer, TrainModule, default_callbacks, resolve_device
+
+log = logging.getLogger(__name__)
 
 
 def materialize_model(cfg: ModelConfig, device: torch.device, seed: int) -> nn.Module:
@@ -31,33 +42,84 @@ def train(
     recipe: Recipe, *, recipe_path: str | Path | None = None, resume: str | None = None
 ) -> dict[str, Any]:
     """Train `recipe` in this process; returns the last step's metrics."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    # Every layout rule is checked before any process-group work: a bad layout is one ConfigError, exit 2.
+    dims = ParallelDims.from_recipe(recipe, world_size)
     device = resolve_device(recipe.train.device)
+    if world_size == 1:
+        return _train(recipe, device, TrainModule, dp_rank=0, dp_size=1, rank=0, resume=resume)
+    with process_group(device) as device:
+        mesh = build_mesh(dims, device.type)
+        log.info("layout: %s", dims.describe())
+        module = functools.partial(_distributed_module, dims=dims, mesh=mesh)
+        dp_rank = mesh["dp_replicate"].get_local_rank() * dims.dp_shard + mesh["dp_shard"].get_local_rank()
+        return _train(
+            recipe, device, module, dp_rank=dp_rank, dp_size=dims.dp, rank=dist.get_rank(), resume=resume
+        )
+
+
+def _train(
+    recipe: Recipe,
+    device: torch.device,
+    make_module: Callable[[nn.Module, Recipe, torch.device], TrainModule],
+    *,
+    dp_rank: int,
+    dp_size: int,
+    rank: int,
+    resume: str | None,
+) -> dict[str, Any]:
     torch.manual_seed(recipe.train.seed)  # dropout RNG; parameters are seeded by name
     tokenizer = Tokenizer(recipe.data.tokenizer)
     train_source, val_source = build_data(recipe.data, recipe.model, tokenizer)
     model = materialize_model(recipe.model, device, recipe.train.seed)
-    module = TrainModule(model, recipe, device)
-    _write_resolved_recipe(recipe)
+    module = make_module(model, recipe, device)
+    if rank == 0:
+        _write_resolved_recipe(recipe)
     callbacks = default_callbacks(
         recipe,
+        # Every rank evaluates every held-out batch: sharded models need all ranks in each forward anyway.
         val_batches=None if val_source is None else ValidationBatches(val_source, recipe),
         flops_per_token=flops_per_token(recipe.model, recipe.data.seq_len, training=True),
         resume=resume,
+        rank=rank,
     )
-    return Trainer(module, StepBatches(train_source, recipe), callbacks, recipe).fit() or {}
+    batches = StepBatches(train_source, recipe, dp_rank, dp_size)
+    return Trainer(module, batches, callbacks, recipe, dp_size=dp_size).fit() or {}
+
+
+def _distributed_module(
+    model: nn.Module, recipe: Recipe, device: torch.device, *, dims: ParallelDims, mesh: DeviceMesh
+) -> TrainModule:
+    return DistributedTrainModule(parallelize(model, dims, mesh, recipe), recipe, device, dims, mesh)
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[torch.device]:
+    """The default process group for this worker (launched by torchrun: RANK/WORLD_SIZE/MASTER_* set):
+    NCCL on CUDA (one GPU per local rank), gloo on CPU. Yields the device this rank trains on."""
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
 
 
 class StepBatches:
     """Per-step micro-batches of a data source; its state (consumed samples, seed) is checkpointed by the trainer.
     The stream starts when iterated, i.e. after a resume has restored the state."""
 
-    def __init__(self, source: TrainSource, recipe: Recipe) -> None:
+    def __init__(self, source: TrainSource, recipe: Recipe, dp_rank: int = 0, dp_size: int = 1) -> None:
         self.source = source
         self.global_batch_size = recipe.train.global_batch_size
         self.micro_batch_size = recipe.train.micro_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
 
     def __iter__(self) -> Iterator[list[dict[str, torch.Tensor]]]:
-        return self.source.batches(self.global_batch_size, self.micro_batch_size)
+        """This data-parallel rank's slice of each global batch."""
+        return self.source.batches(self.global_batch_size, self.micro_batch_size, self.dp_rank, self.dp_size)
 
     def state_dict(self) -> dict[str, int]:
         return self.source.state_dict()

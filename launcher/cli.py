@@ -144,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="auto|PATH",
         help="continue from a checkpoint: 'auto' = the newest complete one in the run's checkpoint folder",
     )
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="worker processes on this machine (torchrun; gloo on CPU, NCCL on GPU)",
+    )
     check = commands.add_parser(
         "check", help="validate a recipe; print it resolved, with size, FLOPs and memory"
     )
@@ -179,6 +185,19 @@ def _add_convert(commands: argparse._SubParsersAction) -> None:
     )
 
 
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """The worker's command line: this one minus --nproc (each worker trains in its own process)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
 def run(argv: Sequence[str]) -> int:
     """Run one command; raises ConfigError for user mistakes (see `main`)."""
     args = build_parser().parse_args(list(argv))
@@ -187,6 +206,15 @@ def run(argv: Sequence[str]) -> int:
 
         print(check(args.recipe, args.overrides))
         return 0
+    if args.command == "train" and args.nproc > 1:
+        from framework.config.loader import load_recipe
+        from framework.parallel.dims import ParallelDims
+        from launcher.local import launch
+
+        # A bad layout is one ConfigError here, before N workers start and each prints it.
+        ParallelDims.from_recipe(load_recipe(args.recipe, args.overrides), args.nproc)
+
+        return launch(args.nproc, _without_nproc(argv))
     if args.command == "train":
         from framework.config.loader import load_recipe
         from framework.run import train
