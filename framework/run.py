@@ -43,11 +43,13 @@ def train(
 ) -> dict[str, Any]:
     """Train `recipe` in this process; returns the last step's metrics."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    # Every layout rule is checked before any process-group work: a bad layout is one ConfigError, exit 2.
-    dims = ParallelDims.from_recipe(recipe, world_size)
     device = resolve_device(recipe.train.device)
     if world_size == 1:
+        # One process trains the whole model; the recipe's parallel section (written for a cluster, e.g. ep: 8)
+        # is not applied, so any recipe can be tried on one machine.
         return _train(recipe, device, TrainModule, dp_rank=0, dp_size=1, rank=0, resume=resume)
+    # Every layout rule is checked before any process-group work: a bad layout is one ConfigError, exit 2.
+    dims = ParallelDims.from_recipe(recipe, world_size)
     with process_group(device) as device:
         mesh = build_mesh(dims, device.type)
         log.info("layout: %s", dims.describe())
