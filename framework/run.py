@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,24 @@ from framework.train import Trainer, TrainModule, default_callbacks, resolve_dev
 log = logging.getLogger(__name__)
 
 
+def _warn_ignored_layout(recipe: Recipe) -> None:
+    p = recipe.parallel
+    sizes = {
+        "dp_replicate": p.dp_replicate,
+        "dp_shard": p.dp_shard,
+        "tp": p.tp,
+        "pp": p.pp,
+        "cp": p.cp,
+        "ep": p.ep,
+    }
+    ignored = [f"parallel.{k}={v}" for k, v in sizes.items() if v > 1]
+    if ignored:
+        warnings.warn(
+            f"one process: {', '.join(ignored)} not applied (launch with --nproc N to use the layout)",
+            stacklevel=3,
+        )
+
+
 def materialize_model(cfg: ModelConfig, device: torch.device, seed: int) -> nn.Module:
     """Build on the meta device (no memory, no init work), allocate on `device`, then initialise every tensor
     from (seed, parameter name) so any later layout holds the same weights."""
@@ -46,7 +65,8 @@ def train(
     device = resolve_device(recipe.train.device)
     if world_size == 1:
         # One process trains the whole model; the recipe's parallel section (written for a cluster, e.g. ep: 8)
-        # is not applied, so any recipe can be tried on one machine.
+        # is not applied, so any recipe can be tried on one machine — but say so, never silently.
+        _warn_ignored_layout(recipe)
         return _train(recipe, device, TrainModule, dp_rank=0, dp_size=1, rank=0, resume=resume)
     # Every layout rule is checked before any process-group work: a bad layout is one ConfigError, exit 2.
     dims = ParallelDims.from_recipe(recipe, world_size)

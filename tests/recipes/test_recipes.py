@@ -101,3 +101,12 @@ def test_a_shrunk_copy_trains_two_steps(path: Path, demo_data: Path, tmp_path: P
     metrics = train(recipe)
     assert metrics["step"] == 2 and math.isfinite(metrics["loss"]) and not metrics["skipped"]
     assert (tmp_path / "checkpoints" / "latest").exists()
+
+
+def test_one_process_says_it_ignores_a_cluster_layout(demo_data: Path, tmp_path: Path) -> None:
+    from framework.run import train
+
+    path = RECIPES[0].parent / "debug.yaml"
+    recipe = load_recipe(path, [*size_overrides(path, demo_data, tmp_path), "parallel.tp=2", "train.steps=1"])
+    with pytest.warns(UserWarning, match=r"parallel\.tp=2 not applied"):
+        train(recipe)
