@@ -355,8 +355,9 @@ class ParallelConfig:
     """Context-parallel size (sequence split across ranks)."""
     ep: int = 1
     """Expert-parallel size (MoE experts split across ranks)."""
-    sequence_parallel: bool = True
-    """With tp > 1: also shard norms/dropout activations along the sequence."""
+    sequence_parallel: bool = False
+    """With tp > 1: also shard norms/dropout activations along the sequence. Not yet implemented: true with tp > 1
+    is a ConfigError (the memory estimator already models it)."""
     pp_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b", "zero_bubble"] = "1f1b"
     """Pipeline schedule."""
     pp_microbatches: int | None = None

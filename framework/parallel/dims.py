@@ -185,6 +185,43 @@ def _check_tp(dims: ParallelDims, recipe: Recipe) -> None:
             f"must be divisible by parallel.tp={dims.tp} with sequence parallel",
             "change seq_len, or set parallel.sequence_parallel: false",
         )
+    if dims.sequence_parallel:
+        raise _error(
+            "parallel.sequence_parallel",
+            True,
+            "is not yet implemented",
+            "set parallel.sequence_parallel: false",
+        )
+    _check_tp_features(dims, recipe)
+
+
+# Model features whose parameters are not yet split across tensor-parallel ranks consistently: each rank would use
+# (and train) only its heads' share of a replicated parameter, so its gradient would be partial.
+TP_NOT_YET = {
+    "qk_norm": "per-head QK-norm",
+    "learned_temperature": "learned per-head temperature",
+    "soft_distance_bias": "learned soft distance weights",
+}
+
+
+def _check_tp_features(dims: ParallelDims, recipe: Recipe) -> None:
+    m = recipe.model
+    for key, what in TP_NOT_YET.items():
+        if getattr(m, key):
+            raise _error(
+                f"model.{key}", True, f"{what} with parallel.tp > 1 is not yet implemented", "set tp: 1"
+            )
+    if m.position == "relative_bias":
+        raise _error(
+            "model.position",
+            m.position,
+            "T5 relative bias with parallel.tp > 1 is not yet implemented",
+            "set tp: 1",
+        )
+    if m.moe is not None:
+        raise _error(
+            "model.moe", "set", "MoE layers with parallel.tp > 1 are not yet implemented", "set tp: 1"
+        )
 
 
 def _check_pp(dims: ParallelDims, recipe: Recipe) -> None:

@@ -61,9 +61,30 @@ class DistributedTrainModule(TrainModule):
         return contextlib.nullcontext()
 
     def _grad_norm(self) -> torch.Tensor:
-        """The norm over the whole model: a sharded (DTensor) norm is reduced over its mesh by full_tensor();
-        DDP gradients are already identical on every rank after their all-reduce."""
-        norm = super()._grad_norm()
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        return norm
+        """The norm over the whole model. Gradients live on up to three kinds of layout at once (plain replicated
+        tensors, DTensors on the tp mesh, DTensors on the dp or dp x tp mesh) and torch cannot stack norms across
+        them, so each layout's norm is taken by itself, reduced over its mesh by full_tensor(), then combined.
+        Replicated gradients are identical on every rank (DDP's all-reduce, TP's backward all-reduces)."""
+        groups = [[p.grad for p in params] for params in self._params_by_layout()]
+        if not groups:
+            return torch.zeros((), device=self.device)
+        norms = [_full(torch.nn.utils.get_total_norm(g, error_if_nonfinite=False)) for g in groups]
+        return torch.linalg.vector_norm(torch.stack(norms))
+
+    def _clip_grads(self, clip: float, norm: torch.Tensor) -> None:
+        # torch's foreach kernels refuse a list mixing plain tensors and DTensors: scale each layout by itself.
+        for params in self._params_by_layout():
+            torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+
+    def _params_by_layout(self) -> list[list[torch.Tensor]]:
+        """The parameters that have a gradient, grouped by their gradient's mesh (None: plain tensors)."""
+        groups: dict[DeviceMesh | None, list[torch.Tensor]] = {}
+        for p in self._params:
+            if p.grad is not None:
+                key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+                groups.setdefault(key, []).append(p)
+        return list(groups.values())
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t

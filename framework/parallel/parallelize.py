@@ -1,7 +1,7 @@
 """Lay a built model out over a DeviceMesh, in one fixed order.
 
     1. PP split      stages keep the full model's parameter names (delete what a stage does not own)
-    2. TP / SP       DTensor plans on attention, MLP, embeddings and head
+    2. TP            DTensor plans on attention and MLP (sequence parallel, embeddings, head: not yet)
     3. EP            experts over ranks (part 2)
     4. CP            sequence over ranks (part 2)
     5. activation checkpointing
@@ -26,9 +26,17 @@ from torch import nn
 from torch.distributed._composable.replicate import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    parallelize_module,
+)
 from torch.utils.checkpoint import checkpoint
 
 from framework.config import ConfigError, Recipe
+from framework.models.attention import Attention
+from framework.models.mlp import FeedForward
 from framework.parallel.dims import ParallelDims
 
 log = logging.getLogger(__name__)
@@ -67,9 +75,35 @@ def apply_pipeline(model: nn.Module, dims: ParallelDims) -> None:
 
 def apply_tensor_parallel(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh) -> None:
     if dims.tp > 1:
-        raise ConfigError(
-            None, "parallel.tp", dims.tp, "tensor parallelism is not yet implemented", "set tp: 1"
-        )
+        apply_tp(model, mesh["tp"])
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Megatron-style TP of every attention and MLP (ParallelDims has refused what is not split yet).
+
+    Column-parallel q/k/v and w1/w3 take the replicated activation and give each rank its own heads / hidden
+    columns as plain local tensors, so the model code runs unchanged on fewer heads (it reads the local head count
+    from the projection's output); row-parallel wo/w2 all-reduce the partial sums back to a replicated activation.
+    Embeddings, norms and the head stay replicated: the all-reduces in backward hand them identical gradients."""
+    plan: dict[str, ParallelStyle] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Attention):
+            plan.update(_attention_plan(name, module, tp_mesh))
+        elif isinstance(module, FeedForward):
+            plan.update(_mlp_plan(name, module))
+    parallelize_module(model, tp_mesh, plan)
+
+
+def _attention_plan(name: str, attention: Attention, tp_mesh: DeviceMesh) -> dict[str, ParallelStyle]:
+    # ALiBi slopes (and any per-head table) are indexed by global head: this rank holds heads
+    # offset .. offset + n_heads / tp - 1 (ColwiseParallel gives rank r the r-th contiguous block of rows).
+    attention.head_offset = tp_mesh.get_local_rank() * (attention.n_heads // tp_mesh.size())
+    return {f"{name}.{w}": ColwiseParallel() for w in ("wq", "wk", "wv")} | {f"{name}.wo": RowwiseParallel()}
+
+
+def _mlp_plan(name: str, mlp: FeedForward) -> dict[str, ParallelStyle]:
+    columns = ("w1", "w3") if mlp.w3 is not None else ("w1",)
+    return {f"{name}.{w}": ColwiseParallel() for w in columns} | {f"{name}.w2": RowwiseParallel()}
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:

@@ -214,7 +214,7 @@ class TrainModule(BaseTrainModule):
         clip = self.recipe.optim.grad_clip
         if clip > 0:
             # Scales every gradient by min(1, clip / (norm + 1e-6)), using the norm already computed.
-            torch.nn.utils.clip_grads_with_norm_(self._params, clip, norm)
+            self._clip_grads(clip, norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.moe is not None:
@@ -252,6 +252,10 @@ class TrainModule(BaseTrainModule):
     def _grad_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Context of one micro-batch's backward (DDP: no_sync() unless `last`)."""
         return contextlib.nullcontext()
+
+    def _clip_grads(self, clip: float, norm: torch.Tensor) -> None:
+        """Scale every gradient by min(1, clip / (norm + 1e-6)) (a seam: sharded engines group their layouts)."""
+        torch.nn.utils.clip_grads_with_norm_(self._params, clip, norm)
 
     def _grad_norm(self) -> torch.Tensor:
         """Global L2 norm over all gradients (inf/NaN when any gradient is non-finite)."""

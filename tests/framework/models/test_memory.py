@@ -207,7 +207,7 @@ def test_fsdp_divides_weights_grads_and_state() -> None:
 def test_tensor_parallel_and_checkpointing_reduce_activations() -> None:
     recipe = _recipe("llama", "bf16")
     base = activation_breakdown(recipe)["layers"]
-    recipe.parallel.tp = 2
+    recipe.parallel.tp, recipe.parallel.sequence_parallel = 2, True
     assert activation_breakdown(recipe)["layers"] == pytest.approx(
         base / 2, rel=0.03
     )  # RoPE tables replicated

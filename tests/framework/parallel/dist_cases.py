@@ -34,9 +34,10 @@ def fail_on_rank_one() -> int:
 VOCAB, SEQ, GLOBAL_BATCH = 64, 16, 4
 
 
-def tiny_recipe(**parallel: Any) -> Recipe:
+def tiny_recipe(model_overrides: dict[str, Any] | None = None, **parallel: Any) -> Recipe:
     """A 2-block decoder, fp32, dropout 0, clipping active, constant LR; every rank builds it from the seed."""
-    model = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, ffn_hidden=64, max_seq_len=SEQ)
+    sizes = dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, ffn_hidden=64, max_seq_len=SEQ)
+    model = ModelConfig(**sizes | (model_overrides or {}))
     recipe = Recipe(model=model, parallel=ParallelConfig(**parallel))
     recipe.data.seq_len = SEQ
     recipe.train.global_batch_size, recipe.train.micro_batch_size = GLOBAL_BATCH, 1
@@ -69,9 +70,9 @@ def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def parity(steps: int, parallel: dict[str, Any]) -> dict[str, Any]:
+def parity(steps: int, parallel: dict[str, Any], model: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train `steps` steps in this layout and, in the same process, on one process; report the differences."""
-    recipe = tiny_recipe(**parallel)
+    recipe = tiny_recipe(model, **parallel)
     batches = global_batches(steps)
     reference = TrainModule(materialize_model(recipe.model, torch.device("cpu"), 0), recipe, "cpu")
     ref_losses, ref_norms = train_steps(reference, batches)

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from framework.config import ConfigError, ModelConfig, ParallelConfig, Recipe, TrainConfig
+from framework.config.schema import MoEConfig
 from framework.parallel.dims import MESH_DIMS, ParallelDims
 
 
@@ -25,7 +26,7 @@ def dims(world: int, **kwargs: Any) -> ParallelDims:
 def test_dp_shard_fills_the_world() -> None:
     d = dims(8, tp=2)
     assert (d.pp, d.dp_replicate, d.dp_shard, d.cp, d.tp) == (1, 1, 4, 1, 2)
-    assert d.dp == 4 and d.sequence_parallel
+    assert d.dp == 4 and not d.sequence_parallel
     assert tuple(d.sizes()) == MESH_DIMS
 
 
@@ -70,12 +71,35 @@ def test_heads_and_kv_heads_divisible_by_tp() -> None:
 
 
 def test_sequence_divisible_by_tp_only_with_sequence_parallel() -> None:
-    r = recipe(tp=2)
+    r = recipe(tp=2, sequence_parallel=True)
     r.data.seq_len = 15
     with pytest.raises(ConfigError, match="data.seq_len.*sequence parallel"):
         ParallelDims.from_recipe(r, 2)
     r.parallel.sequence_parallel = False
     assert ParallelDims.from_recipe(r, 2).tp == 2
+
+
+def test_sequence_parallel_is_not_yet_implemented() -> None:
+    with pytest.raises(ConfigError, match="parallel.sequence_parallel.*not yet"):
+        dims(2, tp=2, sequence_parallel=True)
+    assert not dims(1, sequence_parallel=True).sequence_parallel  # meaningless without tp: ignored
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("qk_norm", True),
+        ("learned_temperature", True),
+        ("soft_distance_bias", True),
+        ("position", "relative_bias"),
+        ("moe", MoEConfig(n_experts=4, top_k=2, expert_hidden=16)),
+    ],
+)
+def test_tp_refuses_features_not_split_yet(key: str, value: object) -> None:
+    r = recipe(tp=2)
+    setattr(r.model, key, value)
+    with pytest.raises(ConfigError, match=f"model.{key}.*not yet"):
+        ParallelDims.from_recipe(r, 2)
 
 
 def test_layers_split_across_pipeline_stages() -> None:

@@ -13,12 +13,32 @@ LAYOUTS = {
     "fsdp2": (2, {"data_parallel": "fsdp"}),
     "fsdp2_full_ac": (2, {"data_parallel": "fsdp", "activation_checkpointing": "full"}),
 }
+GQA = {"kv_heads": 2, "mlp": "swiglu", "position": "rope"}
+ALIBI = {"position": "alibi", "mlp": "gelu"}
+TP_LAYOUTS = {
+    "tp2_gqa": (2, {"tp": 2}, GQA),
+    "tp2_alibi": (2, {"tp": 2}, ALIBI),
+    "fsdp2xtp2_gqa": (4, {"tp": 2, "data_parallel": "fsdp"}, GQA),
+    "fsdp2xtp2_alibi": (4, {"tp": 2, "data_parallel": "fsdp"}, ALIBI),
+}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_matches_one_process(dist_pool, layout: str) -> None:
     world, parallel = LAYOUTS[layout]
     for result in dist_pool(world).run("dist_cases:parity", 3, parallel):
+        assert result["names_equal"]
+        assert max(result["loss_rel"]) <= 1e-5, result
+        assert max(result["norm_rel"]) <= 1e-5, result
+        assert result["param_rel"] <= 5e-5, result
+        print(layout, result)
+
+
+@pytest.mark.parametrize("layout", list(TP_LAYOUTS))
+def test_tensor_parallel_matches_one_process(dist_pool, layout: str) -> None:
+    """TP alone and FSDP2 x TP: ALiBi proves the heads keep their global slopes (head_offset)."""
+    world, parallel, model = TP_LAYOUTS[layout]
+    for result in dist_pool(world).run("dist_cases:parity", 3, parallel, model):
         assert result["names_equal"]
         assert max(result["loss_rel"]) <= 1e-5, result
         assert max(result["norm_rel"]) <= 1e-5, result
