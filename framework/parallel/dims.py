@@ -198,7 +198,6 @@ def _check_tp(dims: ParallelDims, recipe: Recipe) -> None:
 # Model features whose parameters are not yet split across tensor-parallel ranks consistently: each rank would use
 # (and train) only its heads' share of a replicated parameter, so its gradient would be partial.
 TP_NOT_YET = {
-    "qk_norm": "per-head QK-norm",
     "learned_temperature": "learned per-head temperature",
     "soft_distance_bias": "learned soft distance weights",
 }

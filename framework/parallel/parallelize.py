@@ -30,6 +30,7 @@ from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
     RowwiseParallel,
+    SequenceParallel,
     parallelize_module,
 )
 from torch.utils.checkpoint import checkpoint
@@ -98,7 +99,16 @@ def _attention_plan(name: str, attention: Attention, tp_mesh: DeviceMesh) -> dic
     # ALiBi slopes (and any per-head table) are indexed by global head: this rank holds heads
     # offset .. offset + n_heads / tp - 1 (ColwiseParallel gives rank r the r-th contiguous block of rows).
     attention.head_offset = tp_mesh.get_local_rank() * (attention.n_heads // tp_mesh.size())
-    return {f"{name}.{w}": ColwiseParallel() for w in ("wq", "wk", "wv")} | {f"{name}.wo": RowwiseParallel()}
+    plan = {f"{name}.{w}": ColwiseParallel() for w in ("wq", "wk", "wv")} | {f"{name}.wo": RowwiseParallel()}
+    if attention.q_norm is not None:
+        # QK-norm runs per head on [B, S, local heads, D]: its replicated weight sees only this rank's heads, so
+        # its gradient is partial. SequenceParallel over the heads dim (2) makes the weight a Replicate DTensor
+        # and the input Shard(2), so DTensor sums the weight's gradient over tp ranks; the forward is unchanged.
+        plan |= {
+            f"{name}.{n}": SequenceParallel(sequence_dim=2, use_local_output=True)
+            for n in ("q_norm", "k_norm")
+        }
+    return plan
 
 
 def _mlp_plan(name: str, mlp: FeedForward) -> dict[str, ParallelStyle]:

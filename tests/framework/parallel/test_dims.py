@@ -88,7 +88,6 @@ def test_sequence_parallel_is_not_yet_implemented() -> None:
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        ("qk_norm", True),
         ("learned_temperature", True),
         ("soft_distance_bias", True),
         ("position", "relative_bias"),
