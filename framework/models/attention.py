@@ -139,6 +139,9 @@ class Attention(nn.Module):
         heads, kv_heads, head_dim = cfg.n_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim
         self.n_heads = heads
         self.head_offset = 0
+        self.local_view: Callable[[torch.Tensor], torch.Tensor] = _identity
+        """Hook: this module's heads of a per-head parameter. Tensor parallelism shards log_temperature and
+        distance_weight over heads and sets it to return the local shard (keeps this file free of distributed)."""
         self.head_dim = head_dim
         self.backend = cfg.attention_backend
         self.scale = softmax_scale(cfg)
@@ -220,7 +223,7 @@ class Attention(nn.Module):
         """1 / T_h per local head; None when it is exactly 1 (plain attention)."""
         log_t = getattr(self, "log_temperature", None)
         if log_t is not None:
-            return torch.exp(-log_t.float())
+            return torch.exp(-self.local_view(log_t).float())
         if self.temperature == 1.0:
             return None
         return torch.full((heads,), 1.0 / self.temperature, device=device)
@@ -240,7 +243,7 @@ class Attention(nn.Module):
     def _distance_coefficient(self, heads: int) -> torch.Tensor | None:
         """alibi_slope_h + w_h (both multiply -|p_i - p_j|) for the local heads; None when neither is used."""
         coef = getattr(self, "distance_weight", None)
-        coef = None if coef is None else coef.float()
+        coef = None if coef is None else self.local_view(coef).float()
         if self.alibi:
             # slopes of the global heads head_offset .. head_offset + heads - 1
             slopes = alibi_slopes(self.n_heads)[self.head_offset : self.head_offset + heads]
@@ -251,6 +254,10 @@ class Attention(nn.Module):
     def _local_heads(self, bias: torch.Tensor, heads: int) -> torch.Tensor:
         """This module's heads of a [B, all heads, Sq, Sk] bias (unchanged when it is already local)."""
         return bias if bias.shape[1] == heads else bias.narrow(1, self.head_offset, heads)
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _dense_indices(

@@ -195,21 +195,10 @@ def _check_tp(dims: ParallelDims, recipe: Recipe) -> None:
     _check_tp_features(dims, recipe)
 
 
-# Model features whose parameters are not yet split across tensor-parallel ranks consistently: each rank would use
-# (and train) only its heads' share of a replicated parameter, so its gradient would be partial.
-TP_NOT_YET = {
-    "learned_temperature": "learned per-head temperature",
-    "soft_distance_bias": "learned soft distance weights",
-}
-
-
 def _check_tp_features(dims: ParallelDims, recipe: Recipe) -> None:
+    """What tensor parallelism does not split yet. T5's shared bias table would be read by each rank for its heads
+    only (a partial gradient on a replicated parameter); MoE experts need their own plan (expert parallel)."""
     m = recipe.model
-    for key, what in TP_NOT_YET.items():
-        if getattr(m, key):
-            raise _error(
-                f"model.{key}", True, f"{what} with parallel.tp > 1 is not yet implemented", "set tp: 1"
-            )
     if m.position == "relative_bias":
         raise _error(
             "model.position",

@@ -26,6 +26,7 @@ from torch import nn
 from torch.distributed._composable.replicate import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -99,6 +100,7 @@ def _attention_plan(name: str, attention: Attention, tp_mesh: DeviceMesh) -> dic
     # ALiBi slopes (and any per-head table) are indexed by global head: this rank holds heads
     # offset .. offset + n_heads / tp - 1 (ColwiseParallel gives rank r the r-th contiguous block of rows).
     attention.head_offset = tp_mesh.get_local_rank() * (attention.n_heads // tp_mesh.size())
+    _shard_per_head_params(attention, tp_mesh)
     plan = {f"{name}.{w}": ColwiseParallel() for w in ("wq", "wk", "wv")} | {f"{name}.wo": RowwiseParallel()}
     if attention.q_norm is not None:
         # QK-norm runs per head on [B, S, local heads, D]: its replicated weight sees only this rank's heads, so
@@ -109,6 +111,27 @@ def _attention_plan(name: str, attention: Attention, tp_mesh: DeviceMesh) -> dic
             for n in ("q_norm", "k_norm")
         }
     return plan
+
+
+def _shard_per_head_params(attention: Attention, tp_mesh: DeviceMesh) -> None:
+    """Learned per-head temperature / distance weights: Shard(0) over tp like the heads (contiguous blocks, as
+    ColwiseParallel splits wq), so each rank trains its heads' entries; the module reads them through local_view.
+    Re-registered under the same name so parameter names (checkpoints, init) do not change."""
+    sharded = False
+    for pname in ("log_temperature", "distance_weight"):
+        param = getattr(attention, pname, None)
+        if param is not None:
+            attention.register_parameter(
+                pname, nn.Parameter(distribute_tensor(param.data, tp_mesh, [Shard(0)]))
+            )
+            sharded = True
+    if sharded:
+        attention.local_view = _to_local
+
+
+def _to_local(t: torch.Tensor) -> torch.Tensor:
+    # FSDP2 hands the module its tp-sharded DTensor during forward; to_local keeps the gradient path.
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _mlp_plan(name: str, mlp: FeedForward) -> dict[str, ParallelStyle]:

@@ -88,8 +88,6 @@ def test_sequence_parallel_is_not_yet_implemented() -> None:
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        ("learned_temperature", True),
-        ("soft_distance_bias", True),
         ("position", "relative_bias"),
         ("moe", MoEConfig(n_experts=4, top_k=2, expert_hidden=16)),
     ],

@@ -3,8 +3,9 @@
 
 Tolerances: per-step loss and gradient norm <= 1e-5 relative; parameters after 3 AdamW steps <= 5e-5 relative per
 tensor. Measured: DP layouts loss <= 1.2e-7, parameters <= 3.2e-6 after 6 steps; TP2 and FSDP2 x TP2 loss
-<= 1.2e-7, gradients <= 7.3e-7 per tensor, parameters <= 1e-5 (ALiBi) and 4.2e-5 (GQA + QK-norm, in the MLP) after
-3 steps (Adam divides by sqrt(v), which magnifies the last-bit differences of reduced gradients).
+<= 1.2e-7, gradients <= 7.3e-7 per tensor, parameters after 3 steps <= 1.2e-5 (ALiBi with learned temperature and
+distance weights) and 4.2e-5 (GQA + QK-norm, in the MLP). Adam divides by sqrt(v), which magnifies the last-bit
+differences of reduced gradients.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ LAYOUTS = {
     "fsdp2_full_ac": (2, {"data_parallel": "fsdp", "activation_checkpointing": "full"}),
 }
 GQA = {"kv_heads": 2, "mlp": "swiglu", "position": "rope", "qk_norm": True}  # Llama GQA + Qwen3's QK-norm
-ALIBI = {"position": "alibi", "mlp": "gelu"}
+# learned per-head temperature and distance weights: sharded over heads like the slopes
+ALIBI = {"position": "alibi", "mlp": "gelu", "learned_temperature": True, "soft_distance_bias": True}
 TP_LAYOUTS = {
     "tp2_gqa": (2, {"tp": 2}, GQA),
     "tp2_alibi": (2, {"tp": 2}, ALIBI),
