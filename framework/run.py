@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from framework.config.errors import ConfigError
 from framework.config.loader import dump_recipe
 from framework.config.schema import ModelConfig, Recipe
 from framework.data import Tokenizer, TrainSource, ValidationSource, build_data
@@ -27,6 +28,11 @@ from framework.parallel.parallelize import parallelize
 from framework.train import Trainer, TrainModule, default_callbacks, resolve_device
 
 log = logging.getLogger(__name__)
+
+
+def world_size_of_run() -> int:
+    """Processes in this run (torchrun sets WORLD_SIZE; a plain process is a world of one)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _warn_ignored_layout(recipe: Recipe) -> None:
@@ -47,6 +53,17 @@ def _warn_ignored_layout(recipe: Recipe) -> None:
         )
 
 
+def _refuse_distributed_resume(resume: str | None) -> None:
+    if resume is not None:
+        raise ConfigError(
+            "command line",
+            "--resume",
+            resume,
+            "resuming a multi-process run needs sharded checkpoints, which are not implemented yet",
+            "resume with one process (no --nproc), or start fresh",
+        )
+
+
 def materialize_model(cfg: ModelConfig, device: torch.device, seed: int) -> nn.Module:
     """Build on the meta device (no memory, no init work), allocate on `device`, then initialise every tensor
     from (seed, parameter name) so any later layout holds the same weights."""
@@ -57,11 +74,9 @@ def materialize_model(cfg: ModelConfig, device: torch.device, seed: int) -> nn.M
     return model
 
 
-def train(
-    recipe: Recipe, *, recipe_path: str | Path | None = None, resume: str | None = None
-) -> dict[str, Any]:
+def train(recipe: Recipe, *, resume: str | None = None) -> dict[str, Any]:
     """Train `recipe` in this process; returns the last step's metrics."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = world_size_of_run()
     device = resolve_device(recipe.train.device)
     if world_size == 1:
         # One process trains the whole model; the recipe's parallel section (written for a cluster, e.g. ep: 8)
@@ -70,6 +85,7 @@ def train(
         return _train(recipe, device, TrainModule, dp_rank=0, dp_size=1, rank=0, resume=resume)
     # Every layout rule is checked before any process-group work: a bad layout is one ConfigError, exit 2.
     dims = ParallelDims.from_recipe(recipe, world_size)
+    _refuse_distributed_resume(resume)
     with process_group(device) as device:
         mesh = build_mesh(dims, device.type)
         log.info("layout: %s", dims.describe())
@@ -104,7 +120,16 @@ def _train(
         flops_per_token=flops_per_token(recipe.model, recipe.data.seq_len, training=True),
         resume=resume,
         rank=rank,
+        # The checkpoint writer is single-process: with several ranks each would commit its own shards under the
+        # same name (a race, and a "complete" checkpoint holding part of the state). Sharded DCP saving comes with
+        # the checkpoint work; until then a multi-process run says it writes none rather than write a wrong one.
+        checkpoints=world_size_of_run() == 1,
     )
+    if rank == 0 and world_size_of_run() > 1:
+        warnings.warn(
+            "multi-process run: no checkpoints are written (sharded checkpoints are not implemented)",
+            stacklevel=2,
+        )
     batches = StepBatches(train_source, recipe, dp_rank, dp_size)
     return Trainer(module, batches, callbacks, recipe, dp_size=dp_size).fit() or {}
 

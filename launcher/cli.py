@@ -219,7 +219,7 @@ def run(argv: Sequence[str]) -> int:
         from framework.config.loader import load_recipe
         from framework.run import train
 
-        train(load_recipe(args.recipe, args.overrides), recipe_path=args.recipe, resume=args.resume)
+        train(load_recipe(args.recipe, args.overrides), resume=args.resume)
         return 0
     if args.command == "data":
         _run_data(args)

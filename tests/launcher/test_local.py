@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -25,6 +27,18 @@ def test_train_nproc_2_end_to_end(demo_data: Path, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps if "loss" in s] == [1, 2, 3]  # rank 0 alone logs
+    # Until sharded checkpoints exist a multi-process run writes none (never a racing, partial one) and says so.
+    assert not (tmp_path / "checkpoints").exists()
+    assert "no checkpoints are written" in done.stderr
+
+
+def test_resume_with_several_processes_is_refused(tmp_path: Path) -> None:
+    from framework.config.errors import ConfigError
+    from framework.run import _refuse_distributed_resume
+
+    _refuse_distributed_resume(None)
+    with pytest.raises(ConfigError, match="sharded checkpoints"):
+        _refuse_distributed_resume("auto")
 
 
 def test_bad_layout_is_one_line_before_launch(tmp_path: Path) -> None:

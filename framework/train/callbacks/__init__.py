@@ -21,6 +21,7 @@ def default_callbacks(
     flops_per_token: float | None = None,
     resume: str | Path | None = None,
     rank: int = 0,
+    checkpoints: bool = True,
 ) -> list[Callback]:
     """Logger first (it records a step before anything else may stop the run), then stability, validation,
     checkpoints (a checkpoint at step N then holds that step's validation in the logs)."""
@@ -32,7 +33,8 @@ def default_callbacks(
     ]
     if val_batches is not None:
         callbacks.append(Validation.from_recipe(val_batches, recipe.train))
-    callbacks.append(Checkpointer(recipe, resume=resume, rank=rank))
+    if checkpoints:
+        callbacks.append(Checkpointer(recipe, resume=resume, rank=rank))
     return callbacks
 
 
