@@ -359,7 +359,9 @@ class ParallelConfig:
     """With tp > 1: also shard norms/dropout activations along the sequence. Not yet implemented: true with tp > 1
     is a ConfigError (the memory estimator already models it)."""
     pp_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b", "zero_bubble"] = "1f1b"
-    """Pipeline schedule."""
+    """Pipeline schedule (torch.distributed.pipelining): gpipe (all forwards, then all backwards), 1f1b, and the
+    two-stages-per-rank schedules interleaved_1f1b and zero_bubble (interleaved, with weight gradients deferred
+    into the bubbles); rank r runs stages r and r + pp."""
     pp_microbatches: int | None = None
     """Micro-batches per pipeline step; null = number of stages."""
     pp_layers: list[int] | None = None

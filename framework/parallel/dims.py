@@ -215,6 +215,7 @@ def _check_tp_features(dims: ParallelDims, recipe: Recipe) -> None:
 def _check_pp(dims: ParallelDims, recipe: Recipe) -> None:
     if dims.pp == 1:
         return
+    _check_pp_features(dims, recipe)
     layers, explicit = recipe.model.n_layers, recipe.parallel.pp_layers
     stages = dims.pp_stages
     if explicit is None:
@@ -233,6 +234,41 @@ def _check_pp(dims: ParallelDims, recipe: Recipe) -> None:
             f"needs {stages} entries >= 1 that sum to model.n_layers={layers}",
             f"list the blocks of each of the {stages} stages",
         )
+
+
+def _check_pp_features(dims: ParallelDims, recipe: Recipe) -> None:
+    """What a pipeline cannot split yet: parameters used by two stages (a tied head needs the embedding on the
+    first and the last stage, a T5 bias table is read by every block) would need their gradients summed across
+    stages; MoE router losses are added on every stage (part 2, with expert parallel); DDP has no per-micro-batch
+    gradient-sync switch the pipeline stages can drive (FSDP2 has)."""
+    m, p = recipe.model, recipe.parallel
+    refusals = [
+        (m.tie_embeddings, "model.tie_embeddings", True, "tied embeddings", "set tie_embeddings: false"),
+        (
+            m.position == "relative_bias",
+            "model.position",
+            m.position,
+            "T5 relative bias",
+            "use rope or alibi",
+        ),
+        (
+            m.moe is not None,
+            "model.moe",
+            "set",
+            "MoE layers",
+            "set pp: 1 (MoE with pp comes with expert parallel)",
+        ),
+        (
+            p.data_parallel == "ddp" and dims.dp > 1,
+            "parallel.data_parallel",
+            "ddp",
+            "DDP",
+            "use fsdp or hsdp",
+        ),
+    ]
+    for refused, key, value, what, fix in refusals:
+        if refused:
+            raise _error(key, value, f"{what} with parallel.pp > 1 is not yet supported", fix)
 
 
 def _check_batch(dims: ParallelDims, recipe: Recipe) -> None:

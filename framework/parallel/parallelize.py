@@ -36,10 +36,11 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.utils.checkpoint import checkpoint
 
-from framework.config import ConfigError, Recipe
+from framework.config import Recipe
 from framework.models.attention import Attention
 from framework.models.mlp import FeedForward
 from framework.parallel.dims import ParallelDims
+from framework.parallel.pipeline import PipelineParts, split_for_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, recipe: Recipe) -> nn.Module:
     """Apply every step of the fixed order to `model` (materialised, initialised) and return it."""
     p = recipe.parallel
-    apply_pipeline(model, dims)
+    apply_pipeline(model, dims, mesh, recipe)
     apply_tensor_parallel(model, dims, mesh)
     # EP and CP: ParallelDims refuses ep/cp > 1 until part 2 wires them here.
     apply_activation_checkpointing(model, p.activation_checkpointing)
@@ -68,11 +69,16 @@ def blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def apply_pipeline(model: nn.Module, dims: ParallelDims) -> None:
+def apply_pipeline(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, recipe: Recipe) -> None:
+    """Keep only this pipeline rank's blocks and modules (parameter names unchanged); its stage modules are
+    recorded on the model (`pipeline_parts`) for the FSDP roots below and the pipeline engine."""
     if dims.pp > 1:
-        raise ConfigError(
-            None, "parallel.pp", dims.pp, "pipeline parallelism is not yet implemented", "set pp: 1"
-        )
+        model.pipeline_parts = split_for_pipeline(model, dims, recipe, mesh["pp"].get_local_rank())
+
+
+def pipeline_parts(model: nn.Module) -> PipelineParts | None:
+    """The stages `apply_pipeline` recorded, or None without pipeline parallelism."""
+    return getattr(model, "pipeline_parts", None)
 
 
 def apply_tensor_parallel(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh) -> None:
@@ -182,4 +188,8 @@ def apply_data_parallel(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, 
     shard = functools.partial(fully_shard, mesh=dp_mesh, mp_policy=mixed_precision(dtype))
     for _, block in blocks(model):
         shard(block)
-    shard(model)
+    # A rank running two pipeline stages runs them as two modules: each must be an FSDP root of its own (the root
+    # gathers the non-block parameters and drives the blocks' prefetch); otherwise the rank model is the root.
+    parts = pipeline_parts(model)
+    for root in parts.modules if parts is not None and len(parts.modules) > 1 else [model]:
+        shard(root)
