@@ -24,6 +24,7 @@ from framework.models import build_model, init_weights
 from framework.models.flops import flops_per_token
 from framework.parallel.dims import ParallelDims, build_mesh
 from framework.parallel.engine import DistributedTrainModule
+from framework.parallel.init import init_sharded_weights
 from framework.parallel.parallelize import parallelize
 from framework.train import Trainer, TrainModule, default_callbacks, resolve_device
 
@@ -74,6 +75,21 @@ def materialize_model(cfg: ModelConfig, device: torch.device, seed: int) -> nn.M
     return model
 
 
+def build_parallel_model(
+    recipe: Recipe, dims: ParallelDims, mesh: DeviceMesh, device: torch.device
+) -> nn.Module:
+    """The model laid out over `mesh`, each rank holding only its shards: built on meta, parallelized while it has
+    no storage (TP plans and FSDP2 turn meta parameters into meta DTensors), allocated with `to_empty`, then each
+    rank's shards initialised from (seed, parameter name), equal to `materialize_model`'s weights bitwise.
+    A rank never holds the whole model, so a model larger than one device's memory can be built."""
+    with torch.device("meta"):
+        model = build_model(recipe.model)
+    model = parallelize(model, dims, mesh, recipe)
+    model.to_empty(device=device)
+    init_sharded_weights(model, recipe.model, recipe.train.seed)
+    return model
+
+
 def train(recipe: Recipe, *, resume: str | None = None) -> dict[str, Any]:
     """Train `recipe` in this process; returns the last step's metrics."""
     world_size = world_size_of_run()
@@ -82,13 +98,13 @@ def train(recipe: Recipe, *, resume: str | None = None) -> dict[str, Any]:
         # One process trains the whole model; the recipe's parallel section (written for a cluster, e.g. ep: 8)
         # is not applied, so any recipe can be tried on one machine — but say so, never silently.
         _warn_ignored_layout(recipe)
-        return _train(recipe, device, TrainModule, dp_rank=0, dp_size=1, rank=0, resume=resume)
+        return _train(recipe, device, _single_module, dp_rank=0, dp_size=1, rank=0, resume=resume)
     # Every layout rule is checked before any process-group work: a bad layout is one ConfigError, exit 2.
     dims = ParallelDims.from_recipe(recipe, world_size)
     _refuse_distributed_resume(resume)
     with process_group(device) as device:
         mesh = build_mesh(dims, device.type)
-        log.info("layout: %s", dims.describe())
+        log.info("layout: %s; %s", dims.describe(), describe_rank(mesh))
         module = functools.partial(_distributed_module, dims=dims, mesh=mesh)
         dp_rank = mesh["dp_replicate"].get_local_rank() * dims.dp_shard + mesh["dp_shard"].get_local_rank()
         return _train(
@@ -99,7 +115,7 @@ def train(recipe: Recipe, *, resume: str | None = None) -> dict[str, Any]:
 def _train(
     recipe: Recipe,
     device: torch.device,
-    make_module: Callable[[nn.Module, Recipe, torch.device], TrainModule],
+    make_module: Callable[[Recipe, torch.device], TrainModule],
     *,
     dp_rank: int,
     dp_size: int,
@@ -109,14 +125,15 @@ def _train(
     torch.manual_seed(recipe.train.seed)  # dropout RNG; parameters are seeded by name
     tokenizer = Tokenizer(recipe.data.tokenizer)
     train_source, val_source = build_data(recipe.data, recipe.model, tokenizer)
-    model = materialize_model(recipe.model, device, recipe.train.seed)
-    module = make_module(model, recipe, device)
+    module = make_module(recipe, device)
     if rank == 0:
         _write_resolved_recipe(recipe)
     callbacks = default_callbacks(
         recipe,
-        # Every rank evaluates every held-out batch: sharded models need all ranks in each forward anyway.
         val_batches=None if val_source is None else ValidationBatches(val_source, recipe),
+        # Held-out batches are split over the data-parallel ranks (tp/pp peers evaluate the same ones).
+        dp_rank=dp_rank,
+        dp_size=dp_size,
         flops_per_token=flops_per_token(recipe.model, recipe.data.seq_len, training=True),
         resume=resume,
         rank=rank,
@@ -134,10 +151,24 @@ def _train(
     return Trainer(module, batches, callbacks, recipe, dp_size=dp_size).fit() or {}
 
 
+def _single_module(recipe: Recipe, device: torch.device) -> TrainModule:
+    return TrainModule(materialize_model(recipe.model, device, recipe.train.seed), recipe, device)
+
+
 def _distributed_module(
-    model: nn.Module, recipe: Recipe, device: torch.device, *, dims: ParallelDims, mesh: DeviceMesh
+    recipe: Recipe, device: torch.device, *, dims: ParallelDims, mesh: DeviceMesh
 ) -> TrainModule:
-    return DistributedTrainModule(parallelize(model, dims, mesh, recipe), recipe, device, dims, mesh)
+    model = build_parallel_model(recipe, dims, mesh, device)
+    return DistributedTrainModule(model, recipe, device, dims, mesh)
+
+
+def describe_rank(mesh: DeviceMesh) -> str:
+    """This rank's coordinates on each mesh dimension larger than 1, e.g. 'rank 3: dp_shard 1 tp 1'."""
+    names = mesh.mesh_dim_names or ()
+    coords = [
+        f"{n} {c}" for n, c, s in zip(names, mesh.get_coordinate() or (), mesh.shape, strict=True) if s > 1
+    ]
+    return f"rank {dist.get_rank()}: {' '.join(coords)}"
 
 
 @contextlib.contextmanager

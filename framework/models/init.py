@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -97,23 +98,42 @@ def init_groups(model: nn.Module, cfg: ModelConfig) -> dict[str, tuple[list[str]
 @torch.no_grad()
 def init_weights(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
     """Initialise every parameter in place, and the MoE selection biases (the only buffers; RoPE/sinusoids are
-    computed on the fly) to 0. Stacked expert weights [E, ...] draw each expert's slice from its own generator,
-    seeded by f"{name}.{e}", so an expert-parallel rank holding only some experts gets the same values."""
+    computed on the fly) to 0. Plain tensors only; framework/parallel/init.py does the same for sharded ones."""
+    for _, tensor, value in initial_values(model, cfg, seed):
+        tensor.copy_(value)
+
+
+def initial_values(
+    model: nn.Module, cfg: ModelConfig, seed: int
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, the parameter or buffer, its whole initial value on the CPU) for every tensor `init_weights` sets.
+
+    The value has the tensor's global shape (a DTensor reports its global shape), so a rank holding one shard can
+    cut its part from it: the values depend only on (seed, name), never on the layout. Stacked expert weights
+    [E, ...] draw each expert's slice from its own generator, seeded by f"{name}.{e}", so an expert-parallel rank
+    holding only some experts gets the same values. Computed one tensor at a time (peak memory: one tensor)."""
     params = {canonical_name(name): p for name, p in model.named_parameters()}
     stacked = _stacked_expert_names(model)
     for group in _groups(model, cfg).values():
         for name in group.names:
             param = params[name]
-            if group.fill is not None:
-                param.fill_(group.fill)
-            elif name in stacked:
-                for e in range(param.shape[0]):
-                    param[e].copy_(_normal(param.shape[1:], group.std, seed, f"{name}.{e}"))
-            else:
-                param.copy_(_normal(param.shape, group.std, seed, name))
+            yield name, param, _initial_value(param, group, seed, name, stacked=name in stacked)
     for name, buffer in model.named_buffers():
         if name.endswith("expert_bias"):
-            buffer.zero_()
+            yield canonical_name(name), buffer, torch.zeros(buffer.shape, dtype=buffer.dtype)
+
+
+def _initial_value(
+    param: torch.Tensor, group: _Group, seed: int, name: str, *, stacked: bool
+) -> torch.Tensor:
+    if group.fill is not None:
+        # In the parameter's own dtype, so copying it in equals fill_ (no detour through fp32 rounding).
+        return torch.full(param.shape, group.fill, dtype=param.dtype)
+    if stacked:
+        return torch.stack(
+            [_normal(param.shape[1:], group.std, seed, f"{name}.{e}") for e in range(param.shape[0])]
+        )
+    return _normal(param.shape, group.std, seed, name)
 
 
 def _normal(shape: torch.Size, std: float, seed: int, name: str) -> torch.Tensor:

@@ -77,6 +77,11 @@ class BaseTrainModule(abc.ABC):
     def eval_batch(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed cross-entropy, labelled tokens) of one held-out batch, as device tensors."""
 
+    def global_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """`value` summed over the data-parallel ranks (one process: `value` itself). Collective: every rank
+        calls it. Validation adds up the sums of the held-out batches each data-parallel rank evaluated."""
+        return value
+
     @abc.abstractmethod
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: nested dicts of tensors and JSON-able values."""
@@ -165,6 +170,9 @@ class TrainModule(BaseTrainModule):
             scaler.update()  # backs off when unscale_ found inf/NaN, else counts towards growth
         self.counters.step += 1
         return {**stats, **self._step_report(lr, reason), "labelled_tokens": int(n_labelled)}
+
+    def global_sum(self, value: torch.Tensor) -> torch.Tensor:
+        return self._global_sum(value)
 
     @torch.no_grad()
     def eval_batch(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,8 @@ def default_callbacks(
     resume: str | Path | None = None,
     rank: int = 0,
     checkpoints: bool = True,
+    dp_rank: int = 0,
+    dp_size: int = 1,
 ) -> list[Callback]:
     """Logger first (it records a step before anything else may stop the run), then stability, validation,
     checkpoints (a checkpoint at step N then holds that step's validation in the logs)."""
@@ -32,7 +34,7 @@ def default_callbacks(
         Stability(recipe.train, recipe.logging.run_dir),
     ]
     if val_batches is not None:
-        callbacks.append(Validation.from_recipe(val_batches, recipe.train))
+        callbacks.append(Validation.from_recipe(val_batches, recipe.train, dp_rank=dp_rank, dp_size=dp_size))
     if checkpoints:
         callbacks.append(Checkpointer(recipe, resume=resume, rank=rank))
     return callbacks
