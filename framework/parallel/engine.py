@@ -20,7 +20,9 @@ from torch.distributed.tensor import DTensor
 
 from framework.config import Recipe
 from framework.parallel.dims import ParallelDims
+from framework.parallel.rng import seed_for_rank
 from framework.train.loss import LossOutput
+from framework.train.precision import Precision
 from framework.train.train_module import Batch, TrainModule
 
 DP_DIMS = ("dp_replicate", "dp_shard")
@@ -40,6 +42,10 @@ class DistributedTrainModule(TrainModule):
         self.dims = dims
         self.mesh = mesh  # set before TrainModule.__init__: the MoE balancer binds _global_sum there
         super().__init__(model, recipe, device)
+        # dropout: independent masks per data-parallel rank, identical across tp peers (framework/parallel/rng.py)
+        self.rng_seed = seed_for_rank(recipe.train.seed, mesh)
+        # fp16: every rank takes the same overflow decision and keeps the same loss scale
+        self.precision = Precision(recipe.precision, self.device, process_group=dist.group.WORLD)
 
     def _forward_loss(self, batch: Batch, total_labelled: torch.Tensor) -> LossOutput:
         out = super()._forward_loss(batch, total_labelled)
@@ -69,7 +75,7 @@ class DistributedTrainModule(TrainModule):
         if not groups:
             return torch.zeros((), device=self.device)
         norms = [_full(torch.nn.utils.get_total_norm(g, error_if_nonfinite=False)) for g in groups]
-        return torch.linalg.vector_norm(torch.stack(norms))
+        return _nonfinite_anywhere(torch.linalg.vector_norm(torch.stack(norms)))
 
     def _clip_grads(self, clip: float, norm: torch.Tensor) -> None:
         # torch's foreach kernels refuse a list mixing plain tensors and DTensors: scale each layout by itself.
@@ -84,6 +90,17 @@ class DistributedTrainModule(TrainModule):
                 key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
                 groups.setdefault(key, []).append(p)
         return list(groups.values())
+
+
+def _nonfinite_anywhere(norm: torch.Tensor) -> torch.Tensor:
+    """`norm`, or NaN when any rank's norm is not finite: the skip decision must be one decision.
+    Plain replicated gradients (DDP after its all-reduce, norms and embeddings under TP) are normed on each rank
+    alone, so a fault that corrupts one rank's copy (a bad device, a NaN written after the all-reduce) would
+    otherwise skip the step there and apply it elsewhere, and the replicas would silently diverge. One scalar
+    all-reduce over the whole world per step."""
+    bad = (~torch.isfinite(norm)).float()
+    dist.all_reduce(bad)
+    return torch.where((bad > 0) & torch.isfinite(norm), torch.full_like(norm, float("nan")), norm)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,7 @@ from framework.models.attention import Attention
 from framework.models.mlp import FeedForward
 from framework.parallel.dims import ParallelDims
 from framework.parallel.pipeline import PipelineParts, split_for_pipeline
+from framework.parallel.rng import fork_tp_dropout
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ def pipeline_parts(model: nn.Module) -> PipelineParts | None:
 def apply_tensor_parallel(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh) -> None:
     if dims.tp > 1:
         apply_tp(model, mesh["tp"])
+        # dropout on tp-sharded activations draws its own masks per tp rank (framework/parallel/rng.py)
+        fork_tp_dropout(model, mesh["tp"], sequence_parallel=dims.sequence_parallel)
 
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:

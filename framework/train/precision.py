@@ -4,6 +4,13 @@ Master weights, gradients and optimizer state stay fp32 in every mode; only the 
 bf16/fp16 under autocast. fp16's narrow exponent range needs loss scaling: the loss is multiplied by S before
 backward so small gradients do not flush to zero, gradients are divided by S before clipping and the update, and S
 adapts: x backoff_factor on an overflow (that step is skipped), x growth_factor after growth_interval clean steps.
+
+With several processes the overflow check must be one decision: ranks whose found-inf flags differ back off
+differently and train with different scales from then on. A rank checks only the gradients it holds: torch's
+DTensor dispatch max-reduces the flag over a sharded gradient's own mesh (FSDP2), but plain replicated gradients
+(DDP's, TP's norms and embeddings) are checked on each rank alone, so a fault in one replica would go unseen by
+the others. Given a process group, the scaler is torch's `ShardedGradScaler`, whose unscale_ sums the flag over
+the group (one scalar all-reduce), so every rank skips and rescales alike.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from torch.distributed import ProcessGroup
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from framework.config import PrecisionConfig
 
@@ -21,19 +30,25 @@ _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 class Precision:
     """Autocast context and (fp16 only) the GradScaler, built from the recipe's `precision` section."""
 
-    def __init__(self, cfg: PrecisionConfig, device: torch.device) -> None:
+    def __init__(
+        self, cfg: PrecisionConfig, device: torch.device, process_group: ProcessGroup | None = None
+    ) -> None:
+        """process_group: the ranks that must agree on every overflow (the whole world); None for one process."""
         self.name = cfg.dtype
         self.device = device
         self.autocast_dtype: torch.dtype | None = _DTYPES[cfg.dtype]
         self.scaler: torch.amp.GradScaler | None = None
         if cfg.dtype == "fp16":
-            self.scaler = torch.amp.GradScaler(
-                device.type,
+            options = dict(
                 init_scale=cfg.loss_scale_init,
                 growth_factor=cfg.loss_scale_growth_factor,
                 backoff_factor=cfg.loss_scale_backoff_factor,
                 growth_interval=cfg.loss_scale_growth_interval,
             )
+            if process_group is None:
+                self.scaler = torch.amp.GradScaler(device.type, **options)
+            else:
+                self.scaler = ShardedGradScaler(device.type, process_group=process_group, **options)
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:

@@ -54,6 +54,8 @@ class BaseTrainModule(abc.ABC):
     """What the Trainer needs from an engine. All counts are for this process (rank)."""
 
     device: torch.device
+    rng_seed: int
+    """Seed of torch's default generators (dropout) for this rank; the Trainer seeds them with it on a fresh run."""
 
     @property
     @abc.abstractmethod
@@ -102,6 +104,7 @@ class TrainModule(BaseTrainModule):
         self.model = model
         self.recipe = recipe
         self.precision = Precision(recipe.precision, self.device)
+        self.rng_seed = recipe.train.seed
         self.optimizer = build_optimizer(model, recipe.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, recipe.schedule, recipe.train.steps)
         self.counters = StepCounters()

@@ -60,7 +60,7 @@ class Trainer:
         self.should_stop = False
         if self.train_module.step == 0:
             # Dropout draws from torch's generators: seed them for a fresh run (a resume restores them instead).
-            torch.manual_seed(self.recipe.train.seed)
+            torch.manual_seed(self.train_module.rng_seed)  # per rank: see framework/parallel/rng.py
         try:
             self.emit("on_fit_start")
             self._train_steps()
