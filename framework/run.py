@@ -22,8 +22,8 @@ from framework.config.schema import ModelConfig, Recipe
 from framework.data import Tokenizer, TrainSource, ValidationSource, build_data
 from framework.models import build_model, init_weights
 from framework.models.flops import flops_per_token
+from framework.parallel.build import train_module_for
 from framework.parallel.dims import ParallelDims, build_mesh
-from framework.parallel.engine import DistributedTrainModule
 from framework.parallel.init import init_sharded_weights
 from framework.parallel.parallelize import parallelize
 from framework.train import Trainer, TrainModule, default_callbacks, resolve_device
@@ -159,7 +159,7 @@ def _distributed_module(
     recipe: Recipe, device: torch.device, *, dims: ParallelDims, mesh: DeviceMesh
 ) -> TrainModule:
     model = build_parallel_model(recipe, dims, mesh, device)
-    return DistributedTrainModule(model, recipe, device, dims, mesh)
+    return train_module_for(model, recipe, device, dims, mesh)  # the pipeline engine when pp > 1
 
 
 def describe_rank(mesh: DeviceMesh) -> str:

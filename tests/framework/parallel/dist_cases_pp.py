@@ -9,10 +9,10 @@ import torch.distributed as dist
 from dist_cases import full_params, global_batches, tiny_recipe, train_steps
 
 from framework.config import Recipe
+from framework.parallel.build import train_module_for
 from framework.parallel.dims import ParallelDims, build_mesh
-from framework.parallel.parallelize import parallelize, pipeline_parts
 from framework.parallel.pipeline_engine import PipelineTrainModule
-from framework.run import materialize_model
+from framework.run import build_parallel_model, materialize_model
 from framework.train.train_module import Batch, TrainModule
 
 
@@ -31,8 +31,10 @@ def pp_recipe(parallel: dict[str, Any], model: dict[str, Any] | None, micro_batc
 def build_pipeline_module(recipe: Recipe) -> PipelineTrainModule:
     dims = ParallelDims.from_recipe(recipe, dist.get_world_size())
     mesh = build_mesh(dims, "cpu")
-    model = parallelize(materialize_model(recipe.model, torch.device("cpu"), 0), dims, mesh, recipe)
-    return PipelineTrainModule(model, recipe, "cpu", dims, mesh, pipeline_parts(model))
+    model = build_parallel_model(recipe, dims, mesh, torch.device("cpu"))  # the path `loom train` takes
+    module = train_module_for(model, recipe, torch.device("cpu"), dims, mesh)
+    assert isinstance(module, PipelineTrainModule)
+    return module
 
 
 def with_documents(batches: list[list[Batch]]) -> list[list[Batch]]:
