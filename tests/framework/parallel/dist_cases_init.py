@@ -20,6 +20,8 @@ CPU = torch.device("cpu")
 
 def _layout(parallel: dict[str, Any], model: dict[str, Any] | None) -> tuple[Any, ParallelDims, Any]:
     recipe = tiny_recipe(model, **parallel)
+    if recipe.parallel.pp > 1:
+        recipe.train.micro_batch_size = 2  # split into pp_microbatches (default: pp) pipeline micro-batches
     dims = ParallelDims.from_recipe(recipe, dist.get_world_size())
     return recipe, dims, build_mesh(dims, "cpu")
 
@@ -30,7 +32,7 @@ def _dp_rank(dims: ParallelDims, mesh: Any) -> int:
 
 def init_vs_one_process(parallel: dict[str, Any], model: dict[str, Any] | None = None) -> dict[str, Any]:
     """Meta build + parallelize + to_empty + sharded init, gathered back to whole tensors, against
-    `materialize_model` (one process, plain tensors)."""
+    `materialize_model` (one process, plain tensors). A pipeline rank holds only some of the names."""
     recipe, dims, mesh = _layout(parallel, model)
     built = build_parallel_model(recipe, dims, mesh, CPU)
     reference = materialize_model(recipe.model, CPU, recipe.train.seed)
@@ -39,9 +41,12 @@ def init_vs_one_process(parallel: dict[str, Any], model: dict[str, Any] | None =
     want_buffers = dict(reference.named_buffers())
     return {
         "names": list(got),
+        "all_names": list(want),
         "names_equal": list(got) == list(want) and list(got_buffers) == list(want_buffers),
-        "unequal": [n for n in want if not torch.equal(got[n], want[n])]
-        + [n for n in want_buffers if not torch.equal(got_buffers[n], want_buffers[n])],
+        # a pipeline rank: the full model's names, in the full model's order, minus what it does not own
+        "names_in_order": list(got) == [n for n in want if n in got],
+        "unequal": [n for n in got if not torch.equal(got[n], want[n])]
+        + [n for n in got_buffers if not torch.equal(got_buffers[n], want_buffers[n])],
         "dtensors": sum(isinstance(p, DTensor) for p in built.parameters()),
         "local_numel": sum(_local(p).numel() for p in built.parameters()),
         "full_numel": sum(p.numel() for p in reference.parameters()),

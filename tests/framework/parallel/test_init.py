@@ -22,6 +22,15 @@ LAYOUTS = {
     "fsdp2xtp2_gqa": (4, {"tp": 2, "data_parallel": "fsdp"}, GQA),
     "fsdp2xtp2_alibi": (4, {"tp": 2, "data_parallel": "fsdp"}, ALIBI),
 }
+# pipeline ranks delete what they do not own: each initialises the names it holds, the ranks together all of them
+PP_LAYOUTS = {
+    "pp2_1f1b": (2, {"pp": 2}, {"n_layers": 4}),
+    "pp2xfsdp2_interleaved": (
+        4,
+        {"pp": 2, "data_parallel": "fsdp", "pp_schedule": "interleaved_1f1b", "pp_microbatches": 2},
+        {"n_layers": 4},
+    ),
+}
 
 
 def _model(overrides: dict) -> dict:
@@ -56,3 +65,13 @@ def test_training_from_sharded_init_matches_one_process(dist_pool, layout: str) 
         assert max(result["norm_rel"]) <= 1e-5, result
         assert result["param_rel"] <= 5e-5, result
         print(layout, result)
+
+
+@pytest.mark.parametrize("layout", list(PP_LAYOUTS))
+def test_pipeline_ranks_initialise_what_they_hold_bitwise(dist_pool, layout: str) -> None:
+    world, parallel, model = PP_LAYOUTS[layout]
+    results = dist_pool(world).run("dist_cases_init:init_vs_one_process", parallel, model)
+    for rank, result in enumerate(results):
+        assert result["names_in_order"] and result["unequal"] == [], (rank, result)
+        assert len(result["names"]) < len(result["all_names"])  # really a part of the model
+    assert set().union(*(r["names"] for r in results)) == set(results[0]["all_names"])
