@@ -356,8 +356,9 @@ class ParallelConfig:
     ep: int = 1
     """Expert-parallel size (MoE experts split across ranks)."""
     sequence_parallel: bool = False
-    """With tp > 1: also shard norms/dropout activations along the sequence. Not yet implemented: true with tp > 1
-    is a ConfigError (the memory estimator already models it)."""
+    """With tp > 1: also shard the residual stream along the sequence inside each stack of blocks (norms, dropout
+    and residual adds on S/tp tokens; attention and MLP all-gather their input and reduce-scatter their output).
+    Needs data.seq_len divisible by tp. See framework/parallel/tensor.py."""
     pp_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b", "zero_bubble"] = "1f1b"
     """Pipeline schedule (torch.distributed.pipelining): gpipe (all forwards, then all backwards), 1f1b, and the
     two-stages-per-rank schedules interleaved_1f1b and zero_bubble (interleaved, with weight gradients deferred

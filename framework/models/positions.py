@@ -8,8 +8,10 @@ each forward, so a meta-device build needs no re-initialisation and bf16 casts n
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from framework.config.schema import ModelConfig
@@ -143,11 +145,19 @@ class RelativePositionBias(nn.Embedding):
         super().__init__(cfg.relative_buckets, cfg.n_heads)
         self.bidirectional = bidirectional
         self.max_distance = cfg.relative_max_distance
+        self.local_view: Callable[[torch.Tensor], torch.Tensor] = _identity
+        """Hook: this process's heads (columns) of the table. Tensor parallelism shards it over heads and sets
+        this to return the local shard (keeps this file free of torch.distributed), like Attention.local_view."""
 
     def bias(self, q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor:
-        """Additive attention bias [B, heads, Sq, Sk] from positions [B, Sq] and [B, Sk]."""
+        """Additive attention bias [B, heads, Sq, Sk] (the local heads under tensor parallelism) from positions
+        [B, Sq] and [B, Sk]."""
         relative = k_positions[:, None, :] - q_positions[:, :, None]
         buckets = relative_position_bucket(
             relative, self.bidirectional, self.num_embeddings, self.max_distance
         )
-        return self(buckets).permute(0, 3, 1, 2)
+        return F.embedding(buckets, self.local_view(self.weight)).permute(0, 3, 1, 2)
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t

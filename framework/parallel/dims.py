@@ -12,6 +12,11 @@ Support matrix (families x dimensions; anything else is a ConfigError):
     decoder:          dp_replicate, dp_shard, tp (+ sequence parallel), pp         (cp, ep: part 2)
     encoder:          dp_replicate, dp_shard, tp (+ sequence parallel)             (cp: part 2)
     encoder_decoder:  dp_replicate, dp_shard, tp (+ sequence parallel)
+
+With tp > 1 every model feature is split or replicated correctly (framework/parallel/tensor.py): GQA, QK-norm,
+ALiBi, learned temperature / distance weights, T5 relative bias (sharded by heads), MoE (replicated on tp ranks),
+post-norm, learned / type embeddings, tied heads (replicated). Rules: heads, kv_heads and ffn_hidden divisible by
+tp; an untied vocabulary divisible by tp; seq_len divisible by tp with sequence parallel.
 """
 
 from __future__ import annotations
@@ -185,30 +190,19 @@ def _check_tp(dims: ParallelDims, recipe: Recipe) -> None:
             f"must be divisible by parallel.tp={dims.tp} with sequence parallel",
             "change seq_len, or set parallel.sequence_parallel: false",
         )
-    if dims.sequence_parallel:
-        raise _error(
-            "parallel.sequence_parallel",
-            True,
-            "is not yet implemented",
-            "set parallel.sequence_parallel: false",
-        )
-    _check_tp_features(dims, recipe)
+    _check_tp_vocab(dims, recipe)
 
 
-def _check_tp_features(dims: ParallelDims, recipe: Recipe) -> None:
-    """What tensor parallelism does not split yet. T5's shared bias table would be read by each rank for its heads
-    only (a partial gradient on a replicated parameter); MoE experts need their own plan (expert parallel)."""
+def _check_tp_vocab(dims: ParallelDims, recipe: Recipe) -> None:
+    """An untied embedding and head are split over the vocabulary in equal blocks (loss_parallel's masked
+    lookups assume them); a tied head stays replicated (framework/parallel/tensor.py says why)."""
     m = recipe.model
-    if m.position == "relative_bias":
+    if not m.tie_embeddings and m.vocab_size % dims.tp:
         raise _error(
-            "model.position",
-            m.position,
-            "T5 relative bias with parallel.tp > 1 is not yet implemented",
-            "set tp: 1",
-        )
-    if m.moe is not None:
-        raise _error(
-            "model.moe", "set", "MoE layers with parallel.tp > 1 are not yet implemented", "set tp: 1"
+            "model.vocab_size",
+            m.vocab_size,
+            f"must be divisible by parallel.tp={dims.tp} (the embedding and head are split over the vocabulary)",
+            f"pad the vocabulary to a multiple of {dims.tp}",
         )
 
 

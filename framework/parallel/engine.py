@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 from framework.config import Recipe
 from framework.parallel.dims import ParallelDims
 from framework.parallel.rng import seed_for_rank
+from framework.parallel.tensor import loss_context
 from framework.train.loss import LossOutput
 from framework.train.precision import Precision
 from framework.train.train_module import Batch, TrainModule
@@ -61,10 +62,16 @@ class DistributedTrainModule(TrainModule):
         return value
 
     def _grad_sync(self, last: bool) -> contextlib.AbstractContextManager:
-        """Reduce gradients only on the last micro-batch of a step (replicate and FSDP2 both offer the switch)."""
+        """Reduce gradients only on the last micro-batch of a step (replicate and FSDP2 both offer the switch).
+        The returned context wraps the micro-batch's forward and backward: with vocab-sharded logits it is
+        loss_parallel, which must be active for both."""
         if self.dims.dp > 1:
             self.model.set_requires_gradient_sync(last)
-        return contextlib.nullcontext()
+        return loss_context(self.dims, self.recipe)
+
+    def eval_batch(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        with loss_context(self.dims, self.recipe):  # the head's logits may be sharded over the vocabulary
+            return super().eval_batch(batch)
 
     def _grad_norm(self) -> torch.Tensor:
         """The norm over the whole model. Gradients live on up to three kinds of layout at once (plain replicated

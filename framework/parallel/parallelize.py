@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.distributed._composable.replicate import replicate
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
@@ -36,7 +36,7 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.utils.checkpoint import checkpoint
 
-from framework.config import Recipe
+from framework.config import ConfigError, Recipe
 from framework.models.attention import Attention
 from framework.models.mlp import FeedForward
 from framework.parallel.dims import ParallelDims
@@ -56,7 +56,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, recipe: 
     # EP and CP: ParallelDims refuses ep/cp > 1 until part 2 wires them here.
     apply_activation_checkpointing(model, p.activation_checkpointing)
     apply_compile(model, p.compile)
-    apply_data_parallel(model, dims, mesh, recipe.precision.dtype)
+    apply_data_parallel(model, dims, mesh, recipe.precision.dtype, cpu_offload=p.cpu_offload)
     return model
 
 
@@ -178,17 +178,26 @@ def mixed_precision(dtype: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=DTYPES[dtype], reduce_dtype=torch.float32)
 
 
-def apply_data_parallel(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, dtype: str) -> None:
+def apply_data_parallel(
+    model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, dtype: str, *, cpu_offload: bool = False
+) -> None:
     """DDP (replicate) over dp_replicate; FSDP2 over dp_shard; HSDP over (dp_replicate, dp_shard).
     Each block is its own FSDP unit (its parameters are gathered just before use and freed after), then the root
-    takes what is left (embeddings, final norm, head)."""
+    takes what is left (embeddings, final norm, head). cpu_offload: the sharded parameters, their gradients and
+    the optimizer step live in CPU memory (FSDP2's CPUOffloadPolicy)."""
+    _check_cpu_offload(dims, cpu_offload)
     if dims.dp == 1:
         return
     if dims.data_parallel == "ddp":
         replicate(model, device_mesh=mesh["dp_replicate"])
         return
     dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.data_parallel == "hsdp" else mesh["dp_shard"]
-    shard = functools.partial(fully_shard, mesh=dp_mesh, mp_policy=mixed_precision(dtype))
+    # Pinned host memory makes the copies asynchronous but needs an accelerator (pin_memory raises without one);
+    # on a CPU-only machine the policy still runs FSDP2's offload path (the copies are then no-ops).
+    offload = CPUOffloadPolicy(pin_memory=torch.accelerator.is_available()) if cpu_offload else OffloadPolicy()
+    shard = functools.partial(
+        fully_shard, mesh=dp_mesh, mp_policy=mixed_precision(dtype), offload_policy=offload
+    )
     for _, block in blocks(model):
         shard(block)
     # A rank running two pipeline stages runs them as two modules: each must be an FSDP root of its own (the root
@@ -196,3 +205,15 @@ def apply_data_parallel(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, 
     parts = pipeline_parts(model)
     for root in parts.modules if parts is not None and len(parts.modules) > 1 else [model]:
         shard(root)
+
+
+def _check_cpu_offload(dims: ParallelDims, cpu_offload: bool) -> None:
+    if cpu_offload and (dims.data_parallel == "ddp" or dims.dp_shard == 1):
+        raise ConfigError(
+            None,
+            "parallel.cpu_offload",
+            True,
+            "CPU offload moves FSDP2 shards to the host: it needs data_parallel fsdp or hsdp with dp_shard > 1 "
+            f"(this layout: {dims.data_parallel}, dp_shard {dims.dp_shard})",
+            "set data_parallel: fsdp (or hsdp with dp_shard > 1), or cpu_offload: false",
+        )

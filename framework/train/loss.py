@@ -6,6 +6,11 @@ micro-batches hold different numbers of labelled tokens (a per-micro-batch mean 
 
 z-loss (PaLM, Chowdhery et al. 2022): z * mean over labelled tokens of logsumexp(logits)^2. It pushes the softmax
 normaliser log Z towards 0, keeping logits bounded; it is normalised like the cross-entropy.
+
+Tensor parallelism hands in logits as a DTensor sharded over the vocabulary (framework/parallel/tensor.py). They are
+never gathered: the cross-entropy is torch's loss_parallel one (the caller runs forward and backward inside
+`torch.distributed.tensor.parallel.loss_parallel()`), log Z for the z-loss is built from DTensor reductions that
+exchange one number per token, and the sums come back as plain tensors equal on every tensor-parallel rank.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 IGNORE_INDEX = -100
 
@@ -39,6 +45,8 @@ def loss_sums(logits: torch.Tensor, labels: torch.Tensor, with_z: bool) -> tuple
     """
     logits = logits.float().flatten(0, -2)
     labels = labels.flatten()
+    if isinstance(logits, DTensor):
+        return _vocab_parallel_sums(logits, labels, with_z)
     if not with_z:
         ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
         return ce, logits.new_zeros(())
@@ -48,6 +56,21 @@ def loss_sums(logits: torch.Tensor, labels: torch.Tensor, with_z: bool) -> tuple
     # cross-entropy = log Z - logit[label]; the same log Z feeds the z-loss.
     ce = torch.where(mask, lse - target, 0.0).sum()
     z = torch.where(mask, lse.square(), 0.0).sum()
+    return ce, z
+
+
+def _vocab_parallel_sums(
+    logits: DTensor, labels: torch.Tensor, with_z: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """loss_sums for [N, V] logits sharded over V. loss_parallel's cross-entropy supports ignore_index and sum
+    reduction; torch.logsumexp on a DTensor would all-gather the vocabulary, so log Z = m + log sum exp(x - m) is
+    written with amax/sum, whose partial results DTensor all-reduces ([N] values, not [N, V])."""
+    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum").full_tensor()
+    if not with_z:
+        return ce, ce.new_zeros(())
+    peak = logits.detach().amax(dim=-1, keepdim=True)  # a constant shift: log Z does not depend on it
+    lse = (peak + (logits - peak).exp().sum(dim=-1, keepdim=True).log()).squeeze(-1).full_tensor()
+    z = torch.where(labels != IGNORE_INDEX, lse.square(), 0.0).sum()
     return ce, z
 
 

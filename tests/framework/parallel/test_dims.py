@@ -79,9 +79,8 @@ def test_sequence_divisible_by_tp_only_with_sequence_parallel() -> None:
     assert ParallelDims.from_recipe(r, 2).tp == 2
 
 
-def test_sequence_parallel_is_not_yet_implemented() -> None:
-    with pytest.raises(ConfigError, match="parallel.sequence_parallel.*not yet"):
-        dims(2, tp=2, sequence_parallel=True)
+def test_sequence_parallel_needs_tp() -> None:
+    assert dims(2, tp=2, sequence_parallel=True).sequence_parallel
     assert not dims(1, sequence_parallel=True).sequence_parallel  # meaningless without tp: ignored
 
 
@@ -90,13 +89,13 @@ def test_sequence_parallel_is_not_yet_implemented() -> None:
     [
         ("position", "relative_bias"),
         ("moe", MoEConfig(n_experts=4, top_k=2, expert_hidden=16)),
+        ("tie_embeddings", True),
     ],
 )
-def test_tp_refuses_features_not_split_yet(key: str, value: object) -> None:
-    r = recipe(tp=2)
+def test_tp_accepts_relative_bias_moe_and_tied_heads(key: str, value: object) -> None:
+    r = recipe(tp=2, sequence_parallel=True)
     setattr(r.model, key, value)
-    with pytest.raises(ConfigError, match=f"model.{key}.*not yet"):
-        ParallelDims.from_recipe(r, 2)
+    assert ParallelDims.from_recipe(r, 2).tp == 2
 
 
 def test_layers_split_across_pipeline_stages() -> None:

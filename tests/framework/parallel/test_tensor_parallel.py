@@ -1,0 +1,123 @@
+"""Tensor parallelism (+ sequence parallel, vocab-parallel embedding and head with loss parallel, T5 relative bias,
+MoE, encoder and encoder-decoder families) trains like one process (fp32, gloo), each layout initialised by itself
+from the seed.
+
+Tolerances: per-step loss and gradient norm <= 1e-5 relative (as test_parity.py); every parameter's gradient of
+the first step <= 1e-5 relative per tensor (stricter than a norm: the direct evidence); a held-out batch's
+eval_batch loss sum <= 1e-5; the same parameter names; parameters after 3 AdamW steps <= 1e-4 relative per tensor
+(the issue's bound; test_parity.py's 5e-5 is exceeded by the sequence-parallel GQA and T5 cases, 5.9e-5 and
+6.7e-5, while their first-step gradients agree to 6.8e-7: Adam's first steps are nearly lr * sign(gradient) at
+lr 1e-2 on 0.02-std weights, so entries with near-zero gradients turn last-bit differences into whole steps).
+Gradients that are zero in exact arithmetic (the key bias: softmax ignores a shift shared by all keys) are rounding
+noise in both runs; they are listed by the case, checked to be exactly those, and not compared.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from dist_cases import tiny_recipe
+
+from framework.config import ConfigError
+from framework.config.schema import MoEConfig
+from framework.parallel.dims import ParallelDims
+from framework.parallel.tensor import loss_context, vocab_parallel
+
+GQA = {"kv_heads": 2, "mlp": "swiglu", "position": "rope", "qk_norm": True}  # Llama GQA + Qwen3's QK-norm
+ALIBI = {"position": "alibi", "mlp": "gelu", "learned_temperature": True, "soft_distance_bias": True}
+# recipes/bert-base.yaml, shrunk: post-norm LayerNorm, biases, learned positions, token types, embed_norm,
+# MLM head transform, output bias
+BERT = {
+    "family": "encoder",
+    "mlp": "gelu",
+    "gelu_approximate": "none",
+    "norm": "layernorm",
+    "norm_position": "post",
+    "bias": True,
+    "position": "learned",
+    "type_vocab_size": 2,
+    "embedding_norm": True,
+    "mlm_head_transform": True,
+    "output_bias": True,
+}
+# recipes/t5-base.yaml, shrunk: gated GELU, RMSNorm, no biases, relative buckets, unscaled attention
+T5 = {
+    "family": "encoder_decoder",
+    "n_decoder_layers": 2,
+    "mlp": "geglu",
+    "gelu_approximate": "tanh",
+    "norm": "rmsnorm",
+    "bias": False,
+    "position": "relative_bias",
+    "relative_buckets": 8,
+    "relative_max_distance": 16,
+    "softmax_scale": "none",
+}
+# tests/test_demo_moe.py's router (softmax top-2, aux + router z-loss), 4 small experts, a dense first layer
+MOE = {"mlp": "swiglu", "moe": MoEConfig(n_experts=4, top_k=2, expert_hidden=16, first_dense=1, z_loss=1e-3)}
+TP2, SP = {"tp": 2}, {"tp": 2, "sequence_parallel": True}
+
+# name: (world, parallel, model, batch kind, z-loss)
+CASES: dict[str, tuple[int, dict[str, Any], dict[str, Any], str, float]] = {
+    "tp2_sp_gqa": (2, SP, GQA, "causal", 1e-3),
+    "tp2_sp_alibi": (2, SP, ALIBI, "causal", 0.0),
+    "tp2_untied": (2, TP2, {}, "causal", 1e-3),
+    "tp2_tied": (2, TP2, {"tie_embeddings": True}, "causal", 1e-3),
+    "tp2_sp_untied": (2, SP, {}, "causal", 0.0),
+    "tp2_sp_tied": (2, SP, {"tie_embeddings": True}, "causal", 0.0),
+    "tp2_bert_tied": (2, TP2, BERT | {"tie_embeddings": True}, "mlm", 0.0),
+    "tp2_sp_bert_untied": (2, SP, BERT, "mlm", 0.0),
+    "tp2_t5": (2, TP2, T5, "seq2seq", 0.0),
+    "tp2_sp_t5": (2, SP, T5, "seq2seq", 0.0),
+    "tp2_moe": (2, TP2, MOE, "causal", 0.0),
+    "tp2_sp_moe": (2, SP, MOE, "causal", 0.0),
+    "fsdp2xtp2_sp_gqa": (4, SP | {"data_parallel": "fsdp"}, GQA, "causal", 1e-3),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_tensor_parallel_matches_one_process(dist_pool, case: str) -> None:
+    world, parallel, model, kind, z_loss = CASES[case]
+    results = dist_pool(world).run("dist_cases_tp:parity", 3, parallel, model, kind, z_loss)
+    for result in results:
+        print(case, result)
+        assert result["names_equal"]
+        assert max(result["loss_rel"]) <= 1e-5, result
+        assert max(result["norm_rel"]) <= 1e-5, result
+        assert result["grad_rel"] <= 1e-5, result
+        assert result["eval_rel"] <= 1e-5, result
+        assert result["param_rel"] <= 1e-4, result
+        assert all(n.endswith("attention.wk.bias") for n in result["noise_grads"]), result
+        # an untied head is split over the vocabulary (loss parallel); a tied one stays replicated
+        assert result["logits_sharded"] == (not model.get("tie_embeddings", False)), result
+
+
+# -- layout rules, in process (no process group) -------------------------------------------------------------
+
+
+def test_untied_vocabulary_must_split_evenly_over_tp() -> None:
+    """The vocab-parallel embedding and head take equal blocks of rows: a ConfigError before any process starts."""
+    recipe = tiny_recipe({"vocab_size": 63}, tp=2)
+    with pytest.raises(ConfigError, match="model.vocab_size.*divisible by parallel.tp=2") as err:
+        ParallelDims.from_recipe(recipe, 2)
+    assert err.value.key == "model.vocab_size" and "pad the vocabulary" in str(err.value)
+
+
+def test_tied_head_stays_replicated_with_any_vocabulary() -> None:
+    """A tied head is F.linear on the embedding weight inside the model: it stays replicated (no loss_parallel)."""
+    tied = tiny_recipe({"vocab_size": 63, "tie_embeddings": True}, tp=2, sequence_parallel=True)
+    dims = ParallelDims.from_recipe(tied, 2)
+    assert dims.sequence_parallel and not vocab_parallel(dims, tied)
+    untied = tiny_recipe(tp=2)
+    assert vocab_parallel(ParallelDims.from_recipe(untied, 2), untied)
+    assert type(loss_context(dims, tied)).__name__ == "nullcontext"
+
+
+@pytest.mark.parametrize("family", ["encoder", "encoder_decoder"])
+def test_sequence_parallel_accepted_for_every_family(family: str) -> None:
+    recipe = tiny_recipe({"family": family, "position": "learned"}, tp=2, sequence_parallel=True)
+    assert ParallelDims.from_recipe(recipe, 2).sequence_parallel
+    recipe.data.seq_len = 15
+    with pytest.raises(ConfigError, match="data.seq_len.*sequence parallel"):
+        ParallelDims.from_recipe(recipe, 2)
