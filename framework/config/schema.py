@@ -371,6 +371,10 @@ class ParallelConfig:
     """Recompute activations in backward: none, every block (full), or every other block (selective)."""
     compile: bool = False
     """torch.compile each block (GPU)."""
+    cpu_offload: bool = False
+    """FSDP2/HSDP: keep the sharded parameters, gradients and optimizer step in CPU memory (CPUOffloadPolicy);
+    each block's parameters are copied to the device just for its forward/backward. Saves device memory at the
+    price of host-device copies and a CPU optimizer step. Needs data_parallel fsdp or hsdp with dp_shard > 1."""
 
     def validate(self) -> None:
         for name in ("dp_replicate", "tp", "pp", "cp", "ep"):
