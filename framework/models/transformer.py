@@ -107,10 +107,11 @@ def embed(
     positions: torch.Tensor,
     token_type_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Token + position + type embeddings, embed_norm, dropout. Without `tok_embeddings` (a later pipeline
-    stage) x already holds hidden states and is returned unchanged."""
+    """Token + position + type embeddings, embed_norm, dropout. Without `tok_embeddings`, or when x is already
+    floating point (a later pipeline stage; the last one keeps a tied embedding for its head), x holds hidden
+    states and is returned unchanged."""
     tokens = _optional(model, "tok_embeddings")
-    if tokens is None:
+    if tokens is None or x.is_floating_point():
         return x
     h = tokens(x)
     pos = _optional(model, "pos_embeddings")

@@ -231,13 +231,12 @@ def _check_pp(dims: ParallelDims, recipe: Recipe) -> None:
 
 
 def _check_pp_features(dims: ParallelDims, recipe: Recipe) -> None:
-    """What a pipeline cannot split yet: parameters used by two stages (a tied head needs the embedding on the
-    first and the last stage, a T5 bias table is read by every block) would need their gradients summed across
-    stages; MoE router losses are added on every stage (part 2, with expert parallel); DDP has no per-micro-batch
-    gradient-sync switch the pipeline stages can drive (FSDP2 has)."""
+    """What a pipeline cannot split yet: a T5 bias table is read by the blocks of every stage (its gradients would
+    need summing across all stages; tied heads do get that, between the first and last stage); MoE router losses
+    are added on every stage (part 2, with expert parallel); DDP has no per-micro-batch gradient-sync switch the
+    pipeline stages can drive (FSDP2 has)."""
     m, p = recipe.model, recipe.parallel
     refusals = [
-        (m.tie_embeddings, "model.tie_embeddings", True, "tied embeddings", "set tie_embeddings: false"),
         (
             m.position == "relative_bias",
             "model.position",

@@ -89,31 +89,40 @@ def split_for_pipeline(model: nn.Module, dims: ParallelDims, recipe: Recipe, pp_
     ids = stages_of_rank(pp_rank, dims.pp, p.pp_schedule)
     last = dims.pp_stages - 1
     owned = {b for s in ids for b in per_stage[s]}
-    _prune(model, owned, first=0 in ids, last=last in ids)
+    tied = recipe.model.tie_embeddings
+    _prune(model, owned, _unowned(first=0 in ids, last=last in ids, tied=tied))
     if len(ids) == 1:
         return PipelineParts(ids, dims.pp_stages, [model])
-    views = [_view(model, set(per_stage[s]), first=s == 0, last=s == last) for s in ids]
+    views = [_view(model, set(per_stage[s]), _unowned(first=s == 0, last=s == last, tied=tied)) for s in ids]
     return PipelineParts(ids, dims.pp_stages, views)
 
 
-def _prune(model: nn.Module, blocks: set[int], *, first: bool, last: bool) -> None:
+def _unowned(*, first: bool, last: bool, tied: bool) -> set[str]:
+    """Top-level modules a stage drops. With a tied head the last stage keeps its own copy of `tok_embeddings`
+    (initialised from the same name, so equal): the first and the last stage then sum that weight's gradients
+    before each update (PipelineTrainModule), so the two copies stay identical."""
+    drop = (set() if first else set(FIRST_ONLY)) | (set() if last else set(LAST_ONLY))
+    if tied and last:
+        drop.discard("tok_embeddings")
+    return drop
+
+
+def _prune(model: nn.Module, blocks: set[int], drop: set[str]) -> None:
     for key in [k for k in model.layers if int(k) not in blocks]:
         del model.layers[key]
-    doomed = ([] if first else list(FIRST_ONLY)) + ([] if last else list(LAST_ONLY))
-    for name in doomed:
+    for name in drop:
         if hasattr(model, name):
             delattr(model, name)
 
 
-def _view(model: nn.Module, blocks: set[int], *, first: bool, last: bool) -> nn.Module:
-    """Another instance of the model's class sharing `model`'s modules: the given blocks, the input modules if
-    `first`, the output modules if `last`. Its forward is the model's own forward on fewer modules."""
+def _view(model: nn.Module, blocks: set[int], skip: set[str]) -> nn.Module:
+    """Another instance of the model's class sharing `model`'s modules: the given blocks and every top-level
+    module not in `skip`. Its forward is the model's own forward on fewer modules."""
     view = type(model).__new__(type(model))
     nn.Module.__init__(view)
     for key, value in vars(model).items():
         if not key.startswith("_") and key != "training":
             setattr(view, key, value)  # plain attributes: cfg, causal, n_layers, whole
-    skip = ([] if first else list(FIRST_ONLY)) + ([] if last else list(LAST_ONLY))
     for name, child in model.named_children():
         if name == "layers":
             view.layers = nn.ModuleDict({k: b for k, b in child.items() if int(k) in blocks})

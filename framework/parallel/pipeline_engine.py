@@ -5,6 +5,11 @@ stage the labels, and every stage the keyword inputs (positions, document ids, p
 block need them). The loss exists on the last stage only; its sums are added over the pipeline group (zeros
 elsewhere) so every rank logs the same numbers and takes the same skip decision. The gradient norm is the norm over
 all stages: each rank's squared norm summed over the pipeline group.
+
+A tied head (Megatron's "embedding group"): the first stage embeds with `tok_embeddings.weight`, the last stage
+projects with its own copy of it. Before every update the two copies' gradients are summed (an all-reduce between
+each first-stage rank and the last-stage rank of the same data/tensor coordinates), so both apply the same update
+and stay identical; the norm counts the weight once (on the first stage).
 """
 
 from __future__ import annotations
@@ -12,12 +17,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 from framework.config import Recipe
 from framework.parallel.dims import ParallelDims
-from framework.parallel.engine import DistributedTrainModule
+from framework.parallel.engine import DistributedTrainModule, _full
 from framework.parallel.pipeline import PipelineParts, build_schedule, no_autocast, pp_sum
 from framework.train.loss import compute_loss, count_labelled, loss_sums
 from framework.train.train_module import Batch
@@ -46,6 +53,7 @@ class PipelineTrainModule(DistributedTrainModule):
         self._sums: list[torch.Tensor] = []  # per chunk: [ce, z] (training) or [ce_sum] (evaluation)
         self._parts: dict[int, torch.Tensor] = {}  # id(loss returned to the schedule) -> its logged parts
         self._evaluating = False
+        self._tied = _tied_embedding(model, recipe, mesh)
 
     def train_batch(self, micro_batches: list[Batch]) -> dict[str, Any]:
         if not micro_batches:
@@ -57,6 +65,7 @@ class PipelineTrainModule(DistributedTrainModule):
         with self.precision.autocast():
             for batch in batches:  # gradient accumulation: one schedule run per micro-batch
                 self._run(self.schedule.step, batch)
+        self._sync_tied_grads()
         ce, z = self._last_stage_sums(2)
         tokens = sum(b["input_ids"].numel() for b in batches)
         self.counters.tokens += tokens
@@ -105,14 +114,42 @@ class PipelineTrainModule(DistributedTrainModule):
         return list(pp_sum(local, self.mesh["pp"]).unbind())
 
     def _grad_norm(self) -> torch.Tensor:
-        local = super()._grad_norm()  # this rank's stages, already reduced over dp/tp meshes
+        """This rank's stages (each layout reduced over its dp/tp mesh, as the base engine does), then the
+        squares summed over the pipeline. The last stage's copy of a tied embedding is not counted again."""
+        again = self._tied[0] if self._tied is not None and not self.holds_first else None
+        groups = [[p.grad for p in params if p is not again] for params in self._params_by_layout()]
+        norms = [_full(torch.nn.utils.get_total_norm(g, error_if_nonfinite=False)) for g in groups if g]
+        local = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=self.device)
         return pp_sum(local.float() ** 2, self.mesh["pp"]).sqrt()
+
+    def _sync_tied_grads(self) -> None:
+        if self._tied is None or self._tied[0].grad is None:
+            return
+        param, group = self._tied
+        grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+        dist.all_reduce(grad, group=group)  # in place: to_local() shares the DTensor's storage
 
     def _args(self, batch: Batch) -> tuple[torch.Tensor, ...]:
         return (batch["input_ids"],) if self.holds_first else ()
 
     def _target(self, batch: Batch) -> torch.Tensor | None:
         return batch["labels"] if self.holds_last else None
+
+
+def _tied_embedding(
+    model: nn.Module, recipe: Recipe, mesh: DeviceMesh
+) -> tuple[torch.Tensor, dist.ProcessGroup] | None:
+    """(the tied weight, the group of its two copies) on first- and last-stage ranks of a tied model, else None.
+    Every rank must take part in creating the groups, also those that hold no copy."""
+    if not recipe.model.tie_embeddings or mesh["pp"].size() == 1:
+        return None
+    ranks = mesh.mesh  # [pp, dp_replicate, dp_shard, cp, tp] global ranks
+    pairs = [
+        list(pair) for pair in zip(ranks[0].flatten().tolist(), ranks[-1].flatten().tolist(), strict=True)
+    ]
+    group, _ = dist.new_subgroups_by_enumeration(pairs)
+    embeddings = getattr(model, "tok_embeddings", None)
+    return (embeddings.weight, group) if embeddings is not None and group is not None else None
 
 
 def _kwargs(batch: Batch) -> dict[str, torch.Tensor]:

@@ -18,25 +18,34 @@ from framework.models import build_model
 from framework.parallel.dims import ParallelDims
 from framework.parallel.pipeline import split_for_pipeline, stage_blocks, stages_of_rank
 
-# name: (world size, parallel section, micro-batch size, documents)
+# name: (world size, parallel section, micro-batch size, documents, model overrides)
 LAYOUTS = {
-    "pp2_1f1b": (2, {"pp": 2, "pp_schedule": "1f1b"}, 2, True),
-    "pp2_gpipe": (2, {"pp": 2, "pp_schedule": "gpipe"}, 2, False),
-    "pp2_interleaved": (2, {"pp": 2, "pp_schedule": "interleaved_1f1b"}, 4, True),
-    "pp2_zero_bubble": (2, {"pp": 2, "pp_schedule": "zero_bubble"}, 4, False),
-    "pp2_uneven_full_ac": (2, {"pp": 2, "pp_layers": [3, 1], "activation_checkpointing": "full"}, 2, False),
-    "pp2xfsdp2": (4, {"pp": 2, "dp_shard": 2}, 2, True),
-    "pp2xfsdp2_interleaved": (
+    "pp2_1f1b": (2, {"pp": 2, "pp_schedule": "1f1b"}, 2, True, {}),
+    "pp2_gpipe": (2, {"pp": 2, "pp_schedule": "gpipe"}, 2, False, {}),
+    "pp2_interleaved": (2, {"pp": 2, "pp_schedule": "interleaved_1f1b"}, 4, True, {}),
+    "pp2_zero_bubble": (2, {"pp": 2, "pp_schedule": "zero_bubble"}, 4, False, {}),
+    "pp2_uneven_full_ac": (
+        2,
+        {"pp": 2, "pp_layers": [3, 1], "activation_checkpointing": "full"},
+        2,
+        False,
+        {},
+    ),
+    "pp2_tied": (2, {"pp": 2}, 2, False, {"tie_embeddings": True}),
+    "pp4_tied": (4, {"pp": 4}, 4, True, {"tie_embeddings": True}),
+    "pp2xfsdp2": (4, {"pp": 2, "dp_shard": 2}, 2, True, {}),
+    "pp2xfsdp2_tied_interleaved": (
         4,
         {"pp": 2, "dp_shard": 2, "pp_schedule": "interleaved_1f1b", "pp_microbatches": 2},
         2,
         False,
+        {"tie_embeddings": True},
     ),
-    "pp2xhsdp2": (4, {"pp": 2, "data_parallel": "hsdp", "dp_replicate": 2, "dp_shard": 1}, 2, False),
+    "pp2xhsdp2": (4, {"pp": 2, "data_parallel": "hsdp", "dp_replicate": 2, "dp_shard": 1}, 2, False, {}),
 }
 
 
-def check(results: list[dict], world: int) -> None:
+def check(results: list[dict], world: int, overrides: dict) -> None:
     assert len(results) == world
     for result in results:
         assert result["names_subset"], result
@@ -47,16 +56,18 @@ def check(results: list[dict], world: int) -> None:
     # Together the pipeline ranks hold every parameter of the model.
     held = set().union(*(r["names"] for r in results))
     model = build_model(
-        ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, ffn_hidden=64, max_seq_len=16)
+        ModelConfig(
+            vocab_size=64, d_model=32, n_layers=4, n_heads=4, ffn_hidden=64, max_seq_len=16, **overrides
+        )
     )
     assert held == {n for n, _ in model.named_parameters()}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_pipeline_matches_one_process(dist_pool, layout: str) -> None:
-    world, parallel, micro_batch, documents = LAYOUTS[layout]
-    results = dist_pool(world).run("dist_cases_pp:pp_parity", 3, parallel, None, micro_batch, documents)
-    check(results, world)
+    world, parallel, micro_batch, documents, model = LAYOUTS[layout]
+    results = dist_pool(world).run("dist_cases_pp:pp_parity", 3, parallel, model, micro_batch, documents)
+    check(results, world, model)
 
 
 def test_stage_blocks_even_and_explicit() -> None:
@@ -118,7 +129,6 @@ def test_stage_view_forward_matches_model() -> None:
 @pytest.mark.parametrize(
     ("model", "parallel", "key"),
     [
-        ({"tie_embeddings": True}, {}, "model.tie_embeddings"),
         ({"position": "relative_bias"}, {}, "model.position"),
         ({"moe": MoEConfig(n_experts=4, top_k=2)}, {}, "model.moe"),
         ({}, {"data_parallel": "ddp"}, "parallel.data_parallel"),
