@@ -6,12 +6,17 @@ Every user mistake surfaces as a `ConfigError`, printed as one line on stderr wi
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from framework.config.errors import ConfigError
+from launcher.local import Nodes
 
 EXIT_USER_ERROR = 2
+MULTI_NODE_FLAGS = {"nnodes": "--nnodes", "node_rank": "--node-rank", "master": "--master"}
+_NODES_FIX = "give --nnodes M --node-rank R --master ADDR:PORT together (see docs/launch.md)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -131,6 +136,25 @@ def _check_data_args(args: argparse.Namespace) -> None:
             raise ConfigError("command line", flag, value, "must be >= 1", "use a positive number")
 
 
+def _add_launch_args(train: argparse.ArgumentParser) -> None:
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="worker processes on this machine (torchrun; gloo on CPU, NCCL on GPU); default: this process",
+    )
+    nodes = train.add_argument_group(
+        "several machines without a scheduler (all three, with --nproc; see docs/launch.md)"
+    )
+    nodes.add_argument("--nnodes", type=int, metavar="M", help="machines in the run (the same on every node)")
+    nodes.add_argument("--node-rank", type=int, metavar="R", help="this machine's index, 0 .. M-1")
+    nodes.add_argument(
+        "--master",
+        metavar="ADDR:PORT",
+        help="node 0's address and a free port there (the same on every node)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="loom", description="Loom: pretrain transformer language models from a YAML recipe."
@@ -144,12 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="auto|PATH",
         help="continue from a checkpoint: 'auto' = the newest complete one in the run's checkpoint folder",
     )
-    train.add_argument(
-        "--nproc",
-        type=int,
-        default=1,
-        help="worker processes on this machine (torchrun; gloo on CPU, NCCL on GPU)",
-    )
+    _add_launch_args(train)
     check = commands.add_parser(
         "check", help="validate a recipe; print it resolved, with size, FLOPs and memory"
     )
@@ -185,17 +204,79 @@ def _add_convert(commands: argparse._SubParsersAction) -> None:
     )
 
 
-def _without_nproc(argv: Sequence[str]) -> list[str]:
-    """The worker's command line: this one minus --nproc (each worker trains in its own process)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            out.append(arg)
-    return out
+def _nodes(args: argparse.Namespace) -> Nodes | None:
+    """The multi-node rendezvous of `loom train` (None: one machine), every mistake a ConfigError before launch."""
+    values = {flag: getattr(args, name) for name, flag in MULTI_NODE_FLAGS.items()}
+    given = {flag: value for flag, value in values.items() if value is not None}
+    if args.nproc is not None and args.nproc < 1:
+        raise _cli_error(
+            "--nproc", args.nproc, "must be >= 1", "the worker processes to start on this machine"
+        )
+    if not given:
+        return None
+    if len(given) < len(MULTI_NODE_FLAGS):
+        missing = ", ".join(flag for flag in values if flag not in given)
+        flag, value = next(iter(given.items()))
+        raise _cli_error(flag, value, f"needs {missing} as well", _NODES_FIX)
+    if args.nproc is None:
+        raise _cli_error("--nproc", None, "is required with --nnodes/--node-rank/--master", "add --nproc N")
+    if args.nnodes < 1:
+        raise _cli_error("--nnodes", args.nnodes, "must be >= 1", "the number of machines in the run")
+    if not 0 <= args.node_rank < args.nnodes:
+        rule = f"must be in 0..{args.nnodes - 1} with --nnodes {args.nnodes}"
+        raise _cli_error("--node-rank", args.node_rank, rule, "number the machines 0 .. nnodes-1")
+    return Nodes(args.nnodes, args.node_rank, *_master_address(args.master))
+
+
+def _master_address(value: str) -> tuple[str, int]:
+    """'ADDR:PORT' (an IPv6 address in brackets: '[::1]:29500') -> (ADDR, PORT)."""
+    host, sep, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    fix = "node 0's address and a free port, e.g. --master 10.0.0.1:29500"
+    if not sep or not host or any(c.isspace() for c in host) or not port.isdecimal():
+        raise _cli_error("--master", value, "must be ADDR:PORT", fix)
+    if not 1 <= int(port) <= 65535:
+        raise _cli_error("--master", value, "port must be in 1..65535", fix)
+    return host, int(port)
+
+
+def _cli_error(flag: str, value: object, rule: str, fix: str) -> ConfigError:
+    return ConfigError("command line", flag, value, rule, fix)
+
+
+def _worker_argv(args: argparse.Namespace) -> list[str]:
+    """Each worker's command line: `train` with the recipe, overrides and resume of this one, and none of the
+    launch flags (rebuilt from the parsed arguments, so abbreviations such as --npr cannot leak through)."""
+    argv = ["train", args.recipe]
+    for override in args.overrides:
+        argv += ["--set", override]
+    if args.resume is not None:
+        argv += ["--resume", args.resume]
+    return argv
+
+
+def _launch(args: argparse.Namespace, nodes: Nodes | None) -> int:
+    from framework.config.loader import load_recipe
+    from framework.parallel.dims import ParallelDims
+    from launcher.local import launch
+
+    world_size = args.nproc * (nodes.nnodes if nodes is not None else 1)
+    # A bad layout is one ConfigError here, before any worker starts and each prints it.
+    ParallelDims.from_recipe(load_recipe(args.recipe, args.overrides), world_size)
+    return launch(args.nproc, _worker_argv(args), nodes)
+
+
+def _configure_logging() -> None:
+    """Loom's INFO records (the layout, each rank's coordinates) on stderr, tagged with the rank in a worker."""
+    logger = logging.getLogger("framework")
+    if logger.handlers:  # main() can run several times in one process (tests)
+        return
+    rank = os.environ.get("RANK")
+    handler = logging.StreamHandler()
+    tag = f"[rank {rank}] " if rank is not None else ""
+    handler.setFormatter(logging.Formatter(tag + "%(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def run(argv: Sequence[str]) -> int:
@@ -206,19 +287,14 @@ def run(argv: Sequence[str]) -> int:
 
         print(check(args.recipe, args.overrides))
         return 0
-    if args.command == "train" and args.nproc > 1:
-        from framework.config.loader import load_recipe
-        from framework.parallel.dims import ParallelDims
-        from launcher.local import launch
-
-        # A bad layout is one ConfigError here, before N workers start and each prints it.
-        ParallelDims.from_recipe(load_recipe(args.recipe, args.overrides), args.nproc)
-
-        return launch(args.nproc, _without_nproc(argv))
     if args.command == "train":
+        nodes = _nodes(args)
+        if nodes is not None or (args.nproc or 1) > 1:
+            return _launch(args, nodes)
         from framework.config.loader import load_recipe
         from framework.run import train
 
+        _configure_logging()
         train(load_recipe(args.recipe, args.overrides), resume=args.resume)
         return 0
     if args.command == "data":

@@ -1,4 +1,9 @@
-"""`loom train --nproc N`: start N local workers with torchrun (torch.distributed.run) and relay signals to them.
+"""`loom train --nproc N [--nnodes M --node-rank R --master ADDR:PORT]`: start N local workers with torchrun
+(torch.distributed.run) and relay signals to them.
+
+One machine: a private rendezvous on a free port (torchrun --standalone). Several machines without a scheduler: the
+same command on every node with its own --node-rank; torchrun's static rendezvous meets at node 0's ADDR:PORT (its
+agent hosts the store there), and ranks are node_rank * N + local rank.
 
 torchrun's agent forwards SIGINT/SIGTERM to its workers itself but not SIGUSR1 (the "save a checkpoint now"
 signal), which would kill the agent; so SIGUSR1 goes straight to the workers (the agent's children) and the other
@@ -13,19 +18,40 @@ import signal
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
-def torchrun_command(nproc: int, worker_args: Sequence[str]) -> list[str]:
-    """One node, a private rendezvous on a free port; each worker runs `loom <worker_args>`."""
+@dataclass(frozen=True)
+class Nodes:
+    """A static multi-node rendezvous: this machine is node `node_rank` of `nnodes`; node 0 listens at addr:port."""
+
+    nnodes: int
+    node_rank: int
+    addr: str
+    port: int
+
+
+def torchrun_command(nproc: int, worker_args: Sequence[str], nodes: Nodes | None = None) -> list[str]:
+    """torchrun starting `nproc` workers here, each running `loom <worker_args>`: one node with a private
+    rendezvous, or node `nodes.node_rank` of a static rendezvous (a fixed node count, no elastic membership)."""
+    if nodes is None:
+        rendezvous = ["--standalone"]
+    else:
+        rendezvous = [
+            f"--nnodes={nodes.nnodes}",
+            f"--node-rank={nodes.node_rank}",
+            f"--master-addr={nodes.addr}",
+            f"--master-port={nodes.port}",
+        ]
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
+        *rendezvous,
         f"--nproc-per-node={nproc}",
         "-m",
         "launcher.cli",
@@ -33,9 +59,10 @@ def torchrun_command(nproc: int, worker_args: Sequence[str]) -> list[str]:
     ]
 
 
-def launch(nproc: int, worker_args: Sequence[str]) -> int:
-    """Run the workers to completion; their exit status (0 when all succeeded)."""
-    agent = subprocess.Popen(torchrun_command(nproc, worker_args), env={**os.environ, "OMP_NUM_THREADS": "1"})
+def launch(nproc: int, worker_args: Sequence[str], nodes: Nodes | None = None) -> int:
+    """Run this node's workers to completion; their exit status (0 when all succeeded)."""
+    command = torchrun_command(nproc, worker_args, nodes)
+    agent = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
     def relay(signum: int, frame: FrameType | None) -> None:
         targets = _children(agent.pid) if signum == signal.SIGUSR1 else [agent.pid]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,24 +14,91 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_train_nproc_2_end_to_end(demo_data: Path, tmp_path: Path) -> None:
-    overrides = {
-        "train.steps": 3,
-        "train.micro_batch_size": 8,
-        "train.device": "cpu",
-        "logging.run_dir": str(tmp_path),
-        "logging.progress_bar": False,
-        "logging.tensorboard": False,
-    }
+# Small and fast: 2 blocks, 3 steps; 3 held-out batches split unevenly over the 2 data-parallel ranks.
+OVERRIDES = {
+    "model.n_layers": 2,
+    "train.steps": 3,
+    "train.micro_batch_size": 8,
+    "train.eval_batches": 3,
+    "train.device": "cpu",
+    "logging.tensorboard": False,
+}
+
+
+def _train_command(run_dir: Path, *launch: str, progress_bar: bool = False) -> list[str]:
+    overrides = OVERRIDES | {"logging.run_dir": str(run_dir), "logging.progress_bar": progress_bar}
     sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
-    cmd = [sys.executable, "-m", "launcher.cli", "train", "recipes/debug.yaml", "--nproc", "2", *sets]
+    return [sys.executable, "-m", "launcher.cli", "train", "recipes/debug.yaml", *launch, *sets]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def nproc_2_run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One `loom train --nproc 2` run (layout dp_shard 2): its run directory and stderr."""
+    run_dir = tmp_path_factory.mktemp("nproc2")
+    cmd = _train_command(run_dir, "--nproc", "2")
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps if "loss" in s] == [1, 2, 3]  # rank 0 alone logs
+    return run_dir, done.stderr
+
+
+def test_train_nproc_2_end_to_end(nproc_2_run: tuple[Path, str]) -> None:
+    run_dir, stderr = nproc_2_run
+    steps = _records(run_dir)
+    assert [s["step"] for s in steps if s["kind"] == "train"] == [1, 2, 3]  # rank 0 alone logs
+    assert [s["val_batches"] for s in steps if s["kind"] == "val"] == [3]  # all 3, split over the 2 ranks
     # Until sharded checkpoints exist a multi-process run writes none (never a racing, partial one) and says so.
-    assert not (tmp_path / "checkpoints").exists()
-    assert "no checkpoints are written" in done.stderr
+    assert not (run_dir / "checkpoints").exists()
+    assert "no checkpoints are written" in stderr
+    # every rank names the layout and its own coordinates
+    for rank in (0, 1):
+        assert (
+            f"[rank {rank}] INFO framework.run: layout: world 2 = dp_shard 2 (fsdp); rank {rank}: dp_shard {rank}"
+            in stderr
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_train_like_one_node_with_two_processes(
+    nproc_2_run: tuple[Path, str], tmp_path: Path
+) -> None:
+    """Two launchers on this machine act as two nodes (static rendezvous at node 0's address); the run equals
+    the one-node --nproc 2 run of the same recipe (same data, same layout dp_shard 2)."""
+    master = f"127.0.0.1:{_free_port()}"
+    nodes = []
+    for node_rank in (0, 1):
+        launch = ["--nproc", "1", "--nnodes", "2", "--node-rank", str(node_rank), "--master", master]
+        cmd = _train_command(tmp_path / f"node{node_rank}", *launch, progress_bar=True)
+        nodes.append(
+            subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, err[-3000:]
+    err0, err1 = (err for _, err in outputs)
+
+    records = _records(tmp_path / "node0")
+    assert not (tmp_path / "node1" / "metrics.jsonl").exists()  # rank 0 (on node 0) alone writes metrics
+    reference = _records(nproc_2_run[0])
+    final = [r for r in records if r["kind"] == "train"][-1]
+    want = [r for r in reference if r["kind"] == "train"][-1]
+    assert final["step"] == want["step"] == 3
+    assert final["loss"] == want["loss"]  # the same computation, bit for bit
+    assert [r["val_loss"] for r in records if r["kind"] == "val"] == [
+        r["val_loss"] for r in reference if r["kind"] == "val"
+    ]
+    # rank 0 alone shows the progress bar; each node's worker names the layout and its coordinates
+    assert re.search(r"train: +100%", err0) and not re.search(r"train: +\d+%", err1)
+    assert "[rank 0] INFO framework.run: layout: world 2 = dp_shard 2 (fsdp); rank 0: dp_shard 0" in err0
+    assert "[rank 1] INFO framework.run: layout: world 2 = dp_shard 2 (fsdp); rank 1: dp_shard 1" in err1
 
 
 def test_resume_with_several_processes_is_refused(tmp_path: Path) -> None:
