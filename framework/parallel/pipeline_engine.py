@@ -26,6 +26,7 @@ from framework.config import Recipe
 from framework.parallel.dims import ParallelDims
 from framework.parallel.engine import DistributedTrainModule, _full
 from framework.parallel.pipeline import PipelineParts, build_schedule, no_autocast, pp_sum
+from framework.parallel.tensor import loss_context
 from framework.train.loss import compute_loss, count_labelled, loss_sums
 from framework.train.train_module import Batch
 
@@ -91,7 +92,8 @@ class PipelineTrainModule(DistributedTrainModule):
         The losses the schedule hands back identify the real chunks: on its first run a stage also calls the loss
         function once on placeholder tensors to infer gradient shapes, and that call must not be logged."""
         losses: list[torch.Tensor] = []
-        schedule_call(*self._args(batch), target=self._target(batch), losses=losses, **_kwargs(batch))
+        with loss_context(self.dims, self.recipe):  # vocab-parallel logits: loss forward and backward under it
+            schedule_call(*self._args(batch), target=self._target(batch), losses=losses, **_kwargs(batch))
         self._sums += [self._parts[id(loss)] for loss in losses]
         self._parts.clear()
 
