@@ -49,7 +49,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, recipe: Recipe) -> nn.Module:
-    """Apply every step of the fixed order to `model` (materialised, initialised) and return it."""
+    """Apply every step of the fixed order to `model` and return it. A run passes it on the meta device and
+    initialises each rank's shards afterwards (framework/run.py build_parallel_model): no step may read values."""
     p = recipe.parallel
     apply_pipeline(model, dims, mesh, recipe)
     apply_tensor_parallel(model, dims, mesh)
