@@ -93,7 +93,8 @@ def fork_rng_per_tp_rank(module: nn.Module, tp_rank: int) -> None:
 
     @functools.wraps(forward)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        device = next(module.parameters()).device
+        # the input's device: Dropout has no parameters (and an input may be a DTensor: .device is its local one)
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
         with per_rank_rng(tp_rank, device):
             return forward(*args, **kwargs)
 

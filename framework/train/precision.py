@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import torch
 from torch.distributed import ProcessGroup
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+from torch.distributed.tensor import DTensor
 
 from framework.config import PrecisionConfig
 
@@ -48,7 +50,7 @@ class Precision:
             if process_group is None:
                 self.scaler = torch.amp.GradScaler(device.type, **options)
             else:
-                self.scaler = ShardedGradScaler(device.type, process_group=process_group, **options)
+                self.scaler = LayoutGradScaler(device.type, process_group=process_group, **options)
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
@@ -69,3 +71,31 @@ class Precision:
     def load_state_dict(self, state: dict) -> None:
         if self.scaler is not None and state:
             self.scaler.load_state_dict(state)
+
+
+class LayoutGradScaler(ShardedGradScaler):
+    """torch's ShardedGradScaler (found-inf summed over the process group), unscaling one gradient layout at a
+    time: the foreach unscale kernel refuses a list that mixes plain tensors and DTensors (tensor parallelism
+    keeps norms and embeddings plain, projections as DTensors on the tp mesh), so each layout — plain, or DTensor
+    per mesh — is handed to torch's own `_unscale_grads_` by itself and the found-inf flags are added up."""
+
+    def _unscale_grads_(
+        self,
+        optimizer: torch.optim.Optimizer,
+        inv_scale: torch.Tensor,
+        found_inf: torch.Tensor,
+        allow_fp16: bool = True,
+    ) -> dict[torch.device, torch.Tensor]:
+        layouts: dict[object, list[torch.Tensor]] = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+                    layouts.setdefault(key, []).append(p)
+        found: dict[torch.device, torch.Tensor] = {}
+        # Same parameter order on every rank, so the DTensor layouts' found-inf reductions pair up across ranks.
+        for params in layouts.values() or [[]]:
+            one_layout = SimpleNamespace(param_groups=[{"params": params}])
+            for device, flag in super()._unscale_grads_(one_layout, inv_scale, found_inf, allow_fp16).items():
+                found[device] = found[device] + flag if device in found else flag
+        return found

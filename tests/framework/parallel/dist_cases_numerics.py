@@ -81,7 +81,8 @@ def param_rel(module: TrainModule, ref: TrainModule) -> float:
 
 class DropoutMasks(TorchFunctionMode):
     """Records every F.dropout call as (kind, mask of dropped elements among the non-zero inputs, kept inputs).
-    4-D inputs are attention probabilities (this rank's heads); 3-D ones are [B, S, D] activations."""
+    4-D inputs are attention probabilities (this rank's heads); 3-D ones are [B, S, D] activations (S is this
+    rank's sequence shard under sequence parallelism)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -91,7 +92,7 @@ class DropoutMasks(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         if func is F.dropout:
             x = args[0]
-            kind = "attention" if x.dim() == 4 else "activation"
+            kind = "attention" if x.dim() == 4 else f"activation of {x.shape[1]} tokens"
             self.calls.append((kind, (out == 0) & (x != 0), x != 0))
         return out
 

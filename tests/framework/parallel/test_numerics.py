@@ -10,6 +10,8 @@ import torch
 
 from framework.parallel.rng import mix_seed, per_rank_rng, seed_for_rank
 
+SEQ = 16  # dist_cases.SEQ
+
 TP2_DP2 = {"tp": 2, "data_parallel": "fsdp"}
 P = 0.25
 
@@ -47,22 +49,28 @@ def test_per_rank_rng_covers_sdpa_dropout() -> None:
     assert torch.equal(outs[0], outs[2]) and not torch.equal(outs[0], outs[1])
 
 
-def test_dropout_masks_tp2_x_dp2(dist_pool) -> None:
-    """Replicated activations (embedding, residual stream): tp peers drop the same elements, dp ranks different
-    ones. Attention probabilities (this rank's heads): different on every rank. Rate within 3 sigma of p."""
-    results = dist_pool(4).run("dist_cases_numerics:dropout_masks", TP2_DP2, P)
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2xdp2", "tp2_sp_x_dp2"])
+def test_dropout_masks_tp2_x_dp2(dist_pool, sequence_parallel: bool) -> None:
+    """Replicated activations (embedding; residual stream without sequence parallel): tp peers drop the same
+    elements, dp ranks different ones. Sharded ones (attention probabilities of this rank's heads; the residual
+    stream's sequence shard under sequence parallel): different on every rank. Rate within 3 sigma of p."""
+    parallel = TP2_DP2 | {"sequence_parallel": sequence_parallel}
+    results = dist_pool(4).run("dist_cases_numerics:dropout_masks", parallel, P)
     by = {(r["dp"], r["tp"]): r for r in results}
     assert set(by) == {(0, 0), (0, 1), (1, 0), (1, 1)}
     assert len({r["seed"] for r in results}) == 2  # one seed per dp rank, shared by its tp peers
     n_calls = len(by[0, 0]["calls"])
     kinds = [kind for kind, _, _ in by[0, 0]["calls"]]
-    assert kinds.count("attention") == 2 and kinds.count("activation") == 5  # embedding + 2 per block
+    residual = f"activation of {SEQ // 2 if sequence_parallel else SEQ} tokens"
+    assert kinds[0] == f"activation of {SEQ} tokens"  # the embedding dropout: whole sequence, replicated
+    assert kinds[1:] == ["attention", residual, residual] * 2  # per block
+    replicated = [i == 0 or (kinds[i] == residual and not sequence_parallel) for i in range(len(kinds))]
     dropped = kept_inputs = 0
     for i in range(n_calls):
         mask = {key: r["calls"][i][1] for key, r in by.items()}
         for dp in (0, 1):
             same_tp = torch.equal(mask[dp, 0], mask[dp, 1])
-            assert same_tp == (kinds[i] == "activation"), (i, kinds[i], dp)
+            assert same_tp == replicated[i], (i, kinds[i], dp)
         for tp in (0, 1):
             assert not torch.equal(mask[0, tp], mask[1, tp]), (i, kinds[i], tp)
         for r in results:
@@ -111,8 +119,8 @@ def test_nonfinite_on_one_rank_skips_everywhere(dist_pool, layout: str) -> None:
 
 @pytest.mark.parametrize(
     "parallel",
-    [{"data_parallel": "fsdp"}, {"data_parallel": "ddp"}],
-    ids=["fsdp2", "ddp2"],
+    [{"data_parallel": "fsdp"}, {"data_parallel": "ddp"}, {"tp": 2}],
+    ids=["fsdp2", "ddp2", "tp2"],
 )
 def test_fp16_overflow_on_one_rank_backs_off_everywhere(dist_pool, parallel) -> None:
     """One rank's gradient shard overflows: every rank skips, every scale backs off (1024 -> 512), then grows
