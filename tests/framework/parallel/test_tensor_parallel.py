@@ -93,6 +93,21 @@ def test_tensor_parallel_matches_one_process(dist_pool, case: str) -> None:
         assert result["logits_sharded"] == (not model.get("tie_embeddings", False)), result
 
 
+def test_sequence_parallel_inside_interleaved_pipeline_stages(dist_pool) -> None:
+    """TP2+SP x PP2 interleaved (4 one-block stages, two per rank, documents as a keyword input): every stage
+    starts and ends replicated, the single block of a stage both slices and gathers (dist_cases_pp.pp_parity)."""
+    parallel = {"pp": 2, "tp": 2, "sequence_parallel": True, "pp_schedule": "interleaved_1f1b"}
+    results = dist_pool(4).run("dist_cases_pp:pp_parity", 3, parallel, ALIBI, 4, True)
+    assert sorted(r["stages"] for r in results) == [[0, 2], [0, 2], [1, 3], [1, 3]]
+    for result in results:
+        print("pp2xtp2_sp_interleaved", {k: v for k, v in result.items() if k != "names"})
+        assert result["names_subset"] and result["eval_tokens_equal"]
+        assert max(result["loss_rel"]) <= 1e-5, result
+        assert max(result["norm_rel"]) <= 1e-5, result
+        assert result["eval_rel"] <= 1e-5, result
+        assert result["param_rel"] <= 1e-4, result
+
+
 # -- layout rules, in process (no process group) -------------------------------------------------------------
 
 
