@@ -266,15 +266,16 @@ def _launch(args: argparse.Namespace, nodes: Nodes | None) -> int:
     return launch(args.nproc, _worker_argv(args), nodes)
 
 
-def _configure_logging() -> None:
-    """Loom's INFO records (the layout, each rank's coordinates) on stderr, tagged with the rank in a worker."""
-    logger = logging.getLogger("framework")
-    if logger.handlers:  # main() can run several times in one process (tests)
-        return
+def _configure_worker_logging() -> None:
+    """In a torchrun worker (a process of its own, RANK set): Loom's INFO records (the layout, this rank's
+    coordinates) on stderr, tagged with the rank. A plain `loom train` (and tests calling main in-process) keep
+    Python's default: warnings and errors only."""
     rank = os.environ.get("RANK")
+    logger = logging.getLogger("framework")
+    if rank is None or logger.handlers:
+        return
     handler = logging.StreamHandler()
-    tag = f"[rank {rank}] " if rank is not None else ""
-    handler.setFormatter(logging.Formatter(tag + "%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
 
@@ -294,7 +295,7 @@ def run(argv: Sequence[str]) -> int:
         from framework.config.loader import load_recipe
         from framework.run import train
 
-        _configure_logging()
+        _configure_worker_logging()
         train(load_recipe(args.recipe, args.overrides), resume=args.resume)
         return 0
     if args.command == "data":
