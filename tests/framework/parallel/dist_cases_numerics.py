@@ -3,7 +3,9 @@ non-finite skip, fp16 loss scaling, activation checkpointing, HSDP and the encod
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -17,17 +19,21 @@ from framework.config import Recipe
 from framework.parallel.dims import ParallelDims, build_mesh
 from framework.parallel.engine import DistributedTrainModule
 from framework.parallel.parallelize import apply_activation_checkpointing, parallelize
-from framework.run import materialize_model
+from framework.run import build_parallel_model, materialize_model
 from framework.train.train_module import Batch, TrainModule
 
 # -- helpers ----------------------------------------------------------------------------------------------------
 
 
-def build(recipe: Recipe) -> DistributedTrainModule:
-    """This rank's module for `recipe`, initialised from the seed like every layout."""
+def build(recipe: Recipe, meta: bool = False) -> DistributedTrainModule:
+    """This rank's module for `recipe`, initialised from the seed like every layout; `meta`: the way `loom train`
+    builds it (parallelized on the meta device, then each rank's shards allocated and initialised)."""
     dims = ParallelDims.from_recipe(recipe, dist.get_world_size())
     mesh = build_mesh(dims, "cpu")
-    model = parallelize(materialize_model(recipe.model, torch.device("cpu"), 0), dims, mesh, recipe)
+    if meta:
+        model = build_parallel_model(recipe, dims, mesh, torch.device("cpu"))
+    else:
+        model = parallelize(materialize_model(recipe.model, torch.device("cpu"), 0), dims, mesh, recipe)
     return DistributedTrainModule(model, recipe, "cpu", dims, mesh)
 
 
@@ -137,10 +143,17 @@ def nonfinite_skip(
     ref, module = reference(recipe), build(recipe)
     out: dict[str, Any] = {**coords(module), "skipped": [], "ref_skipped": [], "losses": [], "ref_losses": []}
     for step, batch in enumerate(batches):
-        ref.train_batch(batch)
-        module.train_batch(rank_slice(module, batch))
+        poison = (
+            step == bad_step and param == "input"
+        )  # `value` in the embedding output of rank 1's first sample
+        with (
+            _poisoned_embedding(ref, value, poison),
+            _poisoned_embedding(module, value, poison and _rank() == 1),
+        ):
+            ref.train_batch(batch)
+            module.train_batch(rank_slice(module, batch))
         before = local_params(module)
-        if step == bad_step:
+        if step == bad_step and param != "input":
             inject(ref, param, value)
             if dist.get_rank() == 1:
                 inject(module, param, value)
@@ -155,6 +168,33 @@ def nonfinite_skip(
     out["loss_rel"] = rel(out["losses"], out["ref_losses"])
     out["param_rel"] = param_rel(module, ref)
     return out
+
+
+def _rank() -> int:
+    return dist.get_rank()
+
+
+@contextlib.contextmanager
+def _poisoned_embedding(module: TrainModule, value: float, active: bool) -> Iterator[None]:
+    """While active, the token embedding's first output of the step carries `value` (a bad input on one rank)."""
+    if not active:
+        yield
+        return
+    calls = []
+
+    def hook(_mod: torch.nn.Module, _inp: Any, out: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) > 1:
+            return out
+        out = out.clone()
+        local(out).view(-1)[0] = value
+        return out
+
+    handle = module.model.tok_embeddings.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 # -- 5. fp16 loss scaling -------------------------------------------------------------------------------------
@@ -317,9 +357,9 @@ def family_parity(parallel: dict[str, Any], model: dict[str, Any], steps: int = 
 # -- 6. CPU offload -------------------------------------------------------------------------------------------
 
 
-def offload_state(parallel: dict[str, Any]) -> dict[str, Any]:
+def offload_state(parallel: dict[str, Any], meta: bool = False) -> dict[str, Any]:
     """Whether every FSDP2 parameter of the built model is offloaded, and where its shards and gradients live."""
-    module = build(tiny_recipe(None, **parallel))
+    module = build(tiny_recipe(None, **parallel), meta)
     _step(module, rank_slice(module, global_batches(1)[0]))
     # FSDP2 keeps the policy per parameter on its (private) param group: the one place it is visible
     groups = [m._get_fsdp_state()._fsdp_param_group for m in module.model.modules() if hasattr(m, "unshard")]
@@ -327,4 +367,19 @@ def offload_state(parallel: dict[str, Any]) -> dict[str, Any]:
     return {
         "offloaded": bool(params) and all(fp.offload_to_cpu for fp in params),
         "devices": sorted({str(local(p).device) for p in module.model.parameters()}),
+    }
+
+
+def meta_parity(parallel: dict[str, Any], steps: int = 3) -> dict[str, Any]:
+    """dist_cases.parity for a model built the way `loom train` builds it (meta device, sharded init)."""
+    recipe = tiny_recipe(None, **parallel)
+    batches = global_batches(steps)
+    ref, module = reference(recipe), build(recipe, meta=True)
+    ref_stats = [_step(ref, b) for b in batches]
+    stats = [_step(module, rank_slice(module, b)) for b in batches]
+    return {
+        "loss_rel": rel([s["loss"] for s in stats], [s["loss"] for s in ref_stats]),
+        "norm_rel": rel([s["grad_norm"] for s in stats], [s["grad_norm"] for s in ref_stats]),
+        "param_rel": param_rel(module, ref),
+        "names_equal": list(full_params(module.model)) == list(full_params(ref.model)),
     }

@@ -54,13 +54,16 @@ def test_hsdp_2x2_encoder_decoder_matches_one_process(dist_pool) -> None:
         _check(result)
 
 
-def test_fsdp2_cpu_offload_matches_one_process(dist_pool) -> None:
-    """CPU offload works with CPU training (pinned memory needs an accelerator, so it is off there)."""
+@pytest.mark.parametrize("meta", [False, True], ids=["materialized", "meta_init"])
+def test_fsdp2_cpu_offload_matches_one_process(dist_pool, meta: bool) -> None:
+    """CPU offload works with CPU training (pinned memory needs an accelerator, so it is off there), for a model
+    sharded after materialising and for one built on the meta device as `loom train` builds it."""
     offload = {"data_parallel": "fsdp", "cpu_offload": True}
-    for state in dist_pool(2).run("dist_cases_numerics:offload_state", offload):
+    for state in dist_pool(2).run("dist_cases_numerics:offload_state", offload, meta):
         assert state == {"offloaded": True, "devices": ["cpu"]}, state
-    for result in dist_pool(2).run("dist_cases:parity", 3, offload):
-        print("fsdp2 cpu_offload", result)
+    case = ("dist_cases_numerics:meta_parity", offload) if meta else ("dist_cases:parity", 3, offload)
+    for result in dist_pool(2).run(*case):
+        print("fsdp2 cpu_offload", "meta" if meta else "", result)
         _check(result)
 
 

@@ -98,6 +98,9 @@ NONFINITE = {
     "fsdp2": ({"data_parallel": "fsdp"}, "layers.1.feed_forward.w2.weight", math.inf),
     # TP2: the final norm's weight is replicated over tp (normed on each rank alone)
     "tp2": ({"tp": 2}, "norm.weight", math.nan),
+    # a bad input on one rank (NaN in its embedding output): the loss sums carry it to every rank
+    "fsdp2_input": ({"data_parallel": "fsdp"}, "input", math.nan),
+    "tp2_input": ({"tp": 2}, "input", math.inf),
 }
 
 
@@ -109,7 +112,9 @@ def test_nonfinite_on_one_rank_skips_everywhere(dist_pool, layout: str) -> None:
         assert r["ref_skipped"] == [False, True, False]
         assert r["skipped"] == [False, True, False], r
         assert r["unchanged"], r
-        assert max(r["loss_rel"]) <= 1e-5, r
+        # a bad input makes the step's loss itself non-finite (on every rank: it is a global sum)
+        assert math.isfinite(r["losses"][1]) == (param != "input"), r
+        assert max(r["loss_rel"][0], r["loss_rel"][2]) <= 1e-5, r
         assert r["param_rel"] <= 5e-5, r
         print(layout, r["rank"], r["loss_rel"], r["param_rel"])
 
@@ -173,3 +178,18 @@ def test_checkpointing_saves_fewer_tensors_fsdp2(dist_pool) -> None:
     for counts in dist_pool(2).run("dist_cases_numerics:checkpointing_counts", {"data_parallel": "fsdp"}):
         print(counts)
         _check_checkpointing(counts)
+
+
+def test_trainer_seeds_dropout_from_the_train_module() -> None:
+    """A fresh fit() seeds torch's generators with train_module.rng_seed (per rank under a mesh), not train.seed."""
+    from dist_cases import tiny_recipe
+
+    from framework.run import materialize_model
+    from framework.train import Trainer, TrainModule
+
+    recipe = tiny_recipe()
+    recipe.train.steps = 0
+    module = TrainModule(materialize_model(recipe.model, torch.device("cpu"), 0), recipe, "cpu")
+    module.rng_seed = 12345
+    Trainer(module, [], [], recipe).fit()
+    assert torch.initial_seed() == 12345
