@@ -262,6 +262,15 @@ def _check_pp_features(dims: ParallelDims, recipe: Recipe) -> None:
     for refused, key, value, what, fix in refusals:
         if refused:
             raise _error(key, value, f"{what} with parallel.pp > 1 is not yet supported", fix)
+    if p.pp_schedule == "zero_bubble" and dims.dp > 1:
+        # Measured (tests/framework/parallel): with FSDP2 or HSDP the deferred weight-gradient passes of torch
+        # 2.13's ScheduleInterleavedZeroBubble give gradients ~5% off one process's; with TP alone it is exact.
+        raise _error(
+            "parallel.pp_schedule",
+            p.pp_schedule,
+            "zero_bubble with data parallelism (FSDP2/HSDP) gives wrong gradients in torch 2.13",
+            "use pp_schedule: interleaved_1f1b, or no data parallelism",
+        )
 
 
 def _check_batch(dims: ParallelDims, recipe: Recipe) -> None:

@@ -43,6 +43,7 @@ LAYOUTS = {
     ),
     "pp2xhsdp2": (4, {"pp": 2, "data_parallel": "hsdp", "dp_replicate": 2, "dp_shard": 1}, 2, False, {}),
     "tp2xpp2": (4, {"pp": 2, "tp": 2, "dp_shard": 1}, 2, True, {}),
+    "tp2xpp2_zero_bubble": (4, {"pp": 2, "tp": 2, "dp_shard": 1, "pp_schedule": "zero_bubble"}, 4, False, {}),
     "tp2_sp_xpp2_interleaved": (
         4,
         {"pp": 2, "tp": 2, "dp_shard": 1, "sequence_parallel": True, "pp_schedule": "interleaved_1f1b"},
@@ -143,6 +144,7 @@ def test_stage_view_forward_matches_model() -> None:
         ({}, {"data_parallel": "ddp"}, "parallel.data_parallel"),
         ({"n_layers": 3}, {}, "model.n_layers"),
         ({}, {"pp_layers": [4, 0]}, "parallel.pp_layers"),
+        ({}, {"pp_schedule": "zero_bubble", "dp_shard": 2}, "parallel.pp_schedule"),
     ],
 )
 def test_refused_pipeline_layouts(model: dict, parallel: dict, key: str) -> None:
