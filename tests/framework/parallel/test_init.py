@@ -12,6 +12,10 @@ ALIBI = {"position": "alibi", "mlp": "gelu", "learned_temperature": True, "soft_
 # an odd vocabulary: FSDP2 shards the embedding and head unevenly (33 + 32 rows)
 ODD_VOCAB = {"vocab_size": 65, "bias": True}
 MOE = {"moe": {"n_experts": 4, "top_k": 2, "bias_update_rate": 0.01}}  # stacked experts + expert_bias buffer
+# T5: the relative-bias table sharded by heads over tp
+T5 = {"family": "encoder_decoder", "n_decoder_layers": 2, "mlp": "geglu", "position": "relative_bias"}
+# BERT-like encoder, untied: vocab-parallel embedding, column-parallel head and its output bias
+BERT = {"family": "encoder", "norm": "layernorm", "bias": True, "position": "learned", "output_bias": True}
 
 LAYOUTS = {
     "ddp2": (2, {"data_parallel": "ddp"}, ODD_VOCAB),
@@ -21,6 +25,9 @@ LAYOUTS = {
     "tp2_alibi": (2, {"tp": 2}, ALIBI),
     "fsdp2xtp2_gqa": (4, {"tp": 2, "data_parallel": "fsdp"}, GQA),
     "fsdp2xtp2_alibi": (4, {"tp": 2, "data_parallel": "fsdp"}, ALIBI),
+    "tp2_sp_t5": (2, {"tp": 2, "sequence_parallel": True}, T5),
+    "fsdp2xtp2_bert": (4, {"tp": 2, "data_parallel": "fsdp"}, BERT),
+    "tp2_moe": (2, {"tp": 2}, MOE),
 }
 # pipeline ranks delete what they do not own: each initialises the names it holds, the ranks together all of them
 PP_LAYOUTS = {
