@@ -122,7 +122,7 @@ def _train(
     rank: int,
     resume: str | None,
 ) -> dict[str, Any]:
-    torch.manual_seed(recipe.train.seed)  # dropout RNG; parameters are seeded by name
+    torch.manual_seed(recipe.train.seed)  # Trainer.fit re-seeds dropout per rank (train_module.rng_seed)
     tokenizer = Tokenizer(recipe.data.tokenizer)
     train_source, val_source = build_data(recipe.data, recipe.model, tokenizer)
     module = make_module(recipe, device)
