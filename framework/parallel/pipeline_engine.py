@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 
 from framework.config import Recipe
 from framework.parallel.dims import ParallelDims
-from framework.parallel.engine import DistributedTrainModule, _full
+from framework.parallel.engine import DistributedTrainModule, _full, _nonfinite_anywhere
 from framework.parallel.pipeline import PipelineParts, build_schedule, no_autocast, pp_sum
 from framework.parallel.tensor import loss_context
 from framework.train.loss import compute_loss, count_labelled, loss_sums
@@ -122,7 +122,8 @@ class PipelineTrainModule(DistributedTrainModule):
         groups = [[p.grad for p in params if p is not again] for params in self._params_by_layout()]
         norms = [_full(torch.nn.utils.get_total_norm(g, error_if_nonfinite=False)) for g in groups if g]
         local = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=self.device)
-        return pp_sum(local.float() ** 2, self.mesh["pp"]).sqrt()
+        # plain replicated gradients (tp) are normed per rank: one skip decision for the world (engine.py)
+        return _nonfinite_anywhere(pp_sum(local.float() ** 2, self.mesh["pp"]).sqrt())
 
     def _sync_tied_grads(self) -> None:
         if self._tied is None or self._tied[0].grad is None:

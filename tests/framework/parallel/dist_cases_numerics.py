@@ -383,3 +383,33 @@ def meta_parity(parallel: dict[str, Any], steps: int = 3) -> dict[str, Any]:
         "param_rel": param_rel(module, ref),
         "names_equal": list(full_params(module.model)) == list(full_params(ref.model)),
     }
+
+
+def pp_nonfinite(
+    parallel: dict[str, Any], param: str, value: float, bad_step: int = 1, steps: int = 3
+) -> dict[str, Any]:
+    """nonfinite_skip for a pipeline layout: `value` in the gradient of `param` on the one rank that holds it at
+    tp index 1 (a replicated copy under TP), against one process with the same value at the same step."""
+    from dist_cases_pp import build_pipeline_module, pp_recipe, regroup
+
+    recipe = pp_recipe(parallel, None, 2)
+    batches = global_batches(steps)
+    ref, module = reference(recipe), build_pipeline_module(recipe)
+    victim = param in dict(module.model.named_parameters()) and coords(module)["tp"] == 1
+    out: dict[str, Any] = {**coords(module), "victim": victim, "skipped": [], "losses": [], "ref_losses": []}
+    for step, batch in enumerate(batches):
+        ref.train_batch(batch)
+        module.train_batch(regroup(rank_slice(module, batch), 2))
+        before = local_params(module)
+        if step == bad_step:
+            inject(ref, param, value)
+            if victim:
+                inject(module, param, value)
+        ref_stats, stats = ref.optim_step(), module.optim_step()
+        out["skipped"].append(stats["skipped"])
+        out["losses"].append(stats["loss"])
+        out["ref_losses"].append(ref_stats["loss"])
+        if step == bad_step:
+            out["unchanged"] = all(torch.equal(v, local_params(module)[n]) for n, v in before.items())
+    out["loss_rel"] = rel(out["losses"], out["ref_losses"])
+    return out

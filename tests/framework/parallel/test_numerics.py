@@ -151,6 +151,19 @@ def test_nonfinite_on_one_rank_skips_everywhere(dist_pool, layout: str) -> None:
         print(layout, r["rank"], r["loss_rel"], r["param_rel"])
 
 
+def test_nonfinite_on_one_rank_skips_everywhere_tp2_x_pp2(dist_pool) -> None:
+    """The last stage's final norm is replicated over tp: a NaN in one tp peer's copy must skip the step on all four
+    ranks (both stages), not only on that peer and its pipeline partner."""
+    results = dist_pool(4).run(
+        "dist_cases_numerics:pp_nonfinite", {"tp": 2, "pp": 2}, "norm.weight", math.nan
+    )
+    assert sum(r["victim"] for r in results) == 1
+    for r in results:
+        assert r["skipped"] == [False, True, False], r
+        assert r["unchanged"], r
+        assert max(r["loss_rel"]) <= 1e-5, r
+
+
 # -- 5. fp16 loss scaling and bf16 parameters under FSDP2 -------------------------------------------------------
 
 
