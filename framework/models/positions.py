@@ -156,7 +156,11 @@ class RelativePositionBias(nn.Embedding):
         buckets = relative_position_bucket(
             relative, self.bidirectional, self.num_embeddings, self.max_distance
         )
-        return F.embedding(buckets, self.local_view(self.weight)).permute(0, 3, 1, 2)
+        return self(buckets).permute(0, 3, 1, 2)
+
+    def forward(self, buckets: torch.Tensor) -> torch.Tensor:
+        """Bucket ids [...] -> this process's heads' biases [..., heads]."""
+        return F.embedding(buckets, self.local_view(self.weight))
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,8 @@ Support matrix (families x dimensions; anything else is a ConfigError):
 
 With tp > 1 every model feature is split or replicated correctly (framework/parallel/tensor.py): GQA, QK-norm,
 ALiBi, learned temperature / distance weights, T5 relative bias (sharded by heads), MoE (replicated on tp ranks),
-post-norm, learned / type embeddings, tied heads (replicated). Rules: heads, kv_heads and ffn_hidden divisible by
-tp; an untied vocabulary divisible by tp; seq_len divisible by tp with sequence parallel.
+post-norm, learned / type embeddings, tied heads. Rules: heads, kv_heads, ffn_hidden and vocab_size divisible by
+tp; seq_len divisible by tp with sequence parallel.
 """
 
 from __future__ import annotations
@@ -194,10 +194,9 @@ def _check_tp(dims: ParallelDims, recipe: Recipe) -> None:
 
 
 def _check_tp_vocab(dims: ParallelDims, recipe: Recipe) -> None:
-    """An untied embedding and head are split over the vocabulary in equal blocks (loss_parallel's masked
-    lookups assume them); a tied head stays replicated (framework/parallel/tensor.py says why)."""
+    """The embedding and head (tied or not) are split over the vocabulary in equal blocks of rows."""
     m = recipe.model
-    if not m.tie_embeddings and m.vocab_size % dims.tp:
+    if m.vocab_size % dims.tp:
         raise _error(
             "model.vocab_size",
             m.vocab_size,

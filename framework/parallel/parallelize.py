@@ -1,7 +1,7 @@
 """Lay a built model out over a DeviceMesh, in one fixed order.
 
     1. PP split      stages keep the full model's parameter names (delete what a stage does not own)
-    2. TP            DTensor plans on attention and MLP (sequence parallel, embeddings, head: not yet)
+    2. TP / SP       DTensor plans: attention, MLP, vocab-parallel embedding and head, sequence-parallel norms
     3. EP            experts over ranks (part 2)
     4. CP            sequence over ranks (part 2)
     5. activation checkpointing
@@ -26,22 +26,13 @@ from torch import nn
 from torch.distributed._composable.replicate import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    ParallelStyle,
-    RowwiseParallel,
-    SequenceParallel,
-    parallelize_module,
-)
 from torch.utils.checkpoint import checkpoint
 
 from framework.config import ConfigError, Recipe
-from framework.models.attention import Attention
-from framework.models.mlp import FeedForward
 from framework.parallel.dims import ParallelDims
 from framework.parallel.pipeline import PipelineParts, split_for_pipeline
 from framework.parallel.rng import fork_tp_dropout
+from framework.parallel.tensor import apply_tp, vocab_parallel
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +44,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, recipe: 
     initialises each rank's shards afterwards (framework/run.py build_parallel_model): no step may read values."""
     p = recipe.parallel
     apply_pipeline(model, dims, mesh, recipe)
-    apply_tensor_parallel(model, dims, mesh)
+    apply_tensor_parallel(model, dims, mesh, recipe)
     # EP and CP: ParallelDims refuses ep/cp > 1 until part 2 wires them here.
     apply_activation_checkpointing(model, p.activation_checkpointing)
     apply_compile(model, p.compile)
@@ -83,70 +74,13 @@ def pipeline_parts(model: nn.Module) -> PipelineParts | None:
     return getattr(model, "pipeline_parts", None)
 
 
-def apply_tensor_parallel(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh) -> None:
+def apply_tensor_parallel(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, recipe: Recipe) -> None:
+    """TP (+ sequence parallel, vocab-parallel embedding and head): framework/parallel/tensor.py."""
     if dims.tp > 1:
-        apply_tp(model, mesh["tp"])
+        vocab = vocab_parallel(dims, recipe)
+        apply_tp(model, mesh["tp"], sequence_parallel=dims.sequence_parallel, vocab=vocab)
         # dropout on tp-sharded activations draws its own masks per tp rank (framework/parallel/rng.py)
         fork_tp_dropout(model, mesh["tp"], sequence_parallel=dims.sequence_parallel)
-
-
-def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
-    """Megatron-style TP of every attention and MLP (ParallelDims has refused what is not split yet).
-
-    Column-parallel q/k/v and w1/w3 take the replicated activation and give each rank its own heads / hidden
-    columns as plain local tensors, so the model code runs unchanged on fewer heads (it reads the local head count
-    from the projection's output); row-parallel wo/w2 all-reduce the partial sums back to a replicated activation.
-    Embeddings, norms and the head stay replicated: the all-reduces in backward hand them identical gradients."""
-    plan: dict[str, ParallelStyle] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, Attention):
-            plan.update(_attention_plan(name, module, tp_mesh))
-        elif isinstance(module, FeedForward):
-            plan.update(_mlp_plan(name, module))
-    parallelize_module(model, tp_mesh, plan)
-
-
-def _attention_plan(name: str, attention: Attention, tp_mesh: DeviceMesh) -> dict[str, ParallelStyle]:
-    # ALiBi slopes (and any per-head table) are indexed by global head: this rank holds heads
-    # offset .. offset + n_heads / tp - 1 (ColwiseParallel gives rank r the r-th contiguous block of rows).
-    attention.head_offset = tp_mesh.get_local_rank() * (attention.n_heads // tp_mesh.size())
-    _shard_per_head_params(attention, tp_mesh)
-    plan = {f"{name}.{w}": ColwiseParallel() for w in ("wq", "wk", "wv")} | {f"{name}.wo": RowwiseParallel()}
-    if attention.q_norm is not None:
-        # QK-norm runs per head on [B, S, local heads, D]: its replicated weight sees only this rank's heads, so
-        # its gradient is partial. SequenceParallel over the heads dim (2) makes the weight a Replicate DTensor
-        # and the input Shard(2), so DTensor sums the weight's gradient over tp ranks; the forward is unchanged.
-        plan |= {
-            f"{name}.{n}": SequenceParallel(sequence_dim=2, use_local_output=True)
-            for n in ("q_norm", "k_norm")
-        }
-    return plan
-
-
-def _shard_per_head_params(attention: Attention, tp_mesh: DeviceMesh) -> None:
-    """Learned per-head temperature / distance weights: Shard(0) over tp like the heads (contiguous blocks, as
-    ColwiseParallel splits wq), so each rank trains its heads' entries; the module reads them through local_view.
-    Re-registered under the same name so parameter names (checkpoints, init) do not change."""
-    sharded = False
-    for pname in ("log_temperature", "distance_weight"):
-        param = getattr(attention, pname, None)
-        if param is not None:
-            attention.register_parameter(
-                pname, nn.Parameter(distribute_tensor(param.data, tp_mesh, [Shard(0)]))
-            )
-            sharded = True
-    if sharded:
-        attention.local_view = _to_local
-
-
-def _to_local(t: torch.Tensor) -> torch.Tensor:
-    # FSDP2 hands the module its tp-sharded DTensor during forward; to_local keeps the gradient path.
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _mlp_plan(name: str, mlp: FeedForward) -> dict[str, ParallelStyle]:
-    columns = ("w1", "w3") if mlp.w3 is not None else ("w1",)
-    return {f"{name}.{w}": ColwiseParallel() for w in columns} | {f"{name}.w2": RowwiseParallel()}
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:

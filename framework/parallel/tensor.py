@@ -15,9 +15,11 @@ the [B, S, V] logits are never gathered (see `loss_context` and framework/train/
 embeddings, embed_norm, head_transform and the final norm stay replicated: their inputs are replicated and the
 gradients reaching them are identical on every tp rank (the backward all-reduces of the TP regions).
 
-A tied head (`model.tie_embeddings`) keeps the embedding and head replicated, with full logits: the model computes
-it as F.linear(h, tok_embeddings.weight) inside its forward, where a vocab-sharded weight would meet a plain
-activation. Correct, but without the vocabulary split of memory and compute.
+A tied head (`model.tie_embeddings`) is F.linear(h, tok_embeddings.weight, output_bias) inside the model's forward.
+The shared weight is the vocab-sharded embedding's, `output_bias` is sharded the same way, and the module that
+produces h hands it on as a Replicate DTensor (PrepareModuleOutput), so DTensor computes the product as a
+column-parallel matmul: logits sharded over the vocabulary, h's gradient all-reduced, and the weight's gradient the
+sum of its (row-sharded) embedding and head parts.
 
 Sequence parallelism (`parallel.sequence_parallel`) shards the residual stream along the sequence *inside each
 stack*: the stack's input (embeddings) stays replicated, so positions, the T5 bias and the decoder's second
@@ -62,7 +64,7 @@ SEQ = Shard(1)
 
 def vocab_parallel(dims: ParallelDims, recipe: Recipe) -> bool:
     """Whether the embedding and head are split over the vocabulary (and the loss runs under loss_parallel)."""
-    return dims.tp > 1 and not recipe.model.tie_embeddings
+    return dims.tp > 1
 
 
 def loss_context(dims: ParallelDims, recipe: Recipe) -> contextlib.AbstractContextManager:
@@ -87,9 +89,14 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool, 
     if vocab:
         plan |= _vocab_plan(model)
     parallelize_module(model, tp_mesh, plan)
+    embeddings = getattr(model, "tok_embeddings", None)
+    if vocab and embeddings is not None:
+        embeddings.register_forward_pre_hook(_keep_weight_grad_sharded)
     if sequence_parallel:
         for stack in _stacks(model):
             _shard_sequence_inside(stack, tp_mesh)
+    if vocab and model.cfg.tie_embeddings:
+        _tie_vocab_parallel(model, tp_mesh)  # after the stack boundaries: its hook must run last
 
 
 def _attention_plan(
@@ -123,18 +130,19 @@ def _attention_plan(
 def _shard_heads(module: nn.Module, names: tuple[str, ...], dim: int, tp_mesh: DeviceMesh) -> None:
     """Per-head parameters (attention temperature / distance weights: dim 0; the T5 bias table [buckets, heads]:
     dim 1) sharded like the heads (contiguous blocks, as ColwiseParallel splits wq), so each rank trains its
-    heads' entries and the module reads them through `local_view`. Re-registered under the same name so
-    parameter names (checkpoints, init) do not change."""
-    sharded = False
-    for pname in names:
-        param = getattr(module, pname, None)
-        if param is not None:
-            module.register_parameter(
-                pname, nn.Parameter(distribute_tensor(param.data, tp_mesh, [Shard(dim)]))
-            )
-            sharded = True
-    if sharded:
+    heads' entries and the module reads them through `local_view`."""
+    if _shard(module, names, dim, tp_mesh):
         module.local_view = _to_local
+
+
+def _shard(module: nn.Module, names: tuple[str, ...], dim: int, tp_mesh: DeviceMesh) -> bool:
+    """Shard(dim) the named parameters that exist; re-registered under the same name so parameter names
+    (checkpoints, init) do not change. Whether any was sharded."""
+    found = [n for n in names if getattr(module, n, None) is not None]
+    for pname in found:
+        param = getattr(module, pname)
+        module.register_parameter(pname, nn.Parameter(distribute_tensor(param.data, tp_mesh, [Shard(dim)])))
+    return bool(found)
 
 
 def _to_local(t: torch.Tensor) -> torch.Tensor:
@@ -177,6 +185,54 @@ def _vocab_plan(model: nn.Module) -> dict[str, ParallelStyle]:
     if getattr(model, "output", None) is not None:
         plan["output"] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
     return plan
+
+
+def _tie_vocab_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """A tied head on the vocab-sharded embedding weight (see the module docstring): shard `output_bias` like the
+    weight's rows and make the head's input a Replicate DTensor. Ranks without the head (an earlier pipeline
+    stage) have neither."""
+    _shard(model, ("output_bias",), 0, tp_mesh)  # added to the sharded logits as a DTensor
+    producer = _head_input(model)
+    if producer is not None:
+        # from_local(Replicate): h's gradient, partial over the vocabulary shards, is all-reduced in backward
+        replicated = {"output_layouts": Replicate(), "desired_output_layouts": Replicate()}
+        parallelize_module(producer, tp_mesh, PrepareModuleOutput(**replicated, use_local_output=False))
+
+
+def _head_input(model: nn.Module) -> nn.Module | None:
+    """The module whose output the tied head projects (framework/models/transformer.py lm_head)."""
+    for name in (
+        "head_transform",
+        "decoder",
+        "norm",
+    ):  # BERT's transform; T5's decoder stack; pre-norm stacks
+        module = getattr(model, name, None)
+        if module is not None:
+            return module
+    layers = getattr(model, "layers", None)  # post-norm: the last block itself, if this rank holds it
+    last = str(model.cfg.n_layers - 1)
+    return layers[last] if layers is not None and last in layers else None
+
+
+def _keep_weight_grad_sharded(module: nn.Module, args: tuple) -> None:
+    """Keep the vocab-parallel embedding's gradient in the weight's own placements (Shard(0)). DTensor computes
+    its backward (embedding_dense_backward from replicated indices and output gradient) as a whole [V, D]
+    Replicate gradient on every rank, without communication; slicing it to this rank's rows is local too. Without
+    this, every rank would keep a full-vocabulary gradient, and a pipeline's two copies of a tied weight (embedding
+    on the first stage, head on the last) would hold gradients of different shapes. Registered at forward time on
+    whatever parameter the module holds then (materialisation and FSDP2 replace the parameter objects), once."""
+    weight = module.weight
+    if not weight.requires_grad or getattr(weight, "_grad_kept_sharded", False):
+        return
+    mesh, placements = weight.device_mesh, weight.placements
+
+    def to_param_layout(grad: torch.Tensor) -> torch.Tensor:
+        if isinstance(grad, DTensor) and grad.placements != placements:
+            return grad.redistribute(mesh, placements)
+        return grad
+
+    weight.register_hook(to_param_layout)
+    weight._grad_kept_sharded = True
 
 
 def _stacks(model: nn.Module) -> list[nn.ModuleDict]:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from dist_cases import GLOBAL_BATCH, SEQ, VOCAB, full_params, tiny_recipe
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
 from framework.parallel.dims import ParallelDims, build_mesh
 from framework.parallel.engine import DistributedTrainModule
@@ -56,10 +56,20 @@ def train_steps(module: TrainModule, steps: list[list[Batch]]) -> tuple[list[flo
         module.train_batch(micro_batches)
         if i == 0:
             grads = {n: _full(p.grad) for n, p in module.model.named_parameters()}
+            grads["layout"] = _grad_layout(module.model.tok_embeddings.weight)
         stats = module.optim_step()
         losses.append(stats["loss"])
         norms.append(stats["grad_norm"])
     return losses, norms, grads
+
+
+def _grad_layout(weight: torch.Tensor) -> str:
+    """'sharded like the weight' when the gradient is a DTensor holding only this rank's part of it."""
+    grad = weight.grad
+    if not isinstance(grad, DTensor):
+        return "plain"
+    same = grad.to_local().shape == weight.to_local().shape and grad.placements == weight.placements
+    return "sharded like the weight" if same else f"{grad.placements} vs {weight.placements}"
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -97,6 +107,8 @@ def parity(
     rank = mesh["dp_replicate"].get_local_rank() * dims.dp_shard + mesh["dp_shard"].get_local_rank()
     losses, norms, grads = train_steps(module, [b[rank * per_rank : (rank + 1) * per_rank] for b in train])
 
+    ref_grads.pop("layout")
+    embedding_grad = grads.pop("layout")
     ref_params, params = full_params(reference.model), full_params(module.model)
     # Gradients that are rounding noise (zero in exact arithmetic, e.g. a key bias: softmax ignores a shift
     # shared by all keys) cannot match, and Adam turns them into full-size steps: reported, not compared.
@@ -115,12 +127,14 @@ def parity(
         "noise_grads": noise,
         "names_equal": list(params) == list(ref_params),
         "eval_rel": abs(eval_sum - ref_eval) / abs(ref_eval),
-        "logits_sharded": _head_is_sharded(module.model),
+        "logits": _logits_layout(module, held_out),
+        "embedding_grad": embedding_grad,
+        "embedding": str(getattr(module.model.tok_embeddings.weight, "placements", "replicated")),
     }
 
 
-def _head_is_sharded(model: torch.nn.Module) -> bool:
-    """Whether the output head's weight is a DTensor sharded over the vocabulary (rows)."""
-    output = getattr(model, "output", None)
-    weight = None if output is None else output.weight
-    return isinstance(weight, DTensor) and Shard(0) in weight.placements
+def _logits_layout(module: TrainModule, batch: Batch) -> str:
+    """The placements of the model's logits (a plain tensor: 'replicated')."""
+    with torch.no_grad():
+        logits = module._forward(module._to_device(batch))
+    return str(logits.placements) if isinstance(logits, DTensor) else "replicated"

@@ -68,7 +68,16 @@ CASES: dict[str, tuple[int, dict[str, Any], dict[str, Any], str, float]] = {
     "tp2_sp_tied": (2, SP, {"tie_embeddings": True}, "causal", 0.0),
     "tp2_bert_tied": (2, TP2, BERT | {"tie_embeddings": True}, "mlm", 0.0),
     "tp2_sp_bert_untied": (2, SP, BERT, "mlm", 0.0),
+    # post-norm without a head transform: the last block feeds the tied head
+    "tp2_sp_encoder_tied": (2, SP, BERT | {"tie_embeddings": True, "mlm_head_transform": False}, "mlm", 0.0),
     "tp2_t5": (2, TP2, T5, "seq2seq", 0.0),
+    "tp2_sp_t5_tied": (
+        2,
+        SP,
+        T5 | {"tie_embeddings": True},
+        "seq2seq",
+        0.0,
+    ),  # T5 v1.0: the decoder feeds the head
     "tp2_sp_t5": (2, SP, T5, "seq2seq", 0.0),
     "tp2_moe": (2, TP2, MOE, "causal", 0.0),
     "tp2_sp_moe": (2, SP, MOE, "causal", 0.0),
@@ -89,18 +98,31 @@ def test_tensor_parallel_matches_one_process(dist_pool, case: str) -> None:
         assert result["eval_rel"] <= 1e-5, result
         assert result["param_rel"] <= 1e-4, result
         assert all(n.endswith("attention.wk.bias") for n in result["noise_grads"]), result
-        # an untied head is split over the vocabulary (loss parallel); a tied one stays replicated
-        assert result["logits_sharded"] == (not model.get("tie_embeddings", False)), result
+        # tied or not, the head's logits stay sharded over the vocabulary (loss parallel), as do the embeddings'
+        # rows (under FSDP2 also over dp_shard)
+        assert result["logits"] == "(Shard(dim=2),)", result
+        assert "Shard(dim=0)" in result["embedding"], result
+        assert result["embedding_grad"] == "sharded like the weight", result
 
 
-def test_sequence_parallel_inside_interleaved_pipeline_stages(dist_pool) -> None:
-    """TP2+SP x PP2 interleaved (4 one-block stages, two per rank, documents as a keyword input): every stage
-    starts and ends replicated, the single block of a stage both slices and gathers (dist_cases_pp.pp_parity)."""
-    parallel = {"pp": 2, "tp": 2, "sequence_parallel": True, "pp_schedule": "interleaved_1f1b"}
-    results = dist_pool(4).run("dist_cases_pp:pp_parity", 3, parallel, ALIBI, 4, True)
-    assert sorted(r["stages"] for r in results) == [[0, 2], [0, 2], [1, 3], [1, 3]]
+PIPELINES = {
+    # 4 one-block stages, two per rank, documents as a keyword input: every stage starts and ends replicated and
+    # the single block of a stage both slices and gathers
+    "pp2xtp2_sp_interleaved": ("interleaved_1f1b", ALIBI, 4),
+    # a tied head on the last stage: its copy of the vocab-sharded weight gets a gradient of the same shards as
+    # the first stage's embedding (the pipeline engine sums the two)
+    "pp2xtp2_sp_tied": ("1f1b", {"tie_embeddings": True}, 2),
+}
+
+
+@pytest.mark.parametrize("case", list(PIPELINES))
+def test_sequence_parallel_inside_pipeline_stages(dist_pool, case: str) -> None:
+    """TP2+SP x PP2 (dist_cases_pp.pp_parity, the pipeline engine) against one process."""
+    schedule, model, micro_batch = PIPELINES[case]
+    parallel = {"pp": 2, "tp": 2, "sequence_parallel": True, "pp_schedule": schedule}
+    results = dist_pool(4).run("dist_cases_pp:pp_parity", 3, parallel, model, micro_batch, True)
     for result in results:
-        print("pp2xtp2_sp_interleaved", {k: v for k, v in result.items() if k != "names"})
+        print(case, {k: v for k, v in result.items() if k != "names"})
         assert result["names_subset"] and result["eval_tokens_equal"]
         assert max(result["loss_rel"]) <= 1e-5, result
         assert max(result["norm_rel"]) <= 1e-5, result
@@ -111,22 +133,17 @@ def test_sequence_parallel_inside_interleaved_pipeline_stages(dist_pool) -> None
 # -- layout rules, in process (no process group) -------------------------------------------------------------
 
 
-def test_untied_vocabulary_must_split_evenly_over_tp() -> None:
+@pytest.mark.parametrize("tied", [False, True])
+def test_vocabulary_must_split_evenly_over_tp(tied: bool) -> None:
     """The vocab-parallel embedding and head take equal blocks of rows: a ConfigError before any process starts."""
-    recipe = tiny_recipe({"vocab_size": 63}, tp=2)
+    recipe = tiny_recipe({"vocab_size": 63, "tie_embeddings": tied}, tp=2)
     with pytest.raises(ConfigError, match="model.vocab_size.*divisible by parallel.tp=2") as err:
         ParallelDims.from_recipe(recipe, 2)
     assert err.value.key == "model.vocab_size" and "pad the vocabulary" in str(err.value)
-
-
-def test_tied_head_stays_replicated_with_any_vocabulary() -> None:
-    """A tied head is F.linear on the embedding weight inside the model: it stays replicated (no loss_parallel)."""
-    tied = tiny_recipe({"vocab_size": 63, "tie_embeddings": True}, tp=2, sequence_parallel=True)
-    dims = ParallelDims.from_recipe(tied, 2)
-    assert dims.sequence_parallel and not vocab_parallel(dims, tied)
-    untied = tiny_recipe(tp=2)
-    assert vocab_parallel(ParallelDims.from_recipe(untied, 2), untied)
-    assert type(loss_context(dims, tied)).__name__ == "nullcontext"
+    recipe.model.vocab_size = 64
+    dims = ParallelDims.from_recipe(recipe, 2)
+    assert vocab_parallel(dims, recipe)
+    assert type(loss_context(dims, recipe)).__name__ != "nullcontext"  # loss_parallel
 
 
 @pytest.mark.parametrize("family", ["encoder", "encoder_decoder"])
