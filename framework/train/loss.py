@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 
 IGNORE_INDEX = -100
 
@@ -63,12 +63,13 @@ def _vocab_parallel_sums(
     logits: DTensor, labels: torch.Tensor, with_z: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """loss_sums for [N, V] logits sharded over V. loss_parallel's cross-entropy supports ignore_index and sum
-    reduction; torch.logsumexp on a DTensor would all-gather the vocabulary, so log Z = m + log sum exp(x - m) is
-    written with amax/sum, whose partial results DTensor all-reduces ([N] values, not [N, V])."""
+    reduction. torch.logsumexp on a DTensor all-gathers the whole [N, V] input (measured, torch 2.13), so
+    log Z = m + log sum exp(x - m) is written with amax and sum: two all-reduces of [N] values."""
     ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum").full_tensor()
     if not with_z:
         return ce, ce.new_zeros(())
     peak = logits.detach().amax(dim=-1, keepdim=True)  # a constant shift: log Z does not depend on it
+    peak = peak.redistribute(placements=[Replicate()] * peak.device_mesh.ndim)  # max over the vocab shards
     lse = (peak + (logits - peak).exp().sum(dim=-1, keepdim=True).log()).squeeze(-1).full_tensor()
     z = torch.where(labels != IGNORE_INDEX, lse.square(), 0.0).sum()
     return ce, z
