@@ -19,7 +19,8 @@ A tied head (`model.tie_embeddings`) is F.linear(h, tok_embeddings.weight, outpu
 The shared weight is the vocab-sharded embedding's, `output_bias` is sharded the same way, and the module that
 produces h hands it on as a Replicate DTensor (PrepareModuleOutput), so DTensor computes the product as a
 column-parallel matmul: logits sharded over the vocabulary, h's gradient all-reduced, and the weight's gradient the
-sum of its (row-sharded) embedding and head parts.
+sum of its (row-sharded) embedding and head parts. The embedding's gradient is kept in the weight's row shards
+(`_keep_weight_grad_sharded`: DTensor would leave a whole [V, D] gradient on every rank).
 
 Sequence parallelism (`parallel.sequence_parallel`) shards the residual stream along the sequence *inside each
 stack*: the stack's input (embeddings) stays replicated, so positions, the T5 bias and the decoder's second
@@ -63,13 +64,16 @@ SEQ = Shard(1)
 
 
 def vocab_parallel(dims: ParallelDims, recipe: Recipe) -> bool:
-    """Whether the embedding and head are split over the vocabulary (and the loss runs under loss_parallel)."""
+    """Whether the embedding and head are split over the vocabulary (and the loss runs under loss_parallel): every
+    layout with tp > 1, tied heads included. `recipe` is part of the signature for rules that depend on the model."""
     return dims.tp > 1
 
 
 def loss_context(dims: ParallelDims, recipe: Recipe) -> contextlib.AbstractContextManager:
     """The context the loss's forward AND backward must run in: torch's loss_parallel when the logits are sharded
-    over the vocabulary (its cross-entropy ops are swapped in while it is active, the backward included)."""
+    over the vocabulary (its cross-entropy ops are swapped in while it is active, the backward included). Enter it
+    once: torch's context is not reentrant (an inner exit removes the ops the outer one still needs) and, being a
+    plain generator, leaves them installed if the body raises."""
     return loss_parallel() if vocab_parallel(dims, recipe) else contextlib.nullcontext()
 
 
