@@ -77,6 +77,7 @@ class ParallelDims:
         _check_tp(dims, recipe)
         _check_pp(dims, recipe)
         _check_batch(dims, recipe)
+        _check_cpu_offload(dims, recipe)
         return dims
 
     @property
@@ -90,8 +91,10 @@ class ParallelDims:
     def describe(self) -> str:
         """The layout for logs, e.g. 'world 4 = dp_shard 2 x tp 2 (fsdp, sequence parallel)'."""
         used = [f"{n} {s}" for n, s in self.sizes().items() if s > 1] or ["single process"]
-        extra = [self.data_parallel] + (["sequence parallel"] if self.sequence_parallel else [])
-        return f"world {self.world_size} = {' x '.join(used)} ({', '.join(extra)})"
+        extra = ([self.data_parallel] if self.dp > 1 else []) + (
+            ["sequence parallel"] if self.sequence_parallel else []
+        )
+        return f"world {self.world_size} = {' x '.join(used)}" + (f" ({', '.join(extra)})" if extra else "")
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
@@ -288,4 +291,15 @@ def _check_batch(dims: ParallelDims, recipe: Recipe) -> None:
             t.micro_batch_size,
             f"must split into parallel.pp_microbatches={chunks} pipeline micro-batches",
             f"use a multiple of {chunks}",
+        )
+
+
+def _check_cpu_offload(dims: ParallelDims, recipe: Recipe) -> None:
+    if recipe.parallel.cpu_offload and (dims.data_parallel == "ddp" or dims.dp_shard == 1):
+        raise _error(
+            "parallel.cpu_offload",
+            True,
+            "CPU offload moves FSDP2 shards to the host: it needs data_parallel fsdp or hsdp with dp_shard > 1 "
+            f"(this layout: {dims.data_parallel}, dp_shard {dims.dp_shard})",
+            "set data_parallel: fsdp (or hsdp with dp_shard > 1), or cpu_offload: false",
         )

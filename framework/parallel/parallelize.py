@@ -28,7 +28,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
-from framework.config import ConfigError, Recipe
+from framework.config import Recipe
 from framework.parallel.dims import ParallelDims
 from framework.parallel.pipeline import PipelineParts, split_for_pipeline
 from framework.parallel.rng import fork_tp_dropout
@@ -120,7 +120,6 @@ def apply_data_parallel(
     Each block is its own FSDP unit (its parameters are gathered just before use and freed after), then the root
     takes what is left (embeddings, final norm, head). cpu_offload: the sharded parameters, their gradients and
     the optimizer step live in CPU memory (FSDP2's CPUOffloadPolicy)."""
-    _check_cpu_offload(dims, cpu_offload)
     if dims.dp == 1:
         return
     if dims.data_parallel == "ddp":
@@ -129,7 +128,9 @@ def apply_data_parallel(
     dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.data_parallel == "hsdp" else mesh["dp_shard"]
     # Pinned host memory makes the copies asynchronous but needs an accelerator (pin_memory raises without one);
     # on a CPU-only machine the policy still runs FSDP2's offload path (the copies are then no-ops).
-    offload = CPUOffloadPolicy(pin_memory=torch.accelerator.is_available()) if cpu_offload else OffloadPolicy()
+    offload = (
+        CPUOffloadPolicy(pin_memory=torch.accelerator.is_available()) if cpu_offload else OffloadPolicy()
+    )
     shard = functools.partial(
         fully_shard, mesh=dp_mesh, mp_policy=mixed_precision(dtype), offload_policy=offload
     )
@@ -140,15 +141,3 @@ def apply_data_parallel(
     parts = pipeline_parts(model)
     for root in parts.modules if parts is not None and len(parts.modules) > 1 else [model]:
         shard(root)
-
-
-def _check_cpu_offload(dims: ParallelDims, cpu_offload: bool) -> None:
-    if cpu_offload and (dims.data_parallel == "ddp" or dims.dp_shard == 1):
-        raise ConfigError(
-            None,
-            "parallel.cpu_offload",
-            True,
-            "CPU offload moves FSDP2 shards to the host: it needs data_parallel fsdp or hsdp with dp_shard > 1 "
-            f"(this layout: {dims.data_parallel}, dp_shard {dims.dp_shard})",
-            "set data_parallel: fsdp (or hsdp with dp_shard > 1), or cpu_offload: false",
-        )

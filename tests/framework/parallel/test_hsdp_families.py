@@ -7,14 +7,11 @@ compared (its gradient is zero in exact arithmetic: see dist_cases_numerics.para
 from __future__ import annotations
 
 import pytest
-import torch
 from dist_cases import tiny_recipe
 from dist_cases_numerics import ENCODER, ENCODER_DECODER
 
 from framework.config import ConfigError
 from framework.parallel.dims import ParallelDims
-from framework.parallel.parallelize import apply_data_parallel
-from framework.run import materialize_model
 
 HSDP_2X2 = {"data_parallel": "hsdp", "dp_replicate": 2, "dp_shard": 2}
 
@@ -76,7 +73,5 @@ def test_fsdp2_cpu_offload_matches_one_process(dist_pool, meta: bool) -> None:
 )
 def test_cpu_offload_without_sharding_is_a_config_error(parallel) -> None:
     recipe = tiny_recipe(None, cpu_offload=True, **parallel)
-    dims = ParallelDims.from_recipe(recipe, 2)
-    model = materialize_model(recipe.model, torch.device("cpu"), 0)
-    with pytest.raises(ConfigError, match="cpu_offload"):
-        apply_data_parallel(model, dims, None, "fp32", cpu_offload=True)  # refused before the mesh is used
+    with pytest.raises(ConfigError, match="cpu_offload"):  # with the layout rules, before any process group
+        ParallelDims.from_recipe(recipe, 2)
