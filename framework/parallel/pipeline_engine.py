@@ -92,9 +92,8 @@ class PipelineTrainModule(DistributedTrainModule):
         The losses the schedule hands back identify the real chunks: on its first run a stage also calls the loss
         function once on placeholder tensors to infer gradient shapes, and that call must not be logged."""
         losses: list[torch.Tensor] = []
-        with loss_context(
-            self.dims, self.recipe
-        ):  # vocab-parallel logits: loss forward and backward under it
+        # Vocab-parallel logits: the loss's forward and backward (inside the schedule) run under loss_parallel.
+        with loss_context(self.dims, self.recipe):
             schedule_call(*self._args(batch), target=self._target(batch), losses=losses, **_kwargs(batch))
         self._sums += [self._parts[id(loss)] for loss in losses]
         self._parts.clear()
