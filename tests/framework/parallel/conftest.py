@@ -13,9 +13,13 @@ if _HERE not in sys.path:
 from dist_helpers import DistPool  # noqa: E402
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def dist_pool() -> Iterator[Callable[[int], DistPool]]:
-    """`dist_pool(n)`: a pool of n gloo processes, started once per session and shared by every test."""
+    """`dist_pool(n)`: a pool of n gloo processes, started once for this test package and shared by its tests.
+
+    Package scope, not session: idle workers are not free — every test's meshes leave gloo groups (and their
+    threads) behind in each worker, and the pools measurably took ~0.6 of a core from the demo tests that run after
+    this package when they lived until the end of the session."""
     pools: dict[int, DistPool] = {}
 
     def get(world_size: int) -> DistPool:
