@@ -9,7 +9,9 @@ One MoE layer (`MoE`, the block's `feed_forward` in MoE layers) maps tokens [B, 
 2. `capacity_keep`: with a capacity factor, each expert keeps at most C assignments (drop policy below).
 3. `dispatch` -> `GroupedExperts` -> `combine`: assignments are sorted by expert, each expert runs once on its
    contiguous slice of tokens (a loop over experts, never over tokens), and the weighted outputs are added back
-   per token. `dispatch`/`combine` are the seam expert parallelism replaces with all_to_all_single.
+   per token. Expert parallelism (framework/parallel/expert.py) installs `MoE.run_experts`: it sends the sorted
+   tokens to the ranks owning their experts (all_to_all_single), runs the local experts and sends the outputs back,
+   so `dispatch`/`combine` (the local gather and weighted sum) are the same code in every layout.
 4. Shared experts (DeepSeekMoE) run on every token and are added.
 
 Drop policy (capacity_factor set): C = ceil(capacity_factor x N x top_k / n_experts) for N tokens of the
@@ -27,6 +29,7 @@ never imports torch.distributed; the losses themselves live in framework/train/m
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -145,8 +148,7 @@ class Dispatch:
 
 
 def dispatch(x: torch.Tensor, routing: Routing, keep: torch.Tensor | None) -> tuple[torch.Tensor, Dispatch]:
-    """Gather each kept assignment's token, grouped by expert (stable: token order within an expert).
-    Expert parallelism replaces this gather with an all_to_all_single to the experts' ranks."""
+    """Gather each kept assignment's token, grouped by expert (stable: token order within an expert)."""
     n, k = routing.experts.shape
     experts = routing.experts.reshape(-1)
     tokens = torch.arange(n, device=x.device).repeat_interleave(k)
@@ -161,7 +163,7 @@ def dispatch(x: torch.Tensor, routing: Routing, keep: torch.Tensor | None) -> tu
 
 
 def combine(expert_out: torch.Tensor, plan: Dispatch, n_tokens: int) -> torch.Tensor:
-    """Weighted sum of each token's expert outputs (the inverse of `dispatch`; all_to_all_single under EP)."""
+    """Weighted sum of each token's expert outputs (the inverse of `dispatch`)."""
     out = expert_out.new_zeros(n_tokens, expert_out.shape[-1])
     weighted = expert_out * plan.weights.to(expert_out.dtype)
     return out.index_add_(0, plan.tokens, weighted)
@@ -178,18 +180,51 @@ class GroupedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n_experts, hidden, d))
         self.w3 = nn.Parameter(torch.empty(n_experts, hidden, d)) if cfg.mlp in GATED else None
         self.w2 = nn.Parameter(torch.empty(n_experts, d, hidden))
+        # Expert parallelism sets this to return the rank's own experts' rows of a stacked weight (a DTensor
+        # sharded over experts; keeps this file free of torch.distributed), like Attention.local_view.
+        self.local_view: Callable[[torch.Tensor], torch.Tensor] = _identity
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """x [M, D] sorted by expert with counts[e] rows for expert e -> [M, D]; one matmul chain per expert."""
-        outputs = [self.expert(e, chunk) for e, chunk in enumerate(x.split(counts)) if counts[e] > 0]
-        return torch.cat(outputs) if outputs else x.new_zeros(x.shape)
+        """x [M, D] sorted by expert with counts[e] rows for the e-th expert held here -> [M, D]; one matmul
+        chain per expert."""
+        w1, w2 = self.local_view(self.w1), self.local_view(self.w2)
+        w3 = self.local_view(self.w3) if self.w3 is not None else None
+        outputs = [
+            self._mlp(chunk, w1[e], None if w3 is None else w3[e], w2[e])
+            for e, chunk in enumerate(x.split(counts))
+            if counts[e] > 0
+        ]
+        if not outputs:
+            # No rows at all: still pass the empty input through an expert, so the output depends on the input
+            # and the weights (zero gradients, not None). Under expert parallelism every rank's backward must
+            # then reach the same collectives (the reverse all-to-all, the experts' gradient reduction).
+            return self._mlp(x, w1[0], None if w3 is None else w3[0], w2[0])
+        return torch.cat(outputs)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on x [n, D] (the same function as FeedForward with w1[e], w3[e], w2[e])."""
-        hidden = self.act(F.linear(x, self.w1[e]))
-        if self.w3 is not None:
-            hidden = hidden * F.linear(x, self.w3[e])
-        return F.linear(hidden, self.w2[e])
+        return self._mlp(x, self.w1[e], None if self.w3 is None else self.w3[e], self.w2[e])
+
+    def _mlp(
+        self, x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor | None, w2: torch.Tensor
+    ) -> torch.Tensor:
+        hidden = self.act(F.linear(x, w1))
+        if w3 is not None:
+            hidden = hidden * F.linear(x, w3)
+        return F.linear(hidden, w2)
+
+
+RunExperts = Callable[[GroupedExperts, torch.Tensor, list[int]], torch.Tensor]
+"""(experts, tokens [M, D] sorted by expert, counts per expert [E]) -> expert outputs [M, D] in the same order."""
+
+
+def run_local_experts(experts: GroupedExperts, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Every expert lives in this process: run them directly."""
+    return experts(x, counts)
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 class MoE(nn.Module):
@@ -207,6 +242,8 @@ class MoE(nn.Module):
         if moe.n_shared_experts > 0:
             self.shared_experts = FeedForward(cfg, hidden=moe.n_shared_experts * hidden)
         self.last_routing: RoutingRecord | None = None
+        # Expert parallelism replaces this with the all-to-all exchange (framework/parallel/expert.py).
+        self.run_experts: RunExperts = run_local_experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -214,7 +251,7 @@ class MoE(nn.Module):
         routing = self.router(tokens)
         keep = self._keep(routing, tokens.shape[0])
         routed, plan = dispatch(tokens, routing, keep)
-        out = combine(self.experts(routed, plan.counts), plan, tokens.shape[0])
+        out = combine(self.run_experts(self.experts, routed, plan.counts), plan, tokens.shape[0])
         shared = getattr(self, "shared_experts", None)
         if shared is not None:
             out = out + shared(tokens)

@@ -7,9 +7,16 @@ Mesh convention: `build_mesh` always builds all five dimensions, in the order `M
 included). Code can then always slice by name (`mesh["tp"]`, `mesh["dp_replicate", "dp_shard"]`) without asking
 which dimensions exist; a size-1 dimension costs one trivial process group.
 
+Expert parallelism (`ep`) is not a sixth dimension of the product: its ranks are carved from dp_shard (ep divides
+dp_shard; ep ranks read different data). `expert_meshes` builds its views from the one mesh: dp_shard unflattened
+into (dp_shard_mod_ep, ep), ep innermost, giving the ep mesh the experts are sharded over and the experts' own
+data-parallel mesh (dp_shard_mod_ep, or dp_replicate x dp_shard_mod_ep with HSDP) FSDP2 shards them over.
+When context parallelism lands, ep is carved from dp_shard x cp (flatten those two, then unflatten); until that is
+tested, ep with cp > 1 is refused.
+
 Support matrix (families x dimensions; anything else is a ConfigError):
 
-    decoder:          dp_replicate, dp_shard, tp (+ sequence parallel), pp         (cp, ep: part 2)
+    decoder:          dp_replicate, dp_shard, tp (+ sequence parallel), pp, ep (MoE; not with pp)   (cp: part 2)
     encoder:          dp_replicate, dp_shard, tp (+ sequence parallel)             (cp: part 2)
     encoder_decoder:  dp_replicate, dp_shard, tp (+ sequence parallel)
 
@@ -17,6 +24,11 @@ With tp > 1 every model feature is split or replicated correctly (framework/para
 ALiBi, learned temperature / distance weights, T5 relative bias (sharded by heads), MoE (replicated on tp ranks),
 post-norm, learned / type embeddings, tied heads. Rules: heads, kv_heads, ffn_hidden and vocab_size divisible by
 tp; seq_len divisible by tp with sequence parallel.
+
+With ep > 1 (framework/parallel/expert.py): an MoE decoder, model.moe.n_experts divisible by ep, ep dividing
+dp_shard (so data_parallel fsdp or hsdp), no pipeline (pp > 1 with MoE is refused: router losses per stage).
+Composes with FSDP2/HSDP (experts sharded over the remaining dp_shard / ep and replicated over dp_replicate) and
+with tp (experts replicated over tp: every tp rank routes and exchanges the same tokens).
 """
 
 from __future__ import annotations
@@ -30,13 +42,13 @@ from framework.config import ConfigError, Recipe
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 """Outer to inner: tp innermost keeps its (most frequent) collectives between neighbouring ranks (one node)."""
 
-# Dimensions each model family may use with a size > 1. cp/ep are not in any set yet: they arrive in part 2.
+# Dimensions each model family may use with a size > 1 (ep, carved from dp_shard, is checked by _check_ep).
 SUPPORTED = {
     "decoder": {"dp_replicate", "dp_shard", "tp", "pp"},
     "encoder": {"dp_replicate", "dp_shard", "tp"},
     "encoder_decoder": {"dp_replicate", "dp_shard", "tp"},
 }
-NOT_YET = {"cp": "context parallel", "ep": "expert parallel"}
+NOT_YET = {"cp": "context parallel"}
 INTERLEAVED = ("interleaved_1f1b", "zero_bubble")
 """Schedules that hold two stages per pipeline rank (stages r and r + pp, or a V shape)."""
 
@@ -55,6 +67,8 @@ class ParallelDims:
     sequence_parallel: bool = False
     pp_stages: int = 1
     """Pipeline stages in total (pp, or 2 x pp for the interleaved schedules)."""
+    ep: int = 1
+    """Expert-parallel ranks, carved from dp_shard (not a factor of the world size)."""
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, world_size: int) -> ParallelDims:
@@ -71,11 +85,13 @@ class ParallelDims:
             data_parallel=p.data_parallel,
             sequence_parallel=p.sequence_parallel and p.tp > 1,
             pp_stages=p.pp * (2 if p.pp_schedule in INTERLEAVED and p.pp > 1 else 1),
+            ep=p.ep,
         )
         _check_product(dims, recipe)
         _check_supported(dims, recipe)
         _check_tp(dims, recipe)
         _check_pp(dims, recipe)
+        _check_ep(dims, recipe)
         _check_batch(dims, recipe)
         _check_cpu_offload(dims, recipe)
         return dims
@@ -91,6 +107,7 @@ class ParallelDims:
     def describe(self) -> str:
         """The layout for logs, e.g. 'world 4 = dp_shard 2 x tp 2 (fsdp, sequence parallel)'."""
         used = [f"{n} {s}" for n, s in self.sizes().items() if s > 1] or ["single process"]
+        used += [f"(ep {self.ep} of dp_shard)"] if self.ep > 1 else []
         extra = ([self.data_parallel] if self.dp > 1 else []) + (
             ["sequence parallel"] if self.sequence_parallel else []
         )
@@ -101,6 +118,25 @@ def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
     """One DeviceMesh over the default process group with every dimension of MESH_DIMS, named (size 1 too)."""
     shape = tuple(getattr(dims, name) for name in MESH_DIMS)
     return init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+
+
+@dataclass(frozen=True)
+class ExpertMeshes:
+    """Views of the one mesh for expert parallelism (see the module docstring)."""
+
+    ep: DeviceMesh
+    """The ranks that split the experts (1-D, size ep)."""
+    dp: DeviceMesh
+    """The experts' data-parallel mesh: dp_shard_mod_ep, or (dp_replicate, dp_shard_mod_ep) with HSDP."""
+
+
+def expert_meshes(mesh: DeviceMesh, dims: ParallelDims) -> ExpertMeshes | None:
+    """None without expert parallelism. Collective: every rank calls it (it creates the sub-groups)."""
+    if dims.ep == 1:
+        return None
+    split = mesh._unflatten("dp_shard", (dims.dp_shard // dims.ep, dims.ep), ("dp_shard_mod_ep", "ep"))
+    dp = ("dp_replicate", "dp_shard_mod_ep") if dims.data_parallel == "hsdp" else ("dp_shard_mod_ep",)
+    return ExpertMeshes(ep=split["ep"], dp=split[dp])
 
 
 def _error(key: str, value: object, rule: str, fix: str) -> ConfigError:
@@ -272,6 +308,40 @@ def _check_pp_features(dims: ParallelDims, recipe: Recipe) -> None:
             p.pp_schedule,
             "zero_bubble with data parallelism (FSDP2/HSDP) gives wrong gradients in torch 2.13",
             "use pp_schedule: interleaved_1f1b, or no data parallelism",
+        )
+
+
+def _check_ep(dims: ParallelDims, recipe: Recipe) -> None:
+    """Expert parallelism needs experts to split and data-parallel shards to carve its ranks from."""
+    if dims.ep == 1:
+        return
+    moe, family = recipe.model.moe, recipe.model.family
+    if family != "decoder" or moe is None:
+        raise _error(
+            "parallel.ep",
+            dims.ep,
+            f"expert parallel needs an MoE decoder (model.family {family}, "
+            f"model.moe {'set' if moe else 'null'})",
+            "set ep: 1, or use a decoder with model.moe",
+        )
+    if moe.n_experts % dims.ep:
+        raise _error(
+            "model.moe.n_experts", moe.n_experts, f"must be divisible by parallel.ep={dims.ep}", "change ep"
+        )
+    if dims.cp > 1:
+        raise _error(
+            "parallel.ep",
+            dims.ep,
+            "expert parallel with context parallel (cp > 1) is not yet supported",
+            "set cp: 1 or ep: 1",
+        )
+    if dims.dp_shard % dims.ep:
+        raise _error(
+            "parallel.ep",
+            dims.ep,
+            f"must divide dp_shard={dims.dp_shard} (the ep ranks are carved from the data-parallel shards; "
+            f"data_parallel {dims.data_parallel})",
+            "use data_parallel fsdp or hsdp with dp_shard a multiple of ep",
         )
 
 

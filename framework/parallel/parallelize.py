@@ -2,7 +2,7 @@
 
     1. PP split      stages keep the full model's parameter names (delete what a stage does not own)
     2. TP / SP       DTensor plans: attention, MLP, vocab-parallel embedding and head, sequence-parallel norms
-    3. EP            experts over ranks (part 2)
+    3. EP            experts split over the ep ranks, tokens exchanged all-to-all (framework/parallel/expert.py)
     4. CP            sequence over ranks (part 2)
     5. activation checkpointing
     6. compile       per block, GPU only
@@ -29,7 +29,8 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.utils.checkpoint import checkpoint
 
 from framework.config import Recipe
-from framework.parallel.dims import ParallelDims
+from framework.parallel.dims import ParallelDims, expert_meshes
+from framework.parallel.expert import apply_expert_parallel, expert_modules
 from framework.parallel.pipeline import PipelineParts, split_for_pipeline
 from framework.parallel.rng import fork_tp_dropout
 from framework.parallel.tensor import apply_tp, vocab_parallel
@@ -45,10 +46,20 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, recipe: 
     p = recipe.parallel
     apply_pipeline(model, dims, mesh, recipe)
     apply_tensor_parallel(model, dims, mesh, recipe)
-    # EP and CP: ParallelDims refuses ep/cp > 1 until part 2 wires them here.
+    experts = expert_meshes(mesh, dims)  # None without expert parallelism
+    if experts is not None:
+        apply_expert_parallel(model, experts.ep)
+    # CP: ParallelDims refuses cp > 1 until part 2 wires it here.
     apply_activation_checkpointing(model, p.activation_checkpointing)
     apply_compile(model, p.compile)
-    apply_data_parallel(model, dims, mesh, recipe.precision.dtype, cpu_offload=p.cpu_offload)
+    apply_data_parallel(
+        model,
+        dims,
+        mesh,
+        recipe.precision.dtype,
+        cpu_offload=p.cpu_offload,
+        expert_dp=None if experts is None else experts.dp,
+    )
     return model
 
 
@@ -114,12 +125,20 @@ def mixed_precision(dtype: str) -> MixedPrecisionPolicy:
 
 
 def apply_data_parallel(
-    model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, dtype: str, *, cpu_offload: bool = False
+    model: nn.Module,
+    dims: ParallelDims,
+    mesh: DeviceMesh,
+    dtype: str,
+    *,
+    cpu_offload: bool = False,
+    expert_dp: DeviceMesh | None = None,
 ) -> None:
     """DDP (replicate) over dp_replicate; FSDP2 over dp_shard; HSDP over (dp_replicate, dp_shard).
     Each block is its own FSDP unit (its parameters are gathered just before use and freed after), then the root
     takes what is left (embeddings, final norm, head). cpu_offload: the sharded parameters, their gradients and
-    the optimizer step live in CPU memory (FSDP2's CPUOffloadPolicy)."""
+    the optimizer step live in CPU memory (FSDP2's CPUOffloadPolicy). With expert parallelism (`expert_dp`, the
+    experts' data-parallel mesh) each MoE layer's experts are a unit of their own over that mesh, sharded first
+    so the block's unit leaves them alone (their ep ranks are part of dp_shard: the block's mesh would overlap)."""
     if dims.dp == 1:
         return
     if dims.data_parallel == "ddp":
@@ -134,6 +153,8 @@ def apply_data_parallel(
     shard = functools.partial(
         fully_shard, mesh=dp_mesh, mp_policy=mixed_precision(dtype), offload_policy=offload
     )
+    for experts in expert_modules(model) if expert_dp is not None else []:
+        shard(experts, mesh=expert_dp)
     for _, block in blocks(model):
         shard(block)
     # A rank running two pipeline stages runs them as two modules: each must be an FSDP root of its own (the root
