@@ -26,6 +26,8 @@ from framework.models.norms import build_norm
 from framework.models.positions import alibi_slopes, apply_rope
 
 BiasFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "AttentionContext"], torch.Tensor]
+AttendHook = Callable[[AttendFn, torch.Tensor, torch.Tensor, torch.Tensor, "AttentionContext"], torch.Tensor]
 
 
 @dataclass
@@ -142,6 +144,10 @@ class Attention(nn.Module):
         self.local_view: Callable[[torch.Tensor], torch.Tensor] = _identity
         """Hook: this module's heads of a per-head parameter. Tensor parallelism shards log_temperature and
         distance_weight over heads and sets it to return the local shard (keeps this file free of distributed)."""
+        self.attend_hook: AttendHook = _attend_here
+        """Hook: attend_hook(attend, q, k, v, ctx) runs `attend` on q/k/v [B, heads, S, D] (after RoPE). Context
+        parallelism swaps in an all-to-all from sequence shards to head shards and back around it
+        (framework/parallel/context.py), keeping this file free of torch.distributed."""
         self.head_dim = head_dim
         self.backend = cfg.attention_backend
         self.scale = softmax_scale(cfg)
@@ -171,7 +177,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if ctx.rope is not None:
             q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
-        out = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx)
+        out = self.attend_hook(self._attend, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx)
         return self.wo(out.transpose(1, 2).flatten(-2))
 
     def _attend(
@@ -258,6 +264,12 @@ class Attention(nn.Module):
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
+
+
+def _attend_here(
+    attend: AttendFn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
+) -> torch.Tensor:
+    return attend(q, k, v, ctx)
 
 
 def _dense_indices(

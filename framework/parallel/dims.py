@@ -16,14 +16,19 @@ tested, ep with cp > 1 is refused.
 
 Support matrix (families x dimensions; anything else is a ConfigError):
 
-    decoder:          dp_replicate, dp_shard, tp (+ sequence parallel), pp, ep (MoE; not with pp)   (cp: part 2)
-    encoder:          dp_replicate, dp_shard, tp (+ sequence parallel)             (cp: part 2)
+    decoder:          dp_replicate, dp_shard, tp (+ sequence parallel), pp, ep (MoE; not with pp), cp (not with pp)
+    encoder:          dp_replicate, dp_shard, tp (+ sequence parallel), cp
     encoder_decoder:  dp_replicate, dp_shard, tp (+ sequence parallel)
 
 With tp > 1 every model feature is split or replicated correctly (framework/parallel/tensor.py): GQA, QK-norm,
 ALiBi, learned temperature / distance weights, T5 relative bias (sharded by heads), MoE (replicated on tp ranks),
 post-norm, learned / type embeddings, tied heads. Rules: heads, kv_heads, ffn_hidden and vocab_size divisible by
 tp; seq_len divisible by tp with sequence parallel.
+
+With cp > 1 (Ulysses, framework/parallel/context.py) every mask and position scheme works (causal, sliding window,
+documents, prefix-LM, ALiBi, learned temperature / soft distance, T5 relative bias). Rules: seq_len divisible by cp
+(by cp x tp with sequence parallel); heads and kv_heads divisible by cp x tp (attention splits heads over both).
+Not yet with cp > 1: pp > 1 and MoE layers (their router statistics would need reducing over cp).
 
 With ep > 1 (framework/parallel/expert.py): an MoE decoder, model.moe.n_experts divisible by ep, ep dividing
 dp_shard (so data_parallel fsdp or hsdp), no pipeline (pp > 1 with MoE is refused: router losses per stage).
@@ -43,12 +48,14 @@ MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 """Outer to inner: tp innermost keeps its (most frequent) collectives between neighbouring ranks (one node)."""
 
 # Dimensions each model family may use with a size > 1 (ep, carved from dp_shard, is checked by _check_ep).
+# T5's cross-attention (decoder queries, encoder keys) has no sequence split of its own: no cp for encoder_decoder.
 SUPPORTED = {
-    "decoder": {"dp_replicate", "dp_shard", "tp", "pp"},
-    "encoder": {"dp_replicate", "dp_shard", "tp"},
+    "decoder": {"dp_replicate", "dp_shard", "tp", "pp", "cp"},
+    "encoder": {"dp_replicate", "dp_shard", "tp", "cp"},
     "encoder_decoder": {"dp_replicate", "dp_shard", "tp"},
 }
-NOT_YET = {"cp": "context parallel"}
+NOT_YET: dict[str, str] = {}
+"""Dimensions refused for every family (name: what it is), while a release builds them."""
 INTERLEAVED = ("interleaved_1f1b", "zero_bubble")
 """Schedules that hold two stages per pipeline rank (stages r and r + pp, or a V shape)."""
 
@@ -90,6 +97,7 @@ class ParallelDims:
         _check_product(dims, recipe)
         _check_supported(dims, recipe)
         _check_tp(dims, recipe)
+        _check_cp(dims, recipe)
         _check_pp(dims, recipe)
         _check_ep(dims, recipe)
         _check_batch(dims, recipe)
@@ -230,6 +238,45 @@ def _check_tp(dims: ParallelDims, recipe: Recipe) -> None:
             "change seq_len, or set parallel.sequence_parallel: false",
         )
     _check_tp_vocab(dims, recipe)
+
+
+def _check_cp(dims: ParallelDims, recipe: Recipe) -> None:
+    """Ulysses: each cp rank holds seq_len / cp tokens (of those, 1 / tp with sequence parallel) and attends with
+    heads / (tp x cp) heads over the whole sequence."""
+    if dims.cp == 1:
+        return
+    m, split = recipe.model, dims.cp * dims.tp
+    heads = {"model.n_heads": m.n_heads, "model.kv_heads": m.kv_heads or m.n_heads}
+    for key, count in heads.items():
+        if count % split:
+            raise _error(
+                key,
+                count,
+                f"must be divisible by parallel.cp x parallel.tp = {split} (attention splits its heads over both)",
+                "change cp, tp or the heads",
+            )
+    shards = dims.cp * (dims.tp if dims.sequence_parallel else 1)
+    if recipe.data.seq_len % shards:
+        what = f"parallel.cp={dims.cp}" + (
+            f" x parallel.tp={dims.tp} (sequence parallel)" * dims.sequence_parallel
+        )
+        raise _error(
+            "data.seq_len", recipe.data.seq_len, f"must be divisible by {what}", "change seq_len or cp"
+        )
+    _check_cp_features(dims, recipe)
+
+
+def _check_cp_features(dims: ParallelDims, recipe: Recipe) -> None:
+    """Not yet with context parallelism: a pipeline (its engine scales the loss for dp only and its stages were
+    never run on sequence shards) and MoE layers (per-sequence and micro-batch router statistics would have to be
+    reduced over cp; planned with expert parallelism)."""
+    refusals = [
+        (dims.pp > 1, "parallel.pp", dims.pp, "pipeline parallelism", "set pp: 1"),
+        (recipe.model.moe is not None, "model.moe", "set", "MoE layers", "use a dense model, or set cp: 1"),
+    ]
+    for refused, key, value, what, fix in refusals:
+        if refused:
+            raise _error(key, value, f"{what} with parallel.cp > 1 is not yet supported", fix)
 
 
 def _check_tp_vocab(dims: ParallelDims, recipe: Recipe) -> None:

@@ -2,7 +2,9 @@
 
 Gradient semantics: each rank's loss is its share of the *global* mean (normalised by the global labelled-token
 count), so the true gradient is the SUM of the ranks' gradients. DDP and FSDP2 average instead, so the loss is
-multiplied by the data-parallel size first (exact for power-of-two sizes).
+multiplied by the number of ranks they average over first: data-parallel x context-parallel ranks (cp ranks hold
+replicated parameters whose gradients cover their own tokens; framework/parallel/context.py). Exact for
+power-of-two sizes.
 
 Every rank ends a step with the same loss sums and the same global gradient norm, so the skip decision (non-finite,
 spikes) is the same function of the same numbers on every rank.
@@ -19,6 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from framework.config import Recipe
+from framework.parallel.context import shard_batch
 from framework.parallel.dims import ParallelDims
 from framework.parallel.rng import seed_for_rank
 from framework.parallel.tensor import loss_context
@@ -50,28 +53,38 @@ class DistributedTrainModule(TrainModule):
 
     def _forward_loss(self, batch: Batch, total_labelled: torch.Tensor) -> LossOutput:
         out = super()._forward_loss(batch, total_labelled)
-        out.loss = out.loss * self.dims.dp  # DDP/FSDP average the gradients; we want their sum
+        # DDP/FSDP average the gradients over dp x cp ranks; we want their sum
+        out.loss = out.loss * self.dims.dp * self.dims.cp
         return out
 
     def _global_sum(self, value: torch.Tensor) -> torch.Tensor:
-        """Sum over every data-parallel dimension (tp/pp ranks hold the same counts, so they are not summed)."""
-        value = value.clone()
-        for name in DP_DIMS:
-            if self.mesh[name].size() > 1:
-                dist.all_reduce(value, group=self.mesh[name].get_group())
-        return value
+        """Sum over every data-parallel dimension and cp (each cp rank counts its sequence shard); tp/pp ranks
+        hold the same counts, so they are not summed."""
+        return _sum_over(value, self.mesh, (*DP_DIMS, "cp"))
+
+    def global_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Validation's sums: eval_batch already returns its batch's whole-sequence sums on every cp peer (as tp
+        and pp peers do), so only the data-parallel ranks are added (its batch counts stay counts)."""
+        return _sum_over(value, self.mesh, DP_DIMS)
 
     def _grad_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Reduce gradients only on the last micro-batch of a step (replicate and FSDP2 both offer the switch).
         The returned context wraps the micro-batch's forward and backward: with vocab-sharded logits it is
         loss_parallel, which must be active for both."""
-        if self.dims.dp > 1:
+        if self.dims.dp * self.dims.cp > 1:  # FSDP2/DDP also run over cp (context.data_parallel_mesh)
             self.model.set_requires_gradient_sync(last)
         return loss_context(self.dims, self.recipe)
 
+    def _to_device(self, batch: Batch) -> Batch:
+        """Training and evaluation batches: with cp, this rank's sequence shard (framework/parallel/context.py).
+        The token counters then count the shard: the tokens this rank computed."""
+        return shard_batch(super()._to_device(batch), self.mesh["cp"])
+
     def eval_batch(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         with loss_context(self.dims, self.recipe):  # the head's logits may be sharded over the vocabulary
-            return super().eval_batch(batch)
+            ce_sum, labelled = super().eval_batch(batch)
+        # with cp: each rank scored its sequence shard; return the batch's sums, the same on every cp peer
+        return _sum_over(ce_sum, self.mesh, ("cp",)), _sum_over(labelled, self.mesh, ("cp",))
 
     def _grad_norm(self) -> torch.Tensor:
         """The norm over the whole model. Gradients live on up to three kinds of layout at once (plain replicated
@@ -97,6 +110,15 @@ class DistributedTrainModule(TrainModule):
                 key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
                 groups.setdefault(key, []).append(p)
         return list(groups.values())
+
+
+def _sum_over(value: torch.Tensor, mesh: DeviceMesh, names: tuple[str, ...]) -> torch.Tensor:
+    """`value` all-reduced (summed) over each named mesh dimension larger than 1; a new tensor."""
+    value = value.clone()
+    for name in names:
+        if mesh[name].size() > 1:
+            dist.all_reduce(value, group=mesh[name].get_group())
+    return value
 
 
 def _nonfinite_anywhere(norm: torch.Tensor) -> torch.Tensor:

@@ -3,10 +3,11 @@
     1. PP split      stages keep the full model's parameter names (delete what a stage does not own)
     2. TP / SP       DTensor plans: attention, MLP, vocab-parallel embedding and head, sequence-parallel norms
     3. EP            experts split over the ep ranks, tokens exchanged all-to-all (framework/parallel/expert.py)
-    4. CP            sequence over ranks (part 2)
+    4. CP            sequence over ranks: Ulysses all-to-all around each attention (framework/parallel/context.py)
     5. activation checkpointing
     6. compile       per block, GPU only
-    7. FSDP2 / DDP   last: sharding wraps whatever the steps above produced (DTensor params, compiled blocks)
+    7. FSDP2 / DDP   last: sharding wraps whatever the steps above produced (DTensor params, compiled blocks);
+                     over the data-parallel ranks x cp (cp ranks' gradients are partial sums)
 
 Why this order: TP must see plain nn.Linear modules before FSDP turns parameters into sharded DTensors; compile
 must see the final block (checkpointed, TP-planned) but not FSDP's per-block hooks, which FSDP2 is built to sit
@@ -29,6 +30,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.utils.checkpoint import checkpoint
 
 from framework.config import Recipe
+from framework.parallel.context import apply_context_parallel, data_parallel_mesh
 from framework.parallel.dims import ParallelDims, expert_meshes
 from framework.parallel.expert import apply_expert_parallel, expert_modules
 from framework.parallel.pipeline import PipelineParts, split_for_pipeline
@@ -49,7 +51,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, recipe: 
     experts = expert_meshes(mesh, dims)  # None without expert parallelism
     if experts is not None:
         apply_expert_parallel(model, experts.ep)
-    # CP: ParallelDims refuses cp > 1 until part 2 wires it here.
+    apply_context_parallel(model, dims, mesh["cp"])
     apply_activation_checkpointing(model, p.activation_checkpointing)
     apply_compile(model, p.compile)
     apply_data_parallel(
@@ -133,18 +135,19 @@ def apply_data_parallel(
     cpu_offload: bool = False,
     expert_dp: DeviceMesh | None = None,
 ) -> None:
-    """DDP (replicate) over dp_replicate; FSDP2 over dp_shard; HSDP over (dp_replicate, dp_shard).
+    """DDP (replicate) over dp_replicate; FSDP2 over dp_shard; HSDP over (dp_replicate, dp_shard); each with cp
+    folded in (context.data_parallel_mesh), so pure context parallelism gets FSDP2/DDP over cp.
     Each block is its own FSDP unit (its parameters are gathered just before use and freed after), then the root
     takes what is left (embeddings, final norm, head). cpu_offload: the sharded parameters, their gradients and
     the optimizer step live in CPU memory (FSDP2's CPUOffloadPolicy). With expert parallelism (`expert_dp`, the
     experts' data-parallel mesh) each MoE layer's experts are a unit of their own over that mesh, sharded first
     so the block's unit leaves them alone (their ep ranks are part of dp_shard: the block's mesh would overlap)."""
-    if dims.dp == 1:
+    if dims.dp * dims.cp == 1:
         return
+    dp_mesh = data_parallel_mesh(mesh, dims)
     if dims.data_parallel == "ddp":
-        replicate(model, device_mesh=mesh["dp_replicate"])
+        replicate(model, device_mesh=dp_mesh)
         return
-    dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.data_parallel == "hsdp" else mesh["dp_shard"]
     # Pinned host memory makes the copies asynchronous but needs an accelerator (pin_memory raises without one);
     # on a CPU-only machine the policy still runs FSDP2's offload path (the copies are then no-ops).
     offload = (

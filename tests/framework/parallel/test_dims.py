@@ -128,12 +128,6 @@ def test_micro_batch_splits_into_pipeline_micro_batches() -> None:
         dims(2, pp=2, mbs=3, gbs=9)
 
 
-@pytest.mark.parametrize("name", ["cp"])  # ep: tests/framework/parallel/test_expert_parallel.py
-def test_cp_and_ep_not_yet_supported(name: str) -> None:
-    with pytest.raises(ConfigError, match="not yet supported"):
-        dims(2, **{name: 2})
-
-
 @pytest.mark.parametrize(
     ("family", "kwargs", "ok"),
     [
