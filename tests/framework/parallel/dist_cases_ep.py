@@ -8,6 +8,7 @@ k-th and (k+1)-th selection score) of one process's run, so the routing comparis
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import time
 from typing import Any
@@ -155,4 +156,45 @@ def parity(
         "expert_local_shape": [tuple(p.to_local().shape) for p in experts[:1]],
         "expert_mesh": [tuple(p.device_mesh.mesh_dim_names or ()) for p in experts[:1]],
         "seconds": seconds,
+    }
+
+
+def exchange_with_idle_rank() -> dict[str, Any]:
+    """One MoE layer split over every rank (ep = world) whose selection bias sends every token to the first rank's
+    experts: the other ranks receive no rows, yet forward and backward must reach the same collectives. Compares
+    each rank's output and the experts' gradients (summed over the ranks' tokens) with one process's layer."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from framework.config import ModelConfig
+    from framework.config.schema import MoEConfig
+    from framework.models.moe import MoE
+    from framework.parallel.expert import apply_expert_parallel
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    moe = MoEConfig(n_experts=2 * world, top_k=2, expert_hidden=16, bias_update_rate=0.01)
+    torch.manual_seed(0)
+    reference = MoE(ModelConfig(d_model=32, n_heads=4, mlp="swiglu", moe=moe))
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_(0.0, 0.1)
+        reference.router.expert_bias[:2] = 1.0  # experts 0 and 1 (the first rank's) win every selection
+    layer = copy.deepcopy(reference)
+    apply_expert_parallel(layer, init_device_mesh("cpu", (world,), mesh_dim_names=("ep",)))
+    xs = [torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(r)) for r in range(world)]
+    out = layer(xs[rank])
+    out.square().sum().backward()
+    ref_out = [reference(x) for x in xs]
+    sum(o.square().sum() for o in ref_out).backward()
+    experts_here = slice(rank * 2, rank * 2 + 2)
+    return {
+        "out_rel": _rel(out, ref_out[rank].detach()),
+        # the layer's gradients are scaled by 1/ep for FSDP's average (expert.py), so ep x them is the sum
+        "grad_rel": max(
+            _rel(
+                world * getattr(layer.experts, n).grad.to_local(),
+                getattr(reference.experts, n).grad[experts_here],
+            )
+            for n in ("w1", "w2", "w3")
+        ),
+        "local_grad_norm": layer.experts.w1.grad.to_local().norm().item(),
     }

@@ -49,6 +49,14 @@ CASES: dict[str, tuple[int, dict[str, Any], dict[str, Any], bool, int]] = {
     "ep4": (4, {"ep": 4}, MOE8, False, SEED8),
     "ep2_fsdp2": (4, {"ep": 2}, MOE_GLOBAL, True, SEED_GLOBAL),
     "ep2_tp2_sp": (4, {"ep": 2, "tp": 2, "sequence_parallel": True}, MOE, False, SEED),
+    # experts on a 2-D data-parallel mesh: replicated over dp_replicate, sharded over dp_shard / ep (size 1)
+    "ep2_hsdp2x2": (
+        4,
+        {"ep": 2, "data_parallel": "hsdp", "dp_replicate": 2, "dp_shard": 2},
+        MOE,
+        False,
+        SEED,
+    ),
 }
 
 
@@ -72,6 +80,16 @@ def test_expert_parallel_matches_one_process(dist_pool, case: str) -> None:
         # each rank holds its experts only (FSDP2 may shard them further over dp_shard / ep)
         assert result["expert_local_shape"][0][0] <= experts // ep, result
         assert "ep" in result["expert_mesh"][0], result
+
+
+def test_rank_that_receives_no_tokens(dist_pool) -> None:
+    """Every token routed to rank 0's experts: rank 1 runs its experts on zero rows, and its forward and backward
+    still take part in both all-to-alls (no hang); outputs and expert gradients equal one process's."""
+    results = dist_pool(2).run("dist_cases_ep:exchange_with_idle_rank")
+    for rank, result in enumerate(results):
+        print(rank, result)
+        assert result["out_rel"] <= 1e-6 and result["grad_rel"] <= 1e-6, result
+    assert results[0]["local_grad_norm"] > 0 and results[1]["local_grad_norm"] == 0.0, results
 
 
 # -- layout rules, in process (no process group) -------------------------------------------------------------
