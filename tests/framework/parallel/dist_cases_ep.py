@@ -113,11 +113,14 @@ def parity(
     cpu = torch.device("cpu")
     reference = TrainModule(materialize_model(recipe.model, cpu, recipe.train.seed), recipe, "cpu")
     ref_log = RouteLog(reference.model)
+    ref_init = full_params(reference.model)
     ref = _train(reference, ref_log, [_merge(b) if merge else b for b in data], 0, seq)
 
     dims = ParallelDims.from_recipe(recipe, dist.get_world_size())
     mesh = build_mesh(dims, "cpu")
     module = train_module_for(build_parallel_model(recipe, dims, mesh, cpu), recipe, cpu, dims, mesh)
+    init = full_params(module.model)  # the sharded init (each expert from its own generator) is one process's
+    init_bitwise = all(torch.equal(init[n], t) for n, t in ref_init.items())
     per_rank = GLOBAL_BATCH // dims.dp
     rank = mesh["dp_replicate"].get_local_rank() * dims.dp_shard + mesh["dp_shard"].get_local_rank()
     mine = [b[rank * per_rank : (rank + 1) * per_rank] for b in data]
@@ -143,6 +146,7 @@ def parity(
         "grad_rel": max(grad_rel.values()),
         "worst_grad": max(grad_rel, key=grad_rel.__getitem__),
         "names_equal": list(params) == list(ref_params),
+        "init_bitwise": init_bitwise,
         "routes_compared": len(routes),
         "moe_metrics_rel": max(
             abs(a[k] - b[k]) / max(abs(b[k]), 1e-12)

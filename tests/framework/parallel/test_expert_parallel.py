@@ -68,7 +68,7 @@ def test_expert_parallel_matches_one_process(dist_pool, case: str) -> None:
     experts = model["moe"].n_experts
     for result in results:
         print(case, result)
-        assert result["names_equal"]
+        assert result["names_equal"] and result["init_bitwise"], result
         assert result["min_margin"] > 1e-4, result
         assert result["routes_compared"] > 0 and not result["routes_differing"], result
         # router losses and load metrics (their statistics summed over the data-parallel ranks) as one process's
