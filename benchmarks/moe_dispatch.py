@@ -7,6 +7,10 @@ all_to_all_single) and the local experts' compute. Every timed forward starts af
 `--iters` forwards are reported, the slower rank's, with their ratio (exchange / experts).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/moe_dispatch.py [--tokens 4096 --d-model 256 ...]
+
+Measured (November 2026, the 2-core CPU machine shared with other jobs, load average 12-33; defaults): exchange
+257 ms vs experts 591 ms (ratio 0.44), and 55 ms vs 198 ms (ratio 0.28) in a second run: on CPU/gloo the two
+all-to-alls of 4096 x 2 rows of 256 floats cost about a third of the expert matmuls they feed.
 """
 
 from __future__ import annotations
