@@ -13,6 +13,9 @@ from dist_cases_numerics import ENCODER, ENCODER_DECODER
 from framework.config import ConfigError
 from framework.parallel.dims import ParallelDims
 
+STEPS = 5
+"""Optimizer steps each layout trains and is compared with one process for (the issue's parity rule)."""
+
 HSDP_2X2 = {"data_parallel": "hsdp", "dp_replicate": 2, "dp_shard": 2}
 
 
@@ -20,11 +23,11 @@ def _check(result: dict) -> None:
     assert result["names_equal"]
     assert max(result["loss_rel"]) <= 1e-5, result
     assert max(result["norm_rel"]) <= 1e-5, result
-    assert result["param_rel"] <= 5e-5, result
+    assert result["param_rel"] <= 1e-4, result
 
 
 def test_hsdp_2x2_matches_one_process(dist_pool) -> None:
-    for result in dist_pool(4).run("dist_cases:parity", 3, HSDP_2X2):
+    for result in dist_pool(4).run("dist_cases:parity", STEPS, HSDP_2X2):
         print("hsdp2x2", result)
         _check(result)
 

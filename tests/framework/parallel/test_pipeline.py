@@ -2,7 +2,7 @@
 
 Every layout builds its model from the seed by itself, with clipping active and dropout 0, and is compared with a
 one-process run in the same worker: per-step loss and gradient norm <= 1e-5 relative, the parameters each rank holds
-<= 5e-5 relative per tensor after 3 AdamW steps, parameter names those of the full model, and a held-out batch's
+<= 1e-4 relative per tensor after 5 AdamW steps, parameter names those of the full model, and a held-out batch's
 summed loss through the pipeline equal to one process's. Measured: loss <= 1.2e-7, grad norm <= 4.7e-7,
 parameters <= 2.7e-6 without TP and <= 2.1e-5 with TP (the MLP's row-parallel sums), evaluation <= 6.1e-8.
 """
@@ -17,6 +17,9 @@ from framework.config.schema import MoEConfig
 from framework.models import build_model
 from framework.parallel.dims import ParallelDims
 from framework.parallel.pipeline import split_for_pipeline, stage_blocks, stages_of_rank
+
+STEPS = 5
+"""Optimizer steps each layout trains and is compared with one process for (the issue's parity rule)."""
 
 # name: (world size, parallel section, micro-batch size, documents, model overrides)
 LAYOUTS = {
@@ -61,7 +64,7 @@ def check(results: list[dict], world: int, overrides: dict) -> None:
         assert result["names_subset"], result
         assert max(result["loss_rel"]) <= 1e-5, result
         assert max(result["norm_rel"]) <= 1e-5, result
-        assert result["param_rel"] <= 5e-5, result
+        assert result["param_rel"] <= 1e-4, result
         assert result["eval_rel"] <= 1e-5 and result["eval_tokens_equal"], result
     # Together the pipeline ranks hold every parameter of the model.
     held = set().union(*(r["names"] for r in results))
@@ -76,7 +79,7 @@ def check(results: list[dict], world: int, overrides: dict) -> None:
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_pipeline_matches_one_process(dist_pool, layout: str) -> None:
     world, parallel, micro_batch, documents, model = LAYOUTS[layout]
-    results = dist_pool(world).run("dist_cases_pp:pp_parity", 3, parallel, model, micro_batch, documents)
+    results = dist_pool(world).run("dist_cases_pp:pp_parity", STEPS, parallel, model, micro_batch, documents)
     check(results, world, model)
 
 

@@ -4,7 +4,7 @@ from the seed.
 
 Tolerances: per-step loss and gradient norm <= 1e-5 relative (as test_parity.py); every parameter's gradient of
 the first step <= 1e-5 relative per tensor (stricter than a norm: the direct evidence); a held-out batch's
-eval_batch loss sum <= 1e-5; the same parameter names; parameters after 3 AdamW steps <= 1e-4 relative per tensor
+eval_batch loss sum <= 1e-5; the same parameter names; parameters after 5 AdamW steps <= 1e-4 relative per tensor
 (the issue's bound; test_parity.py's 5e-5 is exceeded by the sequence-parallel GQA and T5 cases, 5.9e-5 and
 6.7e-5, while their first-step gradients agree to 6.8e-7: Adam's first steps are nearly lr * sign(gradient) at
 lr 1e-2 on 0.02-std weights, so entries with near-zero gradients turn last-bit differences into whole steps).
@@ -23,6 +23,9 @@ from framework.config import ConfigError
 from framework.config.schema import MoEConfig
 from framework.parallel.dims import ParallelDims
 from framework.parallel.tensor import loss_context, vocab_parallel
+
+STEPS = 5
+"""Optimizer steps each layout trains and is compared with one process for (the issue's parity rule)."""
 
 GQA = {"kv_heads": 2, "mlp": "swiglu", "position": "rope", "qk_norm": True}  # Llama GQA + Qwen3's QK-norm
 ALIBI = {"position": "alibi", "mlp": "gelu", "learned_temperature": True, "soft_distance_bias": True}
@@ -83,7 +86,7 @@ CASES: dict[str, tuple[int, dict[str, Any], dict[str, Any], str, float]] = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_tensor_parallel_matches_one_process(dist_pool, case: str) -> None:
     world, parallel, model, kind, z_loss = CASES[case]
-    results = dist_pool(world).run("dist_cases_tp:parity", 3, parallel, model, kind, z_loss)
+    results = dist_pool(world).run("dist_cases_tp:parity", STEPS, parallel, model, kind, z_loss)
     for result in results:
         print(case, result)
         assert result["names_equal"]
@@ -91,7 +94,7 @@ def test_tensor_parallel_matches_one_process(dist_pool, case: str) -> None:
         assert max(result["norm_rel"]) <= 1e-5, result
         assert result["grad_rel"] <= 1e-5, result
         assert result["eval_rel"] <= 1e-5, result
-        assert result["param_rel"] <= 1e-4, result
+        assert not result["params_beyond_tolerance"], result
         assert all(n.endswith("attention.wk.bias") for n in result["noise_grads"]), result
         # tied or not, the head's logits stay sharded over the vocabulary (loss parallel), as do the embeddings'
         # rows (under FSDP2 also over dp_shard)
@@ -115,7 +118,7 @@ def test_sequence_parallel_inside_pipeline_stages(dist_pool, case: str) -> None:
     """TP2+SP x PP2 (dist_cases_pp.pp_parity, the pipeline engine) against one process."""
     schedule, model, micro_batch = PIPELINES[case]
     parallel = {"pp": 2, "tp": 2, "sequence_parallel": True, "pp_schedule": schedule}
-    results = dist_pool(4).run("dist_cases_pp:pp_parity", 3, parallel, model, micro_batch, True)
+    results = dist_pool(4).run("dist_cases_pp:pp_parity", STEPS, parallel, model, micro_batch, True)
     for result in results:
         print(case, {k: v for k, v in result.items() if k != "names"})
         assert result["names_subset"] and result["eval_tokens_equal"]
