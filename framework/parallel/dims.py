@@ -28,7 +28,8 @@ tp; seq_len divisible by tp with sequence parallel.
 With cp > 1 (Ulysses, framework/parallel/context.py) every mask and position scheme works (causal, sliding window,
 documents, prefix-LM, ALiBi, learned temperature / soft distance, T5 relative bias). Rules: seq_len divisible by cp
 (by cp x tp with sequence parallel); heads and kv_heads divisible by cp x tp (attention splits heads over both).
-Not yet with cp > 1: pp > 1 and MoE layers (their router statistics would need reducing over cp).
+Not yet with cp > 1: pp > 1; MoE layers only with aux_loss_scope global_batch and no capacity_factor (statistics per
+micro-batch or sequence, and capacities, would need their own reduction over cp).
 
 With ep > 1 (framework/parallel/expert.py): an MoE decoder, model.moe.n_experts divisible by ep, ep dividing
 dp_shard (so data_parallel fsdp or hsdp), no pipeline (pp > 1 with MoE is refused: router losses per stage).
@@ -268,11 +269,21 @@ def _check_cp(dims: ParallelDims, recipe: Recipe) -> None:
 
 def _check_cp_features(dims: ParallelDims, recipe: Recipe) -> None:
     """Not yet with context parallelism: a pipeline (its engine scales the loss for dp only and its stages were
-    never run on sequence shards) and MoE layers (per-sequence and micro-batch router statistics would have to be
-    reduced over cp; planned with expert parallelism)."""
+    never run on sequence shards), and MoE layers whose router statistics are per micro-batch or per sequence, or
+    that drop tokens (each cp rank sees a shard of every sequence: those statistics and the capacity would need
+    their own reduction over cp). `global_batch` statistics are summed over dp and cp by the engine's global sum,
+    so they equal one process's; routing itself is per token."""
+    moe = recipe.model.moe
+    per_shard = moe is not None and (moe.aux_loss_scope != "global_batch" or moe.capacity_factor is not None)
     refusals = [
         (dims.pp > 1, "parallel.pp", dims.pp, "pipeline parallelism", "set pp: 1"),
-        (recipe.model.moe is not None, "model.moe", "set", "MoE layers", "use a dense model, or set cp: 1"),
+        (
+            per_shard,
+            "model.moe",
+            "set",
+            "MoE layers with micro_batch/sequence aux_loss_scope or a capacity_factor",
+            "set moe.aux_loss_scope: global_batch and moe.capacity_factor: null, or cp: 1",
+        ),
     ]
     for refused, key, value, what, fix in refusals:
         if refused:

@@ -74,6 +74,8 @@ def parity(
     top = max(g.norm() for g in ref_grads.values())
     noise = sorted(n for n, g in ref_grads.items() if g.norm() <= 1e-6 * top)
     ref_params, params = full_params(reference.model), full_params(module.model)
+    # MoE selection biases (aux-loss-free balancing) are buffers, moved by the step's global expert loads
+    ref_buffers, buffers = dict(reference.model.named_buffers()), dict(module.model.named_buffers())
     param_rel = {n: _rel(params[n], p) for n, p in ref_params.items() if n not in noise}
     grad_rel = {n: _rel(grads[n], g) for n, g in ref_grads.items() if n not in noise}
     (ref_eval, ref_count), (eval_sum, count) = reference.eval_batch(held_out), module.eval_batch(held_out)
@@ -91,7 +93,19 @@ def parity(
         # each rank computed its dp slice's sequence shards only (the engine sliced the batches)
         "tokens_share": module.tokens / reference.tokens,
         "hooked_attention": sum(_hooked(m) for m in module.model.modules()),
+        "buffer_rel": max(
+            (_rel(b, ref_buffers[n]) for n, b in buffers.items() if ref_buffers[n].norm() > 0), default=0.0
+        ),
+        "moe_rel": _moe_rel(module, reference),
     }
+
+
+def _moe_rel(module: TrainModule, reference: TrainModule) -> dict[str, float]:
+    """The last step's router losses and load metrics against one process's (empty for a dense model)."""
+    if reference.moe is None or module.moe is None:
+        return {}
+    got, expected = module.moe.metrics(), reference.moe.metrics()
+    return {k: abs(got[k] - v) / max(abs(v), 1e-12) for k, v in expected.items() if isinstance(v, float)}
 
 
 def _hooked(module: torch.nn.Module) -> bool:

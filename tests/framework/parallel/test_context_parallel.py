@@ -11,11 +11,12 @@ exact arithmetic (the key bias) are rounding noise: listed by the case, not comp
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from dist_cases import GLOBAL_BATCH, tiny_recipe
-from test_tensor_parallel import ALIBI, BERT, GQA
+from test_tensor_parallel import ALIBI, BERT, GQA, MOE
 
 from framework.config import ConfigError
 from framework.config.schema import MoEConfig
@@ -28,6 +29,7 @@ RELATIVE = {"position": "relative_bias", "relative_buckets": 8, "relative_max_di
 # this rank's heads, distances from the gathered positions, a sliding window
 ALIBI_WINDOW = ALIBI | {"sliding_window": 6}
 CP2, CP2_SP = {"cp": 2}, {"cp": 2, "tp": 2, "sequence_parallel": True}
+MOE_GLOBAL = MOE | {"moe": replace(MOE["moe"], aux_loss_scope="global_batch", bias_update_rate=1e-2)}
 
 # name: (world, parallel, model, batch kind, z-loss)
 CASES: dict[str, tuple[int, dict[str, Any], dict[str, Any], str, float]] = {
@@ -41,6 +43,8 @@ CASES: dict[str, tuple[int, dict[str, Any], dict[str, Any], str, float]] = {
     "cp2xfsdp2_relative_documents": (4, CP2 | {"data_parallel": "fsdp"}, RELATIVE, "documents", 0.0),
     # bidirectional masked LM: learned positions and token types on the shard, full attention
     "encoder_cp2": (2, CP2, BERT, "mlm", 0.0),
+    # router losses over the global batch (counts and token totals summed over cp) + aux-loss-free bias updates
+    "cp2_moe_global_batch": (2, CP2, MOE_GLOBAL, "documents", 0.0),
 }
 
 
@@ -61,6 +65,7 @@ def test_context_parallel_matches_one_process(dist_pool, case: str) -> None:
         # every attention exchanged sequence shards, on this rank's share of the tokens
         assert result["hooked_attention"] == 2, result
         assert result["tokens_share"] == pytest.approx(1 / (dp * parallel["cp"])), result
+        assert result["buffer_rel"] <= 1e-5 and all(v <= 1e-5 for v in result["moe_rel"].values()), result
 
 
 # -- layout rules, in process (no process group) -------------------------------------------------------------
@@ -93,7 +98,20 @@ def test_cp_accepted_for_decoder_and_encoder(family: str) -> None:
         (4, {"n_heads": 2}, {"cp": 2, "tp": 2}, "model.n_heads", "cp x parallel.tp = 4"),
         (4, {"kv_heads": 2}, {"cp": 2, "tp": 2}, "model.kv_heads", "cp x parallel.tp = 4"),
         (4, {}, {"cp": 2, "pp": 2}, "parallel.pp", "pipeline parallelism with parallel.cp > 1"),
-        (2, {"moe": MoEConfig(n_experts=4, top_k=2)}, CP2, "model.moe", "MoE layers with parallel.cp > 1"),
+        (
+            2,
+            {"moe": MoEConfig(n_experts=4, top_k=2)},
+            CP2,
+            "model.moe",
+            "micro_batch/sequence aux_loss_scope",
+        ),
+        (
+            2,
+            {"moe": MoEConfig(n_experts=4, top_k=2, aux_loss_scope="global_batch", capacity_factor=1.0)},
+            CP2,
+            "model.moe",
+            "capacity_factor",
+        ),
     ],
 )
 def test_cp_rules(world: int, model: dict, parallel: dict, key: str, rule: str) -> None:
