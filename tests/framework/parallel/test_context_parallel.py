@@ -4,7 +4,8 @@ layout built the way `loom train` builds it (meta build, parallelize, sharded in
 Tolerances as tests/framework/parallel/test_tensor_parallel.py: per-step loss and gradient norm <= 1e-5 relative;
 every parameter's gradient of the first step <= 1e-5 relative per tensor; a held-out batch's eval_batch loss sum
 <= 1e-5 (every cp peer returns the whole batch's sums) with the same labelled-token count;
-the same parameter names; parameters after 3 AdamW steps <= 1e-4 relative per tensor. Gradients that are zero in
+the same parameter names; parameters after 5 AdamW steps <= 1e-4 relative per tensor (the parity rule of
+tests/framework/parallel; tiny_recipe's lr 1e-3). Gradients that are zero in
 exact arithmetic (the key bias) are rounding noise: listed by the case, not compared.
 """
 
@@ -31,6 +32,7 @@ ALIBI_WINDOW = ALIBI | {"sliding_window": 6}
 CP2, CP2_SP = {"cp": 2}, {"cp": 2, "tp": 2, "sequence_parallel": True}
 MOE_GLOBAL = MOE | {"moe": replace(MOE["moe"], aux_loss_scope="global_batch", bias_update_rate=1e-2)}
 
+STEPS = 5
 # name: (world, parallel, model, batch kind, z-loss)
 CASES: dict[str, tuple[int, dict[str, Any], dict[str, Any], str, float]] = {
     # RoPE on global positions (restarting at each document), document mask across the shard boundary
@@ -51,7 +53,7 @@ CASES: dict[str, tuple[int, dict[str, Any], dict[str, Any], str, float]] = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_context_parallel_matches_one_process(dist_pool, case: str) -> None:
     world, parallel, model, kind, z_loss = CASES[case]
-    results = dist_pool(world).run("dist_cases_cp:parity", 3, parallel, model, kind, z_loss)
+    results = dist_pool(world).run("dist_cases_cp:parity", STEPS, parallel, model, kind, z_loss)
     dp = world // (parallel["cp"] * parallel.get("tp", 1))
     for result in results:
         print(case, result)
