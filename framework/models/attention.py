@@ -6,7 +6,8 @@ Scores, per head h, query i, key j (every backend computes exactly this):
 
 bias_h(i, j) = T5 relative bias[h, bucket(p_j - p_i)] - (alibi_slope_h + w_h) * |p_i - p_j|, where p are the
 position ids, w_h the learned soft distance weight and T_h the fixed or learned (exp(log_temperature))
-temperature. Heads are indexed globally from `head_offset` so a tensor-parallel shard keeps its heads' slopes.
+temperature. Heads are indexed globally from `head_offset` so a tensor- or context-parallel block of heads keeps
+its heads' slopes.
 """
 
 from __future__ import annotations
