@@ -16,7 +16,7 @@ tested, ep with cp > 1 is refused.
 
 Support matrix (families x dimensions; anything else is a ConfigError):
 
-    decoder:          dp_replicate, dp_shard, tp (+ sequence parallel), pp, ep (MoE; not with pp), cp (not with pp)
+    decoder:          dp_replicate, dp_shard, tp (+ sequence parallel), pp, ep (MoE; not with pp), cp
     encoder:          dp_replicate, dp_shard, tp (+ sequence parallel), cp
     encoder_decoder:  dp_replicate, dp_shard, tp (+ sequence parallel)
 
@@ -28,7 +28,7 @@ tp; seq_len divisible by tp with sequence parallel.
 With cp > 1 (Ulysses, framework/parallel/context.py) every mask and position scheme works (causal, sliding window,
 documents, prefix-LM, ALiBi, learned temperature / soft distance, T5 relative bias). Rules: seq_len divisible by cp
 (by cp x tp with sequence parallel); heads and kv_heads divisible by cp x tp (attention splits heads over both).
-Not yet with cp > 1: pp > 1; MoE layers only with aux_loss_scope global_batch and no capacity_factor (statistics per
+Not yet with cp > 1: MoE layers only with aux_loss_scope global_batch and no capacity_factor (statistics per
 micro-batch or sequence, and capacities, would need their own reduction over cp).
 
 With ep > 1 (framework/parallel/expert.py): an MoE decoder, model.moe.n_experts divisible by ep, ep dividing
@@ -268,15 +268,13 @@ def _check_cp(dims: ParallelDims, recipe: Recipe) -> None:
 
 
 def _check_cp_features(dims: ParallelDims, recipe: Recipe) -> None:
-    """Not yet with context parallelism: a pipeline (its engine scales the loss for dp only and its stages were
-    never run on sequence shards), and MoE layers whose router statistics are per micro-batch or per sequence, or
+    """Not yet with context parallelism: MoE layers whose router statistics are per micro-batch or per sequence, or
     that drop tokens (each cp rank sees a shard of every sequence: those statistics and the capacity would need
     their own reduction over cp). `global_batch` statistics are summed over dp and cp by the engine's global sum,
     so they equal one process's; routing itself is per token."""
     moe = recipe.model.moe
     per_shard = moe is not None and (moe.aux_loss_scope != "global_batch" or moe.capacity_factor is not None)
     refusals = [
-        (dims.pp > 1, "parallel.pp", dims.pp, "pipeline parallelism", "set pp: 1"),
         (
             per_shard,
             "model.moe",

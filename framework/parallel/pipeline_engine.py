@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 
 from framework.config import Recipe
 from framework.parallel.dims import ParallelDims
-from framework.parallel.engine import DistributedTrainModule, _full, _nonfinite_anywhere
+from framework.parallel.engine import DistributedTrainModule, _full, _nonfinite_anywhere, _sum_over
 from framework.parallel.pipeline import PipelineParts, build_schedule, no_autocast, pp_sum
 from framework.parallel.tensor import loss_context
 from framework.train.loss import compute_loss, count_labelled, loss_sums
@@ -84,7 +84,10 @@ class PipelineTrainModule(DistributedTrainModule):
         finally:
             self._evaluating = False
         (ce_sum,) = self._last_stage_sums(1)
-        return ce_sum, count_labelled(batch["labels"])
+        # with cp each rank scored its sequence shard: the batch's sums, the same on every cp peer (engine.py)
+        return _sum_over(ce_sum, self.mesh, ("cp",)), _sum_over(
+            count_labelled(batch["labels"]), self.mesh, ("cp",)
+        )
 
     def _run(self, schedule_call: Any, batch: Batch) -> None:
         """One schedule run over `batch` (split into the recipe's pipeline chunks); keeps the chunks' loss parts.
@@ -106,8 +109,9 @@ class PipelineTrainModule(DistributedTrainModule):
                 parts = loss[None]
             else:
                 out = compute_loss(logits, labels, self._total, self.recipe.train.z_loss)
-                # x dp: FSDP/DDP average gradients over data-parallel ranks, our loss wants their sum (engine.py).
-                loss, parts = self.precision.scale(out.loss * self.dims.dp), torch.stack([out.ce, out.z_loss])
+                # x dp x cp: FSDP/DDP average gradients over those ranks, our loss wants their sum (engine.py).
+                scaled = self.precision.scale(out.loss * self.dims.dp * self.dims.cp)
+                loss, parts = scaled, torch.stack([out.ce, out.z_loss])
         self._parts[id(loss)] = parts.detach()
         return loss
 

@@ -99,7 +99,6 @@ def test_cp_accepted_for_decoder_and_encoder(family: str) -> None:
         ),
         (4, {"n_heads": 2}, {"cp": 2, "tp": 2}, "model.n_heads", "cp x parallel.tp = 4"),
         (4, {"kv_heads": 2}, {"cp": 2, "tp": 2}, "model.kv_heads", "cp x parallel.tp = 4"),
-        (4, {}, {"cp": 2, "pp": 2}, "parallel.pp", "pipeline parallelism with parallel.cp > 1"),
         (
             2,
             {"moe": MoEConfig(n_experts=4, top_k=2)},

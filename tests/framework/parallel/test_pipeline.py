@@ -55,6 +55,22 @@ LAYOUTS = {
         {},
     ),
     "tp2_sp_xpp2xfsdp2": (8, {"pp": 2, "tp": 2, "dp_shard": 2, "sequence_parallel": True}, 2, True, {}),
+    "cp2xpp2": (4, {"pp": 2, "cp": 2, "dp_shard": 1}, 2, True, {}),
+    "cp2xpp2_interleaved_tied": (
+        4,
+        {"pp": 2, "cp": 2, "dp_shard": 1, "pp_schedule": "interleaved_1f1b"},
+        4,
+        False,
+        {"tie_embeddings": True},
+    ),
+    # 4-D: every dense dimension at once (tp innermost, then cp, then pipeline stages), one head per rank
+    "tp2_sp_xcp2xpp2": (
+        8,
+        {"pp": 2, "cp": 2, "tp": 2, "dp_shard": 1, "sequence_parallel": True},
+        2,
+        True,
+        {},
+    ),
 }
 
 
