@@ -91,11 +91,13 @@ class DistributedTrainModule(TrainModule):
         tensors, DTensors on the tp mesh, DTensors on the dp or dp x tp mesh) and torch cannot stack norms across
         them, so each layout's norm is taken by itself, reduced over its mesh by full_tensor(), then combined.
         Replicated gradients are identical on every rank (DDP's all-reduce, TP's backward all-reduces)."""
-        groups = [[p.grad for p in params] for params in self._params_by_layout()]
-        if not groups:
-            return torch.zeros((), device=self.device)
-        norms = [_full(torch.nn.utils.get_total_norm(g, error_if_nonfinite=False)) for g in groups]
-        return _nonfinite_anywhere(torch.linalg.vector_norm(torch.stack(norms)))
+        return _nonfinite_anywhere(self._local_norm())
+
+    def _local_norm(self, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """The norm over this rank's gradients (each layout reduced over its mesh), leaving out parameter `skip`."""
+        groups = [[p.grad for p in params if p is not skip] for params in self._params_by_layout()]
+        norms = [_full(torch.nn.utils.get_total_norm(g, error_if_nonfinite=False)) for g in groups if g]
+        return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=self.device)
 
     def _clip_grads(self, clip: float, norm: torch.Tensor) -> None:
         # torch's foreach kernels refuse a list mixing plain tensors and DTensors: scale each layout by itself.

@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 
 from framework.config import Recipe
 from framework.parallel.dims import ParallelDims
-from framework.parallel.engine import DistributedTrainModule, _full, _nonfinite_anywhere, _sum_over
+from framework.parallel.engine import DistributedTrainModule, _nonfinite_anywhere, _sum_over
 from framework.parallel.pipeline import PipelineParts, build_schedule, no_autocast, pp_sum
 from framework.parallel.tensor import loss_context
 from framework.train.loss import compute_loss, count_labelled, loss_sums
@@ -124,9 +124,7 @@ class PipelineTrainModule(DistributedTrainModule):
         """This rank's stages (each layout reduced over its dp/tp mesh, as the base engine does), then the
         squares summed over the pipeline. The last stage's copy of a tied embedding is not counted again."""
         again = self._tied[0] if self._tied is not None and not self.holds_first else None
-        groups = [[p.grad for p in params if p is not again] for params in self._params_by_layout()]
-        norms = [_full(torch.nn.utils.get_total_norm(g, error_if_nonfinite=False)) for g in groups if g]
-        local = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=self.device)
+        local = self._local_norm(skip=again)
         # plain replicated gradients (tp) are normed per rank: one skip decision for the world (engine.py)
         return _nonfinite_anywhere(pp_sum(local.float() ** 2, self.mesh["pp"]).sqrt())
 
