@@ -180,7 +180,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tokenizer_parser(data_commands)
     _add_prepare_parser(data_commands)
     _add_convert(commands)
+    _add_ckpt_commands(commands)
     return parser
+
+
+def _add_ckpt_commands(commands: argparse._SubParsersAction) -> None:
+    ckpt = commands.add_parser("ckpt", help="checkpoint tools: inspect, consolidate (see docs/checkpoints.md)")
+    ckpt_commands = ckpt.add_subparsers(dest="ckpt_command", required=True, parser_class=_Parser)
+    inspect = ckpt_commands.add_parser("inspect", help="step, tokens, layout, model and tensors of a checkpoint")
+    inspect.add_argument("path", help="a step directory, or a checkpoint root (follows 'latest')")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    consolidate = ckpt_commands.add_parser(
+        "consolidate", help="the full model of a checkpoint of any layout as safetensors (CPU, one process)"
+    )
+    consolidate.add_argument("path", help="a step directory, or a checkpoint root (follows 'latest')")
+    consolidate.add_argument("out", help="a new (or empty) output folder")
+    consolidate.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: as saved")
+
+
+def _run_ckpt(args: argparse.Namespace) -> int:
+    if args.ckpt_command == "inspect":
+        import json
+
+        from framework.checkpoint.inspect import format_report, inspect_checkpoint
+
+        report = inspect_checkpoint(args.path)
+        print(json.dumps(report, indent=2) if args.json else format_report(report))
+        return 0
+    from framework.checkpoint.consolidate import consolidate
+
+    print(f"wrote {consolidate(args.path, args.out, args.dtype)}")
+    return 0
 
 
 def _add_convert(commands: argparse._SubParsersAction) -> None:
@@ -310,6 +340,8 @@ def run(argv: Sequence[str]) -> int:
             )
         )
         return 0
+    if args.command == "ckpt":
+        return _run_ckpt(args)
     raise AssertionError(f"unhandled command {args.command}")  # argparse only lets known commands through
 
 
