@@ -185,9 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_ckpt_commands(commands: argparse._SubParsersAction) -> None:
-    ckpt = commands.add_parser("ckpt", help="checkpoint tools: inspect, consolidate (see docs/checkpoints.md)")
+    ckpt = commands.add_parser(
+        "ckpt", help="checkpoint tools: inspect, consolidate (see docs/checkpoints.md)"
+    )
     ckpt_commands = ckpt.add_subparsers(dest="ckpt_command", required=True, parser_class=_Parser)
-    inspect = ckpt_commands.add_parser("inspect", help="step, tokens, layout, model and tensors of a checkpoint")
+    inspect = ckpt_commands.add_parser(
+        "inspect", help="step, tokens, layout, model and tensors of a checkpoint"
+    )
     inspect.add_argument("path", help="a step directory, or a checkpoint root (follows 'latest')")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     consolidate = ckpt_commands.add_parser(
