@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import os
+import socket
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -105,6 +106,7 @@ def train(recipe: Recipe, *, resume: str | None = None) -> dict[str, Any]:
     with process_group(device) as device:
         mesh = build_mesh(dims, device.type)
         log.info("layout: %s; %s", dims.describe(), describe_rank(mesh))
+        log_node_map()
         module = functools.partial(_distributed_module, dims=dims, mesh=mesh)
         dp_rank = mesh["dp_replicate"].get_local_rank() * dims.dp_shard + mesh["dp_shard"].get_local_rank()
         return _train(
@@ -169,6 +171,18 @@ def describe_rank(mesh: DeviceMesh) -> str:
         f"{n} {c}" for n, c, s in zip(names, mesh.get_coordinate() or (), mesh.shape, strict=True) if s > 1
     ]
     return f"rank {dist.get_rank()}: {' '.join(coords)}"
+
+
+def log_node_map() -> None:
+    """Rank 0 logs which node each rank runs on, e.g. 'node map: node1 [0, 1]; node2 [2, 3]' (Slurm's node name
+    where set: several Slurm nodes may share one host name). A collective: every rank calls it."""
+    names: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(names, os.environ.get("SLURMD_NODENAME") or socket.gethostname())
+    ranks: dict[str, list[int]] = {}
+    for rank, name in enumerate(names):
+        ranks.setdefault(str(name), []).append(rank)
+    if dist.get_rank() == 0:
+        log.info("node map: %s", "; ".join(f"{name} {r}" for name, r in ranks.items()))
 
 
 @contextlib.contextmanager
