@@ -75,9 +75,11 @@ def read_dcp_metadata(step_dir: str | Path) -> dcp_md.Metadata:
     try:
         metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
     except Exception as error:  # noqa: BLE001 - any failure to parse means the same thing to the user
-        raise _error(path, f"is unreadable ({type(error).__name__}: {error})") from None
+        raise _error(
+            path.parent, f"its {DCP_METADATA} is unreadable ({type(error).__name__}: {error})"
+        ) from None
     if not isinstance(metadata, dcp_md.Metadata):
-        raise _error(path, f"holds a {type(metadata).__name__}, not DCP metadata")
+        raise _error(path.parent, f"its {DCP_METADATA} holds a {type(metadata).__name__}, not DCP metadata")
     return metadata
 
 
@@ -121,9 +123,9 @@ def read_meta_json(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _error(path, f"is unreadable ({error})") from None
+        raise _error(path.parent, f"its {path.name} is unreadable ({error})") from None
     if not isinstance(value, dict):
-        raise _error(path, f"holds a JSON {type(value).__name__}, not an object")
+        raise _error(path.parent, f"its {path.name} holds a JSON {type(value).__name__}, not an object")
     return value
 
 

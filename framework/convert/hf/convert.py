@@ -159,19 +159,15 @@ def export_checkpoint(
     tokenizer: str | Path | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
-    """`loom convert CKPT --to hf OUT`: the model of a committed checkpoint (and its recipe's tokenizer)."""
-    from framework.checkpoint import load_checkpoint
+    """`loom convert CKPT --to hf OUT`: the model of a committed checkpoint of any parallel layout (and its
+    recipe's tokenizer). The checkpoint is verified first, and only its model tensors are read, as full tensors."""
+    from framework.checkpoint.consolidate import read_model_state
 
-    loaded = load_checkpoint(checkpoint)
-    recipe = recipe_from_metadata(loaded.metadata, loaded.path)
+    loaded = read_model_state(checkpoint)
+    recipe = recipe_from_metadata(loaded.meta, loaded.path)
     _family(recipe.model)  # refuse before any work is written
     tokenizer = tokenizer if tokenizer is not None else _recipe_tokenizer(recipe)
-    state = loaded.state.get("model")
-    if not isinstance(state, dict):
-        raise ConfigError(
-            None, "checkpoint", str(loaded.path), "holds no model state", "pass a training checkpoint"
-        )
-    return save_hf(recipe.model, state, out, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
+    return save_hf(recipe.model, loaded.tensors, out, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
 
 
 def recipe_from_metadata(metadata: dict[str, Any], path: Path) -> Recipe:
