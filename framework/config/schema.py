@@ -7,6 +7,7 @@ span sections live in `Recipe.validate()`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -607,26 +608,89 @@ class LoggingConfig:
         _positive(self, "logging", "log_every", "peak_tflops")
 
 
+# Values that reach a Slurm job script: names and times are whole-matched against these (no quotes, spaces,
+# `$`, `;` or newlines can pass), everything else is shell-quoted when the script is rendered.
+_SLURM_NAME = re.compile(r"[A-Za-z0-9_.+-]+")
+_SLURM_TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d\d))?(?::(\d\d))?")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def slurm_time_seconds(value: str) -> int | None:
+    """Seconds of a Slurm time limit ('MM', 'MM:SS', 'HH:MM:SS', 'D-HH', 'D-HH:MM', 'D-HH:MM:SS'); None if malformed."""
+    match = _SLURM_TIME.fullmatch(value)
+    if match is None:
+        return None
+    days, first, second, third = (int(g) if g else None for g in match.groups())
+    if days is not None:  # D-HH[:MM[:SS]]
+        return ((days * 24 + first) * 60 + (second or 0)) * 60 + (third or 0)
+    if third is not None:  # HH:MM:SS
+        return (first * 60 + second) * 60 + third
+    return first * 60 + (second or 0)  # MM[:SS]
+
+
 @dataclass
 class LaunchConfig:
-    """How many processes and nodes run the job (local launcher and Slurm)."""
+    """How many processes and nodes run the job (local launcher and Slurm). `loom submit` renders these into an
+    sbatch script (see docs/slurm.md); its --nodes/--gpus-per-node/--partition/--time/--account flags override
+    them."""
 
     nproc_per_node: int = 1
-    """Worker processes per node."""
+    """Worker processes per node (one per GPU; with gpus_per_node > 0 they must be equal)."""
     nnodes: int = 1
     """Number of nodes the job spans."""
     partition: str | None = None
-    """Slurm partition."""
+    """Slurm partition (or a comma-separated list of them); null = the cluster's default."""
     account: str | None = None
-    """Slurm account."""
+    """Slurm account charged for the job; null = the user's default."""
+    qos: str | None = None
+    """Slurm quality of service; null = the default."""
     time: str = "01:00:00"
-    """Slurm time limit (HH:MM:SS or D-HH:MM:SS)."""
+    """Slurm time limit (MM, HH:MM:SS or D-HH:MM:SS); quote it in YAML ("4:00:00"), which reads 4:00:00 as a number."""
     gpus_per_node: int = 0
-    """GPUs requested per node (Slurm)."""
+    """GPUs requested per node (Slurm); 0 = a CPU job."""
+    job_name: str | None = None
+    """Slurm job name; null = the recipe file's name without .yaml."""
+    signal_seconds: int = 120
+    """Slurm sends SIGUSR1 this many seconds before the time limit (--signal=USR1@N): the run saves a checkpoint,
+    exits with status 75 and the job requeues itself to resume. 0 = no warning signal."""
+    env: list[str] = field(default_factory=list)
+    """Extra environment of the job, as NAME=VALUE items (e.g. NCCL_SOCKET_IFNAME=ib0)."""
 
     def validate(self) -> None:
         _positive(self, "launch", "nproc_per_node", "nnodes")
-        _non_negative(self, "launch", "gpus_per_node")
+        _non_negative(self, "launch", "gpus_per_node", "signal_seconds")
+        for name in ("partition", "account", "qos", "job_name"):
+            value = getattr(self, name)
+            parts = [] if value is None else value.split(",") if name == "partition" else [value]
+            _require(
+                all(_SLURM_NAME.fullmatch(p) for p in parts),
+                f"launch.{name}",
+                value,
+                "must be a Slurm name: letters, digits and _ . + - only",
+                "use the name `sinfo`/`sacctmgr` shows",
+            )
+        self._validate_time()
+        for i, item in enumerate(self.env):
+            name, sep, value = item.partition("=")
+            _require(
+                bool(sep) and bool(_ENV_NAME.fullmatch(name)) and value.isprintable(),
+                f"launch.env[{i}]",
+                item,
+                "must be NAME=VALUE with a shell variable name and no control characters",
+                "e.g. NCCL_SOCKET_IFNAME=ib0",
+            )
+
+    def _validate_time(self) -> None:
+        seconds = slurm_time_seconds(self.time)
+        fix = "e.g. 30, 04:00:00 or 2-00:00:00"
+        _require(seconds is not None, "launch.time", self.time, "is not a Slurm time limit", fix)
+        _require(
+            seconds is not None and seconds > self.signal_seconds,
+            "launch.time",
+            self.time,
+            f"must be longer than launch.signal_seconds={self.signal_seconds} (the save-and-requeue warning)",
+            "raise launch.time or lower launch.signal_seconds",
+        )
 
 
 SECTIONS = (
