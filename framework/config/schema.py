@@ -648,6 +648,8 @@ class LaunchConfig:
     """Slurm time limit (MM, HH:MM:SS or D-HH:MM:SS); quote it in YAML ("4:00:00"), which reads 4:00:00 as a number."""
     gpus_per_node: int = 0
     """GPUs requested per node (Slurm); 0 = a CPU job."""
+    cpus_per_node: int | None = None
+    """CPUs per node for its launcher and workers (Slurm --cpus-per-task); null = whole nodes (--exclusive)."""
     job_name: str | None = None
     """Slurm job name; null = the recipe file's name without .yaml."""
     signal_seconds: int = 120
@@ -657,7 +659,7 @@ class LaunchConfig:
     """Extra environment of the job, as NAME=VALUE items (e.g. NCCL_SOCKET_IFNAME=ib0)."""
 
     def validate(self) -> None:
-        _positive(self, "launch", "nproc_per_node", "nnodes")
+        _positive(self, "launch", "nproc_per_node", "nnodes", "cpus_per_node")
         _non_negative(self, "launch", "gpus_per_node", "signal_seconds")
         for name in ("partition", "account", "qos", "job_name"):
             value = getattr(self, name)
