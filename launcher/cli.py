@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare_parser(data_commands)
     _add_convert(commands)
     _add_ckpt_commands(commands)
+    _add_slurm_commands(commands)
     return parser
 
 
@@ -236,6 +237,54 @@ def _add_convert(commands: argparse._SubParsersAction) -> None:
     convert.add_argument(
         "--max-shard-size", default="5GB", help="--to hf: split weights into files of at most this size"
     )
+
+
+SLURM_COMMANDS = ("submit", "status", "logs", "cancel")
+
+
+def _add_slurm_commands(commands: argparse._SubParsersAction) -> None:
+    """`loom submit/status/logs/cancel` (launcher/slurm.py, docs/slurm.md)."""
+    submit = commands.add_parser(
+        "submit", help="submit a recipe as a Slurm job (sbatch); --dry-run prints it"
+    )
+    _add_recipe_args(submit)
+    group = submit.add_argument_group("overrides of the recipe's launch section")
+    group.add_argument("--nodes", type=int, metavar="N", help="nodes (launch.nnodes)")
+    group.add_argument(
+        "--gpus-per-node", type=int, metavar="G", help="GPUs and workers per node (launch.gpus_per_node)"
+    )
+    group.add_argument(
+        "--nproc-per-node", type=int, metavar="P", help="workers per node (launch.nproc_per_node)"
+    )
+    group.add_argument("--partition", metavar="P", help="Slurm partition (launch.partition)")
+    group.add_argument("--time", metavar="T", help="time limit, e.g. 04:00:00 (launch.time)")
+    group.add_argument("--account", metavar="A", help="Slurm account (launch.account)")
+    submit.add_argument("--dry-run", action="store_true", help="print the job script; submit nothing")
+    commands.add_parser("status", help="state of the Slurm jobs submitted from this directory")
+    for name, verb in (("logs", "print the log of"), ("cancel", "cancel")):
+        sub = commands.add_parser(name, help=f"{verb} a job submitted from this directory")
+        sub.add_argument("job", nargs="?", default=None, help="job id (default: the newest)")
+
+
+def _run_slurm(args: argparse.Namespace) -> int:
+    from launcher import slurm
+
+    if args.command == "status":
+        print(slurm.status())
+    elif args.command == "logs":
+        print(slurm.logs(args.job), end="")
+    elif args.command == "cancel":
+        print(slurm.cancel(args.job))
+    else:
+        flags = [args.nodes, args.gpus_per_node, args.nproc_per_node, args.partition, args.time, args.account]
+        overrides = [*args.overrides, *slurm.flag_overrides(*flags)]
+        job = slurm.render(args.recipe, overrides)
+        if args.dry_run:
+            print(job.script, end="")
+            return 0
+        record = slurm.submit(job, args.recipe)
+        print(f"submitted job {record.job_id} ({record.name}); log: {record.log}")
+    return 0
 
 
 def _nodes(args: argparse.Namespace) -> Nodes | None:
@@ -346,6 +395,8 @@ def run(argv: Sequence[str]) -> int:
         return 0
     if args.command == "ckpt":
         return _run_ckpt(args)
+    if args.command in SLURM_COMMANDS:
+        return _run_slurm(args)
     raise AssertionError(f"unhandled command {args.command}")  # argparse only lets known commands through
 
 
