@@ -25,7 +25,8 @@ import socket
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -91,20 +92,28 @@ def make_state(nbytes: int) -> dict[str, torch.Tensor]:
     return {f"layers.{i}.weight": torch.randn(numel, generator=g) for i in range(TENSORS)}
 
 
-def async_stall(state: dict[str, torch.Tensor], work: Path) -> tuple[float, float, float]:
-    """(blocking dcp.save seconds, seconds the first and the second dcp.async_save block the caller), in a
-    one-process gloo group. The stager keeps its CPU buffers between saves, as a training run's repeated
-    saves would: the first stall also pays for allocating (page-faulting) the CPU copy."""
+@contextmanager
+def one_process_group() -> Iterator[None]:
+    """A gloo group of this process alone, as async_save's collectives expect."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    # CPU only: no pinned memory, no CUDA streams; the stager keeps its buffers between saves
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def async_stall(state: dict[str, torch.Tensor], work: Path) -> tuple[float, float, float]:
+    """(blocking dcp.save seconds, seconds the first and the second dcp.async_save block the caller). The stager
+    keeps its CPU buffers between saves, as a training run's repeated saves would: the first stall also pays for
+    allocating (page-faulting) the CPU copy. CPU only: no pinned memory, no CUDA streams."""
     options = StagingOptions(
         use_pinned_memory=False, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=False
     )
     stager = DefaultStager(options)
-    try:
+    with one_process_group():
         sync = timed(
             lambda: dcp.save(state, storage_writer=dcp.FileSystemWriter(work / "sync", sync_files=True))
         )
@@ -115,10 +124,8 @@ def async_stall(state: dict[str, torch.Tensor], work: Path) -> tuple[float, floa
             future = dcp.async_save(state, storage_writer=writer, async_stager=stager)
             stalls.append(time.perf_counter() - start)
             future.result()
-        return sync, stalls[0], stalls[1]
-    finally:
-        stager.close()
-        dist.destroy_process_group()
+    stager.close()
+    return sync, stalls[0], stalls[1]
 
 
 def main() -> None:
