@@ -156,20 +156,23 @@ def storage_problems(path: Path, metadata: dcp_md.Metadata) -> list[str]:
     return problems
 
 
-def check_compatible(path: str | Path, template: Mapping[str, Any], prefix: str = "model/") -> None:
+def check_compatible(
+    path: str | Path, template: Mapping[str, Any], prefix: str = "model/", *, partial: bool = False
+) -> None:
     """ConfigError unless the checkpoint holds the same `prefix` keys as `template` with the same global shapes,
     and every other key both hold has the same global shape.
 
     `template` is a state as save_checkpoint takes it (nested dicts; DTensors count by their global shape), or
     already flat with '/'-joined keys. Keys outside `prefix` may be absent on either side (an optimizer that has
-    not stepped yet has no moments)."""
+    not stepped yet has no moments). `partial`: the template is part of the model (a pipeline stage's layers), so
+    checkpoint keys it lacks are expected; missing keys and shape differences still count."""
     ours = {k: tuple(v.shape) for k, v in _flat_tensors(template).items()}
     theirs = {
         k: tuple(item.size)
         for k, item in read_dcp_metadata(path).state_dict_metadata.items()
         if isinstance(item, dcp_md.TensorStorageMetadata)
     }
-    differences = _differences(ours, theirs, prefix)
+    differences = _differences(ours, theirs, prefix, partial)
     if differences:
         shown = "; ".join(differences[:_SHOWN_KEYS])
         more = f" (+{len(differences) - _SHOWN_KEYS} more)" if len(differences) > _SHOWN_KEYS else ""
@@ -186,7 +189,7 @@ def _flat_tensors(template: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return split_tensors(template)[0]
 
 
-def _differences(ours: dict[str, tuple], theirs: dict[str, tuple], prefix: str) -> list[str]:
+def _differences(ours: dict[str, tuple], theirs: dict[str, tuple], prefix: str, partial: bool) -> list[str]:
     found = []
     for key in sorted(ours.keys() | theirs.keys()):
         mine, saved = ours.get(key), theirs.get(key)
@@ -194,6 +197,6 @@ def _differences(ours: dict[str, tuple], theirs: dict[str, tuple], prefix: str) 
             found.append(f"{key} is {list(saved)} in the checkpoint, {list(mine)} in the model")
         elif key.startswith(prefix) and saved is None:
             found.append(f"{key} {list(mine)} is missing from the checkpoint")
-        elif key.startswith(prefix) and mine is None:
+        elif key.startswith(prefix) and mine is None and not partial:
             found.append(f"{key} {list(saved)} is in the checkpoint but not in the model")
     return found

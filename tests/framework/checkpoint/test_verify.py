@@ -144,3 +144,8 @@ def test_another_model_depth_names_missing_and_unexpected_keys(ckpt: Path) -> No
     flat = {f"model/{k}": v for k, v in state["model"].items()}
     with pytest.raises(ConfigError, match="is in the checkpoint but not in the model"):
         check_compatible(ckpt, flat)
+    # a pipeline stage holds part of the model: the other stages' keys are expected, a wrong shape is not
+    check_compatible(ckpt, flat, partial=True)
+    flat["model/output.weight"] = torch.empty(3, 3)
+    with pytest.raises(ConfigError, match=r"model/output.weight is \[64, 32\] in the checkpoint, \[3, 3\]"):
+        check_compatible(ckpt, flat, partial=True)
