@@ -17,7 +17,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from framework.config.errors import ConfigError
 from framework.config.loader import dump_recipe
 from framework.config.schema import ModelConfig, Recipe
 from framework.data import Tokenizer, TrainSource, ValidationSource, build_data
@@ -55,15 +54,10 @@ def _warn_ignored_layout(recipe: Recipe) -> None:
         )
 
 
-def _refuse_distributed_resume(resume: str | None) -> None:
-    if resume is not None:
-        raise ConfigError(
-            "command line",
-            "--resume",
-            resume,
-            "resuming a multi-process run needs sharded checkpoints, which are not implemented yet",
-            "resume with one process (no --nproc), or start fresh",
-        )
+def layout_of(dims: ParallelDims, world_size: int) -> dict[str, int]:
+    """The parallel sizes a checkpoint records (compared on resume: RNG states carry over only on the same)."""
+    sizes = {"pp": dims.pp, "dp_replicate": dims.dp_replicate, "dp_shard": dims.dp_shard, "cp": dims.cp}
+    return {"world_size": world_size, **sizes, "tp": dims.tp, "ep": dims.ep}
 
 
 def materialize_model(cfg: ModelConfig, device: torch.device, seed: int) -> nn.Module:
@@ -99,10 +93,11 @@ def train(recipe: Recipe, *, resume: str | None = None) -> dict[str, Any]:
         # One process trains the whole model; the recipe's parallel section (written for a cluster, e.g. ep: 8)
         # is not applied, so any recipe can be tried on one machine — but say so, never silently.
         _warn_ignored_layout(recipe)
-        return _train(recipe, device, _single_module, dp_rank=0, dp_size=1, rank=0, resume=resume)
+        return _train(
+            recipe, device, _single_module, dp_rank=0, dp_size=1, rank=0, resume=resume, layout=None
+        )
     # Every layout rule is checked before any process-group work: a bad layout is one ConfigError, exit 2.
     dims = ParallelDims.from_recipe(recipe, world_size)
-    _refuse_distributed_resume(resume)
     with process_group(device) as device:
         mesh = build_mesh(dims, device.type)
         log.info("layout: %s; %s", dims.describe(), describe_rank(mesh))
@@ -110,7 +105,14 @@ def train(recipe: Recipe, *, resume: str | None = None) -> dict[str, Any]:
         module = functools.partial(_distributed_module, dims=dims, mesh=mesh)
         dp_rank = mesh["dp_replicate"].get_local_rank() * dims.dp_shard + mesh["dp_shard"].get_local_rank()
         return _train(
-            recipe, device, module, dp_rank=dp_rank, dp_size=dims.dp, rank=dist.get_rank(), resume=resume
+            recipe,
+            device,
+            module,
+            dp_rank=dp_rank,
+            dp_size=dims.dp,
+            rank=dist.get_rank(),
+            resume=resume,
+            layout=layout_of(dims, world_size),
         )
 
 
@@ -123,6 +125,7 @@ def _train(
     dp_size: int,
     rank: int,
     resume: str | None,
+    layout: dict[str, int] | None,
 ) -> dict[str, Any]:
     torch.manual_seed(recipe.train.seed)  # Trainer.fit re-seeds dropout per rank (train_module.rng_seed)
     tokenizer = Tokenizer(recipe.data.tokenizer)
@@ -139,16 +142,8 @@ def _train(
         flops_per_token=flops_per_token(recipe.model, recipe.data.seq_len, training=True),
         resume=resume,
         rank=rank,
-        # The checkpoint writer is single-process: with several ranks each would commit its own shards under the
-        # same name (a race, and a "complete" checkpoint holding part of the state). Sharded DCP saving comes with
-        # the checkpoint work; until then a multi-process run says it writes none rather than write a wrong one.
-        checkpoints=world_size_of_run() == 1,
+        layout=layout,
     )
-    if rank == 0 and world_size_of_run() > 1:
-        warnings.warn(
-            "multi-process run: no checkpoints are written (sharded checkpoints are not implemented)",
-            stacklevel=2,
-        )
     batches = StepBatches(train_source, recipe, dp_rank, dp_size)
     return Trainer(module, batches, callbacks, recipe, dp_size=dp_size).fit() or {}
 

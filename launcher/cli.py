@@ -345,8 +345,9 @@ def _launch(args: argparse.Namespace, nodes: Nodes | None) -> int:
 
     world_size = args.nproc * (nodes.nnodes if nodes is not None else 1)
     # A bad layout is one ConfigError here, before any worker starts and each prints it.
-    ParallelDims.from_recipe(load_recipe(args.recipe, args.overrides), world_size)
-    return launch(args.nproc, _worker_argv(args), nodes)
+    recipe = load_recipe(args.recipe, args.overrides)
+    ParallelDims.from_recipe(recipe, world_size)
+    return launch(args.nproc, _worker_argv(args), nodes, run_dir=recipe.logging.run_dir)
 
 
 def _configure_worker_logging() -> None:
@@ -377,9 +378,15 @@ def run(argv: Sequence[str]) -> int:
             return _launch(args, nodes)
         from framework.config.loader import load_recipe
         from framework.run import train
+        from framework.train.callbacks.preemption import Preempted
+        from launcher.exit_codes import EXIT_PREEMPTED
 
         _configure_worker_logging()
-        train(load_recipe(args.recipe, args.overrides), resume=args.resume)
+        try:
+            train(load_recipe(args.recipe, args.overrides), resume=args.resume)
+        except Preempted as stop:
+            print(f"loom: {stop}", file=sys.stderr)
+            return EXIT_PREEMPTED
         return 0
     if args.command == "data":
         _run_data(args)

@@ -17,10 +17,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+
+from framework.train.callbacks.preemption import RECORD
+from launcher.exit_codes import EXIT_PREEMPTED
 
 RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
@@ -59,9 +63,25 @@ def torchrun_command(nproc: int, worker_args: Sequence[str], nodes: Nodes | None
     ]
 
 
-def launch(nproc: int, worker_args: Sequence[str], nodes: Nodes | None = None) -> int:
-    """Run this node's workers to completion; their exit status (0 when all succeeded)."""
-    command = torchrun_command(nproc, worker_args, nodes)
+def launch(
+    nproc: int, worker_args: Sequence[str], nodes: Nodes | None = None, run_dir: str | Path | None = None
+) -> int:
+    """Run this node's workers to completion; their exit status (0 when all succeeded), or EXIT_PREEMPTED when
+    they stopped on a signal after committing a checkpoint (rank 0 left <run_dir>/preempted.json: torchrun itself
+    reports any worker's non-zero exit as 1, so the status is recovered from that record)."""
+    started = time.time()
+    status = _run_agent(torchrun_command(nproc, worker_args, nodes))
+    if status != 0 and run_dir is not None and _preempted_since(Path(run_dir), started):
+        return EXIT_PREEMPTED
+    return status
+
+
+def _preempted_since(run_dir: Path, started: float) -> bool:
+    record = run_dir / RECORD
+    return record.is_file() and record.stat().st_mtime >= started
+
+
+def _run_agent(command: list[str]) -> int:
     agent = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
     def relay(signum: int, frame: FrameType | None) -> None:

@@ -96,10 +96,15 @@ def _write_contents(tmp: Path, step: int, state: Mapping[str, Any], metadata: di
     writer = dcp.FileSystemWriter(tmp, sync_files=True)
     with _single_process():
         dcp.save(tensors, storage_writer=writer, no_dist=True)
-    _write_json(tmp / META, {**metadata, "format_version": FORMAT_VERSION, "step": step, "state": plain})
+    _write_json(tmp / META, meta_record(step, plain, metadata))
     _fsync_tree(tmp)
     _write_json(tmp / MARKER, {"step": step})  # last file: its presence means everything above is on disk
     _fsync_dir(tmp)
+
+
+def meta_record(step: int, plain: dict[str, Any], metadata: dict[str, Any]) -> dict[str, Any]:
+    """meta.json's content: the caller's metadata, the format version, the step, and the state's non-tensor part."""
+    return {**metadata, "format_version": FORMAT_VERSION, "step": step, "state": plain}
 
 
 def _commit_dir(tmp: Path, final: Path) -> None:
@@ -124,11 +129,13 @@ def _write_latest(root: Path, name: str) -> None:
     _fsync_dir(root)
 
 
-def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` committed step directories (never the one `latest` names)."""
+def prune_checkpoints(root: str | Path, keep_last: int, keep_every: int = 0) -> list[Path]:
+    """Delete all but the newest `keep_last` committed step directories, never the one `latest` names nor (with
+    keep_every = M > 0) a step that is a multiple of M (kept for good: evaluation, a fallback far back)."""
     root = Path(root)
     latest = _read_latest(root)
-    doomed = [p for _, p in complete_checkpoints(root)[:-keep_last] if p.name != latest]
+    older = complete_checkpoints(root)[:-keep_last]
+    doomed = [p for s, p in older if p.name != latest and not (keep_every and s % keep_every == 0)]
     for path in doomed:
         # Rename first so a crash mid-delete never leaves a half-deleted step_* directory.
         trash = root / f"{TMP_PREFIX}del-{path.name}-{uuid.uuid4().hex[:8]}"
@@ -183,9 +190,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, template: Mapping[str, Any] | None = None) -> LoadedCheckpoint:
+def load_checkpoint(
+    path: str | Path, template: Mapping[str, Any] | None = None, *, distributed: bool = False
+) -> LoadedCheckpoint:
     """Read a committed checkpoint. Tensors load in place into same-shaped tensors of `template` (e.g. the live
-    state_dict(), so parameters are filled without a copy); others are allocated on the CPU."""
+    state_dict(), so parameters are filled without a copy); others are allocated on the CPU.
+
+    `distributed`: every rank of the default process group calls this with its own template (DTensor shards,
+    a pipeline stage's layers) and loads exactly the template's keys, resharded from whatever layout saved them;
+    keys the template lacks (other stages' layers) are not read."""
     path = resolve_checkpoint(path)
     meta = _read_json(path / META)
     if meta.get("format_version") != FORMAT_VERSION:
@@ -193,12 +206,31 @@ def load_checkpoint(path: str | Path, template: Mapping[str, Any] | None = None)
         raise ConfigError(
             None, "checkpoint", str(path), rule, "use a checkpoint written by this version of Loom"
         )
-    reader = dcp.FileSystemReader(path)
-    targets = _load_targets(reader, split_tensors(template)[0] if template else {})
-    with _single_process():
-        dcp.load(targets, storage_reader=reader, no_dist=True)
+    reader = _reader(path)
+    wanted = split_tensors(template)[0] if template else {}
+    if distributed:
+        targets = _present(reader, wanted)
+        dcp.load(targets, storage_reader=reader)
+    else:
+        targets = _load_targets(reader, wanted)
+        with _single_process():
+            dcp.load(targets, storage_reader=reader, no_dist=True)
     state = merge_tensors(meta.pop("state"), targets)
     return LoadedCheckpoint(path=path, state=state, metadata=meta)
+
+
+def _reader(path: Path) -> dcp.FileSystemReader:
+    """DCP's reader, with its metadata file read through the restricted unpickler of verify.py."""
+    from framework.checkpoint.verify import SafeFileSystemReader
+
+    return SafeFileSystemReader(path)
+
+
+def _present(reader: dcp.FileSystemReader, wanted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The template's tensors the checkpoint has (the caller checked the model keys beforehand; optimizer
+    moments of parameters that never stepped may be absent on both sides)."""
+    saved = reader.read_metadata().state_dict_metadata
+    return {k: v for k, v in wanted.items() if k in saved}
 
 
 @contextmanager

@@ -581,9 +581,14 @@ class CheckpointConfig:
     """Save after the last step."""
     keep_last: int = 3
     """Keep this many newest checkpoints; older ones are deleted after a new one is committed."""
+    keep_every: int = 0
+    """Also keep, for good, every checkpoint whose step is a multiple of this (0 = none)."""
+    async_save: bool = False
+    """Write checkpoints in a background thread while training continues (the step pays only a copy of this
+    rank's state); the next save waits for the previous one. false = training waits until the save is committed."""
 
     def validate(self) -> None:
-        _non_negative(self, "checkpoint", "every")
+        _non_negative(self, "checkpoint", "every", "keep_every")
         _positive(self, "checkpoint", "keep_last")
 
 

@@ -291,12 +291,25 @@ class TrainModule(BaseTrainModule):
         return {"state": {names[i]: s for i, s in sd["state"].items()}, "param_groups": groups}
 
     def _optimizer_state_by_index(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The saved state keyed back by this optimizer's parameter indices. Only this rank's parameters are
+        taken (a checkpoint of another layout names others too, e.g. other pipeline stages); each live group
+        takes the hyperparameters of the saved group with the same weight decay (a stage may lack a group)."""
         index = {name: i for i, name in enumerate(self._param_names)}
-        groups = [
-            _like(current, {**saved, "params": [index[n] for n in saved["params"]]})
-            for current, saved in zip(self.optimizer.param_groups, state["param_groups"], strict=True)
-        ]
-        return {"state": {index[n]: s for n, s in state["state"].items()}, "param_groups": groups}
+        groups, start = [], 0
+        for number, current in enumerate(self.optimizer.param_groups):
+            saved = _matching_group(current, state["param_groups"], number)
+            count = len(current["params"])
+            groups.append(_like(current, {**saved, "params": list(range(start, start + count))}))
+            start += count
+        return {
+            "state": {index[n]: s for n, s in state["state"].items() if n in index},
+            "param_groups": groups,
+        }
+
+
+def _matching_group(current: dict[str, Any], saved: list[dict[str, Any]], number: int) -> dict[str, Any]:
+    same = [g for g in saved if g.get("weight_decay") == current.get("weight_decay")]
+    return same[0] if len(same) == 1 else saved[number]
 
 
 def _like(current: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:

@@ -119,7 +119,7 @@ def test_multi_node_launch_runs_torchrun_with_a_static_rendezvous(
     import launcher.local
 
     calls = []
-    monkeypatch.setattr(launcher.local, "launch", lambda *args: calls.append(args) or 0)
+    monkeypatch.setattr(launcher.local, "launch", lambda *args, **kw: calls.append(args) or 0)
     # --npr: an abbreviation argparse accepts; the workers' command line must not carry it (they would launch too)
     sets = ["--set", "train.micro_batch_size=4"]  # 16 = 4 ranks (2 nodes x 2) x 4
     argv = ["train", DEBUG, *sets, "--npr", "2", "--nnodes", "2", "--node-rank", "1"]

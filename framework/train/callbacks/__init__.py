@@ -22,6 +22,7 @@ def default_callbacks(
     resume: str | Path | None = None,
     rank: int = 0,
     checkpoints: bool = True,
+    layout: dict[str, int] | None = None,
     dp_rank: int = 0,
     dp_size: int = 1,
 ) -> list[Callback]:
@@ -36,7 +37,10 @@ def default_callbacks(
     if val_batches is not None:
         callbacks.append(Validation.from_recipe(val_batches, recipe.train, dp_rank=dp_rank, dp_size=dp_size))
     if checkpoints:
-        callbacks.append(Checkpointer(recipe, resume=resume, rank=rank))
+        distributed = layout is not None and layout["world_size"] > 1
+        callbacks.append(
+            Checkpointer(recipe, resume=resume, rank=rank, distributed=distributed, layout=layout)
+        )
     return callbacks
 
 

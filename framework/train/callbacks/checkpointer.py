@@ -1,78 +1,252 @@
-"""Saves checkpoints every checkpoint.every steps and at the end; resumes from one at fit start."""
+"""Saves checkpoints every checkpoint.every steps, at the end and on preemption; resumes from one at fit start.
+
+One process or many: every rank saves its own shards of the model and optimizer (DTensors under FSDP2/TP/EP,
+each pipeline stage its own layers) into one checkpoint, under the parameter names of the single-process model,
+so any later layout can load it (DCP reshards on load). Rank 0 writes the shared JSON (step, tokens, recipe, layout,
+data position, callback state); every rank writes its own RNG state. See framework/checkpoint/writer.py.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+import torch.distributed as dist
+
 from framework.checkpoint import (
-    LoadedCheckpoint,
+    complete_checkpoints,
     get_rng_state,
-    latest_checkpoint,
     load_checkpoint,
     remove_stale_temps,
-    save_checkpoint,
+    resolve_checkpoint,
     set_rng_state,
 )
-from framework.config import Recipe
+from framework.checkpoint.verify import check_compatible, read_dcp_metadata, verify_checkpoint
+from framework.checkpoint.writer import CheckpointWriter, rank_file
+from framework.config import ConfigError, Recipe
 from framework.config.loader import recipe_to_dict
+from framework.models import build_model
 from framework.train.callbacks.base import Callback
+from framework.train.callbacks.preemption import (
+    Preempted,
+    PreemptionSignal,
+    clear_record,
+    write_record,
+)
 
 if TYPE_CHECKING:
     from framework.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
+_OPTIMIZER_STATE = re.compile(r"^optimizer/state/(.+)/([^/]+)$")
 
 
 class Checkpointer(Callback):
     """Checkpoints under checkpoint.dir (default <logging.run_dir>/checkpoints).
 
-    `resume`: a step directory or checkpoint root to load at fit start; "auto" = the root's latest checkpoint if
-    there is one; None = start fresh. A checkpoint holds the train module's state, the data position, the
-    callbacks' state and every RNG state, so the resumed run continues exactly as the uninterrupted one would.
+    `resume`: a step directory or checkpoint root to load at fit start; "auto" = the newest complete checkpoint
+    that verifies (incomplete or damaged ones are skipped with a warning), or a fresh start when there is none;
+    None = start fresh. A checkpoint holds the train module's state, the data position, the callbacks' state and
+    every rank's RNG state, so the resumed run continues exactly as the uninterrupted one would.
+    `layout`: the parallel sizes of this run (recorded; RNG states are restored only on the same layout).
     """
 
-    def __init__(self, recipe: Recipe, *, resume: str | Path | None = None, rank: int = 0) -> None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        *,
+        resume: str | Path | None = None,
+        rank: int = 0,
+        distributed: bool = False,
+        layout: dict[str, int] | None = None,
+    ) -> None:
         self.recipe = recipe
         self.cfg = recipe.checkpoint
         self.root = Path(self.cfg.dir) if self.cfg.dir else Path(recipe.logging.run_dir) / "checkpoints"
         self.resume = resume
         self.rank = rank
+        self.distributed = distributed
+        self.layout = layout or {"world_size": 1}
+        self.writer: CheckpointWriter | None = None
+        self.signal = PreemptionSignal(distributed)
         self._last_saved: int | None = None
+        self._trainer: Trainer | None = None
+        self._save_started: tuple[int, int, float] | None = None  # (checkpoint step, trainer step, time)
+
+    # -- hooks ---------------------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: Trainer) -> None:
         if self.rank == 0:
             remove_stale_temps(self.root)  # leftovers of a crashed save; none can be in flight now
-        path = latest_checkpoint(self.root) if self.resume == "auto" else self.resume
+            clear_record(self.recipe.logging.run_dir)
+        self._barrier()  # nobody writes into a temp directory rank 0 is still deleting
+        self.writer = CheckpointWriter(
+            self.root,
+            rank=self.rank,
+            distributed=self.distributed,
+            async_save=self.cfg.async_save,
+            keep_last=self.cfg.keep_last,
+            keep_every=self.cfg.keep_every,
+        )
+        self.writer.on_commit = self._log_commit
+        self._trainer = trainer
+        self.signal.device = trainer.train_module.device
+        self.signal.install()
+        path = self._resume_path()
         if path is not None:
             self.load(trainer, path)
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        signum = self.signal.agreed()
+        if signum and trainer.step < self.recipe.train.steps:  # a finished run is finished, not preempted
+            self._preempt(trainer, signum)
         if self.cfg.every and trainer.step % self.cfg.every == 0:
             self.save(trainer)
 
     def on_fit_end(self, trainer: Trainer) -> None:
         if self.cfg.save_final and self._last_saved != trainer.step:
             self.save(trainer)
+        self._wait()
 
-    def save(self, trainer: Trainer) -> Path:
+    def on_close(self, trainer: Trainer) -> None:
+        self.signal.uninstall()
+        if self.writer is not None:
+            try:
+                self.writer.close()  # an in-flight save of good state still commits after a failure
+            except Exception as error:  # noqa: BLE001 - do not mask the error that ended the run
+                log.warning("the checkpoint in flight when the run ended was not committed: %s", error)
+
+    # -- save / load ---------------------------------------------------------------------------------------
+
+    def save(self, trainer: Trainer) -> float:
+        """Save this step (async per checkpoint.async_save); returns the seconds training stalled for it."""
         module = trainer.train_module
         metadata = {
             "tokens": module.tokens,
             "recipe": recipe_to_dict(self.recipe),
+            "layout": self.layout,
             "data_state": trainer.data_state(),
-            "rng": get_rng_state(module.device),
             "callbacks": trainer.callback_states(),
         }
-        path = save_checkpoint(self.root, module.step, module.state_dict(), metadata, self.cfg.keep_last)
+        rank_state = {"rank": self.rank, "layout": self.layout, "rng": get_rng_state(module.device)}
+        if self.writer is None:
+            raise RuntimeError("Checkpointer.save() before on_fit_start")
+        self._save_started = (module.step, module.step, time.perf_counter())
+        stall = self.writer.save(module.step, module.state_dict(), metadata, rank_state)
         self._last_saved = module.step
-        return path
+        return stall
 
-    def load(self, trainer: Trainer, path: str | Path) -> LoadedCheckpoint:
+    def load(self, trainer: Trainer, path: str | Path) -> Path:
         module = trainer.train_module
-        loaded = load_checkpoint(path, template=module.state_dict())
+        path = resolve_checkpoint(path)
+        verify_checkpoint(path)  # one-line errors for missing or truncated files, before any tensor is read
+        # Against the whole model: under a layout this rank holds a part, so the recipe's model on the meta device
+        # (free at any size) stands for it; one process checks its live model.
+        whole = _meta_model_state(self.recipe) if self.distributed else module.model.state_dict()
+        check_compatible(path, {"model": whole})
+        loaded = load_checkpoint(path, template=self._template(module, path), distributed=self.distributed)
         module.load_state_dict(loaded.state)
         trainer.load_data_state(loaded.metadata.get("data_state"))
         trainer.load_callback_states(loaded.metadata.get("callbacks", {}))
         # Last, so that nothing above can draw from the generators after they are restored.
-        set_rng_state(loaded.metadata["rng"], module.device)
+        self._restore_rng(path, loaded.metadata, module.device)
         self._last_saved = module.step
-        return loaded
+        log.info("resumed from %s (step %d)", path, module.step)
+        return path
+
+    def _template(self, module: Any, path: Path) -> dict[str, Any]:
+        """The live state to load into, plus optimizer-state tensors a fresh optimizer does not have yet (AdamW
+        creates them at its first step): each allocated like its parameter, so DTensor shards load in place."""
+        state = module.state_dict()
+        params = dict(module.model.named_parameters())
+        extra: dict[str, dict[str, torch.Tensor]] = {}
+        for key, item in read_dcp_metadata(path).state_dict_metadata.items():
+            match = _OPTIMIZER_STATE.match(key)
+            if match is None or match.group(1) not in params or not hasattr(item, "size"):
+                continue
+            name, field = match.groups()
+            param = params[name]
+            dtype = item.properties.dtype
+            same = tuple(item.size) == tuple(param.shape)
+            value = torch.zeros_like(param, dtype=dtype) if same else torch.zeros(item.size, dtype=dtype)
+            extra.setdefault(name, {})[field] = value.detach()
+        state["optimizer"] = {**state["optimizer"], "state": {**extra, **state["optimizer"]["state"]}}
+        return state
+
+    def _restore_rng(self, path: Path, metadata: dict[str, Any], device: torch.device) -> None:
+        own = path / rank_file(self.rank)
+        saved_layout = metadata.get("layout", {"world_size": 1})
+        if saved_layout == self.layout and own.is_file():
+            set_rng_state(json.loads(own.read_text())["rng"], device)
+        elif saved_layout == self.layout and "rng" in metadata:  # one-process checkpoints of format 1
+            set_rng_state(metadata["rng"], device)
+        elif self.rank == 0:
+            # Another layout: rank r's generator state has no counterpart. Dropout masks differ from the
+            # uninterrupted run from here on (model, optimizer and data order are exact).
+            warnings.warn(
+                f"resuming on another layout ({saved_layout} -> {self.layout}): random-number streams "
+                "(dropout) restart from the seed",
+                stacklevel=2,
+            )
+
+    def _resume_path(self) -> Path | None:
+        if self.resume is None:
+            return None
+        choice = self._newest_good() if self.resume == "auto" else resolve_checkpoint(self.resume)
+        if self.distributed:  # one decision for all ranks (they could race a concurrent commit otherwise)
+            box = [str(choice) if choice else None]
+            dist.broadcast_object_list(box, src=0)
+            choice = Path(box[0]) if box[0] else None
+        return choice
+
+    def _newest_good(self) -> Path | None:
+        """The newest committed checkpoint that verifies; skipped ones are named in a warning."""
+        for step, path in reversed(complete_checkpoints(self.root)):
+            try:
+                verify_checkpoint(path)
+                return path
+            except ConfigError as error:
+                warnings.warn(f"--resume auto: skipping checkpoint of step {step}: {error}", stacklevel=2)
+        return None
+
+    # -- preemption ----------------------------------------------------------------------------------------
+
+    def _preempt(self, trainer: Trainer, signum: int) -> None:
+        if self._last_saved != trainer.step:
+            self.save(trainer)
+        path = self._wait()
+        if self.rank == 0:
+            write_record(self.recipe.logging.run_dir, trainer.step, path, signum)
+        self._barrier()
+        raise Preempted(trainer.step, path, signum)
+
+    def _wait(self) -> Path | None:
+        path = self.writer.wait() if self.writer is not None else None
+        self._barrier()
+        return path
+
+    def _log_commit(self, step: int, path: Path) -> None:
+        """Rank 0, after each commit (from the writer thread when async): one line of <run_dir>/checkpoints.jsonl
+        with how long the save took and how many steps training ran meanwhile."""
+        _, at_step, started = self._save_started or (step, step, time.perf_counter())
+        now = self._trainer.step if self._trainer is not None else step
+        record = {"step": step, "path": str(path), "seconds": round(time.perf_counter() - started, 4)}
+        record["steps_during_save"] = now - at_step
+        with open(Path(self.recipe.logging.run_dir) / "checkpoints.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def _meta_model_state(recipe: Recipe) -> dict[str, torch.Tensor]:
+    """The whole model's state (names and global shapes) on the meta device: no memory, any size."""
+    with torch.device("meta"):
+        return build_model(recipe.model).state_dict()

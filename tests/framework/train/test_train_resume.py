@@ -51,7 +51,9 @@ def test_checkpoint_metadata_and_auto_resume(tmp_path):
     assert meta["step"] == 6 and meta["tokens"] == 6 * 32 and meta["format_version"] == 1
     assert meta["data_state"] == {"position": 6}
     assert meta["recipe"]["train"]["steps"] == 6 and meta["recipe"]["optim"]["betas"] == [0.9, 0.95]
-    assert len(meta["rng"]["torch"]) > 0 and meta["callbacks"]["Stability"]["accepted"]
+    assert meta["callbacks"]["Stability"]["accepted"] and meta["layout"] == {"world_size": 1}
+    own = json.loads((tmp_path / "checkpoints" / "step_00000006" / "rank_00000.json").read_text())
+    assert own["rank"] == 0 and len(own["rng"]["torch"]) > 0
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step_00000006"
     module, records = _run(tmp_path, resume="auto")  # already at train.steps: nothing to do, nothing re-saved
     assert module.step == 6

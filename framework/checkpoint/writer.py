@@ -1,0 +1,204 @@
+"""Sharded, atomic, optionally asynchronous checkpoint saves from one process or from every rank of a run.
+
+Protocol of one save of step N (every rank calls `save` with its own shards; the directory layout is io.py's):
+1. Every rank writes into the same temp directory <root>/.tmp-step_N (a fixed name, so no rank has to tell the
+   others): its own JSON (rank_XXXXX.json: RNG state) and, through torch.distributed.checkpoint, its shards.
+   Rank 0 also writes meta.json. DCP's coordinator (rank 0) writes `.metadata` only after gathering every rank's
+   write results, so when rank 0's save returns, every rank's files are written and fsynced (sync_files=True).
+2. Rank 0 commits: fsync the tree, write COMPLETE, rename the directory to step_N, point `latest` at it, prune.
+   A crash anywhere before the rename leaves only a temp directory, which the next run deletes; `latest` only
+   ever names committed directories.
+
+Async (`async_save=True`): the rank's state is copied (the stall training pays: one device-side copy of the
+shards), then a background thread writes it while training continues; rank 0 commits from that thread when the
+write finishes. The next save first waits for the previous one, so at most one is in flight. DCP's collectives
+for an async save run in their own gloo group, never interleaved with training collectives on the default group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+from framework.checkpoint.io import (
+    MARKER,
+    META,
+    TMP_PREFIX,
+    CheckpointError,
+    _commit_dir,
+    _fsync_dir,
+    _fsync_tree,
+    _single_process,
+    _write_json,
+    _write_latest,
+    meta_record,
+    prune_checkpoints,
+    step_dir_name,
+)
+from framework.checkpoint.tree import split_tensors
+
+log = logging.getLogger(__name__)
+
+SAVE_DELAY_ENV = "LOOM_TEST_SAVE_DELAY_S"
+"""Fault injection for tests and drills: seconds each rank's writer sleeps before writing its shards (so a save
+is reliably in flight, or reliably interrupted). Unset in normal runs."""
+
+
+def rank_file(rank: int) -> str:
+    """Name of a rank's own JSON inside a checkpoint directory."""
+    return f"rank_{rank:05d}.json"
+
+
+class CheckpointWriter:
+    """Commits checkpoints under `root`. `group`: the process group of a multi-process run (None: one process).
+    `keep_last`/`keep_every`: retention (the newest K, plus every step that is a multiple of M)."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        rank: int = 0,
+        distributed: bool = False,
+        async_save: bool = False,
+        keep_last: int | None = None,
+        keep_every: int = 0,
+    ) -> None:
+        self.root = Path(root)
+        self.rank = rank
+        self.distributed = distributed
+        self.async_save = async_save
+        self.keep_last, self.keep_every = keep_last, keep_every
+        # Async DCP runs collectives from a thread: give it a group of its own (every rank creates it, in order).
+        self.group = dist.new_group(backend="gloo") if distributed and async_save else None
+        self._inflight: tuple[Future, threading.Event] | None = None
+        self._error: BaseException | None = None
+        self.last_committed: Path | None = None
+        self.on_commit: Callable[[int, Path], None] | None = None
+        """Called on rank 0 after each commit with (step, path) (from the writer thread when async)."""
+
+    def save(
+        self, step: int, state: Mapping[str, Any], metadata: Mapping[str, Any], rank_state: Mapping[str, Any]
+    ) -> float:
+        """Start (async) or complete (sync) the save of step `step`; returns the seconds training was stalled."""
+        self.wait()  # at most one save in flight: the next waits for the previous
+        start = time.perf_counter()
+        tensors, plain = split_tensors(state)
+        tmp = self.root / f"{TMP_PREFIX}{step_dir_name(step)}"
+        tmp.mkdir(parents=True, exist_ok=True)
+        _write_json(tmp / rank_file(self.rank), dict(rank_state))
+        if self.rank == 0:
+            _write_json(tmp / META, meta_record(step, plain, dict(metadata)))
+        if self.async_save:
+            self._start_async(step, tmp, _snapshot(tensors))
+        else:
+            self._write(tmp, tensors)
+            if self.rank == 0:
+                self._commit(step, tmp)
+            self._barrier()  # every rank returns knowing the checkpoint is committed
+        return time.perf_counter() - start
+
+    def wait(self) -> Path | None:
+        """Block until the in-flight save (if any) is written and, on rank 0, committed; re-raise its failure."""
+        if self._inflight is not None:
+            future, committed = self._inflight
+            self._inflight = None
+            try:
+                future.result()
+            except CheckpointException as error:  # a BaseException: keep it from escaping `except Exception`
+                raise CheckpointError(f"asynchronous checkpoint save failed: {error}") from error
+            if self.rank == 0:
+                committed.wait()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"committing a checkpoint failed: {error}") from error
+        return self.last_committed
+
+    def close(self) -> None:
+        """Finish the in-flight save (call at the end of a run, also after an error)."""
+        self.wait()
+
+    # -- internals -----------------------------------------------------------------------------------------
+
+    def _write(self, tmp: Path, tensors: dict[str, torch.Tensor]) -> None:
+        writer = _Writer(tmp, sync_files=True)
+        try:
+            if self.distributed:
+                dcp.save(tensors, storage_writer=writer)
+            else:
+                with _single_process():
+                    dcp.save(tensors, storage_writer=writer, no_dist=True)
+        except CheckpointException as error:
+            raise CheckpointError(f"saving checkpoint {tmp} failed: {error}") from error
+
+    def _start_async(self, step: int, tmp: Path, tensors: dict[str, torch.Tensor]) -> None:
+        committed = threading.Event()
+        writer = _Writer(tmp, sync_files=True)
+        with _single_process():
+            future = dcp.async_save(
+                tensors, storage_writer=writer, process_group=self.group, no_dist=not self.distributed
+            )
+        if self.rank == 0:
+            future.add_done_callback(lambda f: self._commit_after(f, step, tmp, committed))
+        else:
+            committed.set()
+        self._inflight = (future, committed)
+
+    def _commit_after(self, future: Future, step: int, tmp: Path, committed: threading.Event) -> None:
+        try:
+            if future.exception() is None:
+                self._commit(step, tmp)
+        except BaseException as error:  # noqa: BLE001 - reported by the next wait() on the main thread
+            self._error = error
+        finally:
+            committed.set()
+
+    def _commit(self, step: int, tmp: Path) -> None:
+        final = self.root / step_dir_name(step)
+        try:
+            _fsync_tree(tmp)
+            _write_json(tmp / MARKER, {"step": step})  # last file: its presence means everything is on disk
+            _fsync_dir(tmp)
+            _commit_dir(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _write_latest(self.root, final.name)
+        if self.keep_last is not None:
+            prune_checkpoints(self.root, self.keep_last, keep_every=self.keep_every)
+        self.last_committed = final
+        log.info("checkpoint step %d committed: %s", step, final)
+        if self.on_commit is not None:
+            self.on_commit(step, final)
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def _snapshot(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies the background writer owns: training keeps updating the live tensors in place. (DCP's own staging
+    moves tensors to the CPU, which for tensors already there is no copy at all.) DTensors stay DTensors."""
+    return {k: t.detach().clone() for k, t in tensors.items()}
+
+
+class _Writer(dcp.FileSystemWriter):
+    """DCP's file writer, plus the optional injected delay before this rank writes its shards (in the writer
+    thread when async, so training goes on meanwhile)."""
+
+    def write_data(self, plan: Any, planner: Any) -> Any:
+        delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
+        if delay > 0:
+            time.sleep(delay)
+        return super().write_data(plan, planner)

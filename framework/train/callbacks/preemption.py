@@ -1,0 +1,79 @@
+"""Preemption: SIGTERM or SIGUSR1 asks the run to finish its step, save, and stop with a documented status.
+
+Slurm sends SIGUSR1 ahead of a time limit when the job asks for it (`--signal=USR1@120`) and SIGTERM when it
+preempts or cancels a job; torchrun's agent forwards SIGTERM to the workers and gives them 30 s before SIGKILL,
+and the Loom launcher forwards SIGUSR1 to the workers itself (launcher/local.py). A handler only records the
+request; the Checkpointer acts on it at the next step boundary. In a multi-process run the ranks agree first (a
+one-element all-reduce per step): signals reach the ranks at slightly different times, and every rank must stop
+after the same step and write the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+RECORD = "preempted.json"
+"""Written into the run directory by rank 0 after the preemption checkpoint is committed; the launcher turns a
+run that left it into exit status 75 (launcher/exit_codes.py)."""
+
+
+class Preempted(Exception):
+    """The run stopped early on a signal, after committing a checkpoint of `step` at `path`."""
+
+    def __init__(self, step: int, path: Path | None, signum: int) -> None:
+        super().__init__(f"preempted by {signal.Signals(signum).name} after step {step}; checkpoint: {path}")
+        self.step, self.path, self.signum = step, path, signum
+
+
+class PreemptionSignal:
+    """Installs handlers for SIGTERM/SIGUSR1 (main thread only) and remembers the first signal received."""
+
+    def __init__(self, distributed: bool = False, device: torch.device | None = None) -> None:
+        self.distributed = distributed
+        self.device = device or torch.device("cpu")
+        self.received: int = 0
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python delivers signals to the main thread only; a trainer elsewhere cannot be preempted
+        for sig in SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = self.received or signum
+
+    def agreed(self) -> int:
+        """The signal number if any rank received one (collective when distributed; every rank calls it each
+        step), else 0."""
+        if not self.distributed:
+            return self.received
+        flag = torch.tensor(
+            [self.received], dtype=torch.int64, device=self.device
+        )  # NCCL needs device tensors
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+def write_record(run_dir: str | Path, step: int, path: Path | None, signum: int) -> None:
+    record = {"step": step, "checkpoint": str(path) if path else None, "signal": signal.Signals(signum).name}
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / RECORD).write_text(json.dumps(record) + "\n")
+
+
+def clear_record(run_dir: str | Path) -> None:
+    (Path(run_dir) / RECORD).unlink(missing_ok=True)
