@@ -99,21 +99,28 @@ def train(recipe: Recipe, *, resume: str | None = None) -> dict[str, Any]:
     # Every layout rule is checked before any process-group work: a bad layout is one ConfigError, exit 2.
     dims = ParallelDims.from_recipe(recipe, world_size)
     with process_group(device) as device:
-        mesh = build_mesh(dims, device.type)
-        log.info("layout: %s; %s", dims.describe(), describe_rank(mesh))
-        log_node_map()
-        module = functools.partial(_distributed_module, dims=dims, mesh=mesh)
-        dp_rank = mesh["dp_replicate"].get_local_rank() * dims.dp_shard + mesh["dp_shard"].get_local_rank()
-        return _train(
-            recipe,
-            device,
-            module,
-            dp_rank=dp_rank,
-            dp_size=dims.dp,
-            rank=dist.get_rank(),
-            resume=resume,
-            layout=layout_of(dims, world_size),
-        )
+        return train_distributed(recipe, dims, device, resume=resume)
+
+
+def train_distributed(
+    recipe: Recipe, dims: ParallelDims, device: torch.device, *, resume: str | None = None
+) -> dict[str, Any]:
+    """Train `recipe` as this rank of the initialised default process group, laid out as `dims`."""
+    mesh = build_mesh(dims, device.type)
+    log.info("layout: %s; %s", dims.describe(), describe_rank(mesh))
+    log_node_map()
+    module = functools.partial(_distributed_module, dims=dims, mesh=mesh)
+    dp_rank = mesh["dp_replicate"].get_local_rank() * dims.dp_shard + mesh["dp_shard"].get_local_rank()
+    return _train(
+        recipe,
+        device,
+        module,
+        dp_rank=dp_rank,
+        dp_size=dims.dp,
+        rank=dist.get_rank(),
+        resume=resume,
+        layout=layout_of(dims, dims.world_size),
+    )
 
 
 def _train(

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.tensor import DTensor
 
 from framework.checkpoint.io import (
     MARKER,
@@ -84,6 +85,7 @@ class CheckpointWriter:
         self.group = dist.new_group(backend="gloo") if distributed and async_save else None
         self._inflight: tuple[Future, threading.Event] | None = None
         self._error: BaseException | None = None
+        self._staging: dict[str, torch.Tensor] = {}  # reused by every async save: no allocation per save
         self.last_committed: Path | None = None
         self.on_commit: Callable[[int, Path], None] | None = None
         """Called on rank 0 after each commit with (step, path) (from the writer thread when async)."""
@@ -101,7 +103,8 @@ class CheckpointWriter:
         if self.rank == 0:
             _write_json(tmp / META, meta_record(step, plain, dict(metadata)))
         if self.async_save:
-            self._start_async(step, tmp, _snapshot(tensors))
+            self._staging = _snapshot(tensors, self._staging)
+            self._start_async(step, tmp, self._staging)
         else:
             self._write(tmp, tensors)
             if self.rank == 0:
@@ -187,10 +190,25 @@ class CheckpointWriter:
             dist.barrier()
 
 
-def _snapshot(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _snapshot(tensors: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Copies the background writer owns: training keeps updating the live tensors in place. (DCP's own staging
-    moves tensors to the CPU, which for tensors already there is no copy at all.) DTensors stay DTensors."""
-    return {k: t.detach().clone() for k, t in tensors.items()}
+    moves tensors to the CPU, which for tensors already there is no copy at all.) DTensors stay DTensors. The
+    previous save's buffers are reused when they match (it has finished: save() waited for it)."""
+    staged = {}
+    for key, tensor in tensors.items():
+        old = buffers.get(key)
+        same = old is not None and type(old) is type(tensor) and old.shape == tensor.shape
+        if same and old.dtype == tensor.dtype and _same_layout(old, tensor):
+            staged[key] = old.copy_(tensor.detach())
+        else:
+            staged[key] = tensor.detach().clone()
+    return staged
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if isinstance(a, DTensor):
+        return a.device_mesh == b.device_mesh and a.placements == b.placements
+    return a.device == b.device
 
 
 class _Writer(dcp.FileSystemWriter):

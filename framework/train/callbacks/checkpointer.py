@@ -77,7 +77,7 @@ class Checkpointer(Callback):
         self.signal = PreemptionSignal(distributed)
         self._last_saved: int | None = None
         self._trainer: Trainer | None = None
-        self._save_started: tuple[int, int, float] | None = None  # (checkpoint step, trainer step, time)
+        self._started: dict[int, float] = {}  # checkpoint step -> when its save began (for checkpoints.jsonl)
 
     # -- hooks ---------------------------------------------------------------------------------------------
 
@@ -137,7 +137,7 @@ class Checkpointer(Callback):
         rank_state = {"rank": self.rank, "layout": self.layout, "rng": get_rng_state(module.device)}
         if self.writer is None:
             raise RuntimeError("Checkpointer.save() before on_fit_start")
-        self._save_started = (module.step, module.step, time.perf_counter())
+        self._started[module.step] = time.perf_counter()
         stall = self.writer.save(module.step, module.state_dict(), metadata, rank_state)
         self._last_saved = module.step
         return stall
@@ -234,10 +234,10 @@ class Checkpointer(Callback):
     def _log_commit(self, step: int, path: Path) -> None:
         """Rank 0, after each commit (from the writer thread when async): one line of <run_dir>/checkpoints.jsonl
         with how long the save took and how many steps training ran meanwhile."""
-        _, at_step, started = self._save_started or (step, step, time.perf_counter())
+        started = self._started.pop(step, time.perf_counter())
         now = self._trainer.step if self._trainer is not None else step
         record = {"step": step, "path": str(path), "seconds": round(time.perf_counter() - started, 4)}
-        record["steps_during_save"] = now - at_step
+        record["steps_during_save"] = now - step
         with open(Path(self.recipe.logging.run_dir) / "checkpoints.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 

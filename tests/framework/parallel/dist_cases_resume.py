@@ -1,0 +1,82 @@
+"""Whole training runs (framework.run, real data, real checkpoints) on every rank of a pool, for the resume tests."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from framework.checkpoint.writer import SAVE_DELAY_ENV
+from framework.config import ModelConfig, ParallelConfig, Recipe
+from framework.config.schema import MoEConfig
+from framework.parallel.dims import ParallelDims
+from framework.run import train, train_distributed
+
+SEQ = 128  # the demo corpus is packed at 128 tokens
+
+
+def resume_recipe(
+    run_dir: Path,
+    data: Path,
+    *,
+    steps: int = 6,
+    every: int = 3,
+    moe: bool = False,
+    model: dict[str, Any] | None = None,
+    **parallel: Any,
+) -> Recipe:
+    """A 2-block decoder on the demo corpus: cosine schedule with warmup (its state matters on resume), clipping
+    active, fp32, no dropout (so a resume on another layout can match: its RNG streams differ)."""
+    sizes = dict(vocab_size=4096, d_model=32, n_layers=2, n_heads=4, ffn_hidden=64, max_seq_len=SEQ)
+    cfg = ModelConfig(**sizes | (model or {}))
+    if moe:
+        cfg.moe = MoEConfig(n_experts=4, top_k=2)
+    recipe = Recipe(model=cfg, parallel=ParallelConfig(**parallel))
+    recipe.data.tokenizer, recipe.data.train, recipe.data.validation = (
+        str(data / "tokenizer.model"),
+        str(data),
+        None,
+    )
+    recipe.data.seq_len, recipe.data.verify = SEQ, "size"  # sha256 of the shards on every rank: seconds each
+    recipe.train.steps, recipe.train.global_batch_size, recipe.train.micro_batch_size = steps, 8, 1
+    recipe.train.device, recipe.train.eval_every = "cpu", 0
+    recipe.optim.lr, recipe.optim.grad_clip = 1e-3, 0.5
+    recipe.schedule.name, recipe.schedule.warmup_steps = "cosine", 2
+    recipe.checkpoint.every, recipe.checkpoint.keep_last = every, 10
+    recipe.logging.run_dir = str(run_dir)
+    recipe.logging.progress_bar = recipe.logging.tensorboard = False
+    return recipe
+
+
+def run_here(recipe: Recipe, resume: str | None = None, delay: float = 0.0) -> int:
+    """Train `recipe` on this rank of the pool's group (laid out by its parallel section)."""
+    os.environ[SAVE_DELAY_ENV] = str(delay)
+    # Pool workers are daemon processes (they die with pytest), and multiprocessing refuses children to daemons;
+    # the data loader's worker processes are joined by the loader itself, so lift the flag for this run.
+    multiprocessing.current_process()._config["daemon"] = False  # noqa: SLF001 - test-only
+    try:
+        dims = ParallelDims.from_recipe(recipe, dist.get_world_size())
+        train_distributed(recipe, dims, torch.device("cpu"), resume=resume)
+    finally:
+        os.environ.pop(SAVE_DELAY_ENV, None)
+    return dist.get_rank()
+
+
+def run_single(recipe: Recipe, resume: str | None = None, delay: float = 0.0) -> None:
+    """The same in this (non-distributed) process."""
+    os.environ[SAVE_DELAY_ENV] = str(delay)
+    try:
+        train(recipe, resume=resume)
+    finally:
+        os.environ.pop(SAVE_DELAY_ENV, None)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> training loss, from the run's metrics.jsonl (rank 0 writes it)."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
