@@ -7,16 +7,16 @@ Mesh convention: `build_mesh` always builds all five dimensions, in the order `M
 included). Code can then always slice by name (`mesh["tp"]`, `mesh["dp_replicate", "dp_shard"]`) without asking
 which dimensions exist; a size-1 dimension costs one trivial process group.
 
-Expert parallelism (`ep`) is not a sixth dimension of the product: its ranks are carved from dp_shard (ep divides
-dp_shard; ep ranks read different data). `expert_meshes` builds its views from the one mesh: dp_shard unflattened
-into (dp_shard_mod_ep, ep), ep innermost, giving the ep mesh the experts are sharded over and the experts' own
-data-parallel mesh (dp_shard_mod_ep, or dp_replicate x dp_shard_mod_ep with HSDP) FSDP2 shards them over.
-When context parallelism lands, ep is carved from dp_shard x cp (flatten those two, then unflatten); until that is
-tested, ep with cp > 1 is refused.
+Expert parallelism (`ep`) is not a sixth dimension of the product: its ranks are carved from dp_shard x cp (as
+torchtitan does; ep divides dp_shard x cp; ep ranks hold different tokens: other samples, or other sequence shards).
+`expert_meshes` builds its views from the one mesh: dp_shard (with cp > 1: dp_shard and cp flattened into
+dp_shard_cp, cp inner) unflattened into (dp_shard_mod_ep, ep), ep innermost, giving the ep mesh the experts are
+sharded over and the experts' own data-parallel mesh (dp_shard_mod_ep, or dp_replicate x dp_shard_mod_ep with HSDP)
+FSDP2 shards them over.
 
 Support matrix (families x dimensions; anything else is a ConfigError):
 
-    decoder:          dp_replicate, dp_shard, tp (+ sequence parallel), pp, ep (MoE; not with pp), cp
+    decoder:          dp_replicate, dp_shard, tp (+ sequence parallel), pp, ep (MoE), cp
     encoder:          dp_replicate, dp_shard, tp (+ sequence parallel), cp
     encoder_decoder:  dp_replicate, dp_shard, tp (+ sequence parallel)
 
@@ -32,9 +32,10 @@ Not yet with cp > 1: MoE layers only with aux_loss_scope global_batch and no cap
 micro-batch or sequence, and capacities, would need their own reduction over cp).
 
 With ep > 1 (framework/parallel/expert.py): an MoE decoder, model.moe.n_experts divisible by ep, ep dividing
-dp_shard (so data_parallel fsdp or hsdp), no pipeline (pp > 1 with MoE is refused: router losses per stage).
-Composes with FSDP2/HSDP (experts sharded over the remaining dp_shard / ep and replicated over dp_replicate) and
-with tp (experts replicated over tp: every tp rank routes and exchanges the same tokens).
+dp_shard x cp (so data_parallel fsdp or hsdp, or cp > 1). Composes with FSDP2/HSDP (experts sharded over the
+remaining dp_shard x cp / ep and replicated over dp_replicate), with tp (experts replicated over tp: every tp rank
+routes and exchanges the same tokens), with cp (each cp rank dispatches its sequence shard's tokens) and with pp
+(each stage's MoE layers add their router losses in their own backward: framework/parallel/moe_pipeline.py).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from framework.config import ConfigError, Recipe
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 """Outer to inner: tp innermost keeps its (most frequent) collectives between neighbouring ranks (one node)."""
 
-# Dimensions each model family may use with a size > 1 (ep, carved from dp_shard, is checked by _check_ep).
+# Dimensions each model family may use with a size > 1 (ep, carved from dp_shard x cp, is checked by _check_ep).
 # T5's cross-attention (decoder queries, encoder keys) has no sequence split of its own: no cp for encoder_decoder.
 SUPPORTED = {
     "decoder": {"dp_replicate", "dp_shard", "tp", "pp", "cp"},
@@ -76,7 +77,7 @@ class ParallelDims:
     pp_stages: int = 1
     """Pipeline stages in total (pp, or 2 x pp for the interleaved schedules)."""
     ep: int = 1
-    """Expert-parallel ranks, carved from dp_shard (not a factor of the world size)."""
+    """Expert-parallel ranks, carved from dp_shard x cp (not a factor of the world size)."""
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, world_size: int) -> ParallelDims:
@@ -116,7 +117,7 @@ class ParallelDims:
     def describe(self) -> str:
         """The layout for logs, e.g. 'world 4 = dp_shard 2 x tp 2 (fsdp, sequence parallel)'."""
         used = [f"{n} {s}" for n, s in self.sizes().items() if s > 1] or ["single process"]
-        used += [f"(ep {self.ep} of dp_shard)"] if self.ep > 1 else []
+        used += [f"(ep {self.ep} of dp_shard{' x cp' * (self.cp > 1)})"] if self.ep > 1 else []
         extra = ([self.data_parallel] if self.dp > 1 else []) + (
             ["sequence parallel"] if self.sequence_parallel else []
         )
@@ -143,7 +144,14 @@ def expert_meshes(mesh: DeviceMesh, dims: ParallelDims) -> ExpertMeshes | None:
     """None without expert parallelism. Collective: every rank calls it (it creates the sub-groups)."""
     if dims.ep == 1:
         return None
-    split = mesh._unflatten("dp_shard", (dims.dp_shard // dims.ep, dims.ep), ("dp_shard_mod_ep", "ep"))
+    base, carved = mesh, "dp_shard"
+    if dims.cp > 1:
+        # the flattened (dp_shard, cp) dimension exists on the root only as a slice: unflatten it within the
+        # (dp_replicate, dp_shard_cp) mesh, which keeps dp_replicate for HSDP (flattening is cached on the mesh)
+        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        base, carved = mesh["dp_replicate", "dp_shard_cp"], "dp_shard_cp"
+    shards = dims.dp_shard * dims.cp
+    split = base._unflatten(carved, (shards // dims.ep, dims.ep), ("dp_shard_mod_ep", "ep"))
     dp = ("dp_replicate", "dp_shard_mod_ep") if dims.data_parallel == "hsdp" else ("dp_shard_mod_ep",)
     return ExpertMeshes(ep=split["ep"], dp=split[dp])
 
@@ -326,9 +334,8 @@ def _check_pp(dims: ParallelDims, recipe: Recipe) -> None:
 
 def _check_pp_features(dims: ParallelDims, recipe: Recipe) -> None:
     """What a pipeline cannot split yet: a T5 bias table is read by the blocks of every stage (its gradients would
-    need summing across all stages; tied heads do get that, between the first and last stage); MoE router losses
-    are added on every stage (part 2, with expert parallel); DDP has no per-micro-batch gradient-sync switch the
-    pipeline stages can drive (FSDP2 has)."""
+    need summing across all stages; tied heads do get that, between the first and last stage); DDP has no
+    per-micro-batch gradient-sync switch the pipeline stages can drive (FSDP2 has)."""
     m, p = recipe.model, recipe.parallel
     refusals = [
         (
@@ -337,13 +344,6 @@ def _check_pp_features(dims: ParallelDims, recipe: Recipe) -> None:
             m.position,
             "T5 relative bias",
             "use rope or alibi",
-        ),
-        (
-            m.moe is not None,
-            "model.moe",
-            "set",
-            "MoE layers",
-            "set pp: 1 (MoE with pp comes with expert parallel)",
         ),
         (
             p.data_parallel == "ddp" and dims.dp > 1,
@@ -384,20 +384,13 @@ def _check_ep(dims: ParallelDims, recipe: Recipe) -> None:
         raise _error(
             "model.moe.n_experts", moe.n_experts, f"must be divisible by parallel.ep={dims.ep}", "change ep"
         )
-    if dims.cp > 1:
+    if (dims.dp_shard * dims.cp) % dims.ep:
         raise _error(
             "parallel.ep",
             dims.ep,
-            "expert parallel with context parallel (cp > 1) is not yet supported",
-            "set cp: 1 or ep: 1",
-        )
-    if dims.dp_shard % dims.ep:
-        raise _error(
-            "parallel.ep",
-            dims.ep,
-            f"must divide dp_shard={dims.dp_shard} (the ep ranks are carved from the data-parallel shards; "
-            f"data_parallel {dims.data_parallel})",
-            "use data_parallel fsdp or hsdp with dp_shard a multiple of ep",
+            f"must divide dp_shard x cp = {dims.dp_shard} x {dims.cp} (the ep ranks are carved from the "
+            f"data-parallel shards and the context-parallel ranks; data_parallel {dims.data_parallel})",
+            "use data_parallel fsdp or hsdp with dp_shard x cp a multiple of ep",
         )
 
 

@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor
 from framework.config import Recipe
 from framework.parallel.dims import ParallelDims
 from framework.parallel.engine import DistributedTrainModule, _nonfinite_anywhere, _sum_over
+from framework.parallel.moe_pipeline import PipelineMoE
 from framework.parallel.pipeline import PipelineParts, build_schedule, no_autocast, pp_sum
 from framework.parallel.tensor import loss_context
 from framework.train.loss import compute_loss, count_labelled, loss_sums
@@ -55,6 +56,9 @@ class PipelineTrainModule(DistributedTrainModule):
         self._parts: dict[int, torch.Tensor] = {}  # id(loss returned to the schedule) -> its logged parts
         self._evaluating = False
         self._tied = _tied_embedding(model, recipe, mesh)
+        # MoE: each stage adds its layers' router losses in its own backward (framework/parallel/moe_pipeline.py)
+        self._moe = self._pipeline_moe()
+        self._trained_last = False  # did the last schedule call train? (else torch re-infers shapes first)
 
     def train_batch(self, micro_batches: list[Batch]) -> dict[str, Any]:
         if not micro_batches:
@@ -63,9 +67,11 @@ class PipelineTrainModule(DistributedTrainModule):
         batches = [self._to_device(mb) for mb in micro_batches]
         self._total = self._global_sum(sum(count_labelled(b["labels"]) for b in batches))
         self._sums = []
+        self._start_moe_step(batches)
         with self.precision.autocast():
             for batch in batches:  # gradient accumulation: one schedule run per micro-batch
                 self._run(self.schedule.step, batch)
+        self._trained_last = True
         self._sync_tied_grads()
         ce, z = self._last_stage_sums(2)
         tokens = sum(b["input_ids"].numel() for b in batches)
@@ -77,7 +83,7 @@ class PipelineTrainModule(DistributedTrainModule):
     def eval_batch(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         self._set_training(False)
         batch = self._to_device(batch)
-        self._sums, self._evaluating = [], True
+        self._sums, self._evaluating, self._trained_last = [], True, False
         try:
             with self.precision.autocast():
                 self._run(self.schedule.eval, batch)
@@ -114,6 +120,27 @@ class PipelineTrainModule(DistributedTrainModule):
                 loss, parts = scaled, torch.stack([out.ce, out.z_loss])
         self._parts[id(loss)] = parts.detach()
         return loss
+
+    def _pipeline_moe(self) -> PipelineMoE | None:
+        if self.recipe.model.moe is None:
+            return None
+
+        def scale(loss: torch.Tensor) -> torch.Tensor:  # as _loss_fn scales the last stage's loss
+            return self.precision.scale(loss * self.dims.dp * self.dims.cp)
+
+        moe = PipelineMoE(self.moe, self.recipe.model, self.mesh["pp"], scale, self.device)
+        moe.install(self.parts)
+        return moe
+
+    def _start_moe_step(self, batches: list[Batch]) -> None:
+        if self._moe is not None:
+            chunks = self.recipe.parallel.pp_microbatches or self.dims.pp_stages
+            self._moe.start_step([b["input_ids"] for b in batches], chunks)
+            if not self._trained_last:
+                self._moe.expect_inference(self.parts)
+
+    def _moe_metrics(self) -> dict[str, Any]:
+        return self._moe.metrics() if self._moe is not None else {}
 
     def _last_stage_sums(self, width: int) -> list[torch.Tensor]:
         """The chunks' loss sums, summed, then over the pipeline group (zeros on ranks without the last stage)."""

@@ -104,10 +104,12 @@ class MoEBalancer:
 
     def micro_batch_loss(self) -> torch.Tensor:
         """coef-weighted aux + z loss of the micro-batch just forwarded (what backward adds to the CE loss)."""
-        losses = [self._layer_loss(name, layer) for name, layer in self.layers.items()]
+        losses = [self.layer_loss(name, layer) for name, layer in self.layers.items()]
         return torch.stack(losses).mean()
 
-    def _layer_loss(self, name: str, layer: MoE) -> torch.Tensor:
+    def layer_loss(self, name: str, layer: MoE) -> torch.Tensor:
+        """coef-weighted aux + z loss of one layer's micro-batch just forwarded (not averaged over layers; a
+        pipeline stage adds its layers' losses itself: framework/parallel/moe_pipeline.py)."""
         record = layer.last_routing
         if record is None:
             raise RuntimeError(f"MoE layer {name} has no routing record: run its forward first")
@@ -151,24 +153,30 @@ class MoEBalancer:
 
     def metrics(self) -> dict[str, Any]:
         """The step's router losses and load metrics (one host sync)."""
-        accs = list(self._acc.values())
-        if not accs:
+        if not self._acc:
             return {}
-        counts = torch.stack([a.counts for a in accs]).float()
-        reduce = self.reduce
-        scalars = torch.stack(
-            [
-                torch.stack([self._aux_value(a) for a in accs]).mean(),
-                torch.stack([reduce(a.z_sum) for a in accs]).mean() / self._total_tokens,
-                (counts.max(dim=1).values / counts.mean(dim=1).clamp(min=1e-9)).max(),
-                torch.stack([reduce(a.dropped).float() for a in accs]).sum() / counts.sum().clamp(min=1),
-                torch.stack([reduce(a.entropy_sum) for a in accs]).mean() / self._total_tokens,
-            ]
-        ).tolist()
-        names = ("moe_aux_loss", "moe_z_loss", "moe_imbalance", "moe_dropped_fraction", "moe_router_entropy")
-        out: dict[str, Any] = dict(zip(names, scalars, strict=True))
-        out["moe_tokens_per_expert"] = counts.long().tolist()
-        return out
+        _, rows, counts = self.layer_stats()
+        return summarize(rows, counts)
+
+    def layer_stats(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """Per MoE layer that ran this step (in `layers` order): the names, [L, 4] (aux loss, z loss, router
+        entropy, dropped assignments) and [L, E] assignments per expert, each over the whole step (summed over
+        ranks)."""
+        names = [name for name in self.layers if name in self._acc]
+        accs = [self._acc[name] for name in names]
+        reduce, tokens = self.reduce, self._total_tokens
+        rows = [
+            torch.stack(
+                [
+                    self._aux_value(a),
+                    reduce(a.z_sum) / tokens,
+                    reduce(a.entropy_sum) / tokens,
+                    reduce(a.dropped).to(a.z_sum.dtype),
+                ]
+            )
+            for a in accs
+        ]
+        return names, torch.stack(rows), torch.stack([a.counts for a in accs])
 
     @torch.no_grad()
     def update_bias(self) -> None:
@@ -182,3 +190,22 @@ class MoEBalancer:
                 continue
             load = acc.counts.float()
             layer.router.expert_bias.add_(rate * torch.sign(load.mean() - load))
+
+
+def summarize(rows: torch.Tensor, counts: torch.Tensor) -> dict[str, Any]:
+    """The logged MoE metrics from `MoEBalancer.layer_stats` rows of every MoE layer of the model (module
+    docstring): losses and entropy averaged over layers, imbalance the worst layer's, dropped over all."""
+    load = counts.float()
+    scalars = torch.stack(
+        [
+            rows[:, 0].mean(),
+            rows[:, 1].mean(),
+            (load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-9)).max(),
+            rows[:, 3].sum() / load.sum().clamp(min=1),
+            rows[:, 2].mean(),
+        ]
+    ).tolist()
+    names = ("moe_aux_loss", "moe_z_loss", "moe_imbalance", "moe_dropped_fraction", "moe_router_entropy")
+    out: dict[str, Any] = dict(zip(names, scalars, strict=True))
+    out["moe_tokens_per_expert"] = counts.long().tolist()
+    return out

@@ -161,8 +161,7 @@ class TrainModule(BaseTrainModule):
         # The one host sync of the step: the skip decision and the logs need these numbers on the host.
         loss, z_loss, n_labelled, grad_norm = torch.stack([ce, z, labelled.float(), norm.float()]).tolist()
         stats = {"step": self.step + 1, "loss": loss, "z_loss": z_loss, "grad_norm": grad_norm}
-        if self.moe is not None:
-            stats.update(self.moe.metrics())
+        stats.update(self._moe_metrics())
         lr = self.lr
         reason = self._skip_reason(stats, veto)
         if reason is None:
@@ -259,6 +258,10 @@ class TrainModule(BaseTrainModule):
     def _global_sum(self, value: torch.Tensor) -> torch.Tensor:
         """Sum over data-parallel ranks (one process: the value itself)."""
         return value
+
+    def _moe_metrics(self) -> dict[str, Any]:
+        """The step's MoE router losses and load metrics (a seam: pipeline stages combine their layers')."""
+        return self.moe.metrics() if self.moe is not None else {}
 
     def _grad_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Context of one micro-batch's backward (DDP: no_sync() unless `last`)."""

@@ -148,3 +148,22 @@ def test_support_matrix(family: str, kwargs: dict[str, Any], ok: bool) -> None:
     else:
         with pytest.raises(ConfigError, match=f"family {family} does not support pp"):
             dims(world, family=family, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("world", "kwargs"),
+    [
+        (2, {"pp": 2}),
+        (2, {"pp": 2, "pp_schedule": "interleaved_1f1b", "pp_microbatches": 2}),
+        (4, {"pp": 2, "ep": 2}),
+        (8, {"pp": 2, "cp": 2, "tp": 2, "ep": 2}),
+    ],
+)
+def test_moe_composes_with_pipeline_and_expert_parallel_over_cp(world: int, kwargs: dict[str, Any]) -> None:
+    """Pipelines add each stage's router losses in its own backward (framework/parallel/moe_pipeline.py); ep ranks
+    are carved from dp_shard x cp. MoE with cp still needs global_batch statistics (test_context_parallel.py)."""
+    r = recipe(gbs=8, mbs=2, **kwargs)
+    r.model.kv_heads = 4  # cp x tp = 4 splits the heads
+    r.model.moe = MoEConfig(n_experts=4, top_k=2, expert_hidden=16, aux_loss_scope="global_batch")
+    d = ParallelDims.from_recipe(r, world)
+    assert (d.pp, d.cp, d.ep) == (kwargs["pp"], kwargs.get("cp", 1), kwargs.get("ep", 1))

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from framework.config import ConfigError, ModelConfig, ParallelConfig, Recipe
-from framework.config.schema import MoEConfig
 from framework.models import build_model
 from framework.parallel.dims import ParallelDims
 from framework.parallel.pipeline import split_for_pipeline, stage_blocks, stages_of_rank
@@ -159,7 +158,6 @@ def test_stage_view_forward_matches_model() -> None:
     ("model", "parallel", "key"),
     [
         ({"position": "relative_bias"}, {}, "model.position"),
-        ({"moe": MoEConfig(n_experts=4, top_k=2)}, {}, "model.moe"),
         ({}, {"data_parallel": "ddp"}, "parallel.data_parallel"),
         ({"n_layers": 3}, {}, "model.n_layers"),
         ({}, {"pp_layers": [4, 0]}, "parallel.pp_layers"),
