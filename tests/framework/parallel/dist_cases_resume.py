@@ -43,7 +43,7 @@ def resume_recipe(
         None,
     )
     recipe.data.seq_len, recipe.data.verify = SEQ, "size"  # sha256 of the shards on every rank: seconds each
-    recipe.train.steps, recipe.train.global_batch_size, recipe.train.micro_batch_size = steps, 8, 1
+    recipe.train.steps, recipe.train.global_batch_size, recipe.train.micro_batch_size = steps, 8, 2
     recipe.train.device, recipe.train.eval_every = "cpu", 0
     recipe.optim.lr, recipe.optim.grad_clip = 1e-3, 0.5
     recipe.schedule.name, recipe.schedule.warmup_steps = "cosine", 2

@@ -54,15 +54,18 @@ def test_resume_is_bitwise_on_tp2_fsdp2(dist_pool, tmp_path: Path, demo_data: Pa
     _resume_bitwise(dist_pool, tmp_path, demo_data, 4, dict(tp=2, dp_shard=2, data_parallel="fsdp"))
 
 
+TIED = {"tie_embeddings": True}  # the last stage's copy of the embedding must load from the one saved table
+EP = dict(moe=True, data_parallel="fsdp")
 # (saved on, resumed on): sizes and world of each side
 CROSS = {
-    "tp2xpp2->one": ((4, dict(tp=2, pp=2)), (1, {})),
+    "tp2xpp2->one": ((4, dict(tp=2, pp=2, model=TIED)), (1, dict(model=TIED))),
     "fsdp2x2->tp2": ((4, dict(dp_shard=4, data_parallel="fsdp")), (2, dict(tp=2))),
     "one->pp2xfsdp2": ((1, {}), (4, dict(pp=2, dp_shard=2, data_parallel="fsdp"))),
     "dp4->dp2": (
         (4, dict(dp_replicate=4, data_parallel="ddp")),
         (2, dict(dp_replicate=2, data_parallel="ddp")),
     ),
+    "ep2->ep4": ((2, dict(EP, dp_shard=2, ep=2)), (4, dict(EP, dp_shard=4, ep=4))),
 }
 
 
