@@ -95,14 +95,15 @@ class SlurmCluster:
             f" State=UNKNOWN"
             for n in NODES
         )
-        # cred_expire also delays a requeued job's restart (default 120 s); 10 s keeps the requeue test short.
+        # A requeued job waits cred_expire (default 120 s) before it is eligible and then for the scheduler's next
+        # periodic pass (sched_interval, default 60 s): 5 s and 1 s keep the requeue test short.
         return f"""\
 ClusterName=loomtest
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={_free_port()}
 SlurmUser=root
 AuthType=auth/munge
-AuthInfo=socket={self.socket},cred_expire=10
+AuthInfo=socket={self.socket},cred_expire=5
 CredType=cred/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -112,6 +113,7 @@ MpiDefault=none
 ReturnToService=2
 JobRequeue=1
 SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=1
 SlurmctldTimeout=30
 SlurmdTimeout=30
 KillWait=30

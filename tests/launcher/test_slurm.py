@@ -8,12 +8,14 @@ installed (not root, no apt-get); on CI (root, apt) they run.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -61,9 +63,20 @@ def _sets(demo_data: Path, run_dir: Path) -> list[str]:
     return [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
 
 
-def _loom(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _loom(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "launcher.cli", *args]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def _cli(cluster: SlurmCluster, workdir: Path, *argv: str) -> tuple[int, str, str]:
+    """`loom ARGV` in this process (no interpreter start-up), run from `workdir` against the test cluster;
+    (status, stdout, stderr). A job submitted so inherits this environment, SLURM_CONF included."""
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, redirect_stdout(out), redirect_stderr(err):
+        patch.chdir(workdir)
+        patch.setenv("SLURM_CONF", str(cluster.conf))
+        status = main(list(argv))
+    return status, out.getvalue(), err.getvalue()
 
 
 def _train_losses(run_dir: Path) -> dict[int, float]:
@@ -90,12 +103,12 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _submit(cluster: SlurmCluster, workdir: Path, demo_data: Path, run_dir: Path) -> str:
-    done = _loom(
-        "submit", str(ROOT / "recipes/debug.yaml"), *_sets(demo_data, run_dir), cwd=workdir, env=cluster.env
+    status, out, err = _cli(
+        cluster, workdir, "submit", str(ROOT / "recipes/debug.yaml"), *_sets(demo_data, run_dir)
     )
-    assert done.returncode == 0, done.stderr
-    match = re.fullmatch(r"submitted job (\d+) \(debug\); log: (\S+)\n", done.stdout)
-    assert match, done.stdout
+    assert status == 0, err
+    match = re.fullmatch(r"submitted job (\d+) \(debug\); log: (\S+)\n", out)
+    assert match, out
     assert match.group(2) == str(run_dir / f"slurm-{match.group(1)}.out")
     return match.group(1)
 
@@ -189,23 +202,23 @@ def test_status_logs_and_cancel(
     cluster: SlurmCluster, workdir: Path, demo_data: Path, slurm_run: tuple
 ) -> None:
     job_id, run_dir = slurm_run
-    status = _loom("status", cwd=workdir, env=cluster.env)
-    assert status.returncode == 0, status.stderr
-    row = next(line.split() for line in status.stdout.splitlines() if line.startswith(f"{job_id} "))
+    status, out, err = _cli(cluster, workdir, "status")
+    assert status == 0, err
+    row = next(line.split() for line in out.splitlines() if line.startswith(f"{job_id} "))
     assert row[1] == "COMPLETED" and row[-1] == str(run_dir / f"slurm-{job_id}.out")
 
-    logs = _loom("logs", job_id, cwd=workdir, env=cluster.env)
-    assert logs.returncode == 0 and logs.stdout == (run_dir / f"slurm-{job_id}.out").read_text()
-    assert "node map: node1 [0, 1]; node2 [2, 3]" in logs.stdout
+    status, out, _ = _cli(cluster, workdir, "logs", job_id)
+    assert status == 0 and out == (run_dir / f"slurm-{job_id}.out").read_text()
+    assert "node map: node1 [0, 1]; node2 [2, 3]" in out
 
     other = _submit(cluster, workdir, demo_data, workdir / "run-cancelled")
-    newest = _loom("cancel", cwd=workdir, env=cluster.env)  # no JOB: the newest submitted from here
-    assert newest.returncode == 0 and newest.stdout == f"cancelled job {other} (debug)\n", newest.stderr
+    status, out, err = _cli(cluster, workdir, "cancel")  # no JOB: the newest submitted from here
+    assert status == 0 and out == f"cancelled job {other} (debug)\n", err
     assert cluster.wait_job(other, ("CANCELLED",), 60) == "CANCELLED"
 
-    unknown = _loom("logs", "999999", cwd=workdir, env=cluster.env)
-    assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1
-    assert "was not submitted from this directory" in unknown.stderr
+    status, out, err = _cli(cluster, workdir, "logs", "999999")
+    assert status == 2 and out == "" and err.count("\n") == 1
+    assert "job = '999999': was not submitted from this directory" in err
 
 
 # -- (c) the rendered script: directives and quoting (no cluster needed) ----------------------------------------
