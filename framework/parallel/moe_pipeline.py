@@ -51,7 +51,8 @@ class _AddLossGradient(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, loss: torch.Tensor
     ) -> torch.Tensor:
         ctx.like = (loss.dtype, loss.device)
-        return x.view_as(x)
+        # a copy, not a view: the zero-bubble schedules detach stage outputs in place, which views refuse
+        return x.clone()
 
     @staticmethod
     def backward(

@@ -45,12 +45,14 @@ class RouteLog:
 
     def _hook(self, name: str) -> Any:
         def record(module: nn.Module, args: tuple[torch.Tensor, ...], routing: Routing) -> None:
-            # the selection scores (bias included), for the top-k margin
-            scores = (
-                routing.logits.softmax(-1) if module.moe.router == "softmax" else routing.logits.sigmoid()
-            )
+            if torch._C._current_graph_task_id() != -1:
+                return  # activation checkpointing recomputes the forward inside backward: not a new decision
+            # the selection scores (bias included), for the top-k margin; from detached logits, so the hook saves
+            # no tensors for backward (checkpointing compares the forward's saved tensors with its recomputation's)
+            logits = routing.logits.detach()
+            scores = logits.softmax(-1) if module.moe.router == "softmax" else logits.sigmoid()
             bias = getattr(module, "expert_bias", None)
-            self.calls.append((name, routing, (scores + bias if bias is not None else scores).detach()))
+            self.calls.append((name, routing, scores + bias if bias is not None else scores))
 
         return record
 
