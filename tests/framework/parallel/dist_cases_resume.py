@@ -80,3 +80,23 @@ def losses(run_dir: Path) -> dict[int, float]:
     """step -> training loss, from the run's metrics.jsonl (rank 0 writes it)."""
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+def save_initial(recipe: Recipe, root: str) -> int:
+    """Build the recipe's model laid out over the pool and commit its (initial) state as checkpoint step 0, the
+    way a run does: every rank its own shards (DTensors, pipeline stages) under the one-process names."""
+    from framework.checkpoint.writer import CheckpointWriter
+    from framework.config.loader import recipe_to_dict
+    from framework.parallel.build import train_module_for
+    from framework.parallel.dims import build_mesh
+    from framework.run import build_parallel_model, layout_of
+
+    dims = ParallelDims.from_recipe(recipe, dist.get_world_size())
+    mesh = build_mesh(dims, "cpu")
+    module = train_module_for(
+        build_parallel_model(recipe, dims, mesh, torch.device("cpu")), recipe, "cpu", dims, mesh
+    )
+    layout = layout_of(dims, dims.world_size)
+    writer = CheckpointWriter(root, rank=dist.get_rank(), distributed=True)
+    writer.save(0, module.state_dict(), {"recipe": recipe_to_dict(recipe), "layout": layout}, {"rng": None})
+    return dist.get_rank()
