@@ -42,7 +42,9 @@ def _recipe(family: str, parallel: dict) -> Recipe:
     recipe = Recipe(model=model, parallel=ParallelConfig(**parallel))
     recipe.train.global_batch_size, recipe.train.micro_batch_size = 4, 2
     recipe.data.seq_len = 16
-    recipe.data.objective = {"encoder": "mlm", "encoder_decoder": "span_corruption"}.get(model.family, "causal")
+    recipe.data.objective = {"encoder": "mlm", "encoder_decoder": "span_corruption"}.get(
+        model.family, "causal"
+    )
     return recipe
 
 
