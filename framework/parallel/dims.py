@@ -28,8 +28,8 @@ tp; seq_len divisible by tp with sequence parallel.
 With cp > 1 (Ulysses, framework/parallel/context.py) every mask and position scheme works (causal, sliding window,
 documents, prefix-LM, ALiBi, learned temperature / soft distance, T5 relative bias). Rules: seq_len divisible by cp
 (by cp x tp with sequence parallel); heads and kv_heads divisible by cp x tp (attention splits heads over both).
-Not yet with cp > 1: MoE layers only with aux_loss_scope global_batch and no capacity_factor (statistics per
-micro-batch or sequence, and capacities, would need their own reduction over cp).
+Not yet with cp > 1: MoE token dropping (capacity_factor; the capacity and the drop order span the whole
+micro-batch). Router statistics of every aux_loss_scope are summed over the cp shards.
 
 With ep > 1 (framework/parallel/expert.py): an MoE decoder, model.moe.n_experts divisible by ep, ep dividing
 dp_shard x cp (so data_parallel fsdp or hsdp, or cp > 1). Composes with FSDP2/HSDP (experts sharded over the
@@ -276,24 +276,20 @@ def _check_cp(dims: ParallelDims, recipe: Recipe) -> None:
 
 
 def _check_cp_features(dims: ParallelDims, recipe: Recipe) -> None:
-    """Not yet with context parallelism: MoE layers whose router statistics are per micro-batch or per sequence, or
-    that drop tokens (each cp rank sees a shard of every sequence: those statistics and the capacity would need
-    their own reduction over cp). `global_batch` statistics are summed over dp and cp by the engine's global sum,
-    so they equal one process's; routing itself is per token."""
+    """Not yet with context parallelism: MoE layers that drop tokens. Each cp rank routes a shard of every sequence,
+    but the capacity counts the whole micro-batch's tokens and the drop order ranks every assignment of the
+    micro-batch (first choices before second choices, then token order): a rank would need every shard's choices.
+    Router statistics of every aux_loss_scope are summed over the shards (framework/train/moe_loss.py), so they
+    equal one process's; routing itself is per token."""
     moe = recipe.model.moe
-    per_shard = moe is not None and (moe.aux_loss_scope != "global_batch" or moe.capacity_factor is not None)
-    refusals = [
-        (
-            per_shard,
-            "model.moe",
-            "set",
-            "MoE layers with micro_batch/sequence aux_loss_scope or a capacity_factor",
-            "set moe.aux_loss_scope: global_batch and moe.capacity_factor: null, or cp: 1",
-        ),
-    ]
-    for refused, key, value, what, fix in refusals:
-        if refused:
-            raise _error(key, value, f"{what} with parallel.cp > 1 is not yet supported", fix)
+    if moe is not None and moe.capacity_factor is not None:
+        raise _error(
+            "model.moe.capacity_factor",
+            moe.capacity_factor,
+            "token dropping with parallel.cp > 1 is not yet supported (the capacity and the drop order span the "
+            "whole micro-batch, whose sequences are split over the cp ranks)",
+            "set moe.capacity_factor: null (dropless), or cp: 1",
+        )
 
 
 def _check_tp_vocab(dims: ParallelDims, recipe: Recipe) -> None:

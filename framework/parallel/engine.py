@@ -62,6 +62,10 @@ class DistributedTrainModule(TrainModule):
         hold the same counts, so they are not summed."""
         return _sum_over(value, self.mesh, (*DP_DIMS, "cp"))
 
+    def _shard_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum over cp: the ranks holding the other sequence shards of this rank's samples."""
+        return _sum_over(value, self.mesh, ("cp",))
+
     def global_sum(self, value: torch.Tensor) -> torch.Tensor:
         """Validation's sums: eval_batch already returns its batch's whole-sequence sums on every cp peer (as tp
         and pp peers do), so only the data-parallel ranks are added (its batch counts stay counts)."""

@@ -18,6 +18,11 @@ routing aims at); Hugging Face's Mixtral version is top_k times ours (its f sums
   logged value is the exact global-batch loss. Counts pass through `reduce` (identity on one process; the
   all-reduce over dp/cp ranks for parallel engines).
 
+Context parallelism splits every sequence over ranks: the micro_batch and sequence scopes then sum the choice counts
+and token totals of a micro-batch's (or sequence's) shards with `reduce_shards` (the all-reduce over cp), while each
+rank's P keeps only its own tokens' probabilities: the ranks' shares add up to the loss of the whole sequences, and
+each rank's gradient is its tokens' part of one process's.
+
 Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): mean over the step's tokens of logsumexp(router logits)^2.
 
 Aux-loss-free balancing (DeepSeek-V3, Wang et al. 2024): after each applied update, every expert's selection bias
@@ -74,10 +79,17 @@ class MoEBalancer:
     """Accumulates one optimizer step: `start_step`, then `micro_batch_loss` after each forward, then
     `metrics` and (after an applied update) `update_bias`."""
 
-    def __init__(self, model: nn.Module, moe: MoEConfig, reduce: Reduce | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        moe: MoEConfig,
+        reduce: Reduce | None = None,
+        reduce_shards: Reduce | None = None,
+    ) -> None:
         self.cfg = moe
         self.layers: dict[str, MoE] = moe_layers(model)
         self.reduce: Reduce = reduce or (lambda t: t)
+        self.reduce_shards: Reduce = reduce_shards or (lambda t: t)
         self._acc: dict[str, _Accumulated] = {}
         self._total_tokens = 0
         self._total_sequences = 0
@@ -85,21 +97,29 @@ class MoEBalancer:
 
     @classmethod
     def for_model(
-        cls, model: nn.Module, moe: MoEConfig | None, reduce: Reduce | None = None
+        cls,
+        model: nn.Module,
+        moe: MoEConfig | None,
+        reduce: Reduce | None = None,
+        reduce_shards: Reduce | None = None,
     ) -> MoEBalancer | None:
-        """None for a dense model (or a pipeline stage without MoE layers)."""
+        """None for a dense model (or a pipeline stage without MoE layers). reduce: sum over every rank holding
+        other tokens (data and context parallel); reduce_shards: over the ranks holding other shards of the same
+        sequences (context parallel)."""
         if moe is None or not moe_layers(model):
             return None
-        return cls(model, moe, reduce)
+        return cls(model, moe, reduce, reduce_shards)
 
     def start_step(self, input_shapes: list[torch.Size]) -> None:
         """Before the step's first forward: the [B, S] shapes of its micro-batches (on this rank)."""
         device = next(iter(self.layers.values())).router.gate.weight.device
         tokens = torch.tensor(sum(s.numel() for s in input_shapes), device=device)
         sequences = torch.tensor(sum(s[0] for s in input_shapes), device=device)
+        # every shard of a sequence (context parallel) counts its sequences and micro-batches again
+        shards = int(self.reduce_shards(torch.ones((), device=device)))
         self._total_tokens = int(self.reduce(tokens))
-        self._total_sequences = int(self.reduce(sequences))
-        self._micro_batches = int(self.reduce(torch.tensor(len(input_shapes), device=device)))
+        self._total_sequences = int(self.reduce(sequences)) // shards
+        self._micro_batches = int(self.reduce(torch.tensor(len(input_shapes), device=device))) // shards
         self._acc = {}
 
     def micro_batch_loss(self) -> torch.Tensor:
@@ -134,17 +154,23 @@ class MoEBalancer:
         """This micro-batch's share of the step's aux loss for the configured scope."""
         k, scope = self.cfg.top_k, self.cfg.aux_loss_scope
         if scope == "micro_batch":
-            value = balance_loss(record.counts.sum(0), record.prob_sums.sum(0), record.tokens, k)
-            share = value / self._micro_batches
+            counts, tokens = self._whole(record.counts.sum(0), record.tokens)
+            share = balance_loss(counts, record.prob_sums.sum(0), tokens, k) / self._micro_batches
         elif scope == "sequence":
-            seq_len = record.tokens // record.counts.shape[0]
-            share = balance_loss(record.counts, record.prob_sums, seq_len, k).sum() / self._total_sequences
+            counts, tokens = self._whole(record.counts, record.tokens)
+            seq_len = tokens // record.counts.shape[0]
+            share = balance_loss(counts, record.prob_sums, seq_len, k).sum() / self._total_sequences
         else:
             tokens_so_far = int(self.reduce(torch.tensor(acc.tokens, device=acc.counts.device)))
             f = acc.counts / (tokens_so_far * k)
             share = f.shape[-1] * (f * record.prob_sums.sum(0)).sum() / self._total_tokens
         acc.aux_sum = acc.aux_sum + share.detach()
         return share
+
+    def _whole(self, counts: torch.Tensor, tokens: int) -> tuple[torch.Tensor, int]:
+        """Choice counts and tokens of the whole sequences this rank holds shards of (context parallel)."""
+        whole = self.reduce_shards(torch.tensor(tokens, device=counts.device))
+        return self.reduce_shards(counts), int(whole)
 
     def _aux_value(self, acc: _Accumulated) -> torch.Tensor:
         if self.cfg.aux_loss_scope != "global_batch":

@@ -114,7 +114,7 @@ class TrainModule(BaseTrainModule):
         self._param_names = [names[id(p)] for p in self._params]
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # MoE router losses, load metrics and selection-bias updates (None for dense models).
-        self.moe = MoEBalancer.for_model(model, recipe.model.moe, self._global_sum)
+        self.moe = MoEBalancer.for_model(model, recipe.model.moe, self._global_sum, self._shard_sum)
 
     @property
     def step(self) -> int:
@@ -257,6 +257,10 @@ class TrainModule(BaseTrainModule):
 
     def _global_sum(self, value: torch.Tensor) -> torch.Tensor:
         """Sum over data-parallel ranks (one process: the value itself)."""
+        return value
+
+    def _shard_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks holding other shards of the same sequences (context parallel; one process: itself)."""
         return value
 
     def _moe_metrics(self) -> dict[str, Any]:

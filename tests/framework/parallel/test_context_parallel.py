@@ -31,6 +31,7 @@ RELATIVE = {"position": "relative_bias", "relative_buckets": 8, "relative_max_di
 ALIBI_WINDOW = ALIBI | {"sliding_window": 6}
 CP2, CP2_SP = {"cp": 2}, {"cp": 2, "tp": 2, "sequence_parallel": True}
 MOE_GLOBAL = MOE | {"moe": replace(MOE["moe"], aux_loss_scope="global_batch", bias_update_rate=1e-2)}
+MOE_SEQUENCE = MOE | {"moe": replace(MOE["moe"], aux_loss_scope="sequence", router="sigmoid")}
 
 STEPS = 5
 # name: (world, parallel, model, batch kind, z-loss)
@@ -47,6 +48,9 @@ CASES: dict[str, tuple[int, dict[str, Any], dict[str, Any], str, float]] = {
     "encoder_cp2": (2, CP2, BERT, "mlm", 0.0),
     # router losses over the global batch (counts and token totals summed over cp) + aux-loss-free bias updates
     "cp2_moe_global_batch": (2, CP2, MOE_GLOBAL, "documents", 0.0),
+    # per-micro-batch and per-sequence router statistics: choice counts and tokens summed over the cp shards
+    "cp2_moe_micro_batch": (2, CP2, MOE, "documents", 0.0),
+    "cp2xfsdp2_moe_sequence": (4, CP2 | {"data_parallel": "fsdp"}, MOE_SEQUENCE, "documents", 0.0),
 }
 
 
@@ -101,17 +105,10 @@ def test_cp_accepted_for_decoder_and_encoder(family: str) -> None:
         (4, {"kv_heads": 2}, {"cp": 2, "tp": 2}, "model.kv_heads", "cp x parallel.tp = 4"),
         (
             2,
-            {"moe": MoEConfig(n_experts=4, top_k=2)},
+            {"moe": MoEConfig(n_experts=4, top_k=2, aux_loss_scope="sequence", capacity_factor=1.0)},
             CP2,
-            "model.moe",
-            "micro_batch/sequence aux_loss_scope",
-        ),
-        (
-            2,
-            {"moe": MoEConfig(n_experts=4, top_k=2, aux_loss_scope="global_batch", capacity_factor=1.0)},
-            CP2,
-            "model.moe",
-            "capacity_factor",
+            "model.moe.capacity_factor",
+            "token dropping with parallel.cp > 1",
         ),
     ],
 )
