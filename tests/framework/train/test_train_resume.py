@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 from train_helpers import IndexedBatches, make_batches, make_model, make_recipe
 
@@ -67,3 +68,17 @@ def test_checkpoint_metadata_and_auto_resume(tmp_path):
 def test_auto_resume_without_checkpoints_starts_fresh(tmp_path):
     module, records = _run(tmp_path, resume="auto")
     assert sorted(records) == [1, 2, 3, 4, 5, 6]
+
+
+def test_auto_resume_skips_a_damaged_newest_checkpoint(tmp_path):
+    """The newest checkpoint lost bytes of a shard (a disk that filled up, a copy cut short): --resume auto warns,
+    names it, and resumes from the one before, continuing exactly as the uninterrupted run."""
+    full, full_records = _run(tmp_path / "full")
+    _run(tmp_path / "run")
+    shard = next((tmp_path / "run" / "checkpoints" / "step_00000006").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.warns(UserWarning, match=r"skipping checkpoint of step 6: .*truncated"):
+        resumed, records = _run(tmp_path / "run", resume="auto")
+    assert resumed.step == 6 and [records[s]["loss"] for s in (4, 5, 6)] == [
+        full_records[s]["loss"] for s in (4, 5, 6)
+    ]
