@@ -276,8 +276,8 @@ def _run_slurm(args: argparse.Namespace) -> int:
     elif args.command == "cancel":
         print(slurm.cancel(args.job))
     else:
-        flags = [args.nodes, args.gpus_per_node, args.nproc_per_node, args.partition, args.time, args.account]
-        overrides = [*args.overrides, *slurm.flag_overrides(*flags)]
+        flags = ("nodes", "gpus_per_node", "nproc_per_node", "partition", "time", "account")
+        overrides = [*args.overrides, *slurm.flag_overrides(**{f: getattr(args, f) for f in flags})]
         job = slurm.render(args.recipe, overrides)
         if args.dry_run:
             print(job.script, end="")

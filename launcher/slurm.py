@@ -216,9 +216,10 @@ def _slurm(name: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([slurm_command(name), *args], capture_output=True, text=True, timeout=60)
 
 
-def _refused(name: str, done: subprocess.CompletedProcess[str]) -> ConfigError:
+def _refused(name: str, done: subprocess.CompletedProcess[str], fix: str) -> ConfigError:
+    """Slurm's own message, on one line."""
     message = " ".join((done.stderr or done.stdout).split()) or f"exit status {done.returncode}"
-    return ConfigError("command line", name, message, "failed", "see Slurm's message above")
+    return ConfigError("command line", name, message, "was refused by Slurm", fix)
 
 
 def submit(job: Job, recipe_path: str, workdir: Path | None = None) -> JobRecord:
@@ -230,7 +231,9 @@ def submit(job: Job, recipe_path: str, workdir: Path | None = None) -> JobRecord
         [sbatch, "--parsable"], input=job.script, capture_output=True, text=True, timeout=60
     )
     if done.returncode != 0:
-        raise _refused("sbatch", done)
+        raise _refused(
+            "sbatch", done, "check launch.partition/account/qos/time against `sinfo` and `sacctmgr`"
+        )
     job_id = done.stdout.strip().split(";")[0]  # --parsable: "id" or "id;cluster"
     now = datetime.now(UTC).isoformat(timespec="seconds")
     record = JobRecord(job_id, job.name, recipe_path, str(job.log).replace("%j", job_id), now)
@@ -321,5 +324,5 @@ def cancel(job_id: str | None, workdir: Path | None = None) -> str:
         raise ConfigError("command line", "job", record.job_id, "is not a Slurm job id", "e.g. 1234")
     done = _slurm("scancel", record.job_id)
     if done.returncode != 0:
-        raise _refused("scancel", done)
+        raise _refused("scancel", done, "see `loom status`: the job may have ended already")
     return f"cancelled job {record.job_id} ({record.name})"

@@ -221,6 +221,13 @@ def test_status_logs_and_cancel(
     assert "job = '999999': was not submitted from this directory" in err
 
 
+def test_a_job_slurm_refuses_is_one_line(cluster: SlurmCluster, workdir: Path, demo_data: Path) -> None:
+    sets = [*_sets(demo_data, workdir / "run-refused"), "--partition", "nosuch"]
+    status, out, err = _cli(cluster, workdir, "submit", str(ROOT / "recipes/debug.yaml"), *sets)
+    assert status == 2 and out == "" and err.count("\n") == 1, err
+    assert "sbatch = " in err and "invalid partition" in err.lower() and "was refused by Slurm" in err
+
+
 # -- (c) the rendered script: directives and quoting (no cluster needed) ----------------------------------------
 
 
