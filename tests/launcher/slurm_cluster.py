@@ -24,23 +24,25 @@ NODES = ("node1", "node2")
 
 def unavailable_reason() -> str | None:
     """Why a real cluster cannot run here (None: it can, installing the packages with apt-get if missing)."""
+    if os.geteuid() != 0:
+        return "the test cluster runs slurmctld/slurmd (SlurmUser=root) and installs packages: needs root"
     if all(shutil.which(b) for b in BINARIES):
         return None
-    if os.geteuid() != 0:
-        return "Slurm is not installed and installing it with apt-get needs root"
     if shutil.which("apt-get") is None:
         return "Slurm is not installed and apt-get is unavailable"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    done = subprocess.run(
-        ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    done = _apt_install()
+    if done.returncode != 0:  # stale or missing package lists: refresh them once
+        subprocess.run(["apt-get", "update"], capture_output=True, timeout=600)
+        done = _apt_install()
     if done.returncode != 0 or not all(shutil.which(b) for b in BINARIES):
         return f"apt-get install {' '.join(PACKAGES)} failed: {done.stderr.strip()[-300:]}"
     return None
+
+
+def _apt_install() -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    command = ["apt-get", "install", "-y", *PACKAGES]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
 
 def _free_port() -> int:
