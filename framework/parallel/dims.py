@@ -137,7 +137,8 @@ class ExpertMeshes:
     ep: DeviceMesh
     """The ranks that split the experts (1-D, size ep)."""
     dp: DeviceMesh
-    """The experts' data-parallel mesh: dp_shard_mod_ep, or (dp_replicate, dp_shard_mod_ep) with HSDP."""
+    """The experts' data-parallel mesh: dp_shard_mod_ep (dp_shard x cp / ep ranks), or (dp_replicate,
+    dp_shard_mod_ep) with HSDP."""
 
 
 def expert_meshes(mesh: DeviceMesh, dims: ParallelDims) -> ExpertMeshes | None:

@@ -1,7 +1,8 @@
 """Expert parallelism: the experts of every MoE layer split over the `ep` ranks, tokens exchanged all-to-all.
 
-Layout. `ep` ranks are carved from the data-parallel shards (`ExpertMeshes` in dims.py: dp_shard is unflattened
-into dp_shard_mod_ep x ep, ep innermost), so the ep ranks of one group read different data. Each stacked expert
+Layout. `ep` ranks are carved from the data-parallel shards x the context-parallel ranks (`ExpertMeshes` in
+dims.py: dp_shard, or with cp > 1 the flattened dp_shard_cp, is unflattened into dp_shard_mod_ep x ep, ep
+innermost), so the ep ranks of one group hold different tokens: other samples, or other sequence shards. Each stacked expert
 weight [E, ...] becomes a DTensor Shard(0) over the ep mesh: rank i of the group holds experts
 [i E/ep, (i+1) E/ep), and the parameter keeps the full model's name and global shape (checkpoints, init).
 
@@ -13,12 +14,12 @@ to (expert, source rank) order, the local experts run, and the outputs travel ba
 order they came. `combine` then weights and adds them per token on the token's own rank. Both row exchanges use
 torch's autograd-aware functional all_to_all_single, whose backward is the reverse exchange.
 
-Gradients. The loss is multiplied by the data-parallel size dp (engine.py: DDP/FSDP average, the step wants a sum).
+Gradients. The loss is multiplied by dp x cp (engine.py: DDP/FSDP average over those ranks, the step wants a sum).
 A local expert's gradient already sums the contributions of the tokens of every rank in its ep group, so it must
 not be averaged over ep again: it is scaled by 1/ep in backward (`local_view`), and FSDP2 then averages it over the
-experts' own data-parallel mesh (dp_replicate x dp_shard_mod_ep, size dp/ep): dp x (group sum) / ep / (dp/ep) =
-the sum over all tokens, exactly as one process (power-of-two sizes: the scalings are exact). Non-expert parameters
-are reduced over all data-parallel ranks as before.
+experts' own data-parallel mesh (dp_replicate x dp_shard_mod_ep, size dp x cp / ep): dp x cp x (group sum) / ep /
+(dp x cp / ep) = the sum over all tokens, exactly as one process (power-of-two sizes: the scalings are exact).
+Non-expert parameters are reduced over all data-parallel (x cp) ranks as before.
 
 Tensor parallelism: MoE layers are replicated over tp (framework/parallel/tensor.py; with sequence parallel the
 layer runs on the whole sequence), so every tp rank of a data-parallel position routes the same tokens and its ep
