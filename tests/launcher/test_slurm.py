@@ -192,7 +192,7 @@ def test_preempted_job_requeues_resumes_and_matches(
     assert "Restarts=1" in cluster.run("scontrol", "show", "job", job_id).stdout
     losses, reference = _train_losses(run_dir), _train_losses(slurm_run[1])
     assert sorted(losses) == list(range(1, STEPS + 1))
-    assert losses[STEPS] == reference[STEPS]
+    assert losses == reference  # every step, the resumed ones included, bit for bit; so the final loss too
 
 
 # -- (d) status, logs and cancel from the submitting directory --------------------------------------------------
@@ -257,6 +257,74 @@ def test_dry_run_of_a_four_node_gpu_job_has_the_directives(capsys: pytest.Captur
     ]
     assert "nproc=8\n" in script and f"checkpoints={ROOT}/runs/llama-8b/checkpoints\n" in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid shell
+
+
+# Stand-ins for srun and scontrol, so the script's own logic runs in bash without a cluster: srun prints its
+# arguments and exits with $FAKE_STATUS; scontrol knows one node (NodeAddr 10.1.2.3) and logs requeues.
+FAKE_SLURM = """
+srun() { printf '%s\\n' "$@" > srun.args; return "$FAKE_STATUS"; }
+scontrol() {
+  case "$1 $2" in
+    "show hostnames") echo node7; echo node8 ;;
+    "show node") echo "NodeName=$3 Arch=x86_64 NodeAddr=10.1.2.3 NodeHostName=$3" ;;
+    "requeue "*) echo "$2" >> requeued ;;
+  esac
+}
+"""
+
+
+@pytest.mark.parametrize(
+    ("status", "latest", "marker", "requeued"),
+    [
+        (75, "step_00000003", True, True),  # preempted with a committed checkpoint: the only requeue
+        (75, "step_00000003", False, False),  # no COMPLETE marker: an interrupted save
+        (75, None, False, False),  # no checkpoint at all
+        (0, "step_00000003", True, False),  # finished: never requeued
+        (1, "step_00000003", True, False),  # failed
+    ],
+)
+def test_requeue_only_on_status_75_with_a_complete_checkpoint(
+    status: int,
+    latest: str | None,
+    marker: bool,
+    requeued: bool,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    checkpoints = tmp_path / "ck"
+    (checkpoints / "step_00000003").mkdir(parents=True)
+    if latest is not None:
+        (checkpoints / "latest").write_text(latest + "\n")
+    if marker:
+        (checkpoints / "step_00000003" / "COMPLETE").write_text("{}")
+    layout = [
+        "--set",
+        "parallel.tp=2",
+        "--set",
+        "train.micro_batch_size=8",
+        "--nodes",
+        "2",
+        "--nproc-per-node",
+        "2",
+    ]
+    script = _dry_run(capsys, "recipes/debug.yaml", *layout, "--set", f"checkpoint.dir={checkpoints}")
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "FAKE_STATUS": str(status),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "x",
+    }
+    env |= {"SLURM_JOB_NUM_NODES": "2"}
+    done = subprocess.run(
+        ["bash", "-c", FAKE_SLURM + script], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == (0 if requeued else status), done.stderr
+    assert (tmp_path / "requeued").is_file() == requeued
+    if requeued:
+        assert (tmp_path / "requeued").read_text() == "4242\n"
+    args = (tmp_path / "srun.args").read_text().splitlines()
+    assert args[args.index("--master") + 1] == f"10.1.2.3:{20000 + 4242}"  # node7's NodeAddr, not its name
+    assert args[args.index("--resume") + 1] == "auto" and args[args.index("--nproc") + 1] == "2"
 
 
 HOSTILE = '$(touch pwned); `touch pwned`; echo "it\'s" > pwned & $HOME \\ *'
