@@ -80,6 +80,9 @@ class PipelineMoE:
         self.row_of = {block: row for row, block in enumerate(model.moe_layers)}
         self.n_experts = model.moe.n_experts if model.moe is not None else 0
         self._inference: set[int] = set()
+        self._hooked: set[int] = set()  # stages of this rank holding MoE layers
+        self._chunks_seen: dict[int, int] = {}  # stage -> chunks whose router losses were added this step
+        self._chunks = 0
 
     def install(self, parts: PipelineParts) -> None:
         """A forward hook on every stage module of this rank that holds MoE layers."""
@@ -87,15 +90,29 @@ class PipelineMoE:
             layers = moe_layers(module)
             if layers and self.balancer is not None:
                 module.register_forward_hook(self._hook(stage, layers))
+                self._hooked.add(stage)
 
-    def expect_inference(self, parts: PipelineParts) -> None:
+    def expect_inference(self) -> None:
         """The next schedule call starts with torch's metadata-inference forward of each stage (module docstring)."""
-        self._inference = set(parts.stage_ids)
+        self._inference = set(self._hooked)
 
     def start_step(self, micro_batches: list[torch.Tensor], chunks: int) -> None:
         """Before a step's first schedule call: the input ids of its micro-batches, split into `chunks` each."""
         if self.balancer is not None:
             self.balancer.start_step([c.shape for ids in micro_batches for c in ids.tensor_split(chunks)])
+        self._chunks, self._chunks_seen = len(micro_batches) * chunks, {}
+
+    def finish_step(self) -> None:
+        """After a step's schedule calls: every stage added the router losses of every chunk exactly once. Guards
+        the shape-inference rule of the module docstring (a torch that infers at other times would otherwise shift
+        or drop a chunk's statistics silently)."""
+        wrong = {s: n for s, n in self._chunks_seen.items() if n != self._chunks}
+        if wrong or self._inference:
+            raise RuntimeError(
+                f"MoE router losses: stages {wrong} counted chunks instead of {self._chunks} (announced shape "
+                f"inference not seen: {sorted(self._inference)}); torch.distributed.pipelining's stage "
+                "initialisation changed (framework/parallel/moe_pipeline.py)"
+            )
 
     def _hook(self, stage: int, layers: dict[str, MoE]) -> Callable[..., Any]:
         def add_router_losses(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
@@ -106,6 +123,7 @@ class PipelineMoE:
                 for layer in layers.values():
                     layer.last_routing = None
                 return None
+            self._chunks_seen[stage] = self._chunks_seen.get(stage, 0) + 1
             losses = [self.balancer.layer_loss(name, layer) for name, layer in layers.items()]
             loss = torch.stack(losses).sum() / len(self.row_of)
             return _AddLossGradient.apply(output, self.scale_loss(loss))

@@ -72,6 +72,8 @@ class PipelineTrainModule(DistributedTrainModule):
             for batch in batches:  # gradient accumulation: one schedule run per micro-batch
                 self._run(self.schedule.step, batch)
         self._trained_last = True
+        if self._moe is not None:
+            self._moe.finish_step()
         self._sync_tied_grads()
         ce, z = self._last_stage_sums(2)
         tokens = sum(b["input_ids"].numel() for b in batches)
@@ -137,7 +139,7 @@ class PipelineTrainModule(DistributedTrainModule):
             chunks = self.recipe.parallel.pp_microbatches or self.dims.pp_stages
             self._moe.start_step([b["input_ids"] for b in batches], chunks)
             if not self._trained_last:
-                self._moe.expect_inference(self.parts)
+                self._moe.expect_inference()
 
     def _moe_metrics(self) -> dict[str, Any]:
         return self._moe.metrics() if self._moe is not None else {}
