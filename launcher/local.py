@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from framework.train.callbacks.preemption import RECORD
 from launcher.exit_codes import EXIT_PREEMPTED
 
 RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -77,12 +76,16 @@ def launch(
 
 
 def _preempted_since(run_dir: Path, started: float) -> bool:
+    from framework.train.callbacks.preemption import RECORD  # here: `loom status` need not import torch
+
     record = run_dir / RECORD
     return record.is_file() and record.stat().st_mtime >= started
 
 
 def _run_agent(command: list[str]) -> int:
-    agent = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # The agent ignores SIGUSR1 (its default action would kill it: under Slurm, `scancel --signal=USR1` reaches
+    # every process of the step, the agent too); the workers install their own handler (the Checkpointer's).
+    agent = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=_ignore_usr1)
 
     def relay(signum: int, frame: FrameType | None) -> None:
         targets = _children(agent.pid) if signum == signal.SIGUSR1 else [agent.pid]
@@ -96,6 +99,10 @@ def _run_agent(command: list[str]) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _ignore_usr1() -> None:
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _children(pid: int) -> list[int]:
