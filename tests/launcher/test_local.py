@@ -50,9 +50,11 @@ def test_train_nproc_2_end_to_end(nproc_2_run: tuple[Path, str]) -> None:
     steps = _records(run_dir)
     assert [s["step"] for s in steps if s["kind"] == "train"] == [1, 2, 3]  # rank 0 alone logs
     assert [s["val_batches"] for s in steps if s["kind"] == "val"] == [3]  # all 3, split over the 2 ranks
-    # Until sharded checkpoints exist a multi-process run writes none (never a racing, partial one) and says so.
-    assert not (run_dir / "checkpoints").exists()
-    assert "no checkpoints are written" in stderr
+    # One checkpoint for the run, committed once with both ranks' shards (never one per rank)
+    step = run_dir / "checkpoints" / "step_00000003"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == step.name
+    assert sorted(p.name for p in step.glob("rank_*.json")) == ["rank_00000.json", "rank_00001.json"]
+    assert (step / "COMPLETE").is_file()
     # every rank names the layout and its own coordinates
     for rank in (0, 1):
         assert (
@@ -99,15 +101,6 @@ def test_two_nodes_train_like_one_node_with_two_processes(
     assert re.search(r"train: +100%", err0) and not re.search(r"train: +\d+%", err1)
     assert "[rank 0] INFO framework.run: layout: world 2 = dp_shard 2 (fsdp); rank 0: dp_shard 0" in err0
     assert "[rank 1] INFO framework.run: layout: world 2 = dp_shard 2 (fsdp); rank 1: dp_shard 1" in err1
-
-
-def test_resume_with_several_processes_is_refused(tmp_path: Path) -> None:
-    from framework.config.errors import ConfigError
-    from framework.run import _refuse_distributed_resume
-
-    _refuse_distributed_resume(None)
-    with pytest.raises(ConfigError, match="sharded checkpoints"):
-        _refuse_distributed_resume("auto")
 
 
 def test_bad_layout_is_one_line_before_launch(tmp_path: Path) -> None:
