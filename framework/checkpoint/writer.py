@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import AsyncStager, BlockingAsyncStager
 from torch.distributed.tensor import DTensor
 
 from framework.checkpoint.io import (
@@ -86,6 +87,7 @@ class CheckpointWriter:
         self._inflight: tuple[Future, threading.Event] | None = None
         self._error: BaseException | None = None
         self._staging: dict[str, torch.Tensor] = {}  # reused by every async save: no allocation per save
+        self._device_stager: BlockingAsyncStager | None = None
         self.last_committed: Path | None = None
         self.on_commit: Callable[[int, Path], None] | None = None
         """Called on rank 0 after each commit with (step, path) (from the writer thread when async)."""
@@ -102,9 +104,13 @@ class CheckpointWriter:
         _write_json(tmp / rank_file(self.rank), dict(rank_state))
         if self.rank == 0:
             _write_json(tmp / META, meta_record(step, plain, dict(metadata)))
-        if self.async_save:
+        if self.async_save and _on_cpu(tensors):
             self._staging = _snapshot(tensors, self._staging)
-            self._start_async(step, tmp, self._staging)
+            self._start_async(step, tmp, self._staging, _AlreadyStaged())
+        elif self.async_save:
+            # Device tensors: DCP's stager copies them into pinned CPU buffers it keeps between saves.
+            self._device_stager = self._device_stager or BlockingAsyncStager(cache_staged_state_dict=True)
+            self._start_async(step, tmp, tensors, self._device_stager)
         else:
             self._write(tmp, tensors)
             if self.rank == 0:
@@ -145,12 +151,18 @@ class CheckpointWriter:
         except CheckpointException as error:
             raise CheckpointError(f"saving checkpoint {tmp} failed: {error}") from error
 
-    def _start_async(self, step: int, tmp: Path, tensors: dict[str, torch.Tensor]) -> None:
+    def _start_async(
+        self, step: int, tmp: Path, tensors: dict[str, torch.Tensor], stager: AsyncStager
+    ) -> None:
         committed = threading.Event()
         writer = _Writer(tmp, sync_files=True)
         with _single_process():
             future = dcp.async_save(
-                tensors, storage_writer=writer, process_group=self.group, no_dist=not self.distributed
+                tensors,
+                storage_writer=writer,
+                process_group=self.group,
+                no_dist=not self.distributed,
+                async_stager=stager,
             )
         if self.rank == 0:
             future.add_done_callback(lambda f: self._commit_after(f, step, tmp, committed))
@@ -190,9 +202,22 @@ class CheckpointWriter:
             dist.barrier()
 
 
+def _on_cpu(tensors: dict[str, torch.Tensor]) -> bool:
+    return all(t.device.type == "cpu" for t in tensors.values())
+
+
+class _AlreadyStaged(BlockingAsyncStager):
+    """The state handed over is already the writer's own copy (_snapshot): DCP's default staging would copy it
+    once more into freshly allocated memory (measured: 0.87 s of a 1 GB save's stall on this machine, vs 0.15 s
+    for the copy into kept buffers)."""
+
+    def stage(self, state_dict: Any) -> Any:
+        return state_dict
+
+
 def _snapshot(tensors: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copies the background writer owns: training keeps updating the live tensors in place. (DCP's own staging
-    moves tensors to the CPU, which for tensors already there is no copy at all.) DTensors stay DTensors. The
+    """Copies the background writer owns: training keeps updating the live tensors in place. DTensors stay
+    DTensors. The
     previous save's buffers are reused when they match (it has finished: save() waited for it)."""
     staged = {}
     for key, tensor in tensors.items():
