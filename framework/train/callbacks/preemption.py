@@ -11,6 +11,7 @@ after the same step and write the same checkpoint.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 from pathlib import Path
@@ -41,11 +42,15 @@ class PreemptionSignal:
         self.distributed = distributed
         self.device = device or torch.device("cpu")
         self.received: int = 0
+        self._pid = os.getpid()
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # Python delivers signals to the main thread only; a trainer elsewhere cannot be preempted
+        if self._previous:
+            return  # installed already (fit() called again): keep the original handlers to restore
+        self._pid = os.getpid()
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
 
@@ -55,6 +60,12 @@ class PreemptionSignal:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._pid:
+            # A process forked while training (a data-loader or pool worker) inherits this handler; there the
+            # signal must keep its usual meaning, or terminating that worker would hang its parent.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         self.received = self.received or signum
 
     def agreed(self) -> int:

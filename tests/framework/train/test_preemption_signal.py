@@ -1,0 +1,38 @@
+"""The preemption handler is a guest: it restores the previous handlers, also when fit() runs twice, and a process
+forked while it is installed (a data-loader or pool worker) still dies of SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from framework.train.callbacks.preemption import PreemptionSignal
+
+
+def test_install_twice_then_uninstall_restores_the_original() -> None:
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    guard = PreemptionSignal()
+    guard.install()
+    guard.install()  # fit() called again on the same Checkpointer
+    guard.uninstall()
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_signal_is_recorded_here_and_fatal_in_a_forked_child() -> None:
+    guard = PreemptionSignal()
+    guard.install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.01)
+        assert guard.agreed() == signal.SIGUSR1
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child
+            time.sleep(30)
+            os._exit(0)
+        time.sleep(0.5)  # a signal that arrives before CPython's after-fork reset in the child is dropped
+        os.kill(child, signal.SIGTERM)
+        _, status = os.waitpid(child, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    finally:
+        guard.uninstall()
