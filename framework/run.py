@@ -20,6 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from framework.config.loader import dump_recipe
 from framework.config.schema import ModelConfig, Recipe
 from framework.data import Tokenizer, TrainSource, ValidationSource, build_data
+from framework.kernels.choice import resolve_kernels, use_kernels
 from framework.models import build_model, init_weights
 from framework.models.flops import flops_per_token
 from framework.parallel.build import train_module_for
@@ -89,6 +90,7 @@ def train(recipe: Recipe, *, resume: str | None = None) -> dict[str, Any]:
     """Train `recipe` in this process; returns the last step's metrics."""
     world_size = world_size_of_run()
     device = resolve_device(recipe.train.device)
+    resolve_kernels(recipe, device)  # model.kernels meets the device: a ConfigError before any model is built
     if world_size == 1:
         # One process trains the whole model; the recipe's parallel section (written for a cluster, e.g. ep: 8)
         # is not applied, so any recipe can be tried on one machine — but say so, never silently.
@@ -156,13 +158,14 @@ def _train(
 
 
 def _single_module(recipe: Recipe, device: torch.device) -> TrainModule:
-    return TrainModule(materialize_model(recipe.model, device, recipe.train.seed), recipe, device)
+    model = materialize_model(recipe.model, device, recipe.train.seed)
+    return TrainModule(use_kernels(model, resolve_kernels(recipe, device)), recipe, device)
 
 
 def _distributed_module(
     recipe: Recipe, device: torch.device, *, dims: ParallelDims, mesh: DeviceMesh
 ) -> TrainModule:
-    model = build_parallel_model(recipe, dims, mesh, device)
+    model = use_kernels(build_parallel_model(recipe, dims, mesh, device), resolve_kernels(recipe, device))
     return train_module_for(model, recipe, device, dims, mesh)  # the pipeline engine when pp > 1
 
 

@@ -29,6 +29,19 @@ from framework.models.positions import alibi_slopes, apply_rope
 BiasFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "AttentionContext"], torch.Tensor]
 AttendHook = Callable[[AttendFn, torch.Tensor, torch.Tensor, torch.Tensor, "AttentionContext"], torch.Tensor]
+AttendKernel = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, "AttentionContext", "KernelCall"], torch.Tensor
+]
+
+
+@dataclass(frozen=True)
+class KernelCall:
+    """What an injected attention kernel (Attention.kernel) needs besides q/k/v [B, heads, S, D] and the mask."""
+
+    scale: float
+    dropout_p: float
+    inv_temperature: torch.Tensor | None
+    """[heads] 1 / T_h, or None for plain attention (the kernel scales q by it, as sdpa_attention does)."""
 
 
 @dataclass
@@ -149,6 +162,10 @@ class Attention(nn.Module):
         """Hook: attend_hook(attend, q, k, v, ctx) runs `attend` on q/k/v [B, heads, S, D] (after RoPE). Context
         parallelism swaps in an all-to-all from sequence shards to head shards and back around it
         (framework/parallel/context.py), keeping this file free of torch.distributed."""
+        self.kernel: AttendKernel | None = None
+        """Hook: when set, replaces attention_backend for this layer (framework/kernels/te.py installs Transformer
+        Engine's DotProductAttention here, keeping this file free of TE). A plain callable, not a module, so the
+        state dict and parameter names stay the same whichever kernel runs."""
         self.head_dim = head_dim
         self.backend = cfg.attention_backend
         self.scale = softmax_scale(cfg)
@@ -189,6 +206,10 @@ class Attention(nn.Module):
         bias_fn = self._bias_fn(ctx, heads)
         inv_temperature = self._inv_temperature(heads, q.device)
         dropout_p = self.dropout_p if self.training else 0.0
+        if self.kernel is not None:
+            if bias_fn is not None:
+                raise NotImplementedError("an injected kernel takes no score bias (ALiBi, T5, distance)")
+            return self.kernel(q, k, v, ctx, KernelCall(self.scale, dropout_p, inv_temperature))
         if self.backend == "flex":
             block_mask = ctx.block_mask(batch, q_len, k_len, q.device)
             return self._flex(q, k, v, block_mask, bias_fn, inv_temperature, dropout_p)

@@ -1,0 +1,73 @@
+"""Which kernel library a run uses: `model.kernels` (auto | torch | te) meets the device, once, before any model
+is built. Asking for what this machine or this recipe cannot do is one ConfigError."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import nn
+
+from framework.config.errors import ConfigError
+from framework.config.schema import Recipe
+from framework.kernels.te import INSTALL_HINT, te_importable
+
+log = logging.getLogger(__name__)
+
+Kernels = Literal["torch", "te"]
+
+
+def te_refusals(recipe: Recipe) -> list[tuple[str, object, str]]:
+    """(key, value, why) for each recipe feature TE attention does not express as Loom means it."""
+    m, refused = recipe.model, []
+    if m.position in ("alibi", "relative_bias"):
+        refused.append(("model.position", m.position, "TE attention takes no Loom score bias"))
+    if m.soft_distance_bias:
+        refused.append(("model.soft_distance_bias", True, "TE attention takes no Loom score bias"))
+    if recipe.data.objective == "prefix":
+        refused.append(("data.objective", "prefix", "prefix-LM masks are not mapped to TE"))
+    if m.family == "encoder_decoder" and recipe.data.document_masking:
+        refused.append(
+            ("data.document_masking", True, "TE document masks are mapped for self-attention only")
+        )
+    return refused
+
+
+def resolve_kernels(
+    recipe: Recipe, device: torch.device, importable: Callable[[], bool] = te_importable
+) -> Kernels:
+    """torch or te for this run. auto: te when TE imports, the device is CUDA and the recipe maps; else torch."""
+    wanted = recipe.model.kernels
+    if wanted == "torch":
+        return "torch"
+    refused = te_refusals(recipe)
+    if wanted == "auto":
+        if device.type != "cuda" or refused or not importable():
+            return "torch"
+        return "te"
+    if device.type != "cuda":
+        raise ConfigError(
+            None, "model.kernels", "te", f"Transformer Engine runs on CUDA only (device {device.type})",
+            "set model.kernels: auto or torch, or run on an NVIDIA GPU",
+        )  # fmt: skip
+    if refused:
+        key, value, why = refused[0]
+        raise ConfigError(None, key, value, f"{why} (model.kernels: te)", "set model.kernels: torch or auto")
+    if not importable():
+        raise ConfigError(
+            None, "model.kernels", "te", "Transformer Engine is not importable here",
+            f"install the gpu extra {INSTALL_HINT}, or set model.kernels: auto",
+        )  # fmt: skip
+    return "te"
+
+
+def use_kernels(model: nn.Module, kernels: Kernels) -> nn.Module:
+    """Route `model`'s attention through the chosen library (torch: unchanged)."""
+    if kernels == "te":
+        from framework.kernels.te import install_te_attention
+
+        layers = install_te_attention(model)
+        log.info("kernels te: %d attention layers on transformer_engine DotProductAttention", layers)
+    return model
