@@ -26,6 +26,10 @@ TASK_TIMEOUT_S = 120.0
 """A task that takes longer is treated as a hang (a rank stuck in a collective): the pool is killed."""
 
 
+THREAD_LIMIT = 250
+"""Workers holding more threads than this are replaced after the task (see DistPool._threads)."""
+
+
 class DistError(RuntimeError):
     """A function failed on at least one rank; the message holds each failing rank's traceback."""
 
@@ -88,7 +92,17 @@ class DistPool:
         if failures:
             self._restart()
             raise DistError(f"{path} failed on {len(failures)} rank(s):\n" + "\n".join(failures))
+        if self._threads() > THREAD_LIMIT:
+            self.close()  # a fresh set of workers; the next task pays a start-up
+            self._start()
         return [replies[r][1] for r in range(self.world_size)]
+
+    def _threads(self) -> int:
+        """The most threads any worker holds (Linux /proc). Every process group a test creates (each mesh
+        dimension, each async checkpoint writer) leaves gloo threads behind for the worker's lifetime: at ~700
+        threads per worker, 14 idle workers drove the load average to 400 and slowed every later test."""
+        counts = [len(os.listdir(f"/proc/{p.pid}/task")) for p in self._procs if p.is_alive()]
+        return max(counts, default=0)
 
     def _collect(self) -> dict[int, tuple[bool, Any]]:
         replies: dict[int, tuple[bool, Any]] = {}
