@@ -44,7 +44,10 @@ def resolve_kernels(
         return "torch"
     refused = te_refusals(recipe)
     if wanted == "auto":
-        if device.type != "cuda" or refused or not importable():
+        if device.type != "cuda" or not importable():
+            return "torch"
+        if refused:
+            log.info("kernels auto: torch, because %s = %r (%s)", *refused[0])
             return "torch"
         return "te"
     if device.type != "cuda":
