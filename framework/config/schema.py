@@ -201,9 +201,9 @@ class ModelConfig:
     """Attention kernel: torch SDPA (flash when the mask is plain causal), FlexAttention (block masks, score mods;
     forward-only on CPU), naive (reference; materialises the scores)."""
     kernels: Literal["auto", "torch", "te"] = "auto"
-    """Kernel library. torch: attention_backend above and nn.Linear. te: NVIDIA Transformer Engine's fused
-    DotProductAttention (and te.Linear in the blocks for FP8), CUDA and the `gpu` extra only. auto: te when
-    Transformer Engine imports and the device is CUDA, else torch. Resolved at run time (docs/kernels.md)."""
+    """Kernel library for attention. torch: attention_backend above. te: NVIDIA Transformer Engine's fused
+    DotProductAttention in every attention layer (CUDA and the `gpu` extra only). auto: te when Transformer Engine
+    imports, the device is CUDA and the recipe maps to it, else torch. Resolved at run time (docs/kernels.md)."""
     softmax_scale: Literal["inv_sqrt_dk", "none"] | float = "inv_sqrt_dk"
     """Scale of q.k before softmax: 1/sqrt(head_dim), none (1.0, T5), or a number."""
     attention_temperature: float = 1.0
