@@ -21,6 +21,7 @@ from framework.config.loader import dump_recipe
 from framework.config.schema import ModelConfig, Recipe
 from framework.data import Tokenizer, TrainSource, ValidationSource, build_data
 from framework.kernels.choice import resolve_kernels, use_kernels
+from framework.kernels.fp8 import apply_fp8, check_fp8
 from framework.models import build_model, init_weights
 from framework.models.flops import flops_per_token
 from framework.parallel.build import train_module_for
@@ -91,6 +92,7 @@ def train(recipe: Recipe, *, resume: str | None = None) -> dict[str, Any]:
     world_size = world_size_of_run()
     device = resolve_device(recipe.train.device)
     resolve_kernels(recipe, device)  # model.kernels meets the device: a ConfigError before any model is built
+    check_fp8(recipe, device)  # likewise precision.dtype fp8 (torchao / TE installed, fp8-capable GPU)
     if world_size == 1:
         # One process trains the whole model; the recipe's parallel section (written for a cluster, e.g. ep: 8)
         # is not applied, so any recipe can be tried on one machine — but say so, never silently.
@@ -158,7 +160,7 @@ def _train(
 
 
 def _single_module(recipe: Recipe, device: torch.device) -> TrainModule:
-    model = materialize_model(recipe.model, device, recipe.train.seed)
+    model = apply_fp8(materialize_model(recipe.model, device, recipe.train.seed), recipe.precision, device)
     return TrainModule(use_kernels(model, resolve_kernels(recipe, device)), recipe, device)
 
 

@@ -8,7 +8,7 @@ span sections live in `Recipe.validate()`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from framework.config.errors import ConfigError
@@ -398,8 +398,20 @@ class ParallelConfig:
 class PrecisionConfig:
     """Numeric precision of compute and the fp16 loss scaler."""
 
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Compute dtype: fp32, bf16 autocast, or fp16 autocast with dynamic loss scaling. Master weights stay fp32."""
+    dtype: Literal["fp32", "bf16", "fp16", "fp8"] = "fp32"
+    """Compute dtype: fp32, bf16 autocast, fp16 autocast with dynamic loss scaling, or fp8: the transformer
+    blocks' Linear matmuls in float8 (scaled per tensor or row, see fp8_backend), everything else in bf16
+    autocast. Master weights stay fp32."""
+    fp8_backend: Literal["torchao", "te"] = "torchao"
+    """fp8 only: torchao's float8 training (Float8Linear; the `fp8` extra; emulated on CPU) or Transformer
+    Engine (te.Linear under TE's autocast; the `gpu` extra, CUDA only, not with parallel.tp > 1)."""
+    fp8_recipe: Literal["tensorwise", "rowwise", "delayed", "current", "mxfp8"] | None = None
+    """fp8 scaling recipe; null = tensorwise (torchao) or delayed (te). torchao: tensorwise (one dynamic scale
+    per tensor) or rowwise (per row; more accurate, slower). te: delayed (amax history), current (this step's
+    amax) or mxfp8 (32-element blocks; Blackwell only)."""
+    fp8_skip_first_last: bool = True
+    """fp8: keep the output head and the first and last transformer blocks' Linear layers in bf16 (the layers
+    most sensitive to quantisation). Routers and layers whose sizes are not multiples of 16 always stay bf16."""
     loss_scale_init: float = 65536.0
     """fp16: initial loss scale."""
     loss_scale_growth_interval: int = 2000
@@ -425,6 +437,35 @@ class PrecisionConfig:
             "must be in (0, 1)",
             "use 0.5",
         )
+        if self.dtype == "fp8":
+            self._validate_fp8()
+
+    def _validate_fp8(self) -> None:
+        # fp8 runs bf16 autocast around float8 matmuls scaled per tensor/row: there is no loss scaler to tune,
+        # so a loss_scale_* setting would be silently ignored. (fp8_* fields are ignored unless dtype is fp8, so
+        # an fp8 recipe can be compared with `--set precision.dtype=bf16`.)
+        for f in fields(self):
+            if f.name.startswith("loss_scale_") and getattr(self, f.name) != f.default:
+                _require(
+                    False, f"precision.{f.name}", getattr(self, f.name),
+                    "fp16 loss scaling does not apply to dtype fp8 (bf16 around float8 matmuls, no loss scaler)",
+                    f"remove precision.{f.name}, or use precision.dtype: fp16",
+                )  # fmt: skip
+        recipes = {"torchao": ("tensorwise", "rowwise"), "te": ("delayed", "current", "mxfp8")}
+        allowed = recipes[self.fp8_backend]
+        _require(
+            self.fp8_recipe is None or self.fp8_recipe in allowed,
+            "precision.fp8_recipe",
+            self.fp8_recipe,
+            f"fp8_backend {self.fp8_backend} has the recipes {', '.join(allowed)}",
+            f"set precision.fp8_recipe: {allowed[0]} (or null)",
+        )
+
+    @property
+    def resolved_fp8_recipe(self) -> str:
+        """The fp8 scaling recipe this run uses (fp8_recipe, or the backend's default)."""
+        default = {"torchao": "tensorwise", "te": "delayed"}[self.fp8_backend]
+        return self.fp8_recipe or default
 
 
 @dataclass

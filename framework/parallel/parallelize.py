@@ -1,5 +1,7 @@
 """Lay a built model out over a DeviceMesh, in one fixed order.
 
+    0. FP8           precision.dtype fp8: the chosen nn.Linear layers become Float8Linear / te.Linear
+                     (framework/kernels/fp8.py) on the whole model, before anything below reads module types
     1. PP split      stages keep the full model's parameter names (delete what a stage does not own)
     2. TP / SP       DTensor plans: attention, MLP, vocab-parallel embedding and head, sequence-parallel norms
     3. EP            experts split over the ep ranks, tokens exchanged all-to-all (framework/parallel/expert.py)
@@ -30,6 +32,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.utils.checkpoint import checkpoint
 
 from framework.config import Recipe
+from framework.kernels.fp8 import apply_fp8
 from framework.parallel.context import apply_context_parallel, data_parallel_mesh
 from framework.parallel.dims import ParallelDims, expert_meshes
 from framework.parallel.expert import apply_expert_parallel, expert_modules
@@ -39,13 +42,18 @@ from framework.parallel.tensor import apply_tp, vocab_parallel
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# fp8: FSDP2 gathers bf16 parameters; Float8Linear casts them to float8 in its own forward.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, recipe: Recipe) -> nn.Module:
     """Apply every step of the fixed order to `model` and return it. A run passes it on the meta device and
     initialises each rank's shards afterwards (framework/run.py build_parallel_model): no step may read values."""
     p = recipe.parallel
+    # fp8 first: its first/last-block choice needs the whole model, and TP / FSDP2 then lay out Float8Linear
+    # modules (nn.Linear subclasses with plain weights) like any Linear (as torchtitan converts before it
+    # parallelizes).
+    apply_fp8(model, recipe.precision, mesh.device_type)
     apply_pipeline(model, dims, mesh, recipe)
     apply_tensor_parallel(model, dims, mesh, recipe)
     experts = expert_meshes(mesh, dims)  # None without expert parallelism

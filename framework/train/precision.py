@@ -16,6 +16,7 @@ the group (one scalar all-reduce), so every rank skips and rescales alike.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from types import SimpleNamespace
 
@@ -25,8 +26,10 @@ from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.tensor import DTensor
 
 from framework.config import PrecisionConfig
+from framework.kernels.fp8 import fp8_context
 
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# fp8: the float8 Linear layers (framework/kernels/fp8.py) sit inside bf16 autocast, which runs everything else.
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 
 
 class Precision:
@@ -40,6 +43,7 @@ class Precision:
         self.device = device
         self.autocast_dtype: torch.dtype | None = _DTYPES[cfg.dtype]
         self.scaler: torch.amp.GradScaler | None = None
+        self._fp8 = functools.partial(fp8_context, cfg, process_group)  # TE's fp8 autocast; else a no-op
         if cfg.dtype == "fp16":
             options = dict(
                 init_scale=cfg.loss_scale_init,
@@ -58,7 +62,7 @@ class Precision:
         if self.autocast_dtype is None:
             yield
             return
-        with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
+        with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype), self._fp8():
             yield
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
