@@ -182,7 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(commands)
     _add_ckpt_commands(commands)
     _add_slurm_commands(commands)
+    _add_smoke_command(commands)
     return parser
+
+
+def _add_smoke_command(commands: argparse._SubParsersAction) -> None:
+    """`loom smoke [RECIPE]` (launcher/smoke.py, docs/benchmarks.md)."""
+    smoke = commands.add_parser(
+        "smoke", help="train a small recipe on one GPU (or the CPU) and check loss, resume, HF export, speed"
+    )
+    smoke.add_argument("recipe", nargs="?", default=None, help="YAML recipe (default recipes/smoke.yaml)")
+    smoke.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a field"
+    )
+    smoke.add_argument("--run-dir", default=None, help="keep the runs here (default: a temporary folder)")
 
 
 def _add_ckpt_commands(commands: argparse._SubParsersAction) -> None:
@@ -404,6 +417,10 @@ def run(argv: Sequence[str]) -> int:
         return _run_ckpt(args)
     if args.command in SLURM_COMMANDS:
         return _run_slurm(args)
+    if args.command == "smoke":
+        from launcher.smoke import run_smoke
+
+        return run_smoke(args.recipe, args.overrides, args.run_dir)
     raise AssertionError(f"unhandled command {args.command}")  # argparse only lets known commands through
 
 
