@@ -9,7 +9,7 @@ the per-step loss differed from bf16 by at most 2.3e-3 relative (rowwise scaling
 allows 1e-2, about 4x the measurement. It is a tracking bound, not a detector of subtle scaling bugs: with every
 scale forced to 1 (raw e4m3 range) the drift was 4.9e-3. At lr 1e-2 the runs are chaotic (bf16 vs fp32: 21%), so
 the lr is kept low enough for trajectories to be comparable.
-No 2-process case: FSDP2 / TP with Float8Linear over gloo would add ~15 s of process start-up to the test budget.
+The 2-process cases (FSDP2, TP2 against one fp8 process) are tests/framework/parallel/test_fp8_parallel.py.
 """
 
 from __future__ import annotations
