@@ -253,6 +253,9 @@ def _loader(dataset: Dataset, sampler: _Requests, num_workers: int) -> DataLoade
         num_workers=num_workers,
         persistent_workers=False,
         prefetch_factor=2 if num_workers else None,
+        # Its own generator: starting an iterator draws a worker base seed, which from torch's default generator
+        # would shift the dropout stream a resumed run has just restored (the data order needs no randomness).
+        generator=torch.Generator().manual_seed(0),
     )
 
 
