@@ -239,10 +239,13 @@ def _add_convert(commands: argparse._SubParsersAction) -> None:
         "source", help="a checkpoint (step directory or root) with --to; an HF folder with --from"
     )
     direction = convert.add_mutually_exclusive_group(required=True)
-    direction.add_argument("--to", choices=["hf"], help="export the checkpoint SOURCE to format hf")
     direction.add_argument(
-        "--from", dest="from_", choices=["hf"], help="import SOURCE, a Hugging Face folder"
+        "--to", choices=["hf", "megatron"], help="export the checkpoint SOURCE to this format"
     )
+    direction.add_argument(
+        "--from", dest="from_", choices=["hf", "megatron"],
+        help="import SOURCE, a Hugging Face folder or a megatron-core torch_dist checkpoint",
+    )  # fmt: skip
     convert.add_argument("out", help="output folder")
     convert.add_argument(
         "--tokenizer", default=None, help="--to hf: sentencepiece model (default: the recipe's)"
@@ -250,6 +253,10 @@ def _add_convert(commands: argparse._SubParsersAction) -> None:
     convert.add_argument(
         "--max-shard-size", default="5GB", help="--to hf: split weights into files of at most this size"
     )
+    convert.add_argument(
+        "--megatron-config", default=None,
+        help="--from megatron: the model's megatron_config.yaml (default: SOURCE/megatron_config.yaml)",
+    )  # fmt: skip
 
 
 SLURM_COMMANDS = ("submit", "status", "logs", "cancel")
@@ -409,8 +416,14 @@ def run(argv: Sequence[str]) -> int:
 
         print(
             convert(
-                args.source, args.out, to=args.to, tokenizer=args.tokenizer, max_shard=args.max_shard_size
-            )
+                args.source,
+                args.out,
+                to=args.to,
+                tokenizer=args.tokenizer,
+                max_shard=args.max_shard_size,
+                from_=args.from_,
+                megatron_config=args.megatron_config,
+            )  # fmt: skip
         )
         return 0
     if args.command == "ckpt":

@@ -6,9 +6,26 @@ from pathlib import Path
 
 
 def convert(
-    source: str, out: str, *, to: str | None, tokenizer: str | None = None, max_shard: str = "5GB"
+    source: str,
+    out: str,
+    *,
+    to: str | None,
+    tokenizer: str | None = None,
+    max_shard: str = "5GB",
+    from_: str | None = None,
+    megatron_config: str | None = None,
 ) -> str:
     """Run one conversion; returns the line to print. User mistakes raise ConfigError."""
+    if to == "megatron":
+        from framework.convert.megatron.convert import export_megatron
+
+        path = export_megatron(source, out)
+        return f"wrote megatron-core torch_dist checkpoint {path} with its GPTModel arguments megatron_config.yaml"
+    if from_ == "megatron":
+        from framework.convert.megatron.convert import import_megatron
+
+        checkpoint = import_megatron(source, out, megatron_config)
+        return _imported(checkpoint, Path(out))
     if to == "hf":
         from framework.convert.hf.convert import export_checkpoint
         from framework.convert.hf.weights import parse_size
@@ -17,8 +34,11 @@ def convert(
         return f"wrote Hugging Face model folder {path}"
     from framework.convert.hf.importer import import_hf
 
-    checkpoint = import_hf(source, out)
-    recipe = Path(out) / "recipe.yaml"
+    return _imported(import_hf(source, out), Path(out))
+
+
+def _imported(checkpoint: Path, out: Path) -> str:
+    recipe = out / "recipe.yaml"
     return (
         f"wrote checkpoint {checkpoint} and recipe {recipe}; continue with: loom train {recipe} --resume auto"
     )

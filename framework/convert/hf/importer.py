@@ -49,15 +49,23 @@ def import_recipe(cfg: ModelConfig, out: Path, tokenizer: Path | None) -> Recipe
 
 def import_hf(source: str | Path, out: str | Path) -> Path:
     """Write OUT/checkpoints/step_00000000 and OUT/recipe.yaml; returns the checkpoint path."""
+    cfg, state = read_hf(source)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return write_imported(cfg, state, out, _copy_tokenizer(Path(source), out))
+
+
+def write_imported(
+    cfg: ModelConfig, state: dict[str, torch.Tensor], out: Path, tokenizer: Path | None
+) -> Path:
+    """OUT/checkpoints/step_00000000 holding `state` (a Loom model state dict) and OUT/recipe.yaml around cfg,
+    written exactly as training writes a checkpoint; shared by every `loom convert --from` format."""
     from framework.checkpoint import get_rng_state, save_checkpoint
     from framework.config.loader import dump_recipe, recipe_to_dict
     from framework.models import build_model
     from framework.train import TrainModule
 
-    cfg, state = read_hf(source)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _copy_tokenizer(Path(source), out)
     recipe = import_recipe(cfg, out, tokenizer)
     model = build_model(cfg)
     model.load_state_dict(state, strict=True)

@@ -1,0 +1,1 @@
+"""megatron-core checkpoints <-> Loom checkpoints (docs/megatron.md)."""

@@ -1,0 +1,73 @@
+"""`loom convert --from megatron` and `--to megatron`: megatron-core torch_dist checkpoints <-> Loom checkpoints,
+without importing megatron-core (docs/megatron.md).
+
+Import: megatron_config.yaml -> ModelConfig; torch_dist tensors (any TP/PP/EP layout: DCP stores global shapes)
+-> canonical names -> Loom state -> a step-0 Loom checkpoint + recipe, loadable on any Loom layout.
+Export: a Loom checkpoint of any layout -> canonical names -> torch_dist keys -> OUT (DCP + metadata.json +
+common.pt) and OUT/megatron_config.yaml, which megatron-core loads with `dist_checkpointing.load` into a
+GPTModel built from that YAML (local layer spec) at any parallel layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from framework.config.errors import ConfigError
+from framework.config.schema import ModelConfig
+from framework.convert.megatron import config as mconfig
+from framework.convert.megatron import mapping, torch_dist
+
+
+def read_megatron(
+    source: str | Path, megatron_config: str | Path | None = None
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(Loom ModelConfig, Loom model state dict, fp32) of a torch_dist checkpoint and its model arguments
+    (default: SOURCE/megatron_config.yaml)."""
+    source = Path(source)
+    args = mconfig.read_args(megatron_config if megatron_config is not None else source / mconfig.FILE)
+    cfg = mconfig.model_config(args)
+    saved = torch_dist.read_tensors(source)
+    canonical = mapping.canonical(saved, cfg.n_layers)
+    interleaved = bool(args["transformer_config"].get("rotary_interleaved", False))
+    state = mapping.from_megatron(mapping.renames(cfg, interleaved), canonical)
+    state = {k: v.float() for k, v in state.items()}  # Loom keeps fp32 master weights
+    _check_shapes(cfg, state)
+    return cfg, state
+
+
+def _check_shapes(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> None:
+    from framework.models import build_model
+
+    with torch.device("meta"):
+        expected = build_model(cfg).state_dict()
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ConfigError(
+                mconfig.FILE, name, tuple(tensor.shape),
+                f"the checkpoint's tensor has this shape, the configured model needs {tuple(expected[name].shape)}",
+                "pass the megatron_config.yaml this checkpoint was trained with",
+            )  # fmt: skip
+
+
+def import_megatron(source: str | Path, out: str | Path, megatron_config: str | Path | None = None) -> Path:
+    """Write OUT/checkpoints/step_00000000 and OUT/recipe.yaml; returns the checkpoint path."""
+    from framework.convert.hf.importer import write_imported
+
+    cfg, state = read_megatron(source, megatron_config)
+    return write_imported(cfg, state, Path(out), None)
+
+
+def export_megatron(checkpoint: str | Path, out: str | Path) -> Path:
+    """A committed Loom checkpoint of any layout -> OUT (torch_dist) + OUT/megatron_config.yaml."""
+    from framework.checkpoint.consolidate import read_model_state
+    from framework.convert.hf.convert import recipe_from_metadata
+
+    loaded = read_model_state(checkpoint)
+    cfg = recipe_from_metadata(loaded.meta, loaded.path).model
+    args = mconfig.megatron_args(cfg)  # refuses before anything is written
+    state = mapping.to_megatron(mapping.renames(cfg), {k: v.detach() for k, v in loaded.tensors.items()})
+    out = torch_dist.write_tensors(mapping.torch_dist_keys(state, cfg), out)
+    mconfig.write_args(args, out / mconfig.FILE)
+    return out

@@ -1,0 +1,268 @@
+"""loom convert --from/--to megatron against megatron-core 0.16.1 itself (GPTModel, local layer spec, CPU/gloo).
+
+One 2-process gloo spawn (module scope, megatron_cpu.worker) builds the megatron models (dense GQA SwiGLU RMSNorm;
+MoE with QK-norm, tied embeddings, sigmoid-free softmax top-2 routing), saves them at TP1 with their logits, re-saves
+them at TP2 / PP2 / EP2, and loads the Loom exports at TP1 / TP2 to run them. Every comparison is fp32 logits,
+max abs difference <= 1e-4.
+"""
+
+from __future__ import annotations
+
+import pickle
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -e '.[megatron]')")
+
+import torch.multiprocessing as mp  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from framework.checkpoint.consolidate import read_model_state  # noqa: E402
+from framework.config.errors import ConfigError  # noqa: E402
+from framework.config.schema import ModelConfig, MoEConfig  # noqa: E402
+from framework.convert.hf.importer import write_imported  # noqa: E402
+from framework.convert.megatron import config as mconfig  # noqa: E402
+from framework.convert.megatron import torch_dist  # noqa: E402
+from framework.convert.megatron.convert import export_megatron, import_megatron, read_megatron  # noqa: E402
+from framework.models import build_model  # noqa: E402
+from launcher.cli import main as cli_main  # noqa: E402
+from tests.framework.convert.conftest import random_model, routing_margins  # noqa: E402
+
+# importlib mode: the spawned workers import the helper from beside this file (children inherit sys.path)
+_HERE = str(Path(__file__).parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+import megatron_cpu  # noqa: E402
+
+VOCAB, SEQ = 64, 12  # megatron's vocab-parallel embedding needs a vocab divisible by TP
+TOL = 1e-4
+_TC = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=48,
+           normalization="RMSNorm", layernorm_epsilon=1e-6, gated_linear_unit=True, activation_func="silu",
+           add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0)  # fmt: skip
+MEGATRON: dict[str, dict[str, Any]] = {
+    "dense": {
+        "transformer_config": _TC,
+        "gpt_model": dict(
+            vocab_size=VOCAB, max_sequence_length=32, position_embedding_type="rope", rotary_base=500
+        ),
+        "layer_spec": {"normalization": "RMSNorm"},
+    },
+    "moe": {
+        "transformer_config": _TC
+        | dict(
+            num_moe_experts=4,
+            moe_router_topk=2,
+            moe_ffn_hidden_size=24,
+            qk_layernorm=True,
+            moe_aux_loss_coeff=0.0,
+        ),  # fmt: skip
+        "gpt_model": dict(
+            vocab_size=VOCAB,
+            max_sequence_length=32,
+            position_embedding_type="rope",
+            share_embeddings_and_output_weights=True,
+        ),  # fmt: skip
+        "layer_spec": {"normalization": "RMSNorm", "num_experts": 4, "qk_layernorm": True},
+    },
+}
+LAYOUTS = {"dense": ["tp2", "pp2"], "moe": ["tp2", "ep2"]}
+_LOOM = dict(vocab_size=VOCAB, d_model=48, n_layers=3, n_heads=6, kv_heads=2, head_dim=8, ffn_hidden=40,
+             max_seq_len=32, norm_eps=1e-6, rope_theta=1000.0)  # fmt: skip
+LOOM: dict[str, ModelConfig] = {
+    "dense": ModelConfig(**_LOOM, tie_embeddings=True),
+    # a dense first layer (megatron moe_layer_freq list -> per-layer keys), shared expert, QK-norm
+    "moe": ModelConfig(
+        **_LOOM,
+        qk_norm=True,
+        moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=16, first_dense=1, n_shared_experts=1),
+    ),  # fmt: skip
+}
+EXPORT_LAYOUTS = {"dense": ["tp1", "tp2"], "moe": ["tp1"]}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+def _loom_logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(_ids())
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Loom exports first (pure Loom), then the one megatron spawn that saves, re-saves and runs everything."""
+    root = tmp_path_factory.mktemp("megatron")
+    exports, loom_logits = {}, {}
+    for name, cfg in LOOM.items():
+        model = random_model(cfg, seed=3)
+        loom_logits[name] = _loom_logits(model)
+        checkpoint = write_imported(cfg, model.state_dict(), root / f"loom_{name}", None)
+        folder = export_megatron(checkpoint, root / f"export_{name}")
+        args = yaml.safe_load((folder / mconfig.FILE).read_text())
+        exports[f"export_{name}"] = (str(folder), args, EXPORT_LAYOUTS[name])
+    for name, args in MEGATRON.items():
+        (root / f"{name}.yaml").write_text(yaml.safe_dump(args))
+    models = {name: (args, LAYOUTS[name]) for name, args in MEGATRON.items()}
+    plan = {"root": str(root), "ids": _ids(), "models": models, "exports": exports}
+    mp.spawn(megatron_cpu.worker, args=(_port(), plan), nprocs=2)
+    return {"root": root, "loom_logits": loom_logits}
+
+
+def _megatron_logits(path: Path) -> torch.Tensor:
+    return load_file(str(path))["logits"]
+
+
+def _imported_model(checkpoint: Path) -> torch.nn.Module:
+    from framework.convert.hf.convert import recipe_from_metadata
+
+    state = read_model_state(checkpoint)
+    model = build_model(recipe_from_metadata(state.meta, state.path).model)
+    model.load_state_dict(state.tensors)
+    return model
+
+
+@pytest.mark.parametrize(
+    "name,layout",
+    [("dense", "tp1"), ("dense", "tp2"), ("dense", "pp2"), ("moe", "tp1"), ("moe", "tp2"), ("moe", "ep2")],
+)
+def test_import_matches_megatron(world: dict[str, Any], tmp_path: Path, name: str, layout: str) -> None:
+    root = world["root"]
+    checkpoint = import_megatron(root / name / layout, tmp_path / "out", root / f"{name}.yaml")
+    model = _imported_model(checkpoint)
+    with routing_margins(model) as margins:
+        ours = _loom_logits(model)
+    reference = _megatron_logits(root / name / "logits.safetensors")
+    assert reference.shape == (2, SEQ, VOCAB) and reference.abs().max() > 0.1
+    assert (ours - reference).abs().max().item() <= TOL
+    assert all(m > 1e-4 for m in margins)  # routing decisions are not within rounding of a tie
+    assert (tmp_path / "out" / "recipe.yaml").is_file()
+
+
+@pytest.mark.parametrize("name,layout", [("dense", "tp1"), ("dense", "tp2"), ("moe", "tp1")])
+def test_export_runs_in_megatron(world: dict[str, Any], name: str, layout: str) -> None:
+    theirs = _megatron_logits(world["root"] / f"export_{name}_{layout}.safetensors")
+    assert (theirs - world["loom_logits"][name]).abs().max().item() <= TOL
+
+
+def test_export_of_import_reproduces_megatron_tensors(world: dict[str, Any], tmp_path: Path) -> None:
+    """Same keys, shapes and values as megatron-core's own TP1 save: the export writes megatron's names."""
+    root = world["root"]
+    for name in MEGATRON:
+        checkpoint = import_megatron(root / name / "tp1", tmp_path / name, root / f"{name}.yaml")
+        folder = export_megatron(checkpoint, tmp_path / f"{name}_back")
+        original, back = torch_dist.read_tensors(root / name / "tp1"), torch_dist.read_tensors(folder)
+        assert sorted(original) == sorted(back)
+        assert all(torch.equal(original[k], back[k]) for k in original)
+
+
+def _renamed(tensors: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    """The Transformer Engine MoE spec's module names for the norms, one key per layer and per expert."""
+    out = {}
+    names = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+             "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}  # fmt: skip
+    for key, tensor in tensors.items():
+        if not key.startswith("decoder.layers."):
+            out[key] = tensor
+            continue
+        rest = key.removeprefix("decoder.layers.")
+        for i in range(n_layers):
+            if rest.startswith("mlp.experts.experts."):
+                for e, expert in enumerate(tensor[i]):
+                    out[f"decoder.layers.{i}.mlp.experts.experts.{e}.{rest.split('.', 3)[3]}"] = expert
+            else:
+                out[f"decoder.layers.{i}.{names.get(rest, rest)}"] = tensor[i]
+    return out
+
+
+@pytest.mark.parametrize("name", ["dense", "moe"])
+def test_te_spec_names_and_per_layer_keys(world: dict[str, Any], tmp_path: Path, name: str) -> None:
+    root = world["root"]
+    tensors = torch_dist.read_tensors(root / name / "tp1")
+    renamed = _renamed(tensors, 2)
+    assert "decoder.layers.1.pre_mlp_layernorm.weight" in renamed
+    torch_dist.write_tensors(renamed, tmp_path / "te")
+    cfg, state = read_megatron(tmp_path / "te", root / f"{name}.yaml")
+    model = build_model(cfg)
+    model.load_state_dict(state)
+    ours = _loom_logits(model)
+    assert (ours - _megatron_logits(root / name / "logits.safetensors")).abs().max().item() <= TOL
+
+
+def test_cli_import(world: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = world["root"]
+    args = ["convert", str(root / "dense" / "pp2"), "--from", "megatron", str(tmp_path / "out"),
+            "--megatron-config", str(root / "dense.yaml")]  # fmt: skip
+    assert cli_main(args) == 0
+    assert "loom train" in capsys.readouterr().out
+    assert cli_main(["convert", str(root / "dense" / "pp2"), "--from", "megatron", str(tmp_path / "o2")]) == 2
+    assert "megatron-config" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ refusals, pickle policy
+
+
+@pytest.mark.parametrize(
+    "section,key,value",
+    [
+        ("transformer_config", "multi_latent_attention", True),
+        ("gpt_model", "rotary_percent", 0.5),
+        ("transformer_config", "softmax_type", "learnable"),
+        ("transformer_config", "normalization", "L2Norm"),
+        ("transformer_config", "add_qkv_bias", True),
+        ("gpt_model", "position_embedding_type", "yarn"),
+    ],
+)
+def test_import_refuses_unrepresentable_config(section: str, key: str, value: Any) -> None:
+    args = {s: dict(v) for s, v in MEGATRON["dense"].items()}
+    args[section][key] = value
+    with pytest.raises(ConfigError, match=key):
+        mconfig.model_config(args)
+
+
+def test_import_refuses_tensors_loom_lacks(world: dict[str, Any], tmp_path: Path) -> None:
+    root = world["root"]
+    tensors = torch_dist.read_tensors(root / "dense" / "tp1")
+    tensors["decoder.layers.self_attention.linear_qkv.bias"] = torch.zeros(2, 64)
+    torch_dist.write_tensors(tensors, tmp_path / "bias")
+    with pytest.raises(ConfigError, match=r"decoder\.layers\.0\.self_attention\.linear_qkv\.bias"):
+        read_megatron(tmp_path / "bias", root / "dense.yaml")
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("sliding_window", 4), ("position", "alibi"), ("norm_position", "post"), ("gelu_approximate", "tanh")],
+)
+def test_export_refuses_what_megatron_cannot_hold(field: str, value: Any) -> None:
+    cfg = ModelConfig(**_LOOM | {field: value})
+    with pytest.raises(ConfigError, match=f"model.{field}"):
+        mconfig.megatron_args(cfg)
+
+
+class _Boom:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (Path("/nonexistent-dir-loom/unpickled"),))
+
+
+def test_pickles_are_never_loaded(world: dict[str, Any], tmp_path: Path) -> None:
+    """common.pt is not read at all; a `.metadata` naming any global outside DCP's classes is refused."""
+    root = world["root"]
+    folder = tmp_path / "ckpt"
+    torch_dist.write_tensors(torch_dist.read_tensors(root / "dense" / "tp1"), folder)
+    (folder / torch_dist.COMMON_FILE).write_bytes(pickle.dumps({"args": _Boom()}))
+    read_megatron(folder, root / "dense.yaml")  # would raise (no such folder) if common.pt were unpickled
+    (folder / ".metadata").write_bytes(pickle.dumps(_Boom()))
+    with pytest.raises(ConfigError, match="refused global"):
+        read_megatron(folder, root / "dense.yaml")
