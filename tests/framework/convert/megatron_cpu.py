@@ -119,6 +119,15 @@ def _parallel(tp: int = 1, pp: int = 1, ep: int = 1) -> None:
     )
 
 
+def _perturb(model: torch.nn.Module) -> None:
+    """Norm gains and biases start at 1 and 0, which would hide a swapped or dropped norm or bias."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+
+
 def _write_logits(model: torch.nn.Module, ids: torch.Tensor, path: Path) -> None:
     out = logits(model, ids)
     if dist.get_rank() == 0:
@@ -150,6 +159,7 @@ def _run(root: Path, ids: torch.Tensor, plan: dict[str, Any]) -> None:
     for name, (args, _) in plan["models"].items():
         torch.manual_seed(0)
         model = build_gpt(args)
+        _perturb(model)
         save(model, root / name / "tp1")
         _write_logits(model, ids, root / name / "logits.safetensors")
     for layout, sizes in LAYOUTS.items():
