@@ -1,8 +1,9 @@
 """loom convert --from/--to megatron against megatron-core 0.16.1 itself (GPTModel, local layer spec, CPU/gloo).
 
 One 2-process gloo spawn (module scope, megatron_cpu.worker) builds the megatron models (dense GQA SwiGLU RMSNorm;
-MoE with QK-norm, tied embeddings, sigmoid-free softmax top-2 routing), saves them at TP1 with their logits, re-saves
-them at TP2 / PP2 / EP2, and loads the Loom exports at TP1 / TP2 to run them. Every comparison is fp32 logits,
+MoE with QK-norm, tied embeddings, interleaved RoPE, softmax top-2 routing; GPT-2 style LayerNorm/bias/GELU), saves
+them at TP1 with their logits, re-saves them at TP2 / PP2 / EP2, and loads the Loom exports at TP1 / TP2 to run
+them. Every comparison is fp32 logits,
 max abs difference <= 1e-4.
 """
 
