@@ -139,7 +139,8 @@ def worker(rank: int, port: int, plan: dict[str, Any]) -> None:
     """One of 2 gloo processes. plan: `root` folder, `ids` token ids, `models` {name: (args, layouts)} built at
     TP1 (seed 0), saved to root/name/tp1 with their logits in root/name/logits.safetensors, then re-saved at
     each layout in `layouts` (tp2, pp2, ep2) after loading the TP1 checkpoint; `exports` {name: (folder, args,
-    layouts)}: megatron checkpoints to load at each layout (tp1, tp2) and run, logits to root/<name>_<layout>."""
+    layouts)}: megatron checkpoints to load at each layout and run (logits to root/<name>_<layout>.safetensors;
+    pp2: loaded only, each rank touches root/<name>_pp2_rank<r>.loaded)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -173,5 +174,8 @@ def _run(root: Path, ids: torch.Tensor, plan: dict[str, Any]) -> None:
             if layout in layouts:
                 model = build_gpt(args, **sizes)
                 load(model, Path(folder))
-                _write_logits(model, ids, root / f"{name}_{layout}.safetensors")
+                if layout == "pp2":  # a stage cannot run alone (the pipeline schedules hard-code CUDA)
+                    (root / f"{name}_{layout}_rank{dist.get_rank()}.loaded").touch()
+                else:
+                    _write_logits(model, ids, root / f"{name}_{layout}.safetensors")
     _parallel()

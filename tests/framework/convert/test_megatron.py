@@ -95,15 +95,17 @@ LAYOUTS = {"dense": ["tp2", "pp2"], "moe": ["tp2", "ep2"], "gpt2": ["tp2"]}
 _LOOM = dict(vocab_size=VOCAB, d_model=48, n_layers=3, n_heads=6, kv_heads=2, head_dim=8, ffn_hidden=40,
              max_seq_len=32, norm_eps=1e-6, rope_theta=1000.0)  # fmt: skip
 LOOM: dict[str, ModelConfig] = {
-    "dense": ModelConfig(**_LOOM, tie_embeddings=True),
-    # a dense first layer (megatron moe_layer_freq list -> per-layer keys), shared expert, QK-norm
+    # PP2 needs an even layer count; untied: megatron ties a PP>1 head with `.cuda()` (setup_embeddings_and_output_layer)
+    "dense": ModelConfig(**_LOOM | {"n_layers": 2}),
+    # a dense first layer (megatron moe_layer_freq list -> per-layer keys), shared expert, QK-norm, tied head
     "moe": ModelConfig(
         **_LOOM,
         qk_norm=True,
+        tie_embeddings=True,
         moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=16, first_dense=1, n_shared_experts=1),
     ),  # fmt: skip
 }
-EXPORT_LAYOUTS = {"dense": ["tp1", "tp2"], "moe": ["tp1"]}
+EXPORT_LAYOUTS = {"dense": ["tp1", "tp2", "pp2"], "moe": ["tp1", "tp2", "ep2"]}
 
 
 def _port() -> int:
@@ -180,10 +182,18 @@ def test_import_matches_megatron(world: dict[str, Any], tmp_path: Path, name: st
     assert (tmp_path / "out" / "recipe.yaml").is_file()
 
 
-@pytest.mark.parametrize("name,layout", [("dense", "tp1"), ("dense", "tp2"), ("moe", "tp1")])
+@pytest.mark.parametrize(
+    "name,layout", [("dense", "tp1"), ("dense", "tp2"), ("moe", "tp1"), ("moe", "tp2"), ("moe", "ep2")]
+)
 def test_export_runs_in_megatron(world: dict[str, Any], name: str, layout: str) -> None:
     theirs = _megatron_logits(world["root"] / f"export_{name}_{layout}.safetensors")
     assert (theirs - world["loom_logits"][name]).abs().max().item() <= TOL
+
+
+def test_export_loads_into_megatron_pipeline_stages(world: dict[str, Any]) -> None:
+    """Each PP2 stage of megatron's GPTModel (its own layers, embedding or head) loads the dense export strictly
+    (megatron_cpu.load: nothing but `_extra_state` absent, nothing left over)."""
+    assert all((world["root"] / f"export_dense_pp2_rank{r}.loaded").is_file() for r in range(2))
 
 
 def test_export_of_import_reproduces_megatron_tensors(world: dict[str, Any], tmp_path: Path) -> None:
