@@ -255,7 +255,12 @@ def _add_convert(commands: argparse._SubParsersAction) -> None:
     )
     convert.add_argument(
         "--megatron-config", default=None,
-        help="--from megatron: the model's megatron_config.yaml (default: SOURCE/megatron_config.yaml)",
+        help="--from megatron: the model's megatron_config.yaml (default: SOURCE/megatron_config.yaml, else "
+        "Megatron-LM's args in SOURCE/common.pt)",
+    )  # fmt: skip
+    convert.add_argument(
+        "--trust-checkpoint", action="store_true",
+        help="--from megatron: unpickle common.pt fully (runs code from the file; only for checkpoints you trust)",
     )  # fmt: skip
 
 
@@ -423,6 +428,7 @@ def run(argv: Sequence[str]) -> int:
                 max_shard=args.max_shard_size,
                 from_=args.from_,
                 megatron_config=args.megatron_config,
+                trust_checkpoint=args.trust_checkpoint,
             )  # fmt: skip
         )
         return 0

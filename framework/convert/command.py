@@ -14,6 +14,7 @@ def convert(
     max_shard: str = "5GB",
     from_: str | None = None,
     megatron_config: str | None = None,
+    trust_checkpoint: bool = False,
 ) -> str:
     """Run one conversion; returns the line to print. User mistakes raise ConfigError."""
     if to == "megatron":
@@ -24,7 +25,7 @@ def convert(
     if from_ == "megatron":
         from framework.convert.megatron.convert import import_megatron
 
-        checkpoint = import_megatron(source, out, megatron_config)
+        checkpoint = import_megatron(source, out, megatron_config, trust_checkpoint)
         return _imported(checkpoint, Path(out))
     if to == "hf":
         from framework.convert.hf.convert import export_checkpoint

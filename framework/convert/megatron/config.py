@@ -8,8 +8,9 @@ The arguments live in a YAML file (`megatron_config.yaml`) with three sections, 
 
 `loom convert --to megatron` writes it; `--from megatron` reads it (a megatron-core torch_dist checkpoint holds
 no model arguments). Keys left out take megatron-core 0.16.1's defaults; keys this module does not know (parallel
-sizes, precision, fusions) do not change the weights' meaning and are ignored; the keys in `_REFUSED` must keep
-their default, because Loom's model has no counterpart for them.
+sizes, precision, fusions) do not change the weights' meaning and are ignored; the keys in `REFUSED` must keep
+their default, because Loom's model has no counterpart for them. Without the file, the arguments of a
+Megatron-LM checkpoint are read from its common.pt (common.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from framework.config.schema import ModelConfig, MoEConfig
 FILE = "megatron_config.yaml"
 SECTIONS = ("transformer_config", "gpt_model", "layer_spec")
 # megatron-core 0.16.1 defaults of every key read here (TransformerConfig / GPTModel)
-_TC_DEFAULTS: dict[str, Any] = {
+TC_DEFAULTS: dict[str, Any] = {
     "num_query_groups": None, "kv_channels": None, "ffn_hidden_size": None, "normalization": "LayerNorm",
     "layernorm_epsilon": 1e-5, "gated_linear_unit": False, "activation_func": "gelu", "add_bias_linear": True,
     "add_qkv_bias": False, "qk_layernorm": False, "hidden_dropout": 0.1, "attention_dropout": 0.1,
@@ -37,13 +38,13 @@ _TC_DEFAULTS: dict[str, Any] = {
     "moe_aux_loss_coeff": 0.0, "moe_z_loss_coeff": None, "moe_router_load_balancing_type": "aux_loss",
     "moe_input_jitter_eps": None,
 }  # fmt: skip
-_GPT_DEFAULTS: dict[str, Any] = {
+GPT_DEFAULTS: dict[str, Any] = {
     "position_embedding_type": "learned_absolute", "rotary_base": 10000, "rotary_percent": 1.0,
     "seq_len_interpolation_factor": None, "rope_scaling": False, "rope_scaling_factor": 8.0,
     "share_embeddings_and_output_weights": False,
 }  # fmt: skip
 # TransformerConfig / GPTModel keys whose non-default values Loom cannot represent
-_REFUSED: dict[str, Any] = {
+REFUSED: dict[str, Any] = {
     "multi_latent_attention": False, "softmax_type": "vanilla", "attention_output_gate": False,
     "apply_residual_connection_post_layernorm": False, "layernorm_zero_centered_gamma": False,
     "qk_l2_norm": False, "moe_shared_expert_gate": False, "apply_query_key_layer_scaling": False,
@@ -86,19 +87,19 @@ def read_args(path: str | Path) -> dict[str, dict[str, Any]]:
 
 def model_config(args: dict[str, dict[str, Any]]) -> ModelConfig:
     """The Loom ModelConfig of megatron-core arguments; ConfigError naming the first key Loom cannot represent."""
-    tc = _TC_DEFAULTS | args["transformer_config"]
-    gpt = _GPT_DEFAULTS | args["gpt_model"]
-    for key, default in _REFUSED.items():
+    tc = TC_DEFAULTS | args["transformer_config"]
+    gpt = GPT_DEFAULTS | args["gpt_model"]
+    for key, default in REFUSED.items():
         value = {**args["transformer_config"], **args["gpt_model"]}.get(key, default)
         if value != default:
             raise _refuse(
                 key, value, "has no counterpart in Loom's model", f"convert a model with {key}: {default}"
             )
     for key in ("num_layers", "hidden_size", "num_attention_heads"):
-        if key not in tc:
+        if tc.get(key) is None:
             raise _refuse(f"transformer_config.{key}", None, "is required", "add it")
     for key in ("vocab_size", "max_sequence_length"):
-        if key not in gpt:
+        if gpt.get(key) is None:
             raise _refuse(f"gpt_model.{key}", None, "is required", "add it")
     cfg = ModelConfig(**_dense_fields(tc, gpt), moe=_moe(tc) if tc["num_moe_experts"] else None)
     try:

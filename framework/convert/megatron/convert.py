@@ -1,7 +1,7 @@
 """`loom convert --from megatron` and `--to megatron`: megatron-core torch_dist checkpoints <-> Loom checkpoints,
 without importing megatron-core (docs/megatron.md).
 
-Import: megatron_config.yaml -> ModelConfig; torch_dist tensors (any TP/PP/EP layout: DCP stores global shapes)
+Import: megatron_config.yaml (or Megatron-LM's args in common.pt) -> ModelConfig; torch_dist tensors (any TP/PP/EP layout: DCP stores global shapes)
 -> canonical names -> Loom state -> a step-0 Loom checkpoint + recipe, loadable on any Loom layout.
 Export: a Loom checkpoint of any layout -> canonical names -> torch_dist keys -> OUT (DCP + metadata.json +
 common.pt) and OUT/megatron_config.yaml, which megatron-core loads with `dist_checkpointing.load` into a
@@ -21,12 +21,13 @@ from framework.convert.megatron import mapping, torch_dist
 
 
 def read_megatron(
-    source: str | Path, megatron_config: str | Path | None = None
+    source: str | Path, megatron_config: str | Path | None = None, trust: bool = False
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """(Loom ModelConfig, Loom model state dict, fp32) of a torch_dist checkpoint and its model arguments
-    (default: SOURCE/megatron_config.yaml)."""
+    """(Loom ModelConfig, Loom model state dict, fp32) of a torch_dist checkpoint. Model arguments: the YAML
+    megatron_config, else SOURCE/megatron_config.yaml, else Megatron-LM's `args` in SOURCE/common.pt (read with an
+    allowlist; fully unpickled only with `trust`)."""
     source = Path(source)
-    args = mconfig.read_args(megatron_config if megatron_config is not None else source / mconfig.FILE)
+    args = _model_args(source, megatron_config, trust)
     cfg = mconfig.model_config(args)
     saved = torch_dist.read_tensors(source)
     canonical = mapping.canonical(saved, cfg.n_layers)
@@ -35,6 +36,14 @@ def read_megatron(
     state = {k: v.float() for k, v in state.items()}  # Loom keeps fp32 master weights
     _check_shapes(cfg, state)
     return cfg, state
+
+
+def _model_args(source: Path, megatron_config: str | Path | None, trust: bool) -> dict[str, dict]:
+    if megatron_config is None and not (source / mconfig.FILE).is_file():
+        from framework.convert.megatron.common import lm_sections, read_lm_args
+
+        return lm_sections(read_lm_args(source, trust))
+    return mconfig.read_args(megatron_config if megatron_config is not None else source / mconfig.FILE)
 
 
 def _check_shapes(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> None:
@@ -51,11 +60,13 @@ def _check_shapes(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> None:
             )  # fmt: skip
 
 
-def import_megatron(source: str | Path, out: str | Path, megatron_config: str | Path | None = None) -> Path:
+def import_megatron(
+    source: str | Path, out: str | Path, megatron_config: str | Path | None = None, trust: bool = False
+) -> Path:
     """Write OUT/checkpoints/step_00000000 and OUT/recipe.yaml; returns the checkpoint path."""
     from framework.convert.hf.importer import write_imported
 
-    cfg, state = read_megatron(source, megatron_config)
+    cfg, state = read_megatron(source, megatron_config, trust)
     return write_imported(cfg, state, Path(out), None)
 
 

@@ -9,7 +9,10 @@ max abs difference <= 1e-4.
 
 from __future__ import annotations
 
+import argparse
+import fractions
 import pickle
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -297,7 +300,8 @@ class _Boom:
 
 
 def test_pickles_are_never_loaded(world: dict[str, Any], tmp_path: Path) -> None:
-    """common.pt is not read at all; a `.metadata` naming any global outside DCP's classes is refused."""
+    """With a YAML, common.pt is not read at all; a `.metadata` naming any global outside DCP's classes is
+    refused."""
     root = world["root"]
     folder = tmp_path / "ckpt"
     torch_dist.write_tensors(torch_dist.read_tensors(root / "dense" / "tp1"), folder)
@@ -306,3 +310,49 @@ def test_pickles_are_never_loaded(world: dict[str, Any], tmp_path: Path) -> None
     (folder / ".metadata").write_bytes(pickle.dumps(_Boom()))
     with pytest.raises(ConfigError, match="refused global"):
         read_megatron(folder, root / "dense.yaml")
+
+
+def _megatron_lm_args() -> argparse.Namespace:
+    """What Megatron-LM's pretrain_gpt.py would hold in `args` for the dense model (names from its arguments.py),
+    with some of the unrelated arguments and a megatron enum, as a real common.pt has."""
+    from megatron.core.transformer.enums import AttnBackend
+
+    return argparse.Namespace(
+        num_layers=2, hidden_size=32, num_attention_heads=4, group_query_attention=True, num_query_groups=2,
+        ffn_hidden_size=48, normalization="RMSNorm", norm_epsilon=1e-6, swiglu=True, add_bias_linear=False,
+        hidden_dropout=0.0, attention_dropout=0.0, padded_vocab_size=VOCAB, max_position_embeddings=32,
+        position_embedding_type="rope", rotary_base=500, rotary_percent=1.0, use_rope_scaling=False,
+        untie_embeddings_and_output_weights=True, num_experts=None, attention_backend=AttnBackend.auto,
+        params_dtype=torch.float32, tensor_model_parallel_size=2, lr=3e-4, transformer_impl="local",
+    )  # fmt: skip
+
+
+def _with_common(world: dict[str, Any], tmp_path: Path, common: dict[str, Any]) -> Path:
+    folder = tmp_path / "iter_0000010"
+    shutil.copytree(world["root"] / "dense" / "tp2", folder)
+    torch.save(common, folder / torch_dist.COMMON_FILE)
+    return folder
+
+
+def test_import_reads_megatron_lm_args(world: dict[str, Any], tmp_path: Path) -> None:
+    """No YAML: the model comes from Megatron-LM's `args` in common.pt (weights_only=True, allowlist)."""
+    common = {"args": _megatron_lm_args(), "checkpoint_version": 3.0, "iteration": 10}
+    cfg, state = read_megatron(_with_common(world, tmp_path, common))
+    model = build_model(cfg)
+    model.load_state_dict(state)
+    reference = _megatron_logits(world["root"] / "dense" / "logits.safetensors")
+    assert (_loom_logits(model) - reference).abs().max().item() <= TOL
+
+
+def test_common_pt_outside_the_allowlist_needs_trust(world: dict[str, Any], tmp_path: Path) -> None:
+    folder = _with_common(world, tmp_path, {"args": _megatron_lm_args(), "extra": fractions.Fraction(1, 3)})
+    with pytest.raises(ConfigError, match=r"fractions\.Fraction.*--trust-checkpoint"):
+        read_megatron(folder)
+    cfg, _ = read_megatron(folder, trust=True)
+    assert cfg.n_layers == 2 and cfg.kv_heads == 2
+    torch.save({"args": _Boom()}, folder / torch_dist.COMMON_FILE)
+    with pytest.raises(ConfigError, match="getattr, which is outside the allowlist"):
+        read_megatron(folder)  # refused before anything runs (the _Boom call would raise FileNotFoundError)
+    torch.save({"iteration": 3}, folder / torch_dist.COMMON_FILE)
+    with pytest.raises(ConfigError, match="no Megatron-LM `args`"):
+        read_megatron(folder)
