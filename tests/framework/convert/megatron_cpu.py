@@ -120,11 +120,12 @@ def _parallel(tp: int = 1, pp: int = 1, ep: int = 1) -> None:
 
 
 def _perturb(model: torch.nn.Module) -> None:
-    """Norm gains and biases start at 1 and 0, which would hide a swapped or dropped norm or bias."""
+    """Norm gains and biases (and the router's expert bias) start at 1 and 0, which would hide a swapped or dropped
+    norm or bias."""
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
+        for name, p in [*model.named_parameters(), *model.named_buffers()]:
+            if "norm" in name or name.endswith("bias"):  # expert_bias is a buffer
                 p.add_(0.1 * torch.randn(p.shape, generator=gen))
 
 

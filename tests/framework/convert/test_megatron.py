@@ -75,6 +75,26 @@ MEGATRON: dict[str, dict[str, Any]] = {
         ),  # fmt: skip
         "layer_spec": {"normalization": "RMSNorm", "num_experts": 4, "qk_layernorm": True},
     },
+    # DeepSeek-V3 style routing: sigmoid scores with an expert bias, group-limited top-4 of 8 (2 of 4 groups),
+    # scaled weights, a shared expert, a dense first layer (per-layer keys, megatron's block spec)
+    "moe_sigmoid": {
+        "transformer_config": _TC
+        | dict(
+            num_moe_experts=8,
+            moe_router_topk=4,
+            moe_ffn_hidden_size=16,
+            moe_router_score_function="sigmoid",
+            moe_router_enable_expert_bias=True,
+            moe_router_num_groups=4,
+            moe_router_group_topk=2,
+            moe_router_topk_scaling_factor=2.5,
+            moe_shared_expert_intermediate_size=16,
+            moe_layer_freq=[0, 1],
+            moe_aux_loss_coeff=0.0,
+        ),
+        "gpt_model": dict(vocab_size=VOCAB, max_sequence_length=32, position_embedding_type="rope"),
+        "layer_spec": {"normalization": "RMSNorm", "num_experts": 8},
+    },
     # GPT-2 style: LayerNorm with biases, biases in every linear layer, plain GELU, learned positions, MHA
     "gpt2": {
         "transformer_config": _TC
@@ -94,7 +114,7 @@ MEGATRON: dict[str, dict[str, Any]] = {
         "layer_spec": {"normalization": "LayerNorm"},
     },
 }
-LAYOUTS = {"dense": ["tp2", "pp2"], "moe": ["tp2", "ep2"], "gpt2": ["tp2"]}
+LAYOUTS = {"dense": ["tp2", "pp2"], "moe": ["tp2", "ep2"], "gpt2": ["tp2"], "moe_sigmoid": ["ep2"]}
 _LOOM = dict(vocab_size=VOCAB, d_model=48, n_layers=3, n_heads=6, kv_heads=2, head_dim=8, ffn_hidden=40,
              max_seq_len=32, norm_eps=1e-6, rope_theta=1000.0)  # fmt: skip
 LOOM: dict[str, ModelConfig] = {
@@ -107,8 +127,23 @@ LOOM: dict[str, ModelConfig] = {
         tie_embeddings=True,
         moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=16, first_dense=1, n_shared_experts=1),
     ),  # fmt: skip
+    # sigmoid routing with expert bias, groups and scale; MoE layers 0 and 2 around a dense one
+    "moe_sigmoid": ModelConfig(
+        **_LOOM,
+        moe=MoEConfig(
+            n_experts=8,
+            top_k=4,
+            expert_hidden=16,
+            every=2,
+            router="sigmoid",
+            n_groups=4,
+            topk_groups=2,
+            route_scale=2.5,
+            bias_update_rate=1e-3,
+        ),
+    ),  # fmt: skip
 }
-EXPORT_LAYOUTS = {"dense": ["tp1", "tp2", "pp2"], "moe": ["tp1", "tp2", "ep2"]}
+EXPORT_LAYOUTS = {"dense": ["tp1", "tp2", "pp2"], "moe": ["tp1", "tp2", "ep2"], "moe_sigmoid": ["tp1"]}
 
 
 def _port() -> int:
@@ -133,6 +168,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     exports, loom_logits = {}, {}
     for name, cfg in LOOM.items():
         model = random_model(cfg, seed=3)
+        for buffer_name, buffer in model.named_buffers():
+            if buffer_name.endswith("expert_bias"):  # random_model perturbs parameters only
+                buffer.add_(0.1 * torch.randn(buffer.shape, generator=torch.Generator().manual_seed(4)))
         loom_logits[name] = _loom_logits(model)
         checkpoint = write_imported(cfg, model.state_dict(), root / f"loom_{name}", None)
         folder = export_megatron(checkpoint, root / f"export_{name}")
@@ -170,6 +208,8 @@ def _imported_model(checkpoint: Path) -> torch.nn.Module:
         ("moe", "ep2"),
         ("gpt2", "tp1"),
         ("gpt2", "tp2"),
+        ("moe_sigmoid", "tp1"),
+        ("moe_sigmoid", "ep2"),
     ],
 )
 def test_import_matches_megatron(world: dict[str, Any], tmp_path: Path, name: str, layout: str) -> None:
@@ -181,12 +221,21 @@ def test_import_matches_megatron(world: dict[str, Any], tmp_path: Path, name: st
     reference = _megatron_logits(root / name / "logits.safetensors")
     assert reference.shape == (2, SEQ, VOCAB) and reference.abs().max() > 0.1
     assert (ours - reference).abs().max().item() <= TOL
-    assert all(m > 1e-4 for m in margins)  # routing decisions are not within rounding of a tie
+    if name != "moe_sigmoid":  # the helper measures softmax gaps; sigmoid + bias + groups choose differently
+        assert all(m > 1e-4 for m in margins)  # routing decisions are not within rounding of a tie
     assert (tmp_path / "out" / "recipe.yaml").is_file()
 
 
 @pytest.mark.parametrize(
-    "name,layout", [("dense", "tp1"), ("dense", "tp2"), ("moe", "tp1"), ("moe", "tp2"), ("moe", "ep2")]
+    "name,layout",
+    [
+        ("dense", "tp1"),
+        ("dense", "tp2"),
+        ("moe", "tp1"),
+        ("moe", "tp2"),
+        ("moe", "ep2"),
+        ("moe_sigmoid", "tp1"),
+    ],
 )
 def test_export_runs_in_megatron(world: dict[str, Any], name: str, layout: str) -> None:
     theirs = _megatron_logits(world["root"] / f"export_{name}_{layout}.safetensors")
