@@ -29,7 +29,7 @@ def read_megatron(
     source = Path(source)
     args = _model_args(source, megatron_config, trust)
     cfg = mconfig.model_config(args)
-    saved = torch_dist.read_tensors(source)
+    saved = torch_dist.read_tensors(source, keep=mapping.is_model_key)
     canonical = mapping.canonical(saved, cfg.n_layers)
     interleaved = bool(args["transformer_config"].get("rotary_interleaved", False))
     state = mapping.from_megatron(mapping.renames(cfg, interleaved), canonical)

@@ -44,6 +44,21 @@ NORM_ALIASES = {
 _GROUPED_GEMM = ("mlp.experts.weight1", "mlp.experts.weight2")
 
 
+# GPTModel's top-level modules; Megatron-LM saves optimizer states ("optimizer.", fp32 moments) and RNG / rerun
+# state beside them in the same checkpoint, which the import leaves on disk
+MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
+_UNSUPPORTED_PREFIXES = {"mtp.": "multi-token prediction layers (mtp_num_layers)"}
+
+
+def is_model_key(key: str) -> bool:
+    """Whether a torch_dist key is part of the GPT model (ConfigError for model parts Loom cannot hold)."""
+    for prefix, what in _UNSUPPORTED_PREFIXES.items():
+        if key.startswith(prefix):
+            raise _error(key, f"belongs to {what}, which Loom's model does not have",
+                         "convert a model trained without them")  # fmt: skip
+    return key.startswith(MODEL_PREFIXES)
+
+
 def _error(key: str, rule: str, fix: str) -> ConfigError:
     return ConfigError(None, "megatron checkpoint", key, rule, fix)
 

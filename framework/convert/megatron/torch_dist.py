@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import pickle
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,13 +84,16 @@ def read_metadata(directory: Path) -> dcp_md.Metadata:
     return metadata
 
 
-def read_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint under its sharded key, as a full (global) tensor, in one process."""
+def read_tensors(
+    directory: str | Path, keep: Callable[[str], bool] = lambda _: True
+) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors whose sharded key passes `keep`, as full (global) tensors, in one process; the
+    others (optimizer moments: twice the model in fp32) are neither allocated nor read."""
     directory = Path(directory)
     targets = {
         key: torch.empty(item.size, dtype=item.properties.dtype)
         for key, item in read_metadata(directory).state_dict_metadata.items()
-        if isinstance(item, dcp_md.TensorStorageMetadata)
+        if isinstance(item, dcp_md.TensorStorageMetadata) and keep(key)
     }
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")

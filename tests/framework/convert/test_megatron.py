@@ -324,6 +324,23 @@ def test_import_refuses_unrepresentable_config(section: str, key: str, value: An
         mconfig.model_config(args)
 
 
+def test_import_leaves_optimizer_state_and_refuses_mtp(world: dict[str, Any], tmp_path: Path) -> None:
+    """Megatron-LM saves optimizer moments (and RNG state) in the same checkpoint: not read; MTP layers refused."""
+    root = world["root"]
+    tensors = torch_dist.read_tensors(root / "dense" / "tp1")
+    qkv = "decoder.layers.self_attention.linear_qkv.weight"
+    tensors[f"optimizer.state.exp_avg.{qkv}"] = torch.full_like(tensors[qkv], float("nan"))
+    torch_dist.write_tensors(tensors, tmp_path / "with_optimizer")
+    cfg, state = read_megatron(tmp_path / "with_optimizer", root / "dense.yaml")
+    model = build_model(cfg)
+    model.load_state_dict(state)
+    assert (_loom_logits(model) - _megatron_logits(root / "dense" / "logits.safetensors")).abs().max() <= TOL
+    tensors["mtp.layers.0.enorm.weight"] = torch.ones(32)
+    torch_dist.write_tensors(tensors, tmp_path / "with_mtp")
+    with pytest.raises(ConfigError, match=r"mtp\.layers\.0\.enorm\.weight.*multi-token prediction"):
+        read_megatron(tmp_path / "with_mtp", root / "dense.yaml")
+
+
 def test_import_refuses_tensors_loom_lacks(world: dict[str, Any], tmp_path: Path) -> None:
     root = world["root"]
     tensors = torch_dist.read_tensors(root / "dense" / "tp1")
