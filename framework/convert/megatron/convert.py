@@ -23,10 +23,11 @@ from framework.convert.megatron import mapping, torch_dist
 def read_megatron(
     source: str | Path, megatron_config: str | Path | None = None, trust: bool = False
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """(Loom ModelConfig, Loom model state dict, fp32) of a torch_dist checkpoint. Model arguments: the YAML
+    """(Loom ModelConfig, Loom model state dict, fp32) of a torch_dist checkpoint (an iter_XXXXXXX folder, or a
+    Megatron-LM save folder: its latest iteration). Model arguments: the YAML
     megatron_config, else SOURCE/megatron_config.yaml, else Megatron-LM's `args` in SOURCE/common.pt (read with an
     allowlist; fully unpickled only with `trust`)."""
-    source = Path(source)
+    source = torch_dist.resolve(source)
     args = _model_args(source, megatron_config, trust)
     cfg = mconfig.model_config(args)
     saved = torch_dist.read_tensors(source, keep=mapping.is_model_key)

@@ -57,6 +57,24 @@ def _error(path: Path, rule: str, fix: str) -> ConfigError:
     return ConfigError(None, "source", str(path), rule, fix)
 
 
+LATEST = "latest_checkpointed_iteration.txt"
+
+
+def resolve(source: str | Path) -> Path:
+    """A Megatron-LM save folder (with latest_checkpointed_iteration.txt) -> its latest iter_XXXXXXX (or
+    release) folder; any other path is returned as is."""
+    source = Path(source)
+    latest = source / LATEST
+    if not latest.is_file():
+        return source
+    text = latest.read_text().strip()
+    if text != "release" and not text.isdigit():
+        raise _error(
+            latest, f"holds {text!r}, not an iteration number or 'release'", "pass an iter_XXXXXXX folder"
+        )
+    return source / ("release" if text == "release" else f"iter_{int(text):07d}")
+
+
 def read_metadata(directory: Path) -> dcp_md.Metadata:
     """The DCP index of a torch_dist checkpoint (ConfigError if it is not one)."""
     fmt = directory / FORMAT_FILE

@@ -401,9 +401,12 @@ def _with_common(world: dict[str, Any], tmp_path: Path, common: dict[str, Any]) 
 
 
 def test_import_reads_megatron_lm_args(world: dict[str, Any], tmp_path: Path) -> None:
-    """No YAML: the model comes from Megatron-LM's `args` in common.pt (weights_only=True, allowlist)."""
+    """No YAML: the model comes from Megatron-LM's `args` in common.pt (weights_only=True, allowlist); the save
+    folder resolves to its latest iteration."""
     common = {"args": _megatron_lm_args(), "checkpoint_version": 3.0, "iteration": 10}
-    cfg, state = read_megatron(_with_common(world, tmp_path, common))
+    _with_common(world, tmp_path, common)
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("10")
+    cfg, state = read_megatron(tmp_path)
     model = build_model(cfg)
     model.load_state_dict(state)
     reference = _megatron_logits(world["root"] / "dense" / "logits.safetensors")
