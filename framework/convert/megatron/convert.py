@@ -16,6 +16,7 @@ import torch
 
 from framework.config.errors import ConfigError
 from framework.config.schema import ModelConfig
+from framework.convert.hf.mapping import Rename
 from framework.convert.megatron import config as mconfig
 from framework.convert.megatron import mapping, torch_dist
 
@@ -32,11 +33,10 @@ def read_megatron(
     cfg = mconfig.model_config(args)
     saved = torch_dist.read_tensors(source, keep=mapping.is_model_key)
     canonical = mapping.canonical(saved, cfg.n_layers)
-    interleaved = bool(args["transformer_config"].get("rotary_interleaved", False))
-    state = mapping.from_megatron(mapping.renames(cfg, interleaved), canonical)
-    state = {k: v.float() for k, v in state.items()}  # Loom keeps fp32 master weights
-    _check_shapes(cfg, state)
-    return cfg, state
+    rules = mapping.renames(cfg, bool(args["transformer_config"].get("rotary_interleaved", False)))
+    _check_shapes(cfg, rules, canonical)  # before any fused tensor is split by the configured head counts
+    state = mapping.from_megatron(rules, canonical)
+    return cfg, {k: v.float() for k, v in state.items()}  # Loom keeps fp32 master weights
 
 
 def _model_args(source: Path, megatron_config: str | Path | None, trust: bool) -> dict[str, dict]:
@@ -47,17 +47,19 @@ def _model_args(source: Path, megatron_config: str | Path | None, trust: bool) -
     return mconfig.read_args(megatron_config if megatron_config is not None else source / mconfig.FILE)
 
 
-def _check_shapes(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> None:
+def _check_shapes(cfg: ModelConfig, rules: list[Rename], canonical: dict[str, torch.Tensor]) -> None:
+    """ConfigError naming the first checkpoint tensor whose shape differs from what the configured model's
+    tensors map to (meta tensors: nothing is allocated)."""
     from framework.models import build_model
 
     with torch.device("meta"):
-        expected = build_model(cfg).state_dict()
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
+        expected = mapping.to_megatron(rules, build_model(cfg).state_dict())
+    for name, tensor in canonical.items():
+        if name in expected and tensor.shape != expected[name].shape:
             raise ConfigError(
                 mconfig.FILE, name, tuple(tensor.shape),
                 f"the checkpoint's tensor has this shape, the configured model needs {tuple(expected[name].shape)}",
-                "pass the megatron_config.yaml this checkpoint was trained with",
+                "pass the model arguments this checkpoint was trained with",
             )  # fmt: skip
 
 

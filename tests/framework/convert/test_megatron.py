@@ -341,6 +341,18 @@ def test_import_leaves_optimizer_state_and_refuses_mtp(world: dict[str, Any], tm
         read_megatron(tmp_path / "with_mtp", root / "dense.yaml")
 
 
+def test_import_refuses_a_config_that_does_not_fit_the_tensors(world: dict[str, Any], tmp_path: Path) -> None:
+    args = {s: dict(v) for s, v in MEGATRON["dense"].items()}
+    args["transformer_config"]["num_attention_heads"] = (
+        8  # 2 x (4 + 2) x 4 = 48 qkv rows, the checkpoint has 64
+    )
+    (tmp_path / "wrong.yaml").write_text(yaml.safe_dump(args))
+    with pytest.raises(
+        ConfigError, match=r"decoder\.layers\.0\.self_attention\.linear_qkv\.weight = \(64, 32\)"
+    ):
+        read_megatron(world["root"] / "dense" / "tp1", tmp_path / "wrong.yaml")
+
+
 def test_import_refuses_tensors_loom_lacks(world: dict[str, Any], tmp_path: Path) -> None:
     root = world["root"]
     tensors = torch_dist.read_tensors(root / "dense" / "tp1")
