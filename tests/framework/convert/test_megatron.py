@@ -29,12 +29,16 @@ from safetensors.torch import load_file  # noqa: E402
 
 from framework.checkpoint.consolidate import read_model_state  # noqa: E402
 from framework.config.errors import ConfigError  # noqa: E402
+from framework.config.loader import load_recipe  # noqa: E402
 from framework.config.schema import ModelConfig, MoEConfig  # noqa: E402
 from framework.convert.hf.importer import write_imported  # noqa: E402
 from framework.convert.megatron import config as mconfig  # noqa: E402
 from framework.convert.megatron import torch_dist  # noqa: E402
 from framework.convert.megatron.convert import export_megatron, import_megatron, read_megatron  # noqa: E402
 from framework.models import build_model  # noqa: E402
+from framework.train import TrainModule  # noqa: E402
+from framework.train.callbacks.checkpointer import Checkpointer  # noqa: E402
+from framework.train.trainer import Trainer  # noqa: E402
 from launcher.cli import main as cli_main  # noqa: E402
 from tests.framework.convert.conftest import random_model, routing_margins  # noqa: E402
 
@@ -299,8 +303,36 @@ def test_cli_import(world: dict[str, Any], tmp_path: Path, capsys: pytest.Captur
             "--megatron-config", str(root / "dense.yaml")]  # fmt: skip
     assert cli_main(args) == 0
     assert "loom train" in capsys.readouterr().out
+    # the training resume path (Checkpointer, as `loom train OUT/recipe.yaml --resume auto`) loads the import
+    recipe = load_recipe(tmp_path / "out" / "recipe.yaml")
+    module = TrainModule(random_model(recipe.model, seed=9), recipe, torch.device("cpu"))
+    Checkpointer(recipe, resume="auto").on_fit_start(Trainer(module, [], [], recipe))
+    reference = _megatron_logits(root / "dense" / "logits.safetensors")
+    assert (_loom_logits(module.model) - reference).abs().max().item() <= TOL
+    # no YAML and no Megatron-LM args: one line on stderr, exit 2
     assert cli_main(["convert", str(root / "dense" / "pp2"), "--from", "megatron", str(tmp_path / "o2")]) == 2
-    assert "megatron-config" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "megatron-config" in err and err.count("\n") == 1
+
+
+def test_cli_export_and_refusal(
+    world: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = world["root"] / "loom_dense" / "checkpoints"
+    assert cli_main(["convert", str(checkpoint), "--to", "megatron", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / mconfig.FILE).is_file() and (tmp_path / "m" / "metadata.json").is_file()
+    assert cli_main(["convert", str(checkpoint), "--to", "megatron", str(tmp_path / "m")]) == 2  # not empty
+    cfg = ModelConfig(**_LOOM | {"sliding_window": 4})
+    write_imported(cfg, random_model(cfg).state_dict(), tmp_path / "windowed", None)
+    capsys.readouterr()
+    assert (
+        cli_main(
+            ["convert", str(tmp_path / "windowed" / "checkpoints"), "--to", "megatron", str(tmp_path / "w")]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "model.sliding_window" in err and err.count("\n") == 1 and not (tmp_path / "w").exists()
 
 
 # ------------------------------------------------------------------------------------ refusals, pickle policy
