@@ -392,6 +392,11 @@ def test_import_refuses_tensors_loom_lacks(world: dict[str, Any], tmp_path: Path
     torch_dist.write_tensors(tensors, tmp_path / "bias")
     with pytest.raises(ConfigError, match=r"decoder\.layers\.0\.self_attention\.linear_qkv\.bias"):
         read_megatron(tmp_path / "bias", root / "dense.yaml")
+    moe = torch_dist.read_tensors(root / "moe" / "tp1")
+    moe["decoder.layers.mlp.experts.weight1"] = torch.zeros(2, 32, 4 * 48)
+    torch_dist.write_tensors(moe, tmp_path / "grouped")
+    with pytest.raises(ConfigError, match=r"decoder\.layers\.0\.mlp\.experts\.weight1.*legacy grouped-GEMM"):
+        read_megatron(tmp_path / "grouped", root / "moe.yaml")
 
 
 @pytest.mark.parametrize(
