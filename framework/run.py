@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import logging
 import os
 import socket
@@ -93,6 +94,8 @@ def train(recipe: Recipe, *, resume: str | None = None) -> dict[str, Any]:
     device = resolve_device(recipe.train.device)
     resolve_kernels(recipe, device)  # model.kernels meets the device: a ConfigError before any model is built
     check_fp8(recipe, device)  # likewise precision.dtype fp8 (torchao / TE installed, fp8-capable GPU)
+    if recipe.parallel.engine == "deepspeed":
+        return train_deepspeed(recipe, device, world_size, resume=resume)
     if world_size == 1:
         # One process trains the whole model; the recipe's parallel section (written for a cluster, e.g. ep: 8)
         # is not applied, so any recipe can be tried on one machine — but say so, never silently.
@@ -125,6 +128,39 @@ def train_distributed(
         resume=resume,
         layout=layout_of(dims, dims.world_size),
     )
+
+
+def train_deepspeed(
+    recipe: Recipe, device: torch.device, world_size: int, *, resume: str | None = None
+) -> dict[str, Any]:
+    """Train `recipe` on the DeepSpeed engine: every rank a data-parallel rank (docs/deepspeed.md)."""
+    ds_config = importlib.import_module("framework.deepspeed.config")
+    ds_config.check_deepspeed(recipe, world_size, resume)  # every refusal before any process-group work
+    if world_size == 1:  # one process (e.g. one GPU with ZeRO offload): DeepSpeed still wants a process group
+        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
+            os.environ.setdefault(key, value)
+        for key in ("RANK", "LOCAL_RANK"):
+            os.environ.setdefault(key, "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+    with process_group(device) as device:
+        rank = dist.get_rank()
+        layout = {"world_size": world_size, "engine": "deepspeed", "zero_stage": recipe.deepspeed.zero_stage}
+        return _train(recipe, device, _deepspeed_module, dp_rank=rank, dp_size=world_size, rank=rank,
+                      resume=resume, layout=layout)  # fmt: skip
+
+
+def _deepspeed_module(recipe: Recipe, device: torch.device) -> TrainModule:
+    engine = importlib.import_module("framework.deepspeed.engine")
+    model = use_kernels(
+        materialize_model(recipe.model, device, recipe.train.seed), resolve_kernels(recipe, device)
+    )
+    return engine.DeepSpeedTrainModule(model, recipe, device)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _train(

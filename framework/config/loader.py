@@ -209,6 +209,10 @@ def convert(hint: Any, value: Any, key: str) -> Any:
         return _convert_literal(hint, value, key)
     if origin in (tuple, list):
         return _convert_sequence(hint, origin, value, key)
+    if origin is dict:  # free-form mappings (deepspeed.config): their keys are checked by whoever uses them
+        if not isinstance(value, dict):
+            raise ConfigError(None, key, value, "must be a mapping", f"write it as `{key}: {{name: value}}`")
+        return dict(value)
     return _convert_scalar(hint, value, key)
 
 

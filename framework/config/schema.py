@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import Any, Literal
 
 from framework.config.errors import ConfigError
 
@@ -346,6 +346,9 @@ def _divisors(n: int) -> str:
 class ParallelConfig:
     """How the model is laid out over devices. Sizes multiply to the world size (-1 = fill what is left)."""
 
+    engine: Literal["native", "deepspeed"] = "native"
+    """Training engine: native (DeviceMesh, FSDP2/HSDP, TP/SP, PP, CP, EP) or deepspeed (ZeRO stages 1-3 with CPU
+    offload over every rank as data parallel; configured by the `deepspeed` section, docs/deepspeed.md)."""
     data_parallel: Literal["ddp", "fsdp", "hsdp"] = "fsdp"
     """Data-parallel flavour: replicated (DDP), fully sharded (FSDP2), or hybrid sharded (HSDP)."""
     dp_replicate: int = 1
@@ -745,6 +748,36 @@ class LaunchConfig:
         )
 
 
+@dataclass
+class DeepSpeedConfig:
+    """The DeepSpeed engine (parallel.engine: deepspeed). Its JSON config is generated from the whole recipe
+    (batch sizes, clipping, precision) plus these fields; see docs/deepspeed.md."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    """ZeRO stage: 0 plain data parallel, 1 optimizer state partitioned over ranks, 2 also gradients, 3 also
+    parameters (gathered per layer for forward and backward)."""
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    """Keep the optimizer state and run its step in CPU memory (ZeRO stage >= 1)."""
+    offload_params: Literal["none", "cpu"] = "none"
+    """Keep the partitioned parameters in CPU memory between uses (ZeRO stage 3)."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """Further DeepSpeed config keys, merged over the generated config (nested mappings key by key), e.g.
+    {zero_optimization: {reduce_bucket_size: 5.0e7}}; checked against DeepSpeed's own config models, so a
+    misspelt key is an error."""
+
+    def validate(self) -> None:
+        _require(
+            self.offload_optimizer == "none" or self.zero_stage >= 1,
+            "deepspeed.offload_optimizer", self.offload_optimizer, "needs deepspeed.zero_stage >= 1",
+            "set deepspeed.zero_stage: 1, 2 or 3",
+        )  # fmt: skip
+        _require(
+            self.offload_params == "none" or self.zero_stage == 3,
+            "deepspeed.offload_params", self.offload_params, "needs deepspeed.zero_stage: 3 (partitioned parameters)",
+            "set deepspeed.zero_stage: 3, or offload_params: none",
+        )  # fmt: skip
+
+
 SECTIONS = (
     "model",
     "parallel",
@@ -756,6 +789,7 @@ SECTIONS = (
     "checkpoint",
     "logging",
     "launch",
+    "deepspeed",
 )
 
 
@@ -783,6 +817,8 @@ class Recipe:
     """Logs and metrics."""
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     """Processes and nodes."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """The DeepSpeed engine's settings (used with parallel.engine: deepspeed)."""
 
     def validate(self) -> None:
         for name in SECTIONS:

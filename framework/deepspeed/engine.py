@@ -1,0 +1,93 @@
+"""DeepSpeedTrainModule: the Trainer's engine interface on top of a DeepSpeed engine (ZeRO 0-3, CPU offload).
+
+The model, its initialisation, the optimizer (Loom's AdamW and parameter groups), the LR schedule and the loss are
+the native engine's; DeepSpeed owns gradient reduction, partitioning, clipping and the optimizer step. Every rank
+is a data-parallel rank.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from framework.config import Recipe
+from framework.deepspeed.config import ds_config, import_deepspeed
+from framework.train.loss import count_labelled
+from framework.train.train_module import Batch, StepVeto, TrainModule
+
+
+class DeepSpeedTrainModule(TrainModule):
+    """`model` is the whole model on `device`, initialised identically on every rank (DeepSpeed partitions it)."""
+
+    def __init__(self, model: nn.Module, recipe: Recipe, device: torch.device | str) -> None:
+        super().__init__(model, recipe, device)  # Loom's optimizer, scheduler, precision (bf16 autocast)
+        deepspeed = import_deepspeed(self.device)
+        self.world = dist.get_world_size()
+        self.ds_config = ds_config(recipe, self.world)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
+
+    def train_batch(self, micro_batches: list[Batch]) -> dict[str, Any]:
+        if len(micro_batches) != self.engine.gradient_accumulation_steps():
+            raise ValueError(
+                f"{len(micro_batches)} micro-batches, DeepSpeed accumulates "
+                f"{self.engine.gradient_accumulation_steps()}"
+            )
+        self._set_training(True)
+        batches = [self._to_device(mb) for mb in micro_batches]
+        total = self._global_sum(sum(count_labelled(b["labels"]) for b in batches))
+        # Loom's loss is already normalised by the global batch's labelled tokens; DeepSpeed divides each
+        # micro-batch loss by the accumulation steps and averages gradients over ranks: undo both factors.
+        factor = len(batches) * self.world
+        ce = z = torch.zeros((), device=self.device)
+        for i, batch in enumerate(batches):
+            out = self._forward_loss(batch, total)
+            self.engine.backward(out.loss * factor)
+            if i < len(batches) - 1:
+                self.engine.step()  # inside the accumulation window DeepSpeed only counts the micro-step
+            ce, z = ce + out.ce, z + out.z_loss
+        tokens = sum(b["input_ids"].numel() for b in batches)
+        self.counters.tokens += tokens
+        self._pending = (self._global_sum(ce), self._global_sum(z), total)
+        return {"loss": ce, "z_loss": z, "labelled_tokens": total, "tokens": tokens}
+
+    def optim_step(self, veto: StepVeto | None = None) -> dict[str, Any]:
+        """DeepSpeed's step: reduce what is pending, clip to optim.grad_clip, update, zero the gradients. The
+        update cannot be vetoed (train.spike_sigma is refused); a non-finite loss stops the run before it."""
+        if self._pending is None:
+            raise RuntimeError("optim_step() called without a train_batch() since the last step")
+        ce, z, labelled = self._pending
+        self._pending = None
+        loss, z_loss, n_labelled = torch.stack([ce, z, labelled.float()]).tolist()
+        if not (math.isfinite(loss) and math.isfinite(z_loss)):
+            raise FloatingPointError(
+                f"step {self.step + 1}: loss {loss}; the DeepSpeed engine cannot skip an update, so it stops here "
+                "(the model has not taken this step)"
+            )
+        lr = self.lr
+        self.engine.step()
+        self.scheduler.step()  # Loom's schedule on Loom's optimizer, whose groups DeepSpeed steps
+        self.counters.step += 1
+        self.counters.updates += 1
+        norm = float(self.engine.get_global_grad_norm() or 0.0)
+        stats = {"step": self.step, "loss": loss, "z_loss": z_loss, "grad_norm": norm}
+        return {**stats, **self._step_report(lr, None), "labelled_tokens": int(n_labelled)}
+
+    def _forward(self, batch: Batch) -> torch.Tensor:
+        kwargs = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
+        with self.precision.autocast():
+            return self.engine(batch["input_ids"], **kwargs)  # ZeRO-3 gathers each layer's parameters
+
+    def _global_sum(self, value: torch.Tensor) -> torch.Tensor:
+        out = value.detach().clone()
+        dist.all_reduce(out)  # every rank is a data-parallel rank
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError("checkpoints of the DeepSpeed engine are not implemented yet")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError("checkpoints of the DeepSpeed engine are not implemented yet")

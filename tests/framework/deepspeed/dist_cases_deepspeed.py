@@ -1,0 +1,65 @@
+"""DeepSpeed-engine cases run on every rank of a `DistPool` ('dist_cases_deepspeed:name')."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from dist_cases import GLOBAL_BATCH, full_params, global_batches, tiny_recipe, train_steps
+from dist_cases_numerics import rel
+
+from framework.config import Recipe
+from framework.deepspeed.config import import_deepspeed
+from framework.deepspeed.engine import DeepSpeedTrainModule
+from framework.run import materialize_model
+from framework.train.train_module import TrainModule
+
+CPU = torch.device("cpu")
+
+
+def ds_recipe(stage: int, offload: bool) -> Recipe:
+    recipe = tiny_recipe()
+    recipe.parallel.engine = "deepspeed"
+    recipe.deepspeed.zero_stage = stage
+    if offload:
+        recipe.deepspeed.offload_optimizer = "cpu"
+        recipe.deepspeed.offload_params = "cpu" if stage == 3 else "none"
+    return recipe
+
+
+def zero_parity(stage: int, offload: bool = False, steps: int = 5) -> dict[str, Any]:
+    """`steps` steps on the DeepSpeed engine (this rank's slice of each global batch) against one native process
+    (in this process): per-step loss and gradient norm, and the parameters after the last update."""
+    os.environ["LOCAL_RANK"] = str(dist.get_rank())  # torchrun sets it; DeepSpeed insists on it
+    recipe = ds_recipe(stage, offload)
+    batches = global_batches(steps)
+    ref = TrainModule(materialize_model(recipe.model, CPU, 0), recipe, CPU)
+    ref_losses, ref_norms = train_steps(ref, batches)
+    module = DeepSpeedTrainModule(materialize_model(recipe.model, CPU, 0), recipe, CPU)
+    per_rank = GLOBAL_BATCH // dist.get_world_size()
+    rank = dist.get_rank()
+    losses, norms = train_steps(module, [b[rank * per_rank : (rank + 1) * per_rank] for b in batches])
+    ours, theirs = _gathered(module), full_params(ref.model)
+    return {
+        "loss_rel": rel(losses, ref_losses),
+        "norm_rel": rel(norms, ref_norms),
+        "param_rel": max(((ours[n] - p).norm() / p.norm()).item() for n, p in theirs.items()),
+        "losses": losses,
+        "grad_accumulation": module.engine.gradient_accumulation_steps(),
+        "partitioned": _partitioned(module),
+    }
+
+
+def _gathered(module: DeepSpeedTrainModule) -> dict[str, torch.Tensor]:
+    """Whole parameters (ZeRO-3 holds a partition of each: gather it)."""
+    deepspeed = import_deepspeed(CPU)
+    params = list(module.engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        return {n: p.detach().clone() for n, p in module.engine.module.named_parameters()}
+
+
+def _partitioned(module: DeepSpeedTrainModule) -> bool:
+    """Whether ZeRO-3 really partitioned the parameters (each rank holds fewer elements than the model)."""
+    return any(getattr(p, "ds_numel", 0) > p.numel() for p in module.engine.module.parameters())
