@@ -2,8 +2,8 @@
 
 The debug recipe with every feed-forward replaced by 8 SwiGLU experts of half the dense width, top-2 (so the active
 FFN width equals the dense demo's 512), Mixtral-style routing with the Switch load-balancing loss. Asserted: the
-last 20 steps average <= 0.6 * ln(vocab) (the dense demo's target), validation loss falls, and over the last 20
-logged steps every expert of every MoE layer gets >= 25% of that layer's mean load (from metrics.jsonl).
+last 20 steps average <= 0.6 * ln(vocab), validation loss falls, and over the last 20 logged steps every expert of
+every MoE layer gets >= 25% of that layer's mean load (from metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from framework.data import Tokenizer
 from framework.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
-# The dense demo's 400 steps: a 250-step run reached only 5.40 (last 20 of the first 180 steps), above the target.
+# The recipe's 400 steps. Shorter runs learn enough (300 steps: 4.71) but do not balance: the last-20-step load of
+# layer 0's least used expert was 0.248 (200 steps) and 0.236 (300 steps) of the mean, below the 0.25 asserted.
 STEPS = 400
 
 MOE = "{n_experts: 8, top_k: 2, expert_hidden: 256, router: softmax, aux_loss: 0.01, z_loss: 0.001}"
