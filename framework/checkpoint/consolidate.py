@@ -51,6 +51,12 @@ def read_model_state(path: str | Path, dtype: torch.dtype | None = None) -> Mode
     step_dir = resolve_checkpoint(path)
     verify_checkpoint(step_dir)
     meta = read_meta_json(step_dir / "meta.json")
+    if (step_dir / "deepspeed").is_dir():  # a DeepSpeed run: the model is in DeepSpeed's ZeRO files
+        from framework.deepspeed.checkpoint import read_deepspeed_model
+
+        return ModelState(
+            step_dir, meta, {k: _cast(t, dtype) for k, t in read_deepspeed_model(step_dir).items()}
+        )
     targets = _model_targets(step_dir)
     if not targets:
         raise ConfigError(

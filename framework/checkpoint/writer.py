@@ -93,9 +93,16 @@ class CheckpointWriter:
         """Called on rank 0 after each commit with (step, path) (from the writer thread when async)."""
 
     def save(
-        self, step: int, state: Mapping[str, Any], metadata: Mapping[str, Any], rank_state: Mapping[str, Any]
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        metadata: Mapping[str, Any],
+        rank_state: Mapping[str, Any],
+        engine_files: Callable[[Path], None] | None = None,
     ) -> float:
-        """Start (async) or complete (sync) the save of step `step`; returns the seconds training was stalled."""
+        """Start (async) or complete (sync) the save of step `step`; returns the seconds training was stalled.
+        `engine_files`: called by every rank with the temp directory to add an engine's own files (DeepSpeed's);
+        such a save is synchronous, and commits only after every rank has written them."""
         self.wait()  # at most one save in flight: the next waits for the previous
         start = time.perf_counter()
         tensors, plain = split_tensors(state)
@@ -104,10 +111,12 @@ class CheckpointWriter:
         _write_json(tmp / rank_file(self.rank), dict(rank_state))
         if self.rank == 0:
             _write_json(tmp / META, meta_record(step, plain, dict(metadata)))
-        if self.async_save and _on_cpu(tensors):
+        if engine_files is not None:
+            engine_files(tmp)
+        if self.async_save and engine_files is None and _on_cpu(tensors):
             self._staging = _snapshot(tensors, self._staging)
             self._start_async(step, tmp, self._staging, _AlreadyStaged())
-        elif self.async_save:
+        elif self.async_save and engine_files is None:
             # Device tensors: DCP's stager copies them into pinned CPU buffers it keeps between saves.
             self._device_stager = self._device_stager or BlockingAsyncStager(cache_staged_state_dict=True)
             self._start_async(step, tmp, tensors, self._device_stager)

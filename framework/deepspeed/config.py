@@ -96,9 +96,11 @@ def check_deepspeed(recipe: Recipe, world_size: int, resume: str | None) -> None
         "MoE models run on the native engine (expert parallel)",
         fix,
     )
+    if recipe.checkpoint.async_save:
+        raise ConfigError(None, "checkpoint.async_save", True, "DeepSpeed writes its checkpoint files itself, "
+                          "synchronously", "set checkpoint.async_save: false")  # fmt: skip
     _refuse(recipe.train.spike_sigma > 0, "train.spike_sigma",
             "DeepSpeed applies each update inside its step: Loom cannot skip one", "set train.spike_sigma: 0")  # fmt: skip
-    _check_checkpoints(recipe, resume)
     _check_batch(recipe, world_size)
     validate_user_config(recipe.deepspeed.config)
 
@@ -106,18 +108,6 @@ def check_deepspeed(recipe: Recipe, world_size: int, resume: str | None) -> None
 def _refuse(bad: bool, key: str, rule: str, fix: str) -> None:
     if bad:
         raise ConfigError(None, key, "set", rule, fix)
-
-
-def _check_checkpoints(recipe: Recipe, resume: str | None) -> None:
-    c = recipe.checkpoint
-    why = "checkpoints of the DeepSpeed engine are not implemented yet (docs/deepspeed.md)"
-    fix = "set checkpoint.every: 0 and checkpoint.save_final: false"
-    if c.every > 0:
-        raise ConfigError(None, "checkpoint.every", c.every, why, fix)
-    if c.save_final:
-        raise ConfigError(None, "checkpoint.save_final", True, why, fix)
-    if resume is not None:
-        raise ConfigError(None, "--resume", resume, why, "train without --resume")
 
 
 def _check_batch(recipe: Recipe, world_size: int) -> None:

@@ -8,6 +8,8 @@ is a data-parallel rank.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,9 +17,10 @@ import torch.distributed as dist
 from torch import nn
 
 from framework.config import Recipe
+from framework.deepspeed.checkpoint import ENGINE_DIR, weights_only_loads
 from framework.deepspeed.config import ds_config, import_deepspeed
 from framework.train.loss import count_labelled
-from framework.train.train_module import Batch, StepVeto, TrainModule
+from framework.train.train_module import Batch, StepCounters, StepVeto, TrainModule
 
 
 class DeepSpeedTrainModule(TrainModule):
@@ -86,8 +89,26 @@ class DeepSpeedTrainModule(TrainModule):
         dist.all_reduce(out)  # every rank is a data-parallel rank
         return out
 
+    # -- checkpoints: DeepSpeed's files for the model and optimizer, Loom's JSON for the rest ------------------
+
     def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError("checkpoints of the DeepSpeed engine are not implemented yet")
+        """What Loom keeps itself (JSON, in meta.json): schedule and counters. Model and optimizer state are
+        DeepSpeed's, written by `save_engine_files`."""
+        return {"scheduler": self.scheduler.state_dict(), "counters": asdict(self.counters)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError("checkpoints of the DeepSpeed engine are not implemented yet")
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.counters = StepCounters(**state["counters"])
+
+    def save_engine_files(self, step_dir: Path) -> None:
+        """Every rank writes its ZeRO partition of the model and optimizer into `step_dir`/deepspeed (collective)."""
+        self.engine.save_checkpoint(str(step_dir), tag=ENGINE_DIR, save_latest=False)
+
+    def load_engine_files(self, step_dir: Path) -> None:
+        """Every rank reads its partition back (collective); no pickled code runs (weights_only_loads)."""
+        with weights_only_loads():
+            path, _ = self.engine.load_checkpoint(
+                str(step_dir), tag=ENGINE_DIR, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint in {step_dir / ENGINE_DIR}")

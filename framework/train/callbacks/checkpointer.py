@@ -27,7 +27,8 @@ from framework.checkpoint import (
     resolve_checkpoint,
     set_rng_state,
 )
-from framework.checkpoint.verify import check_compatible, read_dcp_metadata, verify_checkpoint
+from framework.checkpoint.io import META
+from framework.checkpoint.verify import check_compatible, read_dcp_metadata, read_meta_json, verify_checkpoint
 from framework.checkpoint.writer import CheckpointWriter, rank_file
 from framework.config import ConfigError, Recipe
 from framework.config.loader import recipe_to_dict
@@ -138,7 +139,8 @@ class Checkpointer(Callback):
         if self.writer is None:
             raise RuntimeError("Checkpointer.save() before on_fit_start")
         self._started[module.step] = time.perf_counter()
-        stall = self.writer.save(module.step, module.state_dict(), metadata, rank_state)
+        engine_files = getattr(module, "save_engine_files", None)  # DeepSpeed writes its own model/optimizer
+        stall = self.writer.save(module.step, module.state_dict(), metadata, rank_state, engine_files)
         self._last_saved = module.step
         return stall
 
@@ -146,19 +148,37 @@ class Checkpointer(Callback):
         module = trainer.train_module
         path = resolve_checkpoint(path)
         verify_checkpoint(path)  # one-line errors for missing or truncated files, before any tensor is read
+        if hasattr(module, "load_engine_files"):
+            self._load_engine_checkpoint(module, path)
+        else:
+            self._load_state(module, path)
+        loaded_meta = read_meta_json(path / META)
         # Against the whole model: under a layout this rank holds a part, so the recipe's model on the meta device
         # (free at any size) stands for it; one process checks its live model.
+        trainer.load_data_state(loaded_meta.get("data_state"))
+        trainer.load_callback_states(loaded_meta.get("callbacks", {}))
+        # Last, so that nothing above can draw from the generators after they are restored.
+        self._restore_rng(path, loaded_meta, module.device)
+        self._last_saved = module.step
+        log.info("resumed from %s (step %d)", path, module.step)
+        return path
+
+    def _load_state(self, module: Any, path: Path) -> None:
         whole = _meta_model_state(self.recipe) if self.distributed else module.model.state_dict()
         check_compatible(path, {"model": whole})
         loaded = load_checkpoint(path, template=self._template(module, path), distributed=self.distributed)
         module.load_state_dict(loaded.state)
-        trainer.load_data_state(loaded.metadata.get("data_state"))
-        trainer.load_callback_states(loaded.metadata.get("callbacks", {}))
-        # Last, so that nothing above can draw from the generators after they are restored.
-        self._restore_rng(path, loaded.metadata, module.device)
-        self._last_saved = module.step
-        log.info("resumed from %s (step %d)", path, module.step)
-        return path
+
+    def _load_engine_checkpoint(self, module: Any, path: Path) -> None:
+        """An engine that keeps its own files (DeepSpeed): same layout only, then its files, then Loom's JSON."""
+        saved = read_meta_json(path / META).get("layout", {"world_size": 1})
+        if saved != self.layout:
+            raise ConfigError(
+                None, "--resume", str(path), f"was saved by layout {saved}, this run is {self.layout}",
+                "resume with the saved world size and deepspeed.zero_stage, or convert it with loom ckpt consolidate",
+            )  # fmt: skip
+        module.load_engine_files(path)
+        module.load_state_dict(load_checkpoint(path, template=None, distributed=self.distributed).state)
 
     def _template(self, module: Any, path: Path) -> dict[str, Any]:
         """The live state to load into, plus optimizer-state tensors a fresh optimizer does not have yet (AdamW

@@ -64,7 +64,7 @@ def test_known_keys_include_what_deepspeed_reads() -> None:
         (["parallel.cpu_offload=true"], "parallel.cpu_offload"),
         (["precision.dtype=fp16"], "precision.dtype"),
         (["train.spike_sigma=3"], "train.spike_sigma"),
-        (["checkpoint.every=10"], "checkpoint.every"),
+        (["checkpoint.async_save=true"], "checkpoint.async_save"),
         (["train.global_batch_size=6"], "train.global_batch_size"),
     ],
 )
