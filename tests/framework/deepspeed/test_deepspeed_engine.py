@@ -1,6 +1,6 @@
 """The DeepSpeed engine (parallel.engine: deepspeed) trains like one native process.
 
-ZeRO-1, -2, -3 and -3 with CPU offload of the optimizer and the parameters, 2 gloo processes, tiny decoder,
+ZeRO-1, -2, -3 and -3 with CPU offload of the optimizer and the parameters, 2 and 4 gloo processes, tiny decoder,
 fp32, clipping active, 5 AdamW steps: per-step loss and gradient norm against the one-process native engine,
 and the parameters after the last update. DeepSpeed reduces gradients itself (averaged over ranks, divided by
 the accumulation steps); Loom undoes both factors, so the sums are the same up to rounding."""
@@ -14,12 +14,13 @@ pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
 CASES = {"zero1": (1, False), "zero2": (2, False), "zero3": (3, False), "zero3_offload": (3, True)}
 
 
+@pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("case", list(CASES))
-def test_zero_matches_one_native_process(ds_pool, case: str) -> None:
+def test_zero_matches_one_native_process(ds_pool, case: str, world: int) -> None:
     stage, offload = CASES[case]
-    for r in ds_pool(2).run("dist_cases_deepspeed:zero_parity", stage, offload):
+    for r in ds_pool(world).run("dist_cases_deepspeed:zero_parity", stage, offload):
         print(case, r)
-        assert r["grad_accumulation"] == 2  # 4 samples = 1 per micro-batch x 2 ranks x 2 accumulated
+        assert r["grad_accumulation"] == 4 // world  # 4 samples = 1 per micro-batch x ranks x accumulated
         assert max(r["loss_rel"]) <= 1e-6, r
         assert max(r["norm_rel"]) <= 1e-5, r
         assert r["param_rel"] <= 5e-5, r
