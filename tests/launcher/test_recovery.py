@@ -123,7 +123,9 @@ def test_kill_one_rank_mid_training_then_resume_auto(demo_data, tmp_path, refere
 def test_kill_during_a_save_keeps_the_previous_checkpoint(demo_data, tmp_path, reference, trial) -> None:
     """Saves are slowed down (an injected 3 s delay in every rank's writer) and a rank is killed while its temp
     directory exists: the previous checkpoint is still `latest` and the resumed run is exact."""
-    save_at = random.Random(trial).choice([4, 6, 8])  # a save with a committed one before it
+    # a save with a committed one before it; every save before it also sleeps 3 s, and CI's one trial (0) draws
+    # the list's second entry: the earliest such save, 4
+    save_at = random.Random(trial).choice([6, 4, 8])
     run_dir = tmp_path / "run"
     run = _start(run_dir, demo_data, env={SAVE_DELAY_ENV: "3"})
     in_flight = run_dir / "checkpoints" / f".tmp-step_{save_at:08d}"
