@@ -143,10 +143,12 @@ def train_deepspeed(
             os.environ.setdefault(key, "0")
         os.environ.setdefault("WORLD_SIZE", "1")
     with process_group(device) as device:
-        rank = dist.get_rank()
+        rank, cp = dist.get_rank(), recipe.parallel.cp
         layout = {"world_size": world_size, "engine": "deepspeed", "zero_stage": recipe.deepspeed.zero_stage}
-        return _train(recipe, device, _deepspeed_module, dp_rank=rank, dp_size=world_size, rank=rank,
-                      resume=resume, layout=layout)  # fmt: skip
+        layout["cp"] = cp
+        # sequence groups are blocks of cp consecutive ranks: a block reads one data-parallel slice
+        return _train(recipe, device, _deepspeed_module, dp_rank=rank // cp, dp_size=world_size // cp,
+                      rank=rank, resume=resume, layout=layout)  # fmt: skip
 
 
 def _deepspeed_module(recipe: Recipe, device: torch.device) -> TrainModule:

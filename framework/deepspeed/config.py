@@ -72,12 +72,13 @@ def import_deepspeed(device: torch.device) -> ModuleType:
 def check_deepspeed(recipe: Recipe, world_size: int, resume: str | None) -> None:
     """Refuse, as one ConfigError, what the DeepSpeed engine cannot run (before any process group exists)."""
     p, fix = recipe.parallel, "use parallel.engine: native for this layout"
-    for name in ("tp", "pp", "cp", "ep"):
+    _check_sequence_parallel(recipe, world_size)
+    for name in ("tp", "pp", "ep"):
         if getattr(p, name) > 1:
             raise ConfigError(
                 None, f"parallel.{name}", getattr(p, name),
                 "Loom's tensor/pipeline/context/expert parallelism does not combine with the DeepSpeed engine "
-                "(DeepSpeed shards with ZeRO over every rank)", fix,
+                "(DeepSpeed shards with ZeRO over every rank; sequence parallel is parallel.cp)", fix,
             )  # fmt: skip
     _refuse(p.cpu_offload, "parallel.cpu_offload", "an FSDP2 option", "use deepspeed.offload_optimizer: cpu")
     _refuse(p.activation_checkpointing != "none", "parallel.activation_checkpointing",
@@ -110,13 +111,30 @@ def _refuse(bad: bool, key: str, rule: str, fix: str) -> None:
         raise ConfigError(None, key, "set", rule, fix)
 
 
+def _check_sequence_parallel(recipe: Recipe, world_size: int) -> None:
+    """parallel.cp > 1: DeepSpeed-Ulysses over blocks of cp ranks; heads and tokens must split evenly."""
+    cp, m = recipe.parallel.cp, recipe.model
+    rules = [
+        (world_size % cp == 0, "parallel.cp", cp, f"must divide the {world_size} processes", "pick a divisor"),
+        (m.n_heads % cp == 0, "model.n_heads", m.n_heads, f"must be divisible by parallel.cp={cp}", "change cp"),
+        (m.resolved_kv_heads % cp == 0, "model.kv_heads", m.resolved_kv_heads,
+         f"must be divisible by parallel.cp={cp} (DeepSpeed-Ulysses splits key/value heads too)", "change cp"),
+        (recipe.data.seq_len % cp == 0, "data.seq_len", recipe.data.seq_len,
+         f"must be divisible by parallel.cp={cp}", "change seq_len or cp"),
+    ]  # fmt: skip
+    for ok, key, value, rule, fix in rules:
+        if not ok:
+            raise ConfigError(None, key, value, rule, fix)
+
+
 def _check_batch(recipe: Recipe, world_size: int) -> None:
     t = recipe.train
-    per_step = t.micro_batch_size * world_size
+    per_step = t.micro_batch_size * (world_size // recipe.parallel.cp)
     if t.global_batch_size % per_step:
         raise ConfigError(
             None, "train.global_batch_size", t.global_batch_size,
-            f"must be a multiple of micro_batch_size x ranks = {t.micro_batch_size} x {world_size}",
+            f"must be a multiple of micro_batch_size x data-parallel ranks = {t.micro_batch_size} x "
+            f"{world_size // recipe.parallel.cp}",
             f"use a multiple of {per_step}",
         )  # fmt: skip
 
@@ -131,7 +149,9 @@ def ds_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
         zero["offload_param"] = {"device": d.offload_params}
     config = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * world_size),
+        # sequence peers (parallel.cp) read the same samples: data-parallel ranks = world / cp
+        "gradient_accumulation_steps": t.global_batch_size
+        // (t.micro_batch_size * world_size // recipe.parallel.cp),
         "gradient_clipping": recipe.optim.grad_clip,
         "zero_optimization": zero,
         # Loom passes its own torch AdamW (same update as the native engine); DeepSpeed would otherwise insist

@@ -19,6 +19,8 @@ from torch import nn
 from framework.config import Recipe
 from framework.deepspeed.checkpoint import ENGINE_DIR, weights_only_loads
 from framework.deepspeed.config import ds_config, import_deepspeed
+from framework.deepspeed.ulysses import apply_deepspeed_ulysses, sequence_group
+from framework.parallel.context import shard_sequence
 from framework.train.loss import count_labelled
 from framework.train.train_module import Batch, StepCounters, StepVeto, TrainModule
 
@@ -31,6 +33,10 @@ class DeepSpeedTrainModule(TrainModule):
         deepspeed = import_deepspeed(self.device)
         self.world = dist.get_world_size()
         self.ds_config = ds_config(recipe, self.world)
+        self.cp = recipe.parallel.cp
+        self.sp_rank = dist.get_rank() % self.cp  # sequence groups are blocks of cp consecutive ranks
+        if self.cp > 1:
+            apply_deepspeed_ulysses(model, sequence_group(self.cp))
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
 
     def train_batch(self, micro_batches: list[Batch]) -> dict[str, Any]:
@@ -83,6 +89,9 @@ class DeepSpeedTrainModule(TrainModule):
         kwargs = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
         with self.precision.autocast():
             return self.engine(batch["input_ids"], **kwargs)  # ZeRO-3 gathers each layer's parameters
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return shard_sequence(super()._to_device(batch), self.cp, self.sp_rank)  # this rank's sequence shard
 
     def _global_sum(self, value: torch.Tensor) -> torch.Tensor:
         out = value.detach().clone()

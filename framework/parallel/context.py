@@ -52,7 +52,11 @@ _FULL_CONTEXT = "context_parallel"
 
 def shard_batch(batch: dict[str, torch.Tensor], cp_mesh: DeviceMesh) -> dict[str, torch.Tensor]:
     """This cp rank's contiguous sequence shard of every per-token entry, with global position ids added."""
-    cp, rank = cp_mesh.size(), cp_mesh.get_local_rank()
+    return shard_sequence(batch, cp_mesh.size(), cp_mesh.get_local_rank())
+
+
+def shard_sequence(batch: dict[str, torch.Tensor], cp: int, rank: int) -> dict[str, torch.Tensor]:
+    """`shard_batch` for sequence-parallel rank `rank` of `cp` (also used by the DeepSpeed engine's Ulysses)."""
     if cp == 1:
         return batch
     ids = batch["input_ids"]
@@ -93,13 +97,22 @@ def apply_context_parallel(model: nn.Module, dims: ParallelDims, cp_mesh: Device
     Runs after tensor parallelism: the head offset and local views compose with tp's."""
     if dims.cp == 1:
         return
-    cp, rank, group = cp_mesh.size(), cp_mesh.get_local_rank(), cp_mesh.get_group()
+    install_sequence_parallel(model, cp_mesh.get_group(), dims.tp, ulysses_attend)
+
+
+def install_sequence_parallel(
+    model: nn.Module, group: dist.ProcessGroup, tp: int, exchange: Callable[..., torch.Tensor]
+) -> None:
+    """Every attention module of `model` exchanges sequence for heads over `group` with `exchange` (called as
+    exchange(attend, q, k, v, ctx, group=group): `ulysses_attend`, or DeepSpeed's DistributedAttention in
+    framework/deepspeed/ulysses.py); heads, per-head parameters and the T5 bias follow this rank's block."""
+    cp, rank = dist.get_world_size(group), dist.get_rank(group)
     for module in model.modules():
         if isinstance(module, Attention):
-            heads = module.n_heads // (dims.tp * cp)  # this rank's heads after the all-to-all
+            heads = module.n_heads // (tp * cp)  # this rank's heads after the all-to-all
             module.head_offset += rank * heads
             module.local_view = functools.partial(_narrow_heads, module.local_view, rank * heads, heads)
-            module.attend_hook = functools.partial(ulysses_attend, group=group)
+            module.attend_hook = functools.partial(exchange, group=group)
         elif isinstance(module, RelativePositionBias):
             module.bias = functools.partial(_whole_sequence_bias, module.bias, group=group)
 
@@ -121,7 +134,7 @@ def ulysses_attend(
     group: dist.ProcessGroup,
 ) -> torch.Tensor:
     """q/k/v [B, heads, S/cp, D] -> all-to-all -> [B, heads/cp, S, D] -> attend -> back to [B, heads, S/cp, D]."""
-    full = _whole_sequence_context(ctx, group)
+    full = whole_sequence_context(ctx, group)
     out = attend(*(_sequence_to_heads(t, group) for t in (q, k, v)), full)
     return _heads_to_sequence(out, group)
 
@@ -145,7 +158,7 @@ def _heads_to_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tenso
     return received.movedim(0, 1).reshape(b, cp * h, seq // cp, d)
 
 
-def _whole_sequence_context(ctx: AttentionContext, group: dist.ProcessGroup) -> AttentionContext:
+def whole_sequence_context(ctx: AttentionContext, group: dist.ProcessGroup) -> AttentionContext:
     """The stack's context over the whole sequence, built once per forward: positions and document ids gathered
     over cp, the T5 bias (already whole, see `_whole_sequence_bias`) narrowed to this rank's heads. RoPE is not
     carried: q and k were rotated on the shard, with their global positions."""

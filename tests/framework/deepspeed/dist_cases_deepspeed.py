@@ -19,8 +19,8 @@ from framework.train.train_module import TrainModule
 CPU = torch.device("cpu")
 
 
-def ds_recipe(stage: int, offload: bool) -> Recipe:
-    recipe = tiny_recipe()
+def ds_recipe(stage: int, offload: bool, model: dict[str, Any] | None = None) -> Recipe:
+    recipe = tiny_recipe(model)
     recipe.parallel.engine = "deepspeed"
     recipe.deepspeed.zero_stage = stage
     if offload:
@@ -29,18 +29,22 @@ def ds_recipe(stage: int, offload: bool) -> Recipe:
     return recipe
 
 
-def zero_parity(stage: int, offload: bool = False, steps: int = 5) -> dict[str, Any]:
-    """`steps` steps on the DeepSpeed engine (this rank's slice of each global batch) against one native process
-    (in this process): per-step loss and gradient norm, and the parameters after the last update."""
+def zero_parity(
+    stage: int, offload: bool = False, steps: int = 5, cp: int = 1, model: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """`steps` steps on the DeepSpeed engine (this rank's slice of each global batch; with cp > 1 a block of cp
+    ranks shares a slice and splits its sequences, DeepSpeed-Ulysses) against one native process (in this
+    process): per-step loss and gradient norm, and the parameters after the last update."""
     os.environ["LOCAL_RANK"] = str(dist.get_rank())  # torchrun sets it; DeepSpeed insists on it
-    recipe = ds_recipe(stage, offload)
+    recipe = ds_recipe(stage, offload, model)
+    recipe.parallel.cp = cp
     batches = global_batches(steps)
     ref = TrainModule(materialize_model(recipe.model, CPU, 0), recipe, CPU)
     ref_losses, ref_norms = train_steps(ref, batches)
     module = DeepSpeedTrainModule(materialize_model(recipe.model, CPU, 0), recipe, CPU)
-    per_rank = GLOBAL_BATCH // dist.get_world_size()
-    rank = dist.get_rank()
-    losses, norms = train_steps(module, [b[rank * per_rank : (rank + 1) * per_rank] for b in batches])
+    per_rank = GLOBAL_BATCH // (dist.get_world_size() // cp)
+    dp_rank = dist.get_rank() // cp
+    losses, norms = train_steps(module, [b[dp_rank * per_rank : (dp_rank + 1) * per_rank] for b in batches])
     ours, theirs = _gathered(module), full_params(ref.model)
     return {
         "loss_rel": rel(losses, ref_losses),

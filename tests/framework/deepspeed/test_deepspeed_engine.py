@@ -25,3 +25,19 @@ def test_zero_matches_one_native_process(ds_pool, case: str, world: int) -> None
         assert max(r["norm_rel"]) <= 1e-5, r
         assert r["param_rel"] <= 5e-5, r
         assert r["partitioned"] == (stage == 3), r
+
+
+ULYSSES = {"cp2": (2, 2), "cp2_dp2_zero3": (4, 3)}  # (processes, ZeRO stage)
+
+
+@pytest.mark.parametrize("case", list(ULYSSES))
+def test_ulysses_matches_one_native_process(ds_pool, case: str) -> None:
+    """parallel.cp = 2 on the DeepSpeed engine: DeepSpeed's DistributedAttention exchanges sequence shards for
+    heads (GQA: 4 query, 2 key/value heads; RoPE on global positions; a causal mask over the whole sequence)."""
+    world, stage = ULYSSES[case]
+    results = ds_pool(world).run("dist_cases_deepspeed:zero_parity", stage, cp=2, model={"kv_heads": 2})
+    for r in results:
+        print(case, r)
+        assert max(r["loss_rel"]) <= 1e-6, r
+        assert max(r["norm_rel"]) <= 1e-5, r
+        assert r["param_rel"] <= 5e-5, r
