@@ -135,7 +135,9 @@ def train_deepspeed(
 ) -> dict[str, Any]:
     """Train `recipe` on the DeepSpeed engine: every rank a data-parallel rank (docs/deepspeed.md)."""
     ds_config = importlib.import_module("framework.deepspeed.config")
-    ds_config.check_deepspeed(recipe, world_size, resume)  # every refusal before any process-group work
+    ds_config.check_deepspeed(
+        recipe, world_size, resume, device
+    )  # every refusal before any process-group work
     if world_size == 1:  # one process (e.g. one GPU with ZeRO offload): DeepSpeed still wants a process group
         for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
             os.environ.setdefault(key, value)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import math
 import os
 from types import ModuleType
 from typing import Any
@@ -69,8 +70,13 @@ def import_deepspeed(device: torch.device) -> ModuleType:
     return deepspeed
 
 
-def check_deepspeed(recipe: Recipe, world_size: int, resume: str | None) -> None:
+def check_deepspeed(
+    recipe: Recipe, world_size: int, resume: str | None, device: torch.device | None = None
+) -> None:
     """Refuse, as one ConfigError, what the DeepSpeed engine cannot run (before any process group exists)."""
+    if recipe.precision.dtype == "fp16" and device is not None and device.type == "cpu":
+        raise ConfigError(None, "precision.dtype", "fp16", "DeepSpeed's CPU accelerator has no fp16 "
+                          "('Type fp16 is not supported on your device')", "use precision.dtype: bf16 or fp32 on CPU")  # fmt: skip
     p, fix = recipe.parallel, "use parallel.engine: native for this layout"
     _check_sequence_parallel(recipe, world_size)
     for name in ("tp", "pp", "ep"):
@@ -89,8 +95,9 @@ def check_deepspeed(recipe: Recipe, world_size: int, resume: str | None) -> None
         "not applied by the DeepSpeed engine yet",
         "set parallel.compile: false",
     )
-    _refuse(recipe.precision.dtype in ("fp16", "fp8"), "precision.dtype",
-            "the DeepSpeed engine trains in fp32 or bf16 (autocast) so far", "use precision.dtype: bf16")  # fmt: skip
+    _refuse(recipe.precision.dtype == "fp8", "precision.dtype", "fp8 runs on the native engine",
+            "use precision.dtype: bf16 or fp16")  # fmt: skip
+    _check_fp16(recipe)
     _refuse(
         recipe.model.moe is not None,
         "model.moe",
@@ -127,6 +134,21 @@ def _check_sequence_parallel(recipe: Recipe, world_size: int) -> None:
             raise ConfigError(None, key, value, rule, fix)
 
 
+def _check_fp16(recipe: Recipe) -> None:
+    """DeepSpeed's dynamic loss scaler starts at a power of two and grows x2 / backs off x0.5."""
+    p = recipe.precision
+    if p.dtype != "fp16":
+        return
+    if math.log2(p.loss_scale_init) % 1:
+        raise ConfigError(None, "precision.loss_scale_init", p.loss_scale_init,
+                          "DeepSpeed starts its loss scale at a power of two", "use e.g. 65536")  # fmt: skip
+    for key, value, wanted in (("growth_factor", p.loss_scale_growth_factor, 2.0),
+                               ("backoff_factor", p.loss_scale_backoff_factor, 0.5)):  # fmt: skip
+        if value != wanted:
+            raise ConfigError(None, f"precision.loss_scale_{key}", value,
+                              f"DeepSpeed's loss scaler uses {wanted}", f"set it to {wanted}")  # fmt: skip
+
+
 def _check_batch(recipe: Recipe, world_size: int) -> None:
     t = recipe.train
     per_step = t.micro_batch_size * (world_size // recipe.parallel.cp)
@@ -160,6 +182,11 @@ def ds_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,  # Loom logs the steps
     }
+    if recipe.precision.dtype == "fp16":
+        # DeepSpeed's fp16 mode: fp16 weights, an fp32 master copy in the optimizer, dynamic loss scaling
+        p = recipe.precision
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": int(math.log2(p.loss_scale_init)),
+                          "loss_scale_window": p.loss_scale_growth_interval, "hysteresis": 1, "min_loss_scale": 1}  # fmt: skip
     return merge(config, recipe.deepspeed.config)
 
 

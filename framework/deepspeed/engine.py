@@ -38,6 +38,11 @@ class DeepSpeedTrainModule(TrainModule):
         if self.cp > 1:
             apply_deepspeed_ulysses(model, sequence_group(self.cp))
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
+        self.fp16 = recipe.precision.dtype == "fp16"
+        if self.fp16:
+            # DeepSpeed scales the loss and skips overflowed steps itself (its fp16 mode, weights in fp16):
+            # Loom's GradScaler and fp16 autocast step aside
+            self.precision.scaler, self.precision.autocast_dtype = None, None
 
     def train_batch(self, micro_batches: list[Batch]) -> dict[str, Any]:
         if len(micro_batches) != self.engine.gradient_accumulation_steps():
@@ -78,12 +83,21 @@ class DeepSpeedTrainModule(TrainModule):
             )
         lr = self.lr
         self.engine.step()
-        self.scheduler.step()  # Loom's schedule on Loom's optimizer, whose groups DeepSpeed steps
+        applied = self.engine.was_step_applied()  # False: fp16 overflow, DeepSpeed skipped and backed off
+        if applied:
+            self.scheduler.step()  # Loom's schedule on Loom's optimizer, whose groups DeepSpeed steps
+            self.counters.updates += 1
+            self.counters.consecutive_skips = 0
+        else:
+            self.counters.skipped_steps += 1
+            self.counters.consecutive_skips += 1
         self.counters.step += 1
-        self.counters.updates += 1
-        norm = float(self.engine.get_global_grad_norm() or 0.0)
+        norm = float(self.engine.get_global_grad_norm() or 0.0) if applied else math.inf
         stats = {"step": self.step, "loss": loss, "z_loss": z_loss, "grad_norm": norm}
-        return {**stats, **self._step_report(lr, None), "labelled_tokens": int(n_labelled)}
+        report = self._step_report(lr, None if applied else "nonfinite")
+        if self.fp16:
+            report["loss_scale"] = float(self.engine.optimizer.cur_scale)
+        return {**stats, **report, "labelled_tokens": int(n_labelled)}
 
     def _forward(self, batch: Batch) -> torch.Tensor:
         kwargs = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}

@@ -67,3 +67,37 @@ def _gathered(module: DeepSpeedTrainModule) -> dict[str, torch.Tensor]:
 def _partitioned(module: DeepSpeedTrainModule) -> bool:
     """Whether ZeRO-3 really partitioned the parameters (each rank holds fewer elements than the model)."""
     return any(getattr(p, "ds_numel", 0) > p.numel() for p in module.engine.module.parameters())
+
+
+def fp16_tracks_native(stage: int, scale_init: float, steps: int = 5) -> dict[str, Any]:
+    """fp16 on DeepSpeed (its fp16 mode: fp16 weights, fp32 master, its dynamic loss scaler) against one native
+    fp16 process (autocast, fp32 weights, GradScaler) and one fp32 process: losses, skipped steps, loss scales."""
+    os.environ["LOCAL_RANK"] = str(dist.get_rank())
+    recipe = ds_recipe(stage, False)
+    recipe.precision.dtype, recipe.precision.loss_scale_init = "fp16", scale_init
+    batches = global_batches(steps)
+    ref = TrainModule(materialize_model(recipe.model, CPU, 0), recipe, CPU)
+    ref_stats = [_step(ref, b) for b in batches]
+    module = DeepSpeedTrainModule(materialize_model(recipe.model, CPU, 0), recipe, CPU)
+    per_rank = GLOBAL_BATCH // dist.get_world_size()
+    rank = dist.get_rank()
+    stats = [_step(module, b[rank * per_rank : (rank + 1) * per_rank]) for b in batches]
+    recipe.precision.dtype = "fp32"
+    fp32 = [
+        _step(TrainModule(materialize_model(recipe.model, CPU, 0), recipe, CPU), b)["loss"]
+        for b in batches[:1]
+    ]
+    return {
+        "loss_rel": rel([s["loss"] for s in stats], [s["loss"] for s in ref_stats]),
+        "skipped": [s["skipped"] for s in stats],
+        "native_skipped": [s["skipped"] for s in ref_stats],
+        "scales": [s["loss_scale"] for s in stats],
+        "native_scales": [s["loss_scale"] for s in ref_stats],
+        "first_vs_fp32": abs(stats[0]["loss"] - fp32[0]) / fp32[0],
+        "weight_dtype": str(next(module.engine.module.parameters()).dtype),
+    }
+
+
+def _step(module: TrainModule, batch: list) -> dict[str, Any]:
+    module.train_batch(batch)
+    return module.optim_step()

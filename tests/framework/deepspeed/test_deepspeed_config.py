@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
 
@@ -62,7 +63,12 @@ def test_known_keys_include_what_deepspeed_reads() -> None:
         (["parallel.tp=2"], "parallel.tp"),
         (["parallel.pp=2"], "parallel.pp"),
         (["parallel.cpu_offload=true"], "parallel.cpu_offload"),
-        (["precision.dtype=fp16"], "precision.dtype"),
+        (["precision.dtype=fp8"], "precision.dtype"),
+        (["precision.dtype=fp16", "precision.loss_scale_init=1000"], "precision.loss_scale_init"),
+        (
+            ["precision.dtype=fp16", "precision.loss_scale_growth_factor=4"],
+            "precision.loss_scale_growth_factor",
+        ),
         (["train.spike_sigma=3"], "train.spike_sigma"),
         (["checkpoint.async_save=true"], "checkpoint.async_save"),
         (["train.global_batch_size=6"], "train.global_batch_size"),
@@ -78,3 +84,16 @@ def test_offload_params_needs_zero_3() -> None:
     with pytest.raises(ConfigError) as err:
         _recipe("deepspeed.zero_stage=2", "deepspeed.offload_params=cpu")
     assert err.value.key == "deepspeed.offload_params"
+
+
+def test_fp16_uses_deepspeeds_loss_scaler_and_is_refused_on_cpu() -> None:
+    recipe = _recipe(
+        "precision.dtype=fp16", "precision.loss_scale_init=1024", "precision.loss_scale_growth_interval=50"
+    )
+    fp16 = ds_config(recipe, world_size=2)["fp16"]
+    assert fp16["enabled"] and fp16["loss_scale"] == 0  # 0 = dynamic
+    assert fp16["initial_scale_power"] == 10 and fp16["loss_scale_window"] == 50
+    check_deepspeed(recipe, 2, None)  # valid on a GPU
+    with pytest.raises(ConfigError) as err:
+        check_deepspeed(recipe, 2, None, torch.device("cpu"))
+    assert err.value.key == "precision.dtype" and "CPU accelerator has no fp16" in str(err.value)

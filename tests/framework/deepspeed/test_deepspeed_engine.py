@@ -8,6 +8,7 @@ the accumulation steps); Loom undoes both factors, so the sums are the same up t
 from __future__ import annotations
 
 import pytest
+import torch
 
 pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
 
@@ -41,3 +42,18 @@ def test_ulysses_matches_one_native_process(ds_pool, case: str) -> None:
         assert max(r["loss_rel"]) <= 1e-6, r
         assert max(r["norm_rel"]) <= 1e-5, r
         assert r["param_rel"] <= 5e-5, r
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU: DeepSpeed's CPU accelerator has no fp16"
+)
+@pytest.mark.parametrize("scale_init", [65536.0, 2.0**24], ids=["scale_2e16", "overflow_2e24"])
+def test_fp16_tracks_the_native_fp16_engine(ds_pool, scale_init: float) -> None:
+    """DeepSpeed's fp16 mode (fp16 weights, its loss scaler) against the native fp16 engine: losses close, the
+    same steps skipped on overflow while the scale backs off. Written for a GPU session; not run on CPU."""
+    for r in ds_pool(2).run("dist_cases_deepspeed:fp16_tracks_native", 2, scale_init):
+        print(scale_init, r)
+        assert r["weight_dtype"] == "torch.float16", r
+        assert max(r["loss_rel"]) <= 1e-2 and r["first_vs_fp32"] <= 1e-2, r
+        assert r["skipped"] == r["native_skipped"], r
