@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -97,3 +99,14 @@ def test_fp16_uses_deepspeeds_loss_scaler_and_is_refused_on_cpu() -> None:
     with pytest.raises(ConfigError) as err:
         check_deepspeed(recipe, 2, None, torch.device("cpu"))
     assert err.value.key == "precision.dtype" and "CPU accelerator has no fp16" in str(err.value)
+
+
+def test_a_missing_deepspeed_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from framework.deepspeed.config import import_deepspeed
+
+    monkeypatch.setitem(
+        sys.modules, "deepspeed", None
+    )  # import deepspeed -> ImportError, as when not installed
+    with pytest.raises(ConfigError) as err:
+        import_deepspeed(torch.device("cpu"))
+    assert err.value.key == "parallel.engine" and "loom-pretrain[deepspeed]" in str(err.value)
