@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -101,3 +102,25 @@ def fp16_tracks_native(stage: int, scale_init: float, steps: int = 5) -> dict[st
 def _step(module: TrainModule, batch: list) -> dict[str, Any]:
     module.train_batch(batch)
     return module.optim_step()
+
+
+def zero_resume(stage: int, offload: bool, folder: str) -> dict[str, Any]:
+    """4 steps straight vs 2 steps, DeepSpeed's save into `folder`, a fresh engine loading it, 2 more steps."""
+    os.environ["LOCAL_RANK"] = str(dist.get_rank())
+    recipe = ds_recipe(stage, offload)
+    per_rank = GLOBAL_BATCH // dist.get_world_size()
+    rank = dist.get_rank()
+    mine = [b[rank * per_rank : (rank + 1) * per_rank] for b in global_batches(4)]
+
+    def fresh() -> DeepSpeedTrainModule:
+        return DeepSpeedTrainModule(materialize_model(recipe.model, CPU, 0), recipe, CPU)
+
+    straight = train_steps(fresh(), mine)[0]
+    first = fresh()
+    before = train_steps(first, mine[:2])[0]
+    first.save_engine_files(Path(folder))
+    state = first.state_dict()
+    second = fresh()
+    second.load_engine_files(Path(folder))
+    second.load_state_dict(state)
+    return {"straight": straight, "resumed": before + train_steps(second, mine[2:])[0], "step": second.step}
