@@ -21,7 +21,6 @@ from framework.deepspeed.checkpoint import ENGINE_DIR, weights_only_loads
 from framework.deepspeed.config import ds_config, import_deepspeed
 from framework.deepspeed.ulysses import apply_deepspeed_ulysses, sequence_group
 from framework.parallel.context import shard_sequence
-from framework.train.loss import count_labelled
 from framework.train.train_module import Batch, StepCounters, StepVeto, TrainModule
 
 
@@ -50,23 +49,14 @@ class DeepSpeedTrainModule(TrainModule):
                 f"{len(micro_batches)} micro-batches, DeepSpeed accumulates "
                 f"{self.engine.gradient_accumulation_steps()}"
             )
-        self._set_training(True)
-        batches = [self._to_device(mb) for mb in micro_batches]
-        total = self._global_sum(sum(count_labelled(b["labels"]) for b in batches))
+        return super().train_batch(micro_batches)
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
         # Loom's loss is already normalised by the global batch's labelled tokens; DeepSpeed divides each
         # micro-batch loss by the accumulation steps and averages gradients over ranks: undo both factors.
-        factor = len(batches) * self.world
-        ce = z = torch.zeros((), device=self.device)
-        for i, batch in enumerate(batches):
-            out = self._forward_loss(batch, total)
-            self.engine.backward(out.loss * factor)
-            if i < len(batches) - 1:
-                self.engine.step()  # inside the accumulation window DeepSpeed only counts the micro-step
-            ce, z = ce + out.ce, z + out.z_loss
-        tokens = sum(b["input_ids"].numel() for b in batches)
-        self.counters.tokens += tokens
-        self._pending = (self._global_sum(ce), self._global_sum(z), total)
-        return {"loss": ce, "z_loss": z, "labelled_tokens": total, "tokens": tokens}
+        self.engine.backward(loss * (self.engine.gradient_accumulation_steps() * self.world))
+        if not last:
+            self.engine.step()  # inside the accumulation window DeepSpeed only counts the micro-step
 
     def optim_step(self, veto: StepVeto | None = None) -> dict[str, Any]:
         """DeepSpeed's step: reduce what is pending, clip to optim.grad_clip, update, zero the gradients. The

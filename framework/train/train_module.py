@@ -140,9 +140,10 @@ class TrainModule(BaseTrainModule):
             self.moe.start_step([b["input_ids"].shape for b in batches])
         ce = z = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
-            with self._grad_sync(last=i == len(batches) - 1):
+            last = i == len(batches) - 1
+            with self._grad_sync(last=last):
                 out = self._forward_loss(batch, total)
-                self.precision.scale(out.loss).backward()
+                self._backward(out.loss, last)
             ce, z = ce + out.ce, z + out.z_loss
         tokens = sum(b["input_ids"].numel() for b in batches)
         self.counters.tokens += tokens
@@ -212,6 +213,10 @@ class TrainModule(BaseTrainModule):
         if self.moe is not None:
             out.loss = out.loss + self.moe.micro_batch_loss()  # router aux + z losses; logged by metrics()
         return out
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Backward of one micro-batch's loss (`last`: the step's final micro-batch); fp16 scales it first."""
+        self.precision.scale(loss).backward()
 
     def _skip_reason(self, stats: dict[str, Any], veto: StepVeto | None) -> str | None:
         finite = all(math.isfinite(stats[k]) for k in ("loss", "z_loss", "grad_norm"))
