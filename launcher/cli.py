@@ -450,6 +450,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"loom: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as err:  # a disk, permission or path problem: errno's words and the path, no traceback
+        from framework.outputs import describe_os_error
+
+        print(f"loom: error: {describe_os_error(err)}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("loom: interrupted", file=sys.stderr)
         return 130
