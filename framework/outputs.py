@@ -170,7 +170,9 @@ def read_json_file(path: str | Path, what: str, *, key: str = "file") -> Any:
     except FileNotFoundError:
         raise ConfigError(None, key, str(path), f"{what} is missing", "check the path") from None
     except OSError as error:
-        raise ConfigError(None, key, str(path), f"{what} cannot be read ({error.strerror})", "check it") from None
+        raise ConfigError(
+            None, key, str(path), f"{what} cannot be read ({error.strerror})", "check it"
+        ) from None
     except (UnicodeDecodeError, ValueError) as error:
         rule = f"{what} is not valid JSON ({type(error).__name__}: {error})"
         raise ConfigError(None, key, str(path), rule, "restore the file, or pass another") from None
