@@ -486,8 +486,9 @@ def check_fits(recipe: Recipe, world_size: int, device: str) -> Fit:
         raise ConfigError(
             None,
             "model",
-            f"{total:,} parameters (d_model {m.d_model}, n_layers {m.n_layers}, vocab_size {m.vocab_size})",
-            f"needs {_gib(fit.need)} ({fit.what}) but {fit.where} has {_gib(fit.limit)}",
+            f"{total:,} parameters",
+            f"(d_model {m.d_model}, n_layers {m.n_layers}, vocab_size {m.vocab_size}) needs {_gib(fit.need)} "
+            f"({fit.what}) but {fit.where} has {_gib(fit.limit)}",
             "use a smaller model (model.d_model, ffn_hidden, n_layers, vocab_size), more ranks (--nproc, "
             "launch.nnodes) with a sharded layout (parallel.data_parallel: fsdp, tp, pp), "
             "or parallel.activation_checkpointing",
