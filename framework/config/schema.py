@@ -309,6 +309,8 @@ class ModelConfig:
         )
         _positive(self, p, "init_std", "embedding_init_std", "attention_temperature", "rope_scaling_factor")
         _positive(self, p, "relative_buckets", "relative_max_distance")
+        # llama3 RoPE scaling divides by each of these (framework/models/positions.py: _llama3_scale)
+        _positive(self, p, "rope_original_max_seq_len", "rope_low_freq_factor", "rope_high_freq_factor")
         _fraction(self, p, "dropout", "attention_dropout")
         _non_negative(self, p, "type_vocab_size")
         self._validate_bounds()

@@ -105,6 +105,9 @@ def test_finite_floats_still_load(tmp_path: Path) -> None:
         ("train.global_batch_size=10000000000000", "train.global_batch_size", "at most"),
         ("parallel.tp=100000000", "parallel.tp", "at most"),
         ("model.moe={n_experts: 10000000, top_k: 1}", "model.moe.n_experts", "at most"),
+        ("model.rope_low_freq_factor=0", "model.rope_low_freq_factor", "> 0"),  # a divisor in llama3 scaling
+        ("model.rope_original_max_seq_len=0", "model.rope_original_max_seq_len", "> 0"),
+        ("train.steps=0", "train.steps", "> 0"),
     ],
 )
 def test_sizes_and_counts_are_bounded(tmp_path: Path, override: str, key: str, rule: str) -> None:
