@@ -75,43 +75,62 @@ class _DuplicateKey(Exception):
         self.key, self.first_line, self.second_line = key, first_line, second_line
 
 
+MAX_VALUES = 1_000_000
+"""Values a recipe may expand to once YAML aliases are followed (a real recipe has a few hundred): a few lines of
+nested aliases (a "billion laughs" document) would otherwise expand to billions and hang every later step."""
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
 class _RecipeLoader(yaml.SafeLoader):
     """yaml.safe_load's loader (standard tags only: nothing that runs code), refusing duplicate keys.
 
     The composed node tree is checked before anything is constructed, so the error names the dotted key and the
     lines of both occurrences, in nested mappings too. Merge keys (`<<: *anchor`) may be overridden on purpose,
-    so only keys written out in the mapping itself count."""
+    so only keys written out in the mapping itself count. The walk also counts the values the document expands
+    to (each aliased node once, its expanded size remembered) and refuses more than MAX_VALUES."""
 
     def get_single_data(self) -> Any:
         node = self.get_single_node()
         if node is None:
             return None
-        self._check_duplicates(node, "", set())
+        size = self._check(node, "", {})
+        if size > MAX_VALUES:
+            raise _TooLarge(size)
         return self.construct_document(node)
 
-    def _check_duplicates(self, node: yaml.Node, prefix: str, seen: set[int]) -> None:
-        if id(node) in seen:  # an alias of a node already checked (and no exponential walk of alias chains)
-            return
-        seen.add(id(node))
+    def _check(self, node: yaml.Node, prefix: str, sizes: dict[int, int]) -> int:
+        """Expanded number of values under `node` (memoised per node: linear in the text, not in the expansion)."""
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = 1  # a node inside itself (a recursive alias) counts once
+        size = 1
         if isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                self._check_duplicates(item, f"{prefix}[{i}]", seen)
-        if not isinstance(node, yaml.MappingNode):
-            return
+            size += sum(self._check(item, f"{prefix}[{i}]", sizes) for i, item in enumerate(node.value))
+        if isinstance(node, yaml.MappingNode):
+            size += self._check_mapping(node, prefix, sizes)
+        sizes[id(node)] = size
+        return size
+
+    def _check_mapping(self, node: yaml.MappingNode, prefix: str, sizes: dict[int, int]) -> int:
         lines: dict[Any, int] = {}
+        size = 0
         for key_node, value_node in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = (
-                self.construct_object(key_node, deep=True) if isinstance(key_node, yaml.ScalarNode) else None
-            )
+            merge = key_node.tag == "tag:yaml.org,2002:merge"
+            plain = isinstance(key_node, yaml.ScalarNode) and not merge
+            key = self.construct_object(key_node, deep=True) if plain else None
             dotted = f"{prefix}.{key}" if prefix else str(key)
             line = key_node.start_mark.line + 1
-            if key is not None and key in lines:
-                raise _DuplicateKey(dotted, lines[key], line)
             if key is not None:
+                if key in lines:
+                    raise _DuplicateKey(dotted, lines[key], line)
                 lines[key] = line
-            self._check_duplicates(value_node, dotted, seen)
+            size += 1 + self._check(value_node, dotted, sizes)
+        return size
 
 
 def _decode(path: Path, raw: bytes) -> str:
@@ -140,6 +159,14 @@ def _parse_yaml(path: Path, text: str) -> Any:
             f"lines {dup.first_line} and {dup.second_line}",
             "is given twice; YAML keys must be unique (the last one would silently win)",
             "keep one of them",
+        ) from None
+    except _TooLarge as big:
+        raise ConfigError(
+            str(path),
+            "recipe",
+            f"{big.size:,} values",
+            f"expands to more than {MAX_VALUES:,} values through YAML aliases (&anchor / *alias)",
+            "write the recipe without nested aliases",
         ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)

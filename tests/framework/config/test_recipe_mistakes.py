@@ -204,3 +204,25 @@ def test_a_recipe_that_is_not_utf8_names_the_byte(tmp_path: Path, raw: bytes, of
 def test_a_utf8_recipe_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
     path = write(tmp_path, "r.yaml", b"\xef\xbb\xbf" + BASE.encode() + "# café\n".encode())
     assert load_recipe(path).model.n_layers == 2
+
+
+@pytest.mark.parametrize(
+    ("anchor", "alias"),
+    [("[1, 1, 1, 1, 1, 1, 1, 1, 1, 1]", "[{0}, {0}, {0}, {0}, {0}, {0}, {0}, {0}, {0}, {0}]"),
+     ("{{x: 1, y: 1}}", "{{p: {0}, q: {0}}}")],
+)  # fmt: skip
+def test_a_yaml_alias_bomb_is_refused_promptly(tmp_path: Path, anchor: str, alias: str) -> None:
+    # nested aliases expand to billions of values: every later step (merge, origins, conversion) would hang
+    lines = [f"a0: &a0 {anchor.format()}"]
+    lines += [f"a{i}: &a{i} {alias.format(f'*a{i - 1}')}" for i in range(1, 40)]
+    path = write(tmp_path, "bomb.yaml", "\n".join(lines) + "\n")
+    err = error_of(path)
+    assert (err.file, err.key) == (str(path), "recipe") and "aliases" in err.rule
+
+
+def test_plain_aliases_still_load(tmp_path: Path) -> None:
+    text = (
+        BASE + "optim:\n  betas: &b [0.8, 0.9]\nschedule:\n  warmup_steps: &w 5\ntrain:\n  eval_every: *w\n"
+    )
+    recipe = load_recipe(write(tmp_path, "r.yaml", text))
+    assert recipe.optim.betas == (0.8, 0.9) and recipe.train.eval_every == 5
