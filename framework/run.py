@@ -25,6 +25,7 @@ from framework.kernels.choice import resolve_kernels, use_kernels
 from framework.kernels.fp8 import apply_fp8, check_fp8
 from framework.models import build_model, init_weights
 from framework.models.flops import flops_per_token
+from framework.models.memory import check_fits
 from framework.parallel.build import train_module_for
 from framework.parallel.dims import ParallelDims, build_mesh
 from framework.parallel.init import init_sharded_weights
@@ -94,6 +95,7 @@ def train(recipe: Recipe, *, resume: str | None = None) -> dict[str, Any]:
     device = resolve_device(recipe.train.device)
     resolve_kernels(recipe, device)  # model.kernels meets the device: a ConfigError before any model is built
     check_fp8(recipe, device)  # likewise precision.dtype fp8 (torchao / TE installed, fp8-capable GPU)
+    check_fits(recipe, world_size, str(device))  # sizes against the device's memory, before any allocation
     if recipe.parallel.engine == "deepspeed":
         return train_deepspeed(recipe, device, world_size, resume=resume)
     if world_size == 1:

@@ -36,8 +36,30 @@ def summary(recipe: Recipe) -> str:
         "memory per rank (micro-batch "
         f"{recipe.train.micro_batch_size} x {recipe.data.seq_len}, {recipe.precision.dtype}): "
         + ", ".join(f"{k} {_gib(v)}" for k, v in memory.items()),
+        _fit_line(recipe),
     ]
     return "\n".join(lines)
+
+
+def _fit_line(recipe: Recipe) -> str:
+    """Whether the recipe's model fits this machine's device with the recipe's ranks (launch.*): a report, not a
+    refusal, since a cluster's recipe is often checked elsewhere; `loom train` refuses (framework/run.py)."""
+    import torch
+
+    from framework.models.memory import fit_of
+
+    device = recipe.train.device
+    if device != "cpu" and torch.cuda.is_available():
+        device = "cuda:0"
+    elif device == "cuda":
+        return "memory fit: not checked (train.device cuda, and this machine has no CUDA device)"
+    else:
+        device = "cpu"
+    fit = fit_of(recipe, recipe.launch.nproc_per_node * recipe.launch.nnodes, device)
+    verdict = "fits" if fit.fits else "DOES NOT FIT; `loom train` would refuse it here"
+    return (
+        f"memory fit on {fit.where}: {verdict} (needs {_gib(fit.need)} for {fit.what}, has {_gib(fit.limit)})"
+    )
 
 
 def _moe_lines(recipe: Recipe, counts: dict[str, int]) -> list[str]:

@@ -1,13 +1,15 @@
 """YAML recipe -> typed `Recipe`.
 
-Steps: read YAML with `safe_load` -> follow `base:` (deep merge, cycles refused) -> apply `--set key=value`
+Steps: read YAML (UTF-8, safe tags only, duplicate keys and empty files refused) -> follow `base:` (deep merge, cycles refused) -> apply `--set key=value`
 overrides -> convert to the section dataclasses, checking every key and type -> `Recipe.validate()`.
 Each leaf value remembers which file (or `--set`) gave it, so a mistake is reported where it was made.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -65,17 +67,107 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return recipe
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+class _DuplicateKey(Exception):
+    """A mapping that gives one key twice (YAML says keys are unique; PyYAML would keep the last silently)."""
+
+    def __init__(self, key: str, first_line: int, second_line: int) -> None:
+        super().__init__(key)
+        self.key, self.first_line, self.second_line = key, first_line, second_line
+
+
+MAX_VALUES = 1_000_000
+"""Values a recipe may expand to once YAML aliases are followed (a real recipe has a few hundred): a few lines of
+nested aliases (a "billion laughs" document) would otherwise expand to billions and hang every later step."""
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader (standard tags only: nothing that runs code), refusing duplicate keys.
+
+    The composed node tree is checked before anything is constructed, so the error names the dotted key and the
+    lines of both occurrences, in nested mappings too. Merge keys (`<<: *anchor`) may be overridden on purpose,
+    so only keys written out in the mapping itself count. The walk also counts the values the document expands
+    to (each aliased node once, its expanded size remembered) and refuses more than MAX_VALUES."""
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        size = self._check(node, "", {})
+        if size > MAX_VALUES:
+            raise _TooLarge(size)
+        return self.construct_document(node)
+
+    def _check(self, node: yaml.Node, prefix: str, sizes: dict[int, int]) -> int:
+        """Expanded number of values under `node` (memoised per node: linear in the text, not in the expansion)."""
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = 1  # a node inside itself (a recursive alias) counts once
+        size = 1
+        if isinstance(node, yaml.SequenceNode):
+            size += sum(self._check(item, f"{prefix}[{i}]", sizes) for i, item in enumerate(node.value))
+        if isinstance(node, yaml.MappingNode):
+            size += self._check_mapping(node, prefix, sizes)
+        sizes[id(node)] = size
+        return size
+
+    def _check_mapping(self, node: yaml.MappingNode, prefix: str, sizes: dict[int, int]) -> int:
+        lines: dict[Any, int] = {}
+        size = 0
+        for key_node, value_node in node.value:
+            merge = key_node.tag == "tag:yaml.org,2002:merge"
+            plain = isinstance(key_node, yaml.ScalarNode) and not merge
+            key = self.construct_object(key_node, deep=True) if plain else None
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            line = key_node.start_mark.line + 1
+            if key is not None:
+                if key in lines:
+                    raise _DuplicateKey(dotted, lines[key], line)
+                lines[key] = line
+            size += 1 + self._check(value_node, dotted, sizes)
+        return size
+
+
+def _decode(path: Path, raw: bytes) -> str:
+    """The recipe's text; a file that is not UTF-8 is one error naming the first bad byte's offset."""
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(str(path), "recipe", str(path), "file not found", "check the path") from None
-    except OSError as exc:
+        return raw.decode("utf-8-sig")  # a leading byte-order mark is fine
+    except UnicodeDecodeError as exc:
         raise ConfigError(
-            str(path), "recipe", str(path), f"cannot be read ({exc.strerror})", "check the path"
+            str(path),
+            "recipe",
+            f"byte {exc.start}",
+            f"is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}: {exc.reason})",
+            "save the recipe as UTF-8",
         ) from None
+
+
+def _parse_yaml(path: Path, text: str) -> Any:
+    """YAML text -> data with `_RecipeLoader`; syntax errors and duplicate keys become one ConfigError."""
+    loader = _RecipeLoader(text)
     try:
-        data = yaml.safe_load(text)
+        return loader.get_single_data()
+    except _DuplicateKey as dup:
+        raise ConfigError(
+            f"{path}:{dup.second_line}",
+            dup.key,
+            f"lines {dup.first_line} and {dup.second_line}",
+            "is given twice; YAML keys must be unique (the last one would silently win)",
+            "keep one of them",
+        ) from None
+    except _TooLarge as big:
+        raise ConfigError(
+            str(path),
+            "recipe",
+            f"{big.size:,} values",
+            f"expands to more than {MAX_VALUES:,} values through YAML aliases (&anchor / *alias)",
+            "write the recipe without nested aliases",
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown line"
@@ -87,8 +179,28 @@ def _read_yaml(path: Path) -> dict[str, Any]:
             f"YAML syntax error: {problem}",
             "fix the YAML at that line (indentation, a missing ':' or an unclosed quote)",
         ) from None
-    if data is None:
-        return {}
+    finally:
+        loader.dispose()
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(str(path), "recipe", str(path), "file not found", "check the path") from None
+    except OSError as exc:
+        raise ConfigError(
+            str(path), "recipe", str(path), f"cannot be read ({exc.strerror})", "check the path"
+        ) from None
+    data = _parse_yaml(path, _decode(path, raw))
+    if data is None:  # an empty file, only comments, or `null`: never silently "all defaults"
+        raise ConfigError(
+            str(path),
+            "recipe",
+            None,
+            "is empty (no sections)",
+            "write at least one section, e.g. `model:`; `{}` asks for all defaults on purpose",
+        )
     if not isinstance(data, dict):
         raise ConfigError(
             str(path),
@@ -154,7 +266,11 @@ def parse_override(item: str) -> tuple[str, Any]:
             "e.g. --set model.n_layers=4",
         )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_RecipeLoader) if raw.strip() else ""  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as dup:
+        raise ConfigError(
+            SET_SOURCE, f"{key}.{dup.key}", raw, "gives a key twice", "keep one of them"
+        ) from None
     except yaml.YAMLError:
         raise ConfigError(
             SET_SOURCE, key, raw, "the value is not valid YAML", "quote strings, e.g. key='a: b'"
@@ -232,6 +348,9 @@ def _convert_union(hint: Any, value: Any, key: str) -> Any:
             errors.append(err)
     if len(errors) == 1:
         raise errors[0]
+    for err in errors:  # the value had an option's type but not its range (e.g. `.inf` for `'none' | float`)
+        if isinstance(err, _RangeError):
+            raise err
     raise ConfigError(None, key, value, f"must be {type_name(hint)}", "use one of those")
 
 
@@ -265,23 +384,71 @@ def _convert_sequence(hint: Any, origin: type, value: Any, key: str) -> Any:
     return origin(items)
 
 
+class _RangeError(ConfigError):
+    """A value of the right type that no field of that type accepts (not finite, beyond int64)."""
+
+
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+"""Every int field fits int64 (what torch and the checkpoint files store); schema.py bounds sizes far tighter."""
+
+
 def _convert_scalar(hint: Any, value: Any, key: str) -> Any:
     if hint is Any:
         return value
-    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        # PyYAML (YAML 1.1) reads `1e-3` as a string; accept what float() accepts.
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if hint in (int, str, bool) and type(value) is hint:
+    if hint is float:
+        return _convert_float(value, key)
+    if hint is int and type(value) is int:
+        if not INT_MIN <= value <= INT_MAX:
+            raise _RangeError(
+                None, key, value, "is out of range for a 64-bit integer", "use a realistic value for this key"
+            )
+        return value
+    if hint is int and _is_number(value):
+        # 1e30 or 4.0 where a count is wanted: YAML 1.1 reads `1e30` as text and `1.0e+30` as a float.
+        raise ConfigError(
+            None,
+            key,
+            value,
+            f"must be a whole number (int), got {type(value).__name__}",
+            "write digits, e.g. 4",
+        )
+    if hint in (str, bool) and type(value) is hint:
         return value
     example = {int: "e.g. 4", float: "e.g. 0.1", bool: "true or false", str: "a quoted string"}.get(hint, "")
     raise ConfigError(
         None, key, value, f"must be {type_name(hint)}, got {type(value).__name__}", f"write {example}"
     )
+
+
+def _convert_float(value: Any, key: str) -> float:
+    """Every float field must be a finite number: .inf / .nan (in a file or --set) silently ruin a run."""
+    number = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an int too large for a float
+            number = math.inf
+    elif isinstance(value, str):
+        # PyYAML (YAML 1.1) reads `1e-3` as a string; accept what float() accepts.
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    if number is None:
+        raise ConfigError(None, key, value, f"must be float, got {type(value).__name__}", "write e.g. 0.1")
+    if not math.isfinite(number):
+        raise _RangeError(None, key, value, "must be a finite number (not inf or nan)", "write e.g. 0.1")
+    return number
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, float):
+        return True
+    if not isinstance(value, str):
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
 
 
 def type_name(hint: Any) -> str:

@@ -7,6 +7,7 @@ span sections live in `Recipe.validate()`.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
@@ -31,6 +32,41 @@ def _non_negative(section: object, prefix: str, *names: str) -> None:
     for name in names:
         value = getattr(section, name)
         _require(value >= 0, f"{prefix}.{name}", value, "must be >= 0", "use 0 or a positive number")
+
+
+# Upper bounds of sizes and counts. Each is far above any real model or run, and low enough that what is computed
+# per layer, per step or per divisor stays fast and every product of sizes stays far inside int64. Whether a
+# model of allowed sizes fits a device is checked separately, against the device, before anything is allocated
+# (framework/models/memory.py: check_fits).
+MAX_LAYERS = 10_000
+"""model.n_layers, n_decoder_layers, moe.every, moe.first_dense: counting and building go layer by layer."""
+MAX_WIDTH = 2**20
+"""model.d_model, ffn_hidden, head_dim, moe.expert_hidden (the widest published models are below 2**16)."""
+MAX_HEADS = 2**16
+"""model.n_heads, kv_heads, moe.n_experts, n_shared_experts, n_groups, topk_groups."""
+MAX_VOCAB = 2**24
+"""model.vocab_size, type_vocab_size (tokenizers have at most a few 10**5 pieces)."""
+MAX_TOKENS = 2**24
+"""model.max_seq_len, rope_original_max_seq_len, sliding_window, relative_*, data.seq_len (16.7M tokens)."""
+MAX_STEPS = 2**40
+"""train.steps and every step count or interval (eval, checkpoints, logging, warmup, loss-scale growth)."""
+MAX_BATCH = 2**24
+"""train.global_batch_size, micro_batch_size, eval_batches, spike_window (sequences, batches, steps kept)."""
+MAX_RANKS = 2**20
+"""parallel.dp_replicate, dp_shard, tp, pp, cp, ep, pp_microbatches."""
+
+
+def _at_most(section: object, prefix: str, limit: int, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value is not None:
+            _require(
+                value <= limit,
+                f"{prefix}.{name}",
+                value,
+                f"must be at most {limit:,} (a bound far above any real setting; see framework/config/schema.py)",
+                "use a realistic value",
+            )
 
 
 def _fraction(section: object, prefix: str, *names: str) -> None:
@@ -97,6 +133,9 @@ class MoEConfig:
         _positive(self, p, "route_scale", "capacity_factor")
         _non_negative(self, p, "n_shared_experts", "first_dense", "aux_loss", "z_loss", "bias_update_rate")
         _fraction(self, p, "jitter")
+        _at_most(self, p, MAX_HEADS, "n_experts", "n_shared_experts", "n_groups", "topk_groups")
+        _at_most(self, p, MAX_WIDTH, "expert_hidden")
+        _at_most(self, p, MAX_LAYERS, "every", "first_dense")
         _require(
             self.top_k <= self.n_experts,
             f"{p}.top_k",
@@ -270,8 +309,11 @@ class ModelConfig:
         )
         _positive(self, p, "init_std", "embedding_init_std", "attention_temperature", "rope_scaling_factor")
         _positive(self, p, "relative_buckets", "relative_max_distance")
+        # llama3 RoPE scaling divides by each of these (framework/models/positions.py: _llama3_scale)
+        _positive(self, p, "rope_original_max_seq_len", "rope_low_freq_factor", "rope_high_freq_factor")
         _fraction(self, p, "dropout", "attention_dropout")
         _non_negative(self, p, "type_vocab_size")
+        self._validate_bounds()
         if self.head_dim is None:
             _require(
                 self.d_model % self.n_heads == 0,
@@ -320,6 +362,15 @@ class ModelConfig:
         if self.moe is not None:
             self._validate_moe(self.moe)
 
+    def _validate_bounds(self) -> None:
+        p = "model"
+        _at_most(self, p, MAX_LAYERS, "n_layers", "n_decoder_layers")
+        _at_most(self, p, MAX_WIDTH, "d_model", "ffn_hidden", "head_dim")
+        _at_most(self, p, MAX_HEADS, "n_heads", "kv_heads")
+        _at_most(self, p, MAX_VOCAB, "vocab_size", "type_vocab_size")
+        _at_most(self, p, MAX_TOKENS, "max_seq_len", "rope_original_max_seq_len", "sliding_window")
+        _at_most(self, p, MAX_TOKENS, "relative_buckets", "relative_max_distance")
+
     def _validate_moe(self, moe: MoEConfig) -> None:
         moe.validate(self.n_layers)
         _require(
@@ -338,8 +389,12 @@ class ModelConfig:
         )
 
 
-def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+def _divisors(n: int, limit: int = 12) -> str:
+    """The divisors of n for a fix hint, found up to sqrt(n) (n may be up to 2**63: no loop to n), at most
+    `limit` of them."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0] if n <= 2**40 else [1]
+    found = sorted({*small, *(n // d for d in small)})
+    return ", ".join(str(d) for d in found[:limit]) + (", ..." if len(found) > limit else "")
 
 
 @dataclass
@@ -395,6 +450,9 @@ class ParallelConfig:
             "use -1 to fill the world size",
         )
         _positive(self, "parallel", "pp_microbatches")
+        _at_most(
+            self, "parallel", MAX_RANKS, "dp_replicate", "dp_shard", "tp", "pp", "cp", "ep", "pp_microbatches"
+        )
 
 
 @dataclass
@@ -426,6 +484,7 @@ class PrecisionConfig:
 
     def validate(self) -> None:
         _positive(self, "precision", "loss_scale_init", "loss_scale_growth_interval")
+        _at_most(self, "precision", MAX_STEPS, "loss_scale_growth_interval")
         _require(
             self.loss_scale_growth_factor > 1.0,
             "precision.loss_scale_growth_factor",
@@ -516,6 +575,7 @@ class ScheduleConfig:
 
     def validate(self) -> None:
         _non_negative(self, "schedule", "warmup_steps")
+        _at_most(self, "schedule", MAX_STEPS, "warmup_steps")
         _require(
             0.0 <= self.min_lr_ratio <= 1.0,
             "schedule.min_lr_ratio",
@@ -566,6 +626,8 @@ class DataConfig:
     def validate(self) -> None:
         _positive(self, "data", "seq_len", "mean_span_length")
         _non_negative(self, "data", "num_workers")
+        _at_most(self, "data", MAX_TOKENS, "seq_len")
+        _at_most(self, "data", 1024, "num_workers")
         for name in ("mlm_probability", "noise_density"):
             value = getattr(self, name)
             _require(0.0 < value < 1.0, f"data.{name}", value, "must be in (0, 1)", "use e.g. 0.15")
@@ -608,6 +670,10 @@ class TrainConfig:
         )
         _positive(self, "train", "max_consecutive_skips")
         _non_negative(self, "train", "z_loss", "eval_every", "spike_sigma")
+        _at_most(self, "train", MAX_STEPS, "steps", "eval_every", "max_consecutive_skips")
+        _at_most(
+            self, "train", MAX_BATCH, "global_batch_size", "micro_batch_size", "eval_batches", "spike_window"
+        )
         _require(
             self.global_batch_size % self.micro_batch_size == 0,
             "train.global_batch_size",
@@ -638,6 +704,7 @@ class CheckpointConfig:
     def validate(self) -> None:
         _non_negative(self, "checkpoint", "every", "keep_every")
         _positive(self, "checkpoint", "keep_last")
+        _at_most(self, "checkpoint", MAX_STEPS, "every", "keep_every", "keep_last")
 
 
 @dataclass
@@ -659,6 +726,7 @@ class LoggingConfig:
 
     def validate(self) -> None:
         _positive(self, "logging", "log_every", "peak_tflops")
+        _at_most(self, "logging", MAX_STEPS, "log_every")
 
 
 # Values that reach a Slurm job script: names and times are whole-matched against these (no quotes, spaces,

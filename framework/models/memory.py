@@ -43,10 +43,14 @@ inputs of checkpointed blocks, plus one block recomputed at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
-from framework.config.schema import ModelConfig, Recipe
+from framework.config.errors import ConfigError
+from framework.config.schema import ModelConfig, ParallelConfig, Recipe
 from framework.data.objectives import span_corruption_lengths
 from framework.models.flops import GATED_MLPS, matmul_params, param_counts
 
@@ -400,3 +404,120 @@ def memory_per_rank(recipe: Recipe, *, device: str | None = None) -> dict[str, i
     }
     out["total"] = sum(out.values())
     return out
+
+
+# ----------------------------------------------------------------------------------------- does it fit
+INT64_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Fit:
+    """What one device must hold at least to train a recipe, and what it has."""
+
+    need: int
+    """Bytes: the whole per-rank estimate with one process; with more, parameters + gradients + AdamW state
+    spread perfectly over every rank (no layout can do better), times the ranks sharing one CPU's memory."""
+    what: str
+    """Which terms `need` counts, for the message."""
+    limit: int
+    """Bytes the device has: a GPU's total memory, or the CPU's RAM (its cgroup limit when lower)."""
+    where: str
+    """The device, for the message."""
+
+    @property
+    def fits(self) -> bool:
+        return self.need <= self.limit
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def fit_of(recipe: Recipe, world_size: int, device: str, *, limit: tuple[int, str] | None = None) -> Fit:
+    """The memory `recipe` needs on one `device` ("cpu", "cuda" or "cuda:N") with `world_size` ranks, against
+    what it has (`limit` = (bytes, description) instead of asking the device). Pure arithmetic on the config:
+    nothing is allocated. Raises ConfigError when the sizes overflow int64."""
+    kind = device.split(":")[0]
+    counts = param_counts(recipe.model)
+    state = counts["total"] * FP32 * (2 + ADAMW_STATES)  # parameters, gradients, exp_avg, exp_avg_sq
+    if state > INT64_MAX:
+        raise ConfigError(
+            None, "model", f"{counts['total']:,} parameters", "the model's sizes overflow a 64-bit integer",
+            "use a smaller model (model.d_model, ffn_hidden, n_layers, vocab_size)",
+        )  # fmt: skip
+    if world_size == 1:  # one process applies no layout (framework/run.py), so the estimate is exact
+        one = dataclasses.replace(recipe.launch, nproc_per_node=1, nnodes=1)
+        single = dataclasses.replace(recipe, parallel=_single_process_layout(recipe), launch=one)
+        estimate = memory_per_rank(single, device=kind)
+        need, what = estimate["total"], "parameters, gradients, AdamW state and activations in one process"
+    else:
+        estimate = {"activations": 0}
+        need, what = -(-state // world_size), f"parameters, gradients and AdamW state over {world_size} ranks"
+    if kind == "cuda" and _offloaded(recipe, world_size):  # the state lives in CPU memory
+        need, what = estimate["activations"], "activations (the state is offloaded to the CPU)"
+    if kind == "cpu":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", recipe.launch.nproc_per_node if world_size > 1 else 1))
+        need, what = need * local, what + (f", x {local} ranks on this machine" if local > 1 else "")
+    limit_bytes, where = limit or device_memory(device)
+    return Fit(int(need), what, limit_bytes, where)
+
+
+def _offloaded(recipe: Recipe, world_size: int) -> bool:
+    """FSDP's cpu_offload (multi-process only) or DeepSpeed's optimizer / parameter offload."""
+    ds = recipe.deepspeed
+    deepspeed = recipe.parallel.engine == "deepspeed" and "cpu" in (ds.offload_optimizer, ds.offload_params)
+    return deepspeed or (recipe.parallel.cpu_offload and world_size > 1)
+
+
+def _single_process_layout(recipe: Recipe) -> ParallelConfig:
+    """The parallel section as one process runs it: every size 1, activation checkpointing kept."""
+    return dataclasses.replace(
+        recipe.parallel, dp_replicate=1, dp_shard=-1, tp=1, pp=1, cp=1, ep=1, pp_microbatches=None,
+        pp_layers=None, sequence_parallel=False, cpu_offload=False,
+    )  # fmt: skip
+
+
+def check_fits(recipe: Recipe, world_size: int, device: str) -> Fit:
+    """Refuse, before anything is allocated, a recipe whose model cannot fit `device` with `world_size` ranks
+    (ConfigError naming the model's size, the need and the limit, and the fixes). Returns the Fit."""
+    fit = fit_of(recipe, world_size, device)
+    if not fit.fits:
+        m, total = recipe.model, param_counts(recipe.model)["total"]
+        raise ConfigError(
+            None,
+            "model",
+            f"{total:,} parameters",
+            f"(d_model {m.d_model}, n_layers {m.n_layers}, vocab_size {m.vocab_size}) needs {_gib(fit.need)} "
+            f"({fit.what}) but {fit.where} has {_gib(fit.limit)}",
+            "use a smaller model (model.d_model, ffn_hidden, n_layers, vocab_size), more ranks (--nproc, "
+            "launch.nnodes) with a sharded layout (parallel.data_parallel: fsdp, tp, pp), "
+            "or parallel.activation_checkpointing",
+        )
+    return fit
+
+
+def device_memory(device: str) -> tuple[int, str]:
+    """(bytes, description) of a device's memory: a GPU's total (not what is free now: other processes come
+    and go), or the machine's RAM, lowered to the cgroup's limit inside a container."""
+    if device.startswith("cuda"):
+        import torch
+
+        index = int(device.split(":")[1]) if ":" in device else int(os.environ.get("LOCAL_RANK", 0))
+        props = torch.cuda.get_device_properties(index)
+        return int(props.total_memory), f"cuda:{index} ({props.name})"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    cgroup = _cgroup_limit()
+    if cgroup is not None and cgroup < ram:
+        return cgroup, "this machine's memory (cgroup limit)"
+    return ram, "this machine's RAM"
+
+
+def _cgroup_limit() -> int | None:
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            return int(text)
+    return None

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -140,3 +144,121 @@ def test_one_machine_launch_keeps_its_private_rendezvous() -> None:
 
     command = torchrun_command(2, ["train", DEBUG])
     assert "--standalone" in command and not any(c.startswith("--master") for c in command)
+
+
+# ------------------------------------------------------------------------- recipe mistakes, one line each
+def _tree_hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in root.rglob("*")
+        if p.is_file()
+    }
+
+
+BAD_RECIPES = [
+    ("optim:\n  lr: .inf\n", "optim.lr", "finite"),
+    ("optim:\n  lr: .nan\n", "optim.lr", "finite"),
+    ("model:\n  norm_eps: -.inf\n", "model.norm_eps", "finite"),
+    ("optim:\n  lr: 0.1\n  lr: 0.2\n", "optim.lr", "lines 2 and 3"),
+    ("train:\n  steps: 1e30\n", "train.steps", "whole number"),
+    ("train:\n  steps: 1099511627777\n", "train.steps", "at most"),
+    ("", "recipe", "is empty"),
+    ("# nothing\n", "recipe", "is empty"),
+    ("null\n", "recipe", "is empty"),
+    ("[model, train]\n", "recipe", "mapping"),
+    (b"train:\n  steps: 3 # \xe9t\xe9\n", "recipe", "not UTF-8"),
+]
+
+
+@pytest.mark.parametrize("command", ["check", "train"])
+@pytest.mark.parametrize(("text", "key", "expected"), BAD_RECIPES)
+def test_recipe_mistakes_are_one_line_exit_2(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    command: str,
+    text: str | bytes,
+    key: str,
+    expected: str,
+) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes(text if isinstance(text, bytes) else text.encode())
+    before = _tree_hashes(tmp_path)
+    code, out, err = run(capsys, command, str(recipe), "--set", f"logging.run_dir={tmp_path / 'run'}")
+    assert code == EXIT_USER_ERROR, err
+    assert err.startswith(f"loom: error: {recipe}") and f" {key} = " in err and expected in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err and out == ""
+    assert _tree_hashes(tmp_path) == before and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "expected"),
+    [
+        (["optim.lr=.nan"], "optim.lr", "finite"),
+        (["optim.betas=[0.9, .inf]"], "optim.betas[1]", "finite"),
+        (["train.steps=1.0e+30"], "train.steps", "whole number"),
+        (["model.n_layers=3000000000"], "model.n_layers", "at most 10,000"),
+        (["model.d_model=100000000000000000000000"], "model.d_model", "64-bit"),
+        (["model.vocab_size=4000000000"], "model.vocab_size", "at most"),
+    ],
+)
+@pytest.mark.parametrize("command", ["check", "train"])
+def test_override_mistakes_are_one_line_exit_2(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    command: str,
+    overrides: list[str],
+    key: str,
+    expected: str,
+) -> None:
+    sets = [a for o in [*overrides, f"logging.run_dir={tmp_path / 'run'}"] for a in ("--set", o)]
+    code, out, err = run(capsys, command, DEBUG, *sets)
+    assert code == EXIT_USER_ERROR, err
+    assert err.startswith(f"loom: error: --set: {key} = ") and expected in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err and out == ""
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        ["model.d_model=1048576", "model.n_heads=1", "model.kv_heads=1"],  # 16T parameters: 25.6 TB of fp32
+        ["model.vocab_size=16000000"],
+        ["model.n_layers=10000", "model.ffn_hidden=1000000"],
+    ],
+)
+def test_train_refuses_a_model_that_cannot_fit_before_allocating(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, sizes: list[str]
+) -> None:
+    sets = [a for o in [*sizes, f"logging.run_dir={tmp_path / 'run'}"] for a in ("--set", o)]
+    code, out, err = run(capsys, "train", DEBUG, *sets)
+    assert code == EXIT_USER_ERROR, err
+    assert err.startswith("loom: error: model = ") and "parameters" in err and "RAM" in err and "GiB" in err
+    assert "smaller model" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+    # `loom check` of the same recipe reports, rather than refuses: a cluster's recipe is checked elsewhere
+    code, out, err = run(capsys, "check", DEBUG, *sets)
+    assert code == 0, err
+    assert "memory fit on this machine's RAM: DOES NOT FIT" in out
+
+
+def test_check_reports_that_a_small_model_fits(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "check", DEBUG, "--set", "train.device=cpu")
+    assert code == 0, err
+    assert "memory fit on this machine's RAM: fits (needs " in out
+
+
+def test_a_huge_layer_count_is_refused_promptly_not_hung(tmp_path: Path) -> None:
+    # It used to hang (counting parameters layer by layer): run it where a hang can be cut off and shown.
+    code = (
+        "import faulthandler, sys; faulthandler.dump_traceback_later(50, exit=True)\n"
+        "from launcher.cli import main\n"
+        f"sys.exit(main(['check', {DEBUG!r}, '--set', 'model.n_layers=3000000000']))\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    assert proc.returncode == EXIT_USER_ERROR, proc.stderr
+    assert proc.stderr.startswith("loom: error: --set: model.n_layers = 3000000000: must be at most")
+    assert proc.stderr.count("\n") == 1 and proc.stdout == ""
