@@ -188,7 +188,7 @@ def _prepare(w: World, *, inputs: str | None = None, out: str | None = None, tok
 
 def _tokenizer(w: World, *, inputs: str | None = None, out: str | None = None) -> list[str]:
     src = inputs or str(w.data / "corpus.jsonl")
-    return ["data", "tokenizer", src, "--out", out or str(w.tmp / "t.model"), "--vocab-size", "300"]
+    return ["data", "tokenizer", src, "--out", out or str(w.tmp / "t.model"), "--vocab-size", "1000"]
 
 
 def _corrupt_ids(w: World) -> list[str]:
