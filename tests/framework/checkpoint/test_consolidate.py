@@ -82,7 +82,7 @@ def test_consolidate_refuses_a_used_output_folder_and_a_bad_dtype(
 ) -> None:
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "model.safetensors").write_bytes(b"x")
-    with pytest.raises(ConfigError, match="is not an empty folder"):
+    with pytest.raises(ConfigError, match="already exists"):
         consolidate(saved[0], tmp_path / "out")
     with pytest.raises(ConfigError, match="--dtype"):
         consolidate(saved[0], tmp_path / "new", dtype="int8")
