@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import pickle
-import re
 import types
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 
 from framework.config.errors import ConfigError
 from framework.convert.megatron import config as mconfig
+from framework.convert.read_errors import first_line, refused_global
 
 # megatron-core 0.16.1's own allowlist for common.pt (megatron/core/safe_globals.py), minus the stdlib classes
 _PLACEHOLDERS = (
@@ -85,7 +85,7 @@ def _load(path: Path, trust: bool) -> Any:
         rule = f"refers to the global {name}, which is outside the allowlist for common.pt (not unpickled)"
         raise ConfigError(None, "source", str(path), rule, _refused_fix(name)) from None
     except (RuntimeError, EOFError, ValueError) as error:  # not a torch.save file: a bad zip, a cut pickle
-        rule = f"is not a readable torch.save file ({type(error).__name__}: {_first_line(error)})"
+        rule = f"is not a readable torch.save file ({type(error).__name__}: {first_line(error)})"
         fix = "copy the checkpoint again, or " + _fix(True)
         raise ConfigError(None, "source", str(path), rule, fix) from None
 
@@ -97,7 +97,7 @@ def _load_trusted(path: Path) -> Any:
         raise ConfigError(None, "--trust-checkpoint", True, f"common.pt needs a module: {error}",
                           "pip install -e '.[megatron]' (megatron-core), or pass --megatron-config") from None  # fmt: skip
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as error:
-        rule = f"cannot be unpickled ({type(error).__name__}: {_first_line(error)})"
+        rule = f"cannot be unpickled ({type(error).__name__}: {first_line(error)})"
         raise ConfigError(None, "source", str(path), rule, "copy the checkpoint again") from None
 
 
@@ -109,17 +109,6 @@ def _refused_fix(name: str) -> str:
     if name.split(".")[0] not in _CODE_MODULES:
         return _fix(False)
     return _fix(True) + "; the file asks to run code: do not trust it (Megatron-LM saves no such object)"
-
-
-def refused_global(message: str) -> str | None:
-    """The module.name of the global torch's weights-only unpickler refused, from its error message."""
-    found = re.search(r"GLOBAL ([\w.]+)", message)
-    return found.group(1) if found else None
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[0].strip() if lines else ""
 
 
 def lm_sections(args: argparse.Namespace | types.SimpleNamespace) -> dict[str, dict[str, Any]]:

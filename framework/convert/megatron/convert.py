@@ -20,6 +20,7 @@ from framework.convert.hf.mapping import Rename
 from framework.convert.megatron import config as mconfig
 from framework.convert.megatron import mapping, torch_dist
 from framework.convert.output import check, require_source, staged
+from framework.convert.read_errors import shard_read_errors
 
 
 def read_megatron(
@@ -90,7 +91,8 @@ def export_megatron(checkpoint: str | Path, out: str | Path, *, overwrite: bool 
     from framework.convert.hf.convert import recipe_from_metadata
 
     out = check(out, [checkpoint], overwrite)  # before the (long) read
-    loaded = read_model_state(checkpoint)
+    with shard_read_errors(checkpoint, key="checkpoint"):
+        loaded = read_model_state(checkpoint)
     cfg = recipe_from_metadata(loaded.meta, loaded.path).model
     args = mconfig.megatron_args(cfg)  # refuses before anything is written
     state = mapping.to_megatron(mapping.renames(cfg), {k: v.detach() for k, v in loaded.tensors.items()})

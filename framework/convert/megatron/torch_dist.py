@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import metadata as dcp_md
-from torch.distributed.checkpoint.api import CheckpointException
 
 from framework.checkpoint.verify import (
     DCP_METADATA,
@@ -29,10 +28,10 @@ from framework.checkpoint.verify import (
     storage_problems,
 )
 from framework.config.errors import ConfigError
+from framework.convert.read_errors import shard_read_errors
 from framework.outputs import OWNER_MARK
 
 FORMAT_FILE = "metadata.json"
-SHARD_SUFFIX = ".distcp"
 COMMON_FILE = "common.pt"
 FORMAT = {
     "sharded_backend": "torch_dist",
@@ -118,27 +117,9 @@ def read_tensors(
     }
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        try:
+        with shard_read_errors(directory):
             dcp.load(targets, storage_reader=_Reader(directory), no_dist=True)
-        except CheckpointException as error:  # a BaseException carrying each rank's own, with torch's advice
-            raise _unreadable(directory, error) from None
     return targets
-
-
-def _unreadable(directory: Path, error: CheckpointException) -> ConfigError:
-    """One line for a shard whose tensor data torch cannot load, never repeating torch's advice to load it
-    with weights_only=False (a pickle in a shard is an attack or damage, not a format to allow)."""
-    from framework.convert.megatron.common import refused_global
-
-    cause = next((exc for exc, _ in error.failures.values()), None)
-    if isinstance(cause, pickle.UnpicklingError):
-        name = refused_global(str(cause))
-        what = f" referring to {name}" if name else ""
-        rule = f"a {SHARD_SUFFIX} shard holds a pickle{what} where tensor data belongs (not unpickled)"
-    else:
-        text = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else ""
-        rule = f"its {SHARD_SUFFIX} tensor data is unreadable ({type(cause).__name__}: {text})"
-    return _error(directory, rule, "copy the checkpoint again from a source you trust")
 
 
 class _Reader(SafeFileSystemReader):
