@@ -18,6 +18,7 @@ from framework.config.schema import ModelConfig, Recipe
 from framework.convert.hf.convert import config_from_hf, import_state
 from framework.convert.hf.weights import load_weights
 from framework.convert.output import check, require_source, staged
+from framework.convert.read_errors import first_line
 from framework.outputs import read_json_file
 
 TOKENIZER = "tokenizer.model"
@@ -48,16 +49,10 @@ def _hf_config(path: Path) -> Any:
         raise ConfigError(None, "source", str(path), rule, "pass a folder written by save_pretrained")
     try:
         return AutoConfig.from_pretrained(str(path.parent), local_files_only=True)
-    except (ValueError, TypeError, KeyError, AttributeError, OSError) as error:  # transformers' own refusals
-        if isinstance(error, ConfigError):
-            raise
-        rule = f"is not a config transformers can read ({type(error).__name__}: {_first_line(error)})"
+    except Exception as error:  # noqa: BLE001 - transformers' refusals (e.g. huggingface_hub's strict dataclass
+        # validation) share no base class; any of them means this config.json is not one it reads
+        rule = f"is not a config transformers can read ({type(error).__name__}: {first_line(error)})"
         raise ConfigError(None, "source", str(path), rule, "fix or restore config.json") from None
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else ""
 
 
 def import_recipe(cfg: ModelConfig, out: Path, tokenizer: Path | None) -> Recipe:

@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import hashlib
 import io
+import json
 import os
 import pickle
 import shutil
@@ -292,6 +293,24 @@ def test_a_malformed_config_json_names_it(
 ) -> None:
     (work / "hf" / "config.json").write_bytes(text)
     err = refused(capsys, ["convert", "hf", "--from", "hf", "out"], "'hf/config.json'", work)
+    assert rule in err and not (work / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "key,value,rule",
+    [
+        ("hidden_size", "abc", "expected int, got str"),
+        ("num_hidden_layers", 1.5, "expected int, got float"),
+        ("vocab_size", None, "expected int, got NoneType"),
+        ("max_position_embeddings", 0, "model.max_seq_len = 0"),
+    ],
+)
+def test_a_config_json_field_of_the_wrong_type_names_it(
+    capsys: pytest.CaptureFixture[str], work: Path, key: str, value: object, rule: str
+) -> None:
+    config = json.loads((work / "hf" / "config.json").read_text())
+    (work / "hf" / "config.json").write_text(json.dumps({**config, key: value}))
+    err = refused(capsys, ["convert", "hf", "--from", "hf", "out"], "config.json", work)
     assert rule in err and not (work / "out").exists()
 
 
