@@ -175,7 +175,7 @@ def export_checkpoint(
     _family(recipe.model)  # refuse before any work is written
     if tokenizer is None:
         tokenizer = _recipe_tokenizer(recipe)
-        check(out, [loaded.path, tokenizer], overwrite)  # the recipe's tokenizer is an input too
+        check(out, [tokenizer], overwrite)  # the recipe's tokenizer is an input too
     with staged(out, "convert-hf", overwrite=overwrite) as tmp:
         save_hf(recipe.model, loaded.tensors, tmp, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
     return out
