@@ -214,6 +214,9 @@ def _add_ckpt_commands(commands: argparse._SubParsersAction) -> None:
     consolidate.add_argument("path", help="a step directory, or a checkpoint root (follows 'latest')")
     consolidate.add_argument("out", help="a new (or empty) output folder")
     consolidate.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: as saved")
+    consolidate.add_argument(
+        "--overwrite", action="store_true", help="replace an existing non-empty OUT whole (never a mix)"
+    )
 
 
 def _run_ckpt(args: argparse.Namespace) -> int:
@@ -227,7 +230,7 @@ def _run_ckpt(args: argparse.Namespace) -> int:
         return 0
     from framework.checkpoint.consolidate import consolidate
 
-    print(f"wrote {consolidate(args.path, args.out, args.dtype)}")
+    print(f"wrote {consolidate(args.path, args.out, args.dtype, overwrite=args.overwrite)}")
     return 0
 
 
@@ -246,7 +249,10 @@ def _add_convert(commands: argparse._SubParsersAction) -> None:
         "--from", dest="from_", choices=["hf", "megatron"],
         help="import SOURCE, a Hugging Face folder or a megatron-core torch_dist checkpoint",
     )  # fmt: skip
-    convert.add_argument("out", help="output folder")
+    convert.add_argument("out", help="output folder (new or empty; see --overwrite)")
+    convert.add_argument(
+        "--overwrite", action="store_true", help="replace an existing non-empty OUT whole (never a mix)"
+    )
     convert.add_argument(
         "--tokenizer", default=None, help="--to hf: sentencepiece model (default: the recipe's)"
     )
@@ -429,6 +435,7 @@ def run(argv: Sequence[str]) -> int:
                 from_=args.from_,
                 megatron_config=args.megatron_config,
                 trust_checkpoint=args.trust_checkpoint,
+                overwrite=args.overwrite,
             )  # fmt: skip
         )
         return 0

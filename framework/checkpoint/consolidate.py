@@ -86,21 +86,30 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 
 def consolidate(
-    path: str | Path, out: str | Path, dtype: str | None = None, max_shard_bytes: int = 0
+    path: str | Path,
+    out: str | Path,
+    dtype: str | None = None,
+    max_shard_bytes: int = 0,
+    *,
+    overwrite: bool = False,
 ) -> Path:
     """Write OUT/model.safetensors (or size-limited shards + HF's index), OUT/consolidated.json and
-    OUT/recipe.yaml; returns OUT. `max_shard_bytes` 0 means the default (5 GiB per file)."""
+    OUT/recipe.yaml; returns OUT. `max_shard_bytes` 0 means the default (5 GiB per file). OUT appears whole or
+    not at all (a staged sibling renamed into place); an existing non-empty OUT is refused unless `overwrite`,
+    which replaces it whole; OUT may never be, hold or lie inside the checkpoint."""
     from framework.convert.hf.weights import DEFAULT_SHARD_BYTES, save_weights
+    from framework.convert.output import staged
+    from framework.convert.read_errors import shard_read_errors
 
     torch_dtype = _parse_dtype(dtype)
-    out = Path(out)
-    _check_output(out)  # before the (long) read
-    state = read_model_state(path, torch_dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    files = save_weights(state.tensors, out, max_shard_bytes or DEFAULT_SHARD_BYTES)
-    _write_index(out, state, files)
-    if isinstance(state.meta.get("recipe"), dict):
-        (out / RECIPE).write_text(yaml.safe_dump(state.meta["recipe"], sort_keys=False))
+    out = _check_output(out, path, overwrite)  # before the (long) read
+    with shard_read_errors(path, key="checkpoint"):  # one line, without torch's weights_only=False advice
+        state = read_model_state(path, torch_dtype)
+    with staged(out, "consolidate", overwrite=overwrite) as tmp:
+        files = save_weights(state.tensors, tmp, max_shard_bytes or DEFAULT_SHARD_BYTES)
+        _write_index(tmp, state, files)
+        if isinstance(state.meta.get("recipe"), dict):
+            (tmp / RECIPE).write_text(yaml.safe_dump(state.meta["recipe"], sort_keys=False))
     return out
 
 
@@ -112,12 +121,11 @@ def _parse_dtype(dtype: str | None) -> torch.dtype | None:
     )
 
 
-def _check_output(out: Path) -> None:
+def _check_output(out: str | Path, source: str | Path, overwrite: bool) -> Path:
     # a consolidation into a folder holding another model's shards would leave a mix that loads as neither
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(
-            "command line", "OUT", str(out), "exists and is not an empty folder", "pass a new output folder"
-        )
+    from framework.convert.output import check
+
+    return check(out, [source], overwrite)
 
 
 def _write_index(out: Path, state: ModelState, files: list[str]) -> None:

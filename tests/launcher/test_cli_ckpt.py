@@ -60,6 +60,23 @@ def test_consolidate_writes_the_model(
     assert got.keys() == model.keys() and all(torch.equal(got[k], v) for k, v in model.items())
 
 
+def test_consolidate_into_a_used_folder_needs_overwrite(
+    capsys: pytest.CaptureFixture[str], ckpt: tuple[Path, dict], tmp_path: Path
+) -> None:
+    path, model = ckpt
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "model-00001-of-00002.safetensors").write_bytes(b"an older model")
+    err = user_error(capsys, "ckpt", "consolidate", path, tmp_path / "out")
+    assert "already exists" in err and "--overwrite" in err
+    assert (tmp_path / "out" / "model-00001-of-00002.safetensors").read_bytes() == b"an older model"
+    assert run(["ckpt", "consolidate", str(path), str(tmp_path / "out"), "--overwrite"]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'out'}\n"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "consolidated.json", "model.safetensors", "recipe.yaml"
+    ]  # fmt: skip
+    assert "the input" in user_error(capsys, "ckpt", "consolidate", path, path / "out", "--overwrite")
+
+
 def test_damaged_checkpoints_are_one_line_errors(
     capsys: pytest.CaptureFixture[str], ckpt: tuple[Path, dict], tmp_path: Path
 ) -> None:

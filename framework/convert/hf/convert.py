@@ -20,6 +20,8 @@ from framework.convert.hf import bert, bloom, llama, mistral, mixtral, qwen3, qw
 from framework.convert.hf.configs import check_representable, hf_config
 from framework.convert.hf.mapping import check_shapes, from_hf_state, to_hf_state
 from framework.convert.hf.weights import DEFAULT_SHARD_BYTES, save_weights
+from framework.convert.output import check, staged
+from framework.convert.read_errors import shard_read_errors
 
 # transformers' model_type -> the module mapping that family's weights
 FAMILIES: dict[str, ModuleType] = {
@@ -158,16 +160,25 @@ def export_checkpoint(
     *,
     tokenizer: str | Path | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
 ) -> Path:
     """`loom convert CKPT --to hf OUT`: the model of a committed checkpoint of any parallel layout (and its
-    recipe's tokenizer). The checkpoint is verified first, and only its model tensors are read, as full tensors."""
+    recipe's tokenizer). The checkpoint is verified first, and only its model tensors are read, as full tensors.
+    OUT appears whole or not at all: an existing non-empty OUT is refused unless `overwrite`, which replaces it
+    whole (an old sharded export never stays beside a new single file); OUT may not be or hold an input."""
     from framework.checkpoint.consolidate import read_model_state
 
-    loaded = read_model_state(checkpoint)
+    out = check(out, [checkpoint, tokenizer], overwrite)  # before the (long) read
+    with shard_read_errors(checkpoint, key="checkpoint"):
+        loaded = read_model_state(checkpoint)
     recipe = recipe_from_metadata(loaded.meta, loaded.path)
     _family(recipe.model)  # refuse before any work is written
-    tokenizer = tokenizer if tokenizer is not None else _recipe_tokenizer(recipe)
-    return save_hf(recipe.model, loaded.tensors, out, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
+    if tokenizer is None:
+        tokenizer = _recipe_tokenizer(recipe)
+        check(out, [tokenizer], overwrite)  # the recipe's tokenizer is an input too
+    with staged(out, "convert-hf", overwrite=overwrite) as tmp:
+        save_hf(recipe.model, loaded.tensors, tmp, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
+    return out
 
 
 def recipe_from_metadata(metadata: dict[str, Any], path: Path) -> Recipe:

@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from framework.config.errors import ConfigError
+from framework.outputs import read_json_file
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -51,9 +52,10 @@ def save_weights(
 
 
 def load_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a single-file or sharded safetensors checkpoint."""
+    """Every tensor of a single-file or sharded safetensors checkpoint; a malformed index or a truncated or
+    damaged file is one ConfigError naming the file."""
     if (directory / INDEX).is_file():
-        files = sorted(set(json.loads((directory / INDEX).read_text())["weight_map"].values()))
+        files = _indexed_files(directory / INDEX)
     elif (directory / SINGLE).is_file():
         files = [SINGLE]
     else:
@@ -63,9 +65,31 @@ def load_weights(directory: Path) -> dict[str, torch.Tensor]:
         )  # fmt: skip
     state = {}
     for name in files:
-        with safe_open(str(directory / name), framework="pt") as f:
-            state.update({key: f.get_tensor(key) for key in f.keys()})  # noqa: SIM118 (safe_open has no iterator)
+        state.update(_read_file(directory / name))
     return state
+
+
+def _indexed_files(index: Path) -> list[str]:
+    weight_map = read_json_file(index, "the safetensors index", key="source")
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        rule = "has no weight_map object of tensor name -> file name"
+        raise ConfigError(None, "source", str(index), rule, "restore the file, or save the model again")
+    files = sorted(set(weight_map.values()))
+    for name in files:
+        if Path(name).name != name or not (index.parent / name).is_file():
+            rule = f"names the weights file {name!r}, which is not in this folder"
+            raise ConfigError(None, "source", str(index), rule, "copy the model folder again")
+    return files
+
+
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+    except SafetensorError as error:  # a truncated or damaged file: the header and the data disagree
+        rule = f"is not a readable safetensors file ({error})"
+        raise ConfigError(None, "source", str(path), rule, "copy the model folder again") from None
 
 
 def parse_size(text: str) -> int:

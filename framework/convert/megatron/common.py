@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import pickle
-import re
 import types
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 
 from framework.config.errors import ConfigError
 from framework.convert.megatron import config as mconfig
+from framework.convert.read_errors import first_line, refused_global
 
 # megatron-core 0.16.1's own allowlist for common.pt (megatron/core/safe_globals.py), minus the stdlib classes
 _PLACEHOLDERS = (
@@ -69,23 +69,46 @@ def read_lm_args(directory: Path, trust: bool) -> argparse.Namespace:
 
 def _load(path: Path, trust: bool) -> Any:
     if trust:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except ModuleNotFoundError as error:
-            raise ConfigError(None, "--trust-checkpoint", True, f"common.pt needs a module: {error}",
-                              "pip install -e '.[megatron]' (megatron-core), or pass --megatron-config") from None  # fmt: skip
+        return _load_trusted(path)
     allowed = [argparse.Namespace, types.SimpleNamespace] + [(_Placeholder, name) for name in _PLACEHOLDERS]
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        rule = (
-            f"refers to {found.group(1)}, which is outside the allowlist for common.pt"
-            if found
-            else "cannot be read with torch.load(weights_only=True) (not a torch.save file, or an unsupported pickle)"
-        )
-        raise ConfigError(None, "source", str(path), rule, _fix(False)) from None
+        # torch's text names the global ("Unsupported global: GLOBAL fractions.Fraction was not an allowed
+        # global", "unsupported GLOBAL posix.system whose module posix is blocked") but also advises
+        # weights_only=False: only the name is kept
+        name = refused_global(str(error))
+        if name is None:
+            rule = "cannot be read with torch.load's restricted unpickler (an unsupported pickle)"
+            raise ConfigError(None, "source", str(path), rule, _fix(False)) from None
+        rule = f"refers to the global {name}, which is outside the allowlist for common.pt (not unpickled)"
+        raise ConfigError(None, "source", str(path), rule, _refused_fix(name)) from None
+    except (RuntimeError, EOFError, ValueError) as error:  # not a torch.save file: a bad zip, a cut pickle
+        rule = f"is not a readable torch.save file ({type(error).__name__}: {first_line(error)})"
+        fix = "copy the checkpoint again, or " + _fix(True)
+        raise ConfigError(None, "source", str(path), rule, fix) from None
+
+
+def _load_trusted(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as error:
+        raise ConfigError(None, "--trust-checkpoint", True, f"common.pt needs a module: {error}",
+                          "pip install -e '.[megatron]' (megatron-core), or pass --megatron-config") from None  # fmt: skip
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as error:
+        rule = f"cannot be unpickled ({type(error).__name__}: {first_line(error)})"
+        raise ConfigError(None, "source", str(path), rule, "copy the checkpoint again") from None
+
+
+# modules whose globals run commands or code: a file asking for one is an attack, not an unusual checkpoint
+_CODE_MODULES = ("os", "posix", "nt", "subprocess", "builtins", "sys", "runpy", "importlib", "code", "pty")
+
+
+def _refused_fix(name: str) -> str:
+    if name.split(".")[0] not in _CODE_MODULES:
+        return _fix(False)
+    return _fix(True) + "; the file asks to run code: do not trust it (Megatron-LM saves no such object)"
 
 
 def lm_sections(args: argparse.Namespace | types.SimpleNamespace) -> dict[str, dict[str, Any]]:

@@ -19,6 +19,8 @@ from framework.config.schema import ModelConfig
 from framework.convert.hf.mapping import Rename
 from framework.convert.megatron import config as mconfig
 from framework.convert.megatron import mapping, torch_dist
+from framework.convert.output import check, require_source, staged
+from framework.convert.read_errors import shard_read_errors
 
 
 def read_megatron(
@@ -64,24 +66,37 @@ def _check_shapes(cfg: ModelConfig, rules: list[Rename], canonical: dict[str, to
 
 
 def import_megatron(
-    source: str | Path, out: str | Path, megatron_config: str | Path | None = None, trust: bool = False
+    source: str | Path,
+    out: str | Path,
+    megatron_config: str | Path | None = None,
+    trust: bool = False,
+    *,
+    overwrite: bool = False,
 ) -> Path:
-    """Write OUT/checkpoints/step_00000000 and OUT/recipe.yaml; returns the checkpoint path."""
+    """Write OUT/checkpoints/step_00000000 and OUT/recipe.yaml (all at once); returns the checkpoint path. OUT
+    follows the write rule of framework/outputs.py (inputs: SOURCE and the megatron_config YAML)."""
     from framework.convert.hf.importer import write_imported
 
+    require_source(source, "a megatron-core torch_dist checkpoint")
+    out = check(out, [source, megatron_config], overwrite)
     cfg, state = read_megatron(source, megatron_config, trust)
-    return write_imported(cfg, state, Path(out), None)
+    with staged(out, "convert-import", overwrite=overwrite) as tmp:
+        checkpoint = write_imported(cfg, state, out, None, into=tmp)
+    return checkpoint
 
 
-def export_megatron(checkpoint: str | Path, out: str | Path) -> Path:
-    """A committed Loom checkpoint of any layout -> OUT (torch_dist) + OUT/megatron_config.yaml."""
+def export_megatron(checkpoint: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """A committed Loom checkpoint of any layout -> OUT (torch_dist) + OUT/megatron_config.yaml, all at once."""
     from framework.checkpoint.consolidate import read_model_state
     from framework.convert.hf.convert import recipe_from_metadata
 
-    loaded = read_model_state(checkpoint)
+    out = check(out, [checkpoint], overwrite)  # before the (long) read
+    with shard_read_errors(checkpoint, key="checkpoint"):
+        loaded = read_model_state(checkpoint)
     cfg = recipe_from_metadata(loaded.meta, loaded.path).model
     args = mconfig.megatron_args(cfg)  # refuses before anything is written
     state = mapping.to_megatron(mapping.renames(cfg), {k: v.detach() for k, v in loaded.tensors.items()})
-    out = torch_dist.write_tensors(mapping.torch_dist_keys(state, cfg), out)
-    mconfig.write_args(args, out / mconfig.FILE)
-    return out
+    with staged(out, "convert-megatron", overwrite=overwrite) as tmp:
+        torch_dist.write_tensors(mapping.torch_dist_keys(state, cfg), tmp)
+        mconfig.write_args(args, tmp / mconfig.FILE)
+    return Path(out)

@@ -28,6 +28,8 @@ from framework.checkpoint.verify import (
     storage_problems,
 )
 from framework.config.errors import ConfigError
+from framework.convert.read_errors import shard_read_errors
+from framework.outputs import OWNER_MARK
 
 FORMAT_FILE = "metadata.json"
 COMMON_FILE = "common.pt"
@@ -115,7 +117,8 @@ def read_tensors(
     }
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(targets, storage_reader=_Reader(directory), no_dist=True)
+        with shard_read_errors(directory):
+            dcp.load(targets, storage_reader=_Reader(directory), no_dist=True)
     return targets
 
 
@@ -133,7 +136,8 @@ def write_tensors(state: dict[str, torch.Tensor], directory: str | Path) -> Path
     `common.pt` is required by megatron-core's loader (`dist_checkpointing.load` reads it first); it is written as
     an empty dict, which torch.load(weights_only=True) reads back: no object of Loom's is pickled."""
     directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()):
+    # the marker of a staging folder (framework.outputs.atomic_dir) is not content
+    if directory.exists() and any(p.name != OWNER_MARK for p in directory.iterdir()):
         raise ConfigError(
             "command line", "OUT", str(directory), "exists and is not empty", "pass a new folder"
         )

@@ -82,11 +82,48 @@ def test_consolidate_refuses_a_used_output_folder_and_a_bad_dtype(
 ) -> None:
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "model.safetensors").write_bytes(b"x")
-    with pytest.raises(ConfigError, match="is not an empty folder"):
+    with pytest.raises(ConfigError, match="already exists"):
         consolidate(saved[0], tmp_path / "out")
     with pytest.raises(ConfigError, match="--dtype"):
         consolidate(saved[0], tmp_path / "new", dtype="int8")
     assert not (tmp_path / "new").exists()
+
+
+def test_overwrite_replaces_the_output_whole(saved: tuple[Path, dict], tmp_path: Path) -> None:
+    """An old sharded consolidation is not left beside the new single file (a mix that loads as neither)."""
+    root, state = saved
+    consolidate(root, tmp_path / "out", max_shard_bytes=20_000)
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    with pytest.raises(ConfigError, match="already exists"):
+        consolidate(root, tmp_path / "out")
+    consolidate(root, tmp_path / "out", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "consolidated.json", "model.safetensors", "recipe.yaml"
+    ]  # fmt: skip
+    assert_equal_states(read_safetensors(tmp_path / "out"), state["model"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or old folder left
+
+
+def test_an_output_inside_the_checkpoint_is_refused(saved: tuple[Path, dict], tmp_path: Path) -> None:
+    root = Path(shutil.copytree(saved[0], tmp_path / "run" / "ckpt"))
+    step = root / "step_00000001"
+    for out in (root, root / "consolidated", step, step / "x", root.parent):  # is, inside, holding
+        with pytest.raises(ConfigError, match="the input"):
+            consolidate(root, out, overwrite=True)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001"]
+    assert sorted(p.name for p in step.iterdir()) == sorted(p.name for p in (saved[0] / step.name).iterdir())
+
+
+def test_a_failed_write_leaves_no_output(
+    saved: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("framework.checkpoint.consolidate._write_index", fail)
+    with pytest.raises(OSError, match="No space"):
+        consolidate(saved[0], tmp_path / "a" / "out")
+    assert list(tmp_path.iterdir()) == []  # neither OUT, nor its staging folder, nor the parent it made
 
 
 def test_inspect_lists_every_tensor_with_its_global_shape(saved: tuple[Path, dict]) -> None:

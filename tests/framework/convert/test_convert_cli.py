@@ -142,7 +142,10 @@ def _hf_folder(tmp_path: Path) -> Path:
 
 
 def test_import_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    assert_user_error(run(capsys, "convert", tmp_path, "--from", "hf", tmp_path / "o"), "no config.json")
+    (tmp_path / "empty").mkdir()
+    assert_user_error(
+        run(capsys, "convert", tmp_path / "empty", "--from", "hf", tmp_path / "o"), "no config.json"
+    )
     hf = _hf_folder(tmp_path)
     weights = load_file(hf / "model.safetensors")
     save_file({k: v for k, v in weights.items() if "layers.1.mlp.up_proj" not in k}, hf / "model.safetensors")
