@@ -33,9 +33,13 @@ class ConfigError(ValueError):
         return " ".join(text.split("\n"))
 
 
-def _short_repr(value: Any, limit: int = 80) -> str:
+def _short_repr(value: Any, limit: int = 160) -> str:
+    # Cut from the middle: a long path keeps its start and, what names the culprit, its file name.
     text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    if len(text) <= limit:
+        return text
+    keep = (limit - 3) // 2
+    return text[:keep] + "..." + text[-keep:]
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
