@@ -211,7 +211,7 @@ def _check_export(recipe: Recipe, root: Path) -> Check:
     from framework.run import materialize_model
 
     checkpoints = Path(recipe.logging.run_dir) / "checkpoints"
-    out = export_checkpoint(checkpoints, root / "hf")
+    out = export_checkpoint(checkpoints, root / "hf", overwrite=True)  # smoke's own scratch folder
     auto = AUTO_CLASSES[recipe.model.family]
     hf = getattr(transformers, auto).from_pretrained(str(out), dtype=torch.float32).eval()
     loom = materialize_model(recipe.model, torch.device("cpu"), recipe.train.seed).eval()
