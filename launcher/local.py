@@ -1,5 +1,9 @@
 """`loom train --nproc N [--nnodes M --node-rank R --master ADDR:PORT]`: start N local workers with torchrun
-(torch.distributed.run) and relay signals to them.
+(torch.distributed.run, through launcher/agent.py, which keeps a planned preemption quiet) and relay signals to them.
+
+Before any worker starts, this launcher (node 0's, with several machines) checks the run directory, moves an old
+run aside on --overwrite and holds the run directory's lock until the workers are done (framework/run_dir.py);
+the workers are told so (RUN_GUARD_ENV) and leave it alone.
 
 One machine: a private rendezvous on a free port (torchrun --standalone). Several machines without a scheduler: the
 same command on every node with its own --node-rank; torchrun's static rendezvous meets at node 0's ADDR:PORT (its
@@ -22,8 +26,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from launcher.exit_codes import EXIT_PREEMPTED
+
+if TYPE_CHECKING:
+    from framework.config.schema import Recipe
 
 RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
@@ -53,13 +61,25 @@ def torchrun_command(nproc: int, worker_args: Sequence[str], nodes: Nodes | None
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "launcher.agent",
         *rendezvous,
         f"--nproc-per-node={nproc}",
         "-m",
         "launcher.cli",
         *worker_args,
     ]
+
+
+def run_dir_guard(
+    recipe: Recipe, resume: str | None, overwrite: bool, nodes: Nodes | None
+) -> contextlib.AbstractContextManager:
+    """The run-dir checks, --overwrite and lock for the whole run, taken here (not by a worker) so that the old run
+    is moved aside once, before any worker writes; on node 0 alone with several machines (one shared run dir)."""
+    from framework.run_dir import guard_run_dir  # here: `loom status` need not import torch
+
+    if nodes is not None and nodes.node_rank != 0:
+        return contextlib.nullcontext()
+    return guard_run_dir(recipe, resume=resume, overwrite=overwrite)
 
 
 def launch(
@@ -85,7 +105,10 @@ def _preempted_since(run_dir: Path, started: float) -> bool:
 def _run_agent(command: list[str]) -> int:
     # The agent ignores SIGUSR1 (its default action would kill it: under Slurm, `scancel --signal=USR1` reaches
     # every process of the step, the agent too); the workers install their own handler (the Checkpointer's).
-    agent = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=_ignore_usr1)
+    from framework.run_dir import RUN_GUARD_ENV
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", RUN_GUARD_ENV: "1"}
+    agent = subprocess.Popen(command, env=env, preexec_fn=_ignore_usr1)
 
     def relay(signum: int, frame: FrameType | None) -> None:
         targets = _children(agent.pid) if signum == signal.SIGUSR1 else [agent.pid]

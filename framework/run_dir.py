@@ -1,0 +1,157 @@
+"""The run directory of `loom train`: refused when it would mix two runs, moved aside whole on `--overwrite`, and
+held by an advisory lock while a run writes into it (docs/launch.md, "One run per run directory").
+
+Who does this: the process that owns the run, before any worker writes -- the one `loom train` process, or the
+launcher of `--nproc N` (node 0's with several machines), which tells its workers so through RUN_GUARD_ENV.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from framework.checkpoint.io import complete_checkpoints
+from framework.config.errors import ConfigError
+from framework.config.schema import Recipe
+from framework.outputs import move_aside
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".loom-lock"
+"""The lock file in the run directory (and in a checkpoint.dir outside it): flock'ed while a run writes, and
+holding the holder's {"host", "pid", "started"} so a refusal can name it."""
+RUN_GUARD_ENV = "LOOM_RUN_GUARDED"
+"""Set by the launcher for its workers: the run directory was checked and is locked by the launcher."""
+
+_NEW_RUN_FIX = "pass --resume auto to continue it, a new logging.run_dir, or --overwrite to move it aside"
+
+
+def checkpoint_root(recipe: Recipe) -> Path:
+    """Where the run's checkpoints go: checkpoint.dir, or <logging.run_dir>/checkpoints."""
+    return (
+        Path(recipe.checkpoint.dir) if recipe.checkpoint.dir else Path(recipe.logging.run_dir) / "checkpoints"
+    )
+
+
+def _folders(recipe: Recipe) -> dict[str, Path]:
+    """The folders a run owns, by the recipe key that names them: the run dir, and checkpoint.dir when it lies
+    outside the run dir (inside it, it moves and locks with the run dir)."""
+    run_dir = Path(recipe.logging.run_dir)
+    folders = {"logging.run_dir": run_dir}
+    root = checkpoint_root(recipe)
+    if not root.resolve().is_relative_to(run_dir.resolve()):
+        folders["checkpoint.dir"] = root
+    return folders
+
+
+def check_run_dir(recipe: Recipe, *, resume: str | None, overwrite: bool) -> None:
+    """Every refusal that needs no write: a folder path that is a file, `--overwrite` with `--resume`, and a new
+    run (no --resume, no --overwrite) into a checkpoint folder that holds committed checkpoints."""
+    keys = {"logging.run_dir": Path(recipe.logging.run_dir), "checkpoint.dir": checkpoint_root(recipe)}
+    for key, path in keys.items():
+        _refuse_file(key, path)
+    if overwrite and resume is not None:
+        raise ConfigError(
+            "command line", "--overwrite", "--resume " + resume,
+            "--overwrite starts a new run (the old one moved aside), --resume continues the old one",
+            "pass one of them",
+        )  # fmt: skip
+    committed = complete_checkpoints(keys["checkpoint.dir"])
+    if committed and resume is None and not overwrite:
+        steps = ", ".join(str(step) for step, _ in committed[-3:])
+        rule = f"already holds checkpoints of a run (steps {steps}); a new run there would mix with them"
+        raise ConfigError(None, "checkpoint.dir", str(keys["checkpoint.dir"]), rule, _NEW_RUN_FIX)
+
+
+def _refuse_file(key: str, path: Path) -> None:
+    """`path` (or a folder above it) exists and is not a folder: one ConfigError naming it."""
+    for part in (path, *path.parents):
+        if part.exists() or part.is_symlink():
+            if not part.is_dir():
+                what = "is a file" if part == path else f"lies under {part}, which is a file"
+                raise ConfigError(None, key, str(path), f"{what}, not a folder", "pass a folder path")
+            return
+
+
+@contextlib.contextmanager
+def guard_run_dir(recipe: Recipe, *, resume: str | None, overwrite: bool) -> Iterator[None]:
+    """Check the run's folders (check_run_dir), move them aside with `overwrite`, and hold their locks for the
+    block. A folder another run holds is refused with that run's host and pid."""
+    check_run_dir(recipe, resume=resume, overwrite=overwrite)
+    folders = _folders(recipe)
+    if overwrite:
+        for key, folder in folders.items():
+            _move_aside_unlocked(key, folder)
+    with contextlib.ExitStack() as stack:
+        for key, folder in folders.items():
+            stack.enter_context(run_lock(folder, key))
+        # Under the locks, again: a run that started between the first check and the lock has written by now.
+        check_run_dir(recipe, resume=resume, overwrite=False)
+        yield
+
+
+def _move_aside_unlocked(key: str, folder: Path) -> None:
+    """Rename a non-empty `folder` to `<folder>.old-N` (kept whole), unless a running run holds it."""
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    with run_lock(folder, key, create=False):
+        aside = move_aside(folder)
+    log.warning("--overwrite: moved the old %s %s aside to %s (kept)", key, folder, aside)
+
+
+@contextlib.contextmanager
+def run_lock(folder: Path, key: str = "logging.run_dir", *, create: bool = True) -> Iterator[None]:
+    """Hold an exclusive flock on `<folder>/.loom-lock` (made, with `folder`, when `create`) for the block; one
+    ConfigError naming the holder when another process holds it. The kernel releases a flock when its process
+    dies, so a lock file left by a killed run does not block. On NFS, flock is emulated with fcntl locks by
+    lockd, where the server supports it; where it is not, two runs are not kept apart (docs/launch.md)."""
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    if not create and not path.exists():
+        yield  # nothing to hold: no run ever locked this folder (or it predates locks)
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _locked_error(key, folder, path) from None
+        _write_holder(fd)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # the next reader sees no holder (the file stays: deleting it would race)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _write_holder(fd: int) -> None:
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+
+
+def lock_holder(folder: Path) -> dict[str, object]:
+    """The holder record of `folder`'s lock file ({} when none can be read)."""
+    try:
+        record = json.loads((folder / LOCK_NAME).read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _locked_error(key: str, folder: Path, path: Path) -> ConfigError:
+    holder = lock_holder(folder)
+    who = f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}"
+    since = f", since {holder['started']}" if "started" in holder else ""
+    rule = f"is in use by another loom train ({who}{since}; lock {path})"
+    return ConfigError(None, key, str(folder), rule, "wait for that run to end, or use a new logging.run_dir")
