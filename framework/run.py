@@ -95,15 +95,19 @@ def train(
     """Train `recipe` in this process; returns the last step's metrics. The run directory is checked and locked
     first (framework/run_dir.py) unless Loom's launcher did that for this worker; `overwrite` moves an old run
     there aside; `accept_data_change` lets a resume change what data comes next (docs/checkpoints.md)."""
-    with _run_dir_guard(recipe, resume, overwrite):
+    with _run_dir_guard(recipe, resume, overwrite, accept_data_change):
         return _train_guarded(recipe, resume=resume, accept_data_change=accept_data_change)
 
 
-def _run_dir_guard(recipe: Recipe, resume: str | None, overwrite: bool) -> contextlib.AbstractContextManager:
+def _run_dir_guard(
+    recipe: Recipe, resume: str | None, overwrite: bool, accept_data_change: bool
+) -> contextlib.AbstractContextManager:
     """The run-dir guard for the process that owns the run: a plain process, or rank 0 started by something other
     than Loom's launcher (e.g. torchrun directly); nothing for a worker whose launcher holds it already."""
     owner = int(os.environ.get("RANK", "0")) == 0 and not os.environ.get(RUN_GUARD_ENV)
-    return guard_run_dir(recipe, resume=resume, overwrite=overwrite) if owner else contextlib.nullcontext()
+    if not owner:
+        return contextlib.nullcontext()
+    return guard_run_dir(recipe, resume=resume, overwrite=overwrite, accept_data_change=accept_data_change)
 
 
 def _train_guarded(recipe: Recipe, *, resume: str | None, accept_data_change: bool) -> dict[str, Any]:

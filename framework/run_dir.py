@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from framework.checkpoint.io import complete_checkpoints
+from framework.checkpoint.io import complete_checkpoints, resolve_checkpoint
 from framework.config.errors import ConfigError
 from framework.config.schema import Recipe
 from framework.outputs import move_aside
@@ -81,9 +81,13 @@ def _refuse_file(key: str, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def guard_run_dir(recipe: Recipe, *, resume: str | None, overwrite: bool) -> Iterator[None]:
+def guard_run_dir(
+    recipe: Recipe, *, resume: str | None, overwrite: bool, accept_data_change: bool = False
+) -> Iterator[None]:
     """Check the run's folders (check_run_dir), move them aside with `overwrite`, and hold their locks for the
-    block. A folder another run holds is refused with that run's host and pid."""
+    block. A folder another run holds is refused with that run's host and pid. A resume that would change what
+    data comes next is refused here already, before the run writes anything (the Checkpointer checks the
+    checkpoint it finally loads again, on every rank)."""
     check_run_dir(recipe, resume=resume, overwrite=overwrite)
     folders = _folders(recipe)
     if overwrite:
@@ -94,7 +98,22 @@ def guard_run_dir(recipe: Recipe, *, resume: str | None, overwrite: bool) -> Ite
             stack.enter_context(run_lock(folder, key))
         # Under the locks, again: a run that started between the first check and the lock has written by now.
         check_run_dir(recipe, resume=resume, overwrite=False)
+        if resume is not None and not accept_data_change:
+            _check_resume_data(recipe, resume)
         yield
+
+
+def _check_resume_data(recipe: Recipe, resume: str) -> None:
+    """The data check against the checkpoint a resume will most likely load: the newest committed one for
+    "auto" (the Checkpointer may fall back to an older one that verifies, and checks that one), or `resume`."""
+    from framework.config.loader import recipe_to_dict
+    from framework.train.resume_check import check_same_data
+
+    committed = complete_checkpoints(checkpoint_root(recipe))
+    if resume == "auto" and not committed:
+        return
+    path = committed[-1][1] if resume == "auto" else resolve_checkpoint(resume)
+    check_same_data(path, recipe_to_dict(recipe))
 
 
 def _move_aside_unlocked(key: str, folder: Path) -> None:

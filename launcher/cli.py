@@ -390,7 +390,7 @@ def _launch(args: argparse.Namespace, nodes: Nodes | None) -> int:
     # A bad layout is one ConfigError here, before any worker starts and each prints it.
     recipe = load_recipe(args.recipe, args.overrides)
     ParallelDims.from_recipe(recipe, world_size)
-    with run_dir_guard(recipe, args.resume, args.overwrite, nodes):
+    with run_dir_guard(recipe, args.resume, args.overwrite, nodes, args.accept_data_change):
         return launch(args.nproc, _worker_argv(args), nodes, run_dir=recipe.logging.run_dir)
 
 

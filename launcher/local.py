@@ -71,7 +71,7 @@ def torchrun_command(nproc: int, worker_args: Sequence[str], nodes: Nodes | None
 
 
 def run_dir_guard(
-    recipe: Recipe, resume: str | None, overwrite: bool, nodes: Nodes | None
+    recipe: Recipe, resume: str | None, overwrite: bool, nodes: Nodes | None, accept_data_change: bool = False
 ) -> contextlib.AbstractContextManager:
     """The run-dir checks, --overwrite and lock for the whole run, taken here (not by a worker) so that the old run
     is moved aside once, before any worker writes; on node 0 alone with several machines (one shared run dir)."""
@@ -79,7 +79,7 @@ def run_dir_guard(
 
     if nodes is not None and nodes.node_rank != 0:
         return contextlib.nullcontext()
-    return guard_run_dir(recipe, resume=resume, overwrite=overwrite)
+    return guard_run_dir(recipe, resume=resume, overwrite=overwrite, accept_data_change=accept_data_change)
 
 
 def launch(
