@@ -29,7 +29,7 @@ from framework.parallel.build import train_module_for
 from framework.parallel.dims import ParallelDims, build_mesh
 from framework.parallel.init import init_sharded_weights
 from framework.parallel.parallelize import parallelize
-from framework.run_dir import RUN_GUARD_ENV, guard_run_dir
+from framework.run_dir import LAUNCHED_ENV, guard_run_dir
 from framework.train import Trainer, TrainModule, default_callbacks, resolve_device
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def _run_dir_guard(
 ) -> contextlib.AbstractContextManager:
     """The run-dir guard for the process that owns the run: a plain process, or rank 0 started by something other
     than Loom's launcher (e.g. torchrun directly); nothing for a worker whose launcher holds it already."""
-    owner = int(os.environ.get("RANK", "0")) == 0 and not os.environ.get(RUN_GUARD_ENV)
+    owner = int(os.environ.get("RANK", "0")) == 0 and not os.environ.get(LAUNCHED_ENV)
     if not owner:
         return contextlib.nullcontext()
     return guard_run_dir(recipe, resume=resume, overwrite=overwrite, accept_data_change=accept_data_change)

@@ -2,7 +2,7 @@
 held by an advisory lock while a run writes into it (docs/launch.md, "One run per run directory").
 
 Who does this: the process that owns the run, before any worker writes -- the one `loom train` process, or the
-launcher of `--nproc N` (node 0's with several machines), which tells its workers so through RUN_GUARD_ENV.
+launcher of `--nproc N` (node 0's with several machines), which tells its workers so through LAUNCHED_ENV.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 LOCK_NAME = ".loom-lock"
 """The lock file in the run directory (and in a checkpoint.dir outside it): flock'ed while a run writes, and
 holding the holder's {"host", "pid", "started"} so a refusal can name it."""
-RUN_GUARD_ENV = "LOOM_RUN_GUARDED"
-"""Set by the launcher for its workers: the run directory was checked and is locked by the launcher."""
+LAUNCHED_ENV = "LOOM_LAUNCHED"
+"""Set by Loom's launcher (launcher/local.py) for its workers: it checked the run directory and holds its lock,
+and it turns a preempted run's exit into EXIT_PREEMPTED from the preemption record."""
 
 _NEW_RUN_FIX = "pass --resume auto to continue it, a new logging.run_dir, or --overwrite to move it aside"
 

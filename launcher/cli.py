@@ -422,6 +422,7 @@ def run(argv: Sequence[str]) -> int:
             return _launch(args, nodes)
         from framework.config.loader import load_recipe
         from framework.run import train
+        from framework.run_dir import LAUNCHED_ENV
         from framework.train.callbacks.preemption import Preempted
         from launcher.exit_codes import EXIT_PREEMPTED
 
@@ -437,7 +438,9 @@ def run(argv: Sequence[str]) -> int:
         except Preempted as stop:
             if os.environ.get("RANK", "0") == "0":  # one line for the run, not one per worker
                 print(f"loom: {stop}", file=sys.stderr)
-            return EXIT_PREEMPTED
+            # A worker of Loom's launcher exits 0: the launcher makes the run's 75 from the preemption record;
+            # a 75 here would be a failed worker to torchrun (SIGTERM to the others, a traceback in the log)
+            return 0 if os.environ.get(LAUNCHED_ENV) else EXIT_PREEMPTED
         return 0
     if args.command == "data":
         _run_data(args)

@@ -1,9 +1,14 @@
 """`loom train --nproc N [--nnodes M --node-rank R --master ADDR:PORT]`: start N local workers with torchrun
-(torch.distributed.run, through launcher/agent.py, which keeps a planned preemption quiet) and relay signals to them.
+(torch.distributed.run) and relay signals to them.
 
 Before any worker starts, this launcher (node 0's, with several machines) checks the run directory, moves an old
 run aside on --overwrite and holds the run directory's lock until the workers are done (framework/run_dir.py);
-the workers are told so (RUN_GUARD_ENV) and leave it alone.
+the workers are told so (LAUNCHED_ENV) and leave it alone.
+
+A planned preemption is quiet: a worker started here exits 0 after its preemption checkpoint (rank 0 prints the
+one line about it), and this launcher turns the run's status into EXIT_PREEMPTED from <run_dir>/preempted.json.
+Were the workers to exit 75, torchrun would count them as failed: SIGTERM the slower ones and print its
+ChildFailedError traceback ("launcher.cli FAILED ... exitcode 75") into the log at every preemption.
 
 One machine: a private rendezvous on a free port (torchrun --standalone). Several machines without a scheduler: the
 same command on every node with its own --node-rank; torchrun's static rendezvous meets at node 0's ADDR:PORT (its
@@ -61,7 +66,7 @@ def torchrun_command(nproc: int, worker_args: Sequence[str], nodes: Nodes | None
     return [
         sys.executable,
         "-m",
-        "launcher.agent",
+        "torch.distributed.run",
         *rendezvous,
         f"--nproc-per-node={nproc}",
         "-m",
@@ -86,11 +91,11 @@ def launch(
     nproc: int, worker_args: Sequence[str], nodes: Nodes | None = None, run_dir: str | Path | None = None
 ) -> int:
     """Run this node's workers to completion; their exit status (0 when all succeeded), or EXIT_PREEMPTED when
-    they stopped on a signal after committing a checkpoint (rank 0 left <run_dir>/preempted.json: torchrun itself
-    reports any worker's non-zero exit as 1, so the status is recovered from that record)."""
+    they stopped on a signal after committing a checkpoint: rank 0 left <run_dir>/preempted.json, and the status is
+    recovered from that record (the workers exit 0 then; any non-zero exit is 1 to torchrun)."""
     started = time.time()
     status = _run_agent(torchrun_command(nproc, worker_args, nodes))
-    if status != 0 and run_dir is not None and _preempted_since(Path(run_dir), started):
+    if run_dir is not None and _preempted_since(Path(run_dir), started):
         return EXIT_PREEMPTED
     return status
 
@@ -105,9 +110,9 @@ def _preempted_since(run_dir: Path, started: float) -> bool:
 def _run_agent(command: list[str]) -> int:
     # The agent ignores SIGUSR1 (its default action would kill it: under Slurm, `scancel --signal=USR1` reaches
     # every process of the step, the agent too); the workers install their own handler (the Checkpointer's).
-    from framework.run_dir import RUN_GUARD_ENV
+    from framework.run_dir import LAUNCHED_ENV
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", RUN_GUARD_ENV: "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", LAUNCHED_ENV: "1"}
     agent = subprocess.Popen(command, env=env, preexec_fn=_ignore_usr1)
 
     def relay(signum: int, frame: FrameType | None) -> None:

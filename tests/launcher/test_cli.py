@@ -131,7 +131,7 @@ def test_multi_node_launch_runs_torchrun_with_a_static_rendezvous(
     command = launcher.local.torchrun_command(nproc, worker_args, nodes)
     assert "--standalone" not in command
     flags = ["--nnodes=2", "--node-rank=1", "--master-addr=::1", "--master-port=29501", "--nproc-per-node=2"]
-    assert command[command.index("launcher.agent") + 1 : command.index("launcher.cli") - 1] == flags
+    assert command[command.index("torch.distributed.run") + 1 : command.index("launcher.cli") - 1] == flags
     assert command[command.index("launcher.cli") + 1 :] == worker_args
 
 
