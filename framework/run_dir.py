@@ -8,6 +8,7 @@ launcher of `--nproc N` (node 0's with several machines), which tells its worker
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -130,8 +131,8 @@ def _move_aside_unlocked(key: str, folder: Path) -> None:
 def run_lock(folder: Path, key: str = "logging.run_dir", *, create: bool = True) -> Iterator[None]:
     """Hold an exclusive flock on `<folder>/.loom-lock` (made, with `folder`, when `create`) for the block; one
     ConfigError naming the holder when another process holds it. The kernel releases a flock when its process
-    dies, so a lock file left by a killed run does not block. On NFS, flock is emulated with fcntl locks by
-    lockd, where the server supports it; where it is not, two runs are not kept apart (docs/launch.md)."""
+    dies, so a lock file left by a killed run does not block. On NFS, Linux emulates flock with byte-range locks
+    the server arbitrates; where a filesystem cannot lock, two runs are not kept apart (docs/launch.md)."""
     if create:
         folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
@@ -140,10 +141,9 @@ def run_lock(folder: Path, key: str = "logging.run_dir", *, create: bool = True)
         return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise _locked_error(key, folder, path) from None
+        if not _flock(fd, key, folder, path):
+            yield  # this filesystem cannot lock (warned): the run goes on unguarded, as before locks
+            return
         _write_holder(fd)
         try:
             yield
@@ -152,6 +152,23 @@ def run_lock(folder: Path, key: str = "logging.run_dir", *, create: bool = True)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _flock(fd: int, key: str, folder: Path, path: Path) -> bool:
+    """Take the lock (True); False, with a warning, where the filesystem has no locks (e.g. Lustre mounted
+    without -o flock: ENOSYS; NFS without lockd: ENOLCK). Held by another process: the one-line refusal."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _locked_error(key, folder, path) from None
+    except OSError as error:
+        if error.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        log.warning(
+            "%s %s: cannot be locked here (%s): a second run there is not refused", key, folder, error
+        )
+        return False
+    return True
 
 
 def _write_holder(fd: int) -> None:
