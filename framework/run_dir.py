@@ -94,6 +94,8 @@ def guard_run_dir(
     folders = _folders(recipe)
     if overwrite:
         for key, folder in folders.items():
+            _refuse_moving_inputs(recipe, key, folder)
+        for key, folder in folders.items():
             _move_aside_unlocked(key, folder)
     with contextlib.ExitStack() as stack:
         for key, folder in folders.items():
@@ -116,6 +118,24 @@ def _check_resume_data(recipe: Recipe, resume: str) -> None:
         return
     path = committed[-1][1] if resume == "auto" else resolve_checkpoint(resume)
     check_same_data(path, recipe_to_dict(recipe))
+
+
+def _refuse_moving_inputs(recipe: Recipe, key: str, folder: Path) -> None:
+    """--overwrite never moves the run's own inputs (data, tokenizer) or the working directory away."""
+    data = recipe.data
+    train = data.train if isinstance(data.train, list) else [data.train]
+    inputs = [
+        Path.cwd(),
+        Path(data.tokenizer),
+        *map(Path, train),
+        *([Path(data.validation)] if data.validation else []),
+    ]
+    targets = (folder.resolve(), folder.absolute())
+    for item in inputs:
+        # by the path as written too: a link inside the folder to data elsewhere would move (and break) with it
+        if any(p.is_relative_to(t) for p in (item.resolve(), item.absolute()) for t in targets):
+            rule = f"holds {item}, an input of this run (or the working directory): --overwrite would move it away"
+            raise ConfigError(None, key, str(folder), rule, "use a new logging.run_dir (or checkpoint.dir)")
 
 
 def _move_aside_unlocked(key: str, folder: Path) -> None:

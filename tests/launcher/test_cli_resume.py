@@ -245,3 +245,22 @@ def test_resuming_a_finished_run_logs_no_second_validation(demo_data, tmp_path, 
     with pytest.warns(UserWarning, match="already finished at step 1"):
         assert main(_train(run_dir, demo_data, *sets, "--resume", "auto")) == 0
     assert (run_dir / "metrics.jsonl").read_text() == log
+
+
+@pytest.mark.parametrize("where", ["cwd", "data"])
+def test_overwrite_never_moves_the_inputs_or_the_working_directory(
+    demo_data, tmp_path, capsys, monkeypatch, where
+) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine\n")
+    if where == "cwd":
+        monkeypatch.chdir(run_dir)
+        argv = _train(run_dir, demo_data, "--overwrite")
+    else:  # the training data lies inside the run dir
+        (run_dir / "demo").symlink_to(demo_data)
+        argv = [*_train(run_dir, demo_data, "--overwrite"), "--set", f"data.train={run_dir / 'demo'}"]
+    before = _tree(tmp_path)
+    assert main(argv) == 2
+    assert "--overwrite would move it away" in _one_line(capsys)
+    assert _tree(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
