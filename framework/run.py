@@ -30,6 +30,7 @@ from framework.parallel.build import train_module_for
 from framework.parallel.dims import ParallelDims, build_mesh
 from framework.parallel.init import init_sharded_weights
 from framework.parallel.parallelize import parallelize
+from framework.run_dir import LAUNCHED_ENV, guard_run_dir
 from framework.train import Trainer, TrainModule, default_callbacks, resolve_device
 
 log = logging.getLogger(__name__)
@@ -89,30 +90,58 @@ def build_parallel_model(
     return model
 
 
-def train(recipe: Recipe, *, resume: str | None = None) -> dict[str, Any]:
-    """Train `recipe` in this process; returns the last step's metrics."""
+def train(
+    recipe: Recipe, *, resume: str | None = None, overwrite: bool = False, accept_data_change: bool = False
+) -> dict[str, Any]:
+    """Train `recipe` in this process; returns the last step's metrics. The run directory is checked and locked
+    first (framework/run_dir.py) unless Loom's launcher did that for this worker; `overwrite` moves an old run
+    there aside; `accept_data_change` lets a resume change what data comes next (docs/checkpoints.md)."""
+    with _run_dir_guard(recipe, resume, overwrite, accept_data_change):
+        return _train_guarded(recipe, resume=resume, accept_data_change=accept_data_change)
+
+
+def _run_dir_guard(
+    recipe: Recipe, resume: str | None, overwrite: bool, accept_data_change: bool
+) -> contextlib.AbstractContextManager:
+    """The run-dir guard for the process that owns the run: a plain process, or rank 0 started by something other
+    than Loom's launcher (e.g. torchrun directly); nothing for a worker whose launcher holds it already."""
+    owner = int(os.environ.get("RANK", "0")) == 0 and not os.environ.get(LAUNCHED_ENV)
+    if not owner:
+        return contextlib.nullcontext()
+    return guard_run_dir(recipe, resume=resume, overwrite=overwrite, accept_data_change=accept_data_change)
+
+
+def _train_guarded(recipe: Recipe, *, resume: str | None, accept_data_change: bool) -> dict[str, Any]:
     world_size = world_size_of_run()
     device = resolve_device(recipe.train.device)
     resolve_kernels(recipe, device)  # model.kernels meets the device: a ConfigError before any model is built
     check_fp8(recipe, device)  # likewise precision.dtype fp8 (torchao / TE installed, fp8-capable GPU)
     check_fits(recipe, world_size, str(device))  # sizes against the device's memory, before any allocation
     if recipe.parallel.engine == "deepspeed":
-        return train_deepspeed(recipe, device, world_size, resume=resume)
+        return train_deepspeed(
+            recipe, device, world_size, resume=resume, accept_data_change=accept_data_change
+        )
     if world_size == 1:
         # One process trains the whole model; the recipe's parallel section (written for a cluster, e.g. ep: 8)
         # is not applied, so any recipe can be tried on one machine — but say so, never silently.
         _warn_ignored_layout(recipe)
         return _train(
-            recipe, device, _single_module, dp_rank=0, dp_size=1, rank=0, resume=resume, layout=None
-        )
+            recipe, device, _single_module, dp_rank=0, dp_size=1, rank=0, resume=resume, layout=None,
+            accept_data_change=accept_data_change,
+        )  # fmt: skip
     # Every layout rule is checked before any process-group work: a bad layout is one ConfigError, exit 2.
     dims = ParallelDims.from_recipe(recipe, world_size)
     with process_group(device) as device:
-        return train_distributed(recipe, dims, device, resume=resume)
+        return train_distributed(recipe, dims, device, resume=resume, accept_data_change=accept_data_change)
 
 
 def train_distributed(
-    recipe: Recipe, dims: ParallelDims, device: torch.device, *, resume: str | None = None
+    recipe: Recipe,
+    dims: ParallelDims,
+    device: torch.device,
+    *,
+    resume: str | None = None,
+    accept_data_change: bool = False,
 ) -> dict[str, Any]:
     """Train `recipe` as this rank of the initialised default process group, laid out as `dims`."""
     mesh = build_mesh(dims, device.type)
@@ -129,11 +158,17 @@ def train_distributed(
         rank=dist.get_rank(),
         resume=resume,
         layout=layout_of(dims, dims.world_size),
+        accept_data_change=accept_data_change,
     )
 
 
 def train_deepspeed(
-    recipe: Recipe, device: torch.device, world_size: int, *, resume: str | None = None
+    recipe: Recipe,
+    device: torch.device,
+    world_size: int,
+    *,
+    resume: str | None = None,
+    accept_data_change: bool = False,
 ) -> dict[str, Any]:
     """Train `recipe` on the DeepSpeed engine: every rank a data-parallel rank (docs/deepspeed.md)."""
     ds_config = importlib.import_module("framework.deepspeed.config")
@@ -152,7 +187,8 @@ def train_deepspeed(
         layout["cp"] = cp
         # sequence groups are blocks of cp consecutive ranks: a block reads one data-parallel slice
         return _train(recipe, device, _deepspeed_module, dp_rank=rank // cp, dp_size=world_size // cp,
-                      rank=rank, resume=resume, layout=layout)  # fmt: skip
+                      rank=rank, resume=resume, layout=layout,
+                      accept_data_change=accept_data_change)  # fmt: skip
 
 
 def _deepspeed_module(recipe: Recipe, device: torch.device) -> TrainModule:
@@ -179,6 +215,7 @@ def _train(
     rank: int,
     resume: str | None,
     layout: dict[str, int] | None,
+    accept_data_change: bool = False,
 ) -> dict[str, Any]:
     torch.manual_seed(recipe.train.seed)  # Trainer.fit re-seeds dropout per rank (train_module.rng_seed)
     tokenizer = Tokenizer(recipe.data.tokenizer)
@@ -196,6 +233,7 @@ def _train(
         resume=resume,
         rank=rank,
         layout=layout,
+        accept_data_change=accept_data_change,
     )
     batches = StepBatches(train_source, recipe, dp_rank, dp_size)
     return Trainer(module, batches, callbacks, recipe, dp_size=dp_size).fit() or {}

@@ -168,6 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="auto|PATH",
         help="continue from a checkpoint: 'auto' = the newest complete one in the run's checkpoint folder",
     )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in a run directory that holds one: the old one is moved aside whole to "
+        "<run_dir>.old-N (kept)",
+    )
+    train.add_argument(
+        "--accept-data-change",
+        action="store_true",
+        help="resume although data.train/weights/seq_len/seed, train.seed or global_batch_size changed "
+        "(refused otherwise: the data that comes next would change; docs/checkpoints.md)",
+    )
     _add_launch_args(train)
     check = commands.add_parser(
         "check", help="validate a recipe; print it resolved, with size, FLOPs and memory"
@@ -366,19 +378,26 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--set", override]
     if args.resume is not None:
         argv += ["--resume", args.resume]
+    # The flags travel as given; the workers leave the run dir itself alone (the launcher checked, moved aside
+    # and locked it before they started: launcher.local.run_dir_guard)
+    if args.overwrite:
+        argv.append("--overwrite")
+    if args.accept_data_change:
+        argv.append("--accept-data-change")
     return argv
 
 
 def _launch(args: argparse.Namespace, nodes: Nodes | None) -> int:
     from framework.config.loader import load_recipe
     from framework.parallel.dims import ParallelDims
-    from launcher.local import launch
+    from launcher.local import launch, run_dir_guard
 
     world_size = args.nproc * (nodes.nnodes if nodes is not None else 1)
     # A bad layout is one ConfigError here, before any worker starts and each prints it.
     recipe = load_recipe(args.recipe, args.overrides)
     ParallelDims.from_recipe(recipe, world_size)
-    return launch(args.nproc, _worker_argv(args), nodes, run_dir=recipe.logging.run_dir)
+    with run_dir_guard(recipe, args.resume, args.overwrite, nodes, args.accept_data_change):
+        return launch(args.nproc, _worker_argv(args), nodes, run_dir=recipe.logging.run_dir)
 
 
 def _configure_worker_logging() -> None:
@@ -409,15 +428,25 @@ def run(argv: Sequence[str]) -> int:
             return _launch(args, nodes)
         from framework.config.loader import load_recipe
         from framework.run import train
+        from framework.run_dir import LAUNCHED_ENV
         from framework.train.callbacks.preemption import Preempted
         from launcher.exit_codes import EXIT_PREEMPTED
 
         _configure_worker_logging()
+        recipe = load_recipe(args.recipe, args.overrides)
         try:
-            train(load_recipe(args.recipe, args.overrides), resume=args.resume)
+            train(
+                recipe,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                accept_data_change=args.accept_data_change,
+            )
         except Preempted as stop:
-            print(f"loom: {stop}", file=sys.stderr)
-            return EXIT_PREEMPTED
+            if os.environ.get("RANK", "0") == "0":  # one line for the run, not one per worker
+                print(f"loom: {stop}", file=sys.stderr)
+            # A worker of Loom's launcher exits 0: the launcher makes the run's 75 from the preemption record;
+            # a 75 here would be a failed worker to torchrun (SIGTERM to the others, a traceback in the log)
+            return 0 if os.environ.get(LAUNCHED_ENV) else EXIT_PREEMPTED
         return 0
     if args.command == "data":
         _run_data(args)

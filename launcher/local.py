@@ -1,6 +1,15 @@
 """`loom train --nproc N [--nnodes M --node-rank R --master ADDR:PORT]`: start N local workers with torchrun
 (torch.distributed.run) and relay signals to them.
 
+Before any worker starts, this launcher (node 0's, with several machines) checks the run directory, moves an old
+run aside on --overwrite and holds the run directory's lock until the workers are done (framework/run_dir.py);
+the workers are told so (LAUNCHED_ENV) and leave it alone.
+
+A planned preemption is quiet: a worker started here exits 0 after its preemption checkpoint (rank 0 prints the
+one line about it), and this launcher turns the run's status into EXIT_PREEMPTED from <run_dir>/preempted.json.
+Were the workers to exit 75, torchrun would count them as failed: SIGTERM the slower ones and print its
+ChildFailedError traceback ("launcher.cli FAILED ... exitcode 75") into the log at every preemption.
+
 One machine: a private rendezvous on a free port (torchrun --standalone). Several machines without a scheduler: the
 same command on every node with its own --node-rank; torchrun's static rendezvous meets at node 0's ADDR:PORT (its
 agent hosts the store there), and ranks are node_rank * N + local rank.
@@ -22,8 +31,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from launcher.exit_codes import EXIT_PREEMPTED
+
+if TYPE_CHECKING:
+    from framework.config.schema import Recipe
 
 RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
@@ -62,15 +75,27 @@ def torchrun_command(nproc: int, worker_args: Sequence[str], nodes: Nodes | None
     ]
 
 
+def run_dir_guard(
+    recipe: Recipe, resume: str | None, overwrite: bool, nodes: Nodes | None, accept_data_change: bool = False
+) -> contextlib.AbstractContextManager:
+    """The run-dir checks, --overwrite and lock for the whole run, taken here (not by a worker) so that the old run
+    is moved aside once, before any worker writes; on node 0 alone with several machines (one shared run dir)."""
+    from framework.run_dir import guard_run_dir  # here: `loom status` need not import torch
+
+    if nodes is not None and nodes.node_rank != 0:
+        return contextlib.nullcontext()
+    return guard_run_dir(recipe, resume=resume, overwrite=overwrite, accept_data_change=accept_data_change)
+
+
 def launch(
     nproc: int, worker_args: Sequence[str], nodes: Nodes | None = None, run_dir: str | Path | None = None
 ) -> int:
     """Run this node's workers to completion; their exit status (0 when all succeeded), or EXIT_PREEMPTED when
-    they stopped on a signal after committing a checkpoint (rank 0 left <run_dir>/preempted.json: torchrun itself
-    reports any worker's non-zero exit as 1, so the status is recovered from that record)."""
+    they stopped on a signal after committing a checkpoint: rank 0 left <run_dir>/preempted.json, and the status is
+    recovered from that record (the workers exit 0 then; any non-zero exit is 1 to torchrun)."""
     started = time.time()
     status = _run_agent(torchrun_command(nproc, worker_args, nodes))
-    if status != 0 and run_dir is not None and _preempted_since(Path(run_dir), started):
+    if run_dir is not None and _preempted_since(Path(run_dir), started):
         return EXIT_PREEMPTED
     return status
 
@@ -85,7 +110,10 @@ def _preempted_since(run_dir: Path, started: float) -> bool:
 def _run_agent(command: list[str]) -> int:
     # The agent ignores SIGUSR1 (its default action would kill it: under Slurm, `scancel --signal=USR1` reaches
     # every process of the step, the agent too); the workers install their own handler (the Checkpointer's).
-    agent = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=_ignore_usr1)
+    from framework.run_dir import LAUNCHED_ENV
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", LAUNCHED_ENV: "1"}
+    agent = subprocess.Popen(command, env=env, preexec_fn=_ignore_usr1)
 
     def relay(signum: int, frame: FrameType | None) -> None:
         targets = _children(agent.pid) if signum == signal.SIGUSR1 else [agent.pid]

@@ -10,7 +10,6 @@ pipes the script to `sbatch --parsable` and records the job in .loom/jobs.json o
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -243,18 +242,26 @@ def submit(job: Job, recipe_path: str, workdir: Path | None = None) -> JobRecord
 
 def read_records(workdir: Path | None = None) -> list[JobRecord]:
     """The jobs submitted from `workdir`, oldest first."""
+    from framework.outputs import read_json_file
+
     path = (workdir or Path.cwd()) / JOBS_FILE
     if not path.is_file():
         return []
-    return [JobRecord(**item) for item in json.loads(path.read_text())]
+    items = read_json_file(path, "the record of submitted jobs")
+    try:
+        return [JobRecord(**item) for item in items]
+    except TypeError:  # not a list of records with exactly JobRecord's fields
+        fix = "restore it, or move it away (`loom status` then forgets the jobs in it)"
+        raise ConfigError(None, "file", str(path), "is not a list of job records", fix) from None
 
 
 def _write_records(workdir: Path, records: list[JobRecord]) -> None:
-    path = workdir / JOBS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps([asdict(r) for r in records], indent=1) + "\n")
-    os.replace(tmp, path)  # a reader never sees half a file
+    """.loom/jobs.json through a temp sibling, fsync and rename (framework/outputs.py): a reader, or a crash,
+    never sees half a file, and a failed write leaves no temp file behind."""
+    from framework.outputs import atomic_file
+
+    with atomic_file(workdir / JOBS_FILE, overwrite=True) as tmp:
+        tmp.write_text(json.dumps([asdict(r) for r in records], indent=1) + "\n")
 
 
 def find_record(job_id: str | None, workdir: Path | None = None) -> JobRecord:

@@ -71,6 +71,10 @@ class Trainer:
 
     def _train_steps(self) -> None:
         module = self.train_module
+        if module.step and module.step >= self.recipe.train.steps:
+            warnings.warn(
+                f"already finished at step {module.step} (train.steps): nothing to train", stacklevel=3
+            )
         while module.step < self.recipe.train.steps and not self.should_stop:
             start = time.perf_counter()
             micro_batches = self._next_micro_batches()

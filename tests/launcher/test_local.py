@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -108,3 +110,34 @@ def test_bad_layout_is_one_line_before_launch(tmp_path: Path) -> None:
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.count("loom: error:") == 1 and "global_batch_size" in done.stderr
+
+
+def test_a_planned_preemption_is_one_line_and_the_run_dir_is_locked_meanwhile(
+    demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """While `loom train --nproc 2` runs, its launcher holds the run dir: a second `loom train` there is refused
+    with the launcher's host and pid. SIGUSR1 then preempts the run as planned (checkpoint, exit 75), and its log
+    holds one line for it: no torchrun ChildFailedError traceback ("launcher.cli FAILED ... exitcode 75")."""
+    from launcher.cli import main
+    from launcher.exit_codes import EXIT_PREEMPTED
+
+    run_dir = tmp_path / "run"
+    cmd = [*_train_command(run_dir, "--nproc", "2"), "--set", "train.steps=200"]
+    run = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ((run_dir / "metrics.jsonl").is_file() and _records(run_dir)):
+            assert run.poll() is None and time.monotonic() < deadline, run.stderr.read()[-3000:]
+            time.sleep(0.1)
+        second = _train_command(run_dir, "--resume", "auto")[3:]  # in this process: `loom train ...`
+        assert main(second) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"host {socket.gethostname()}, pid {run.pid}" in err, err
+        run.send_signal(signal.SIGUSR1)
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    assert "Traceback" not in stderr and "ChildFailedError" not in stderr and "FAILED" not in stderr, stderr
+    assert stderr.count("loom: preempted by SIGUSR1 after step") == 1, stderr
+    assert json.loads((run_dir / "preempted.json").read_text())["signal"] == "SIGUSR1"

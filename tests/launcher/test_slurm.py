@@ -390,3 +390,56 @@ def test_missing_slurm_commands_are_one_line_errors(
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"Slurm's `{command}` is not on PATH" in err, err
     assert not (tmp_path / ".loom").exists()  # nothing recorded
+
+
+@pytest.mark.parametrize(
+    ("written", "directive"),
+    [
+        ("3:00", "3:00"),  # YAML 1.1: the int 180 (base 60), which is Slurm's 3 min 0 s
+        ("1:30:00", "1:30:00"),  # the int 5400
+        ("04:00:00", "04:00:00"),  # a leading 0 is no base-60 int: a string, as written
+        ("2-00:00:00", "2-00:00:00"),  # a string
+        ("25:00:00", "1-01:00:00"),  # the int 90000: a day and an hour
+        ('"30"', "30"),  # quoted: Slurm's 30 minutes
+    ],
+)
+def test_launch_time_in_any_form_yaml_gives_it(written, directive, tmp_path, capsys) -> None:
+    """Slurm's time forms, however YAML typed them: in a recipe and in --set, unquoted base-60 numbers too."""
+    recipe = tmp_path / "job.yaml"
+    recipe.write_text(f"base: {ROOT / 'recipes/debug.yaml'}\nlaunch:\n  time: {written}\n")
+    for argv in (
+        ["submit", str(recipe)],
+        ["submit", "recipes/debug.yaml", "--set", f"launch.time={written}"],
+    ):
+        assert main([*argv, "--dry-run"]) == 0, capsys.readouterr().err
+        assert f"#SBATCH --time={directive}\n" in capsys.readouterr().out
+
+
+def test_an_unquoted_number_of_minutes_is_seconds_and_refused(capsys) -> None:
+    """`time: 30` is the int 30 to YAML, as `time: 0:30` is: seconds, here below launch.signal_seconds. The
+    one line says so and how to write minutes."""
+    assert main(["submit", "recipes/debug.yaml", "--set", "launch.time=30", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.count("\n") == 1 and "launch.time = '0:30'" in err and "unquoted number 30 is seconds" in err
+    ), err
+    assert 'minutes quoted, e.g. "30"' in err
+
+
+def test_the_job_record_is_written_whole_or_not_at_all(tmp_path, monkeypatch, capsys) -> None:
+    from launcher.slurm import JOBS_FILE, JobRecord, _write_records, read_records
+
+    first = JobRecord("1", "a", "a.yaml", "runs/a/slurm-1.out", "2024-01-01T00:00:00+00:00")
+    _write_records(tmp_path, [first])
+    before = (tmp_path / JOBS_FILE).read_bytes()
+    broken = JobRecord("2", "b", "b.yaml", object(), "now")  # type: ignore[arg-type]  # not JSON: the write fails
+    with pytest.raises(TypeError):
+        _write_records(tmp_path, [first, broken])
+    assert (tmp_path / JOBS_FILE).read_bytes() == before and read_records(tmp_path) == [first]
+    assert sorted(p.name for p in (tmp_path / ".loom").iterdir()) == ["jobs.json"]  # no temp file left
+    monkeypatch.chdir(tmp_path)
+    for garbage in ("{not json", '[{"job": 1}]'):
+        (tmp_path / JOBS_FILE).write_text(garbage)
+        assert main(["logs"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "jobs.json" in err and "Traceback" not in err, err

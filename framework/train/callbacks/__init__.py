@@ -25,6 +25,7 @@ def default_callbacks(
     layout: dict[str, int] | None = None,
     dp_rank: int = 0,
     dp_size: int = 1,
+    accept_data_change: bool = False,
 ) -> list[Callback]:
     """Logger first (it records a step before anything else may stop the run), then stability, validation,
     checkpoints (a checkpoint at step N then holds that step's validation in the logs)."""
@@ -39,7 +40,14 @@ def default_callbacks(
     if checkpoints:
         distributed = layout is not None and layout["world_size"] > 1
         callbacks.append(
-            Checkpointer(recipe, resume=resume, rank=rank, distributed=distributed, layout=layout)
+            Checkpointer(
+                recipe,
+                resume=resume,
+                rank=rank,
+                distributed=distributed,
+                layout=layout,
+                accept_data_change=accept_data_change,
+            )
         )
     return callbacks
 

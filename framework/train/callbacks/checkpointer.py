@@ -40,6 +40,7 @@ from framework.train.callbacks.preemption import (
     clear_record,
     write_record,
 )
+from framework.train.resume_check import check_same_data
 
 if TYPE_CHECKING:
     from framework.train.trainer import Trainer
@@ -56,6 +57,8 @@ class Checkpointer(Callback):
     None = start fresh. A checkpoint holds the train module's state, the data position, the callbacks' state and
     every rank's RNG state, so the resumed run continues exactly as the uninterrupted one would.
     `layout`: the parallel sizes of this run (recorded; RNG states are restored only on the same layout).
+    `accept_data_change`: let a resume change a field that decides what data comes next (DATA_FIELDS), which is
+    refused otherwise (`loom train --accept-data-change`, docs/checkpoints.md).
     """
 
     def __init__(
@@ -66,8 +69,10 @@ class Checkpointer(Callback):
         rank: int = 0,
         distributed: bool = False,
         layout: dict[str, int] | None = None,
+        accept_data_change: bool = False,
     ) -> None:
         self.recipe = recipe
+        self.accept_data_change = accept_data_change
         self.cfg = recipe.checkpoint
         self.root = Path(self.cfg.dir) if self.cfg.dir else Path(recipe.logging.run_dir) / "checkpoints"
         self.resume = resume
@@ -206,6 +211,12 @@ class Checkpointer(Callback):
             set_rng_state(json.loads(own.read_text())["rng"], device)
         elif saved_layout == self.layout and "rng" in metadata:  # one-process checkpoints of format 1
             set_rng_state(metadata["rng"], device)
+        elif saved_layout == self.layout:
+            # The same layout, but this rank's file is gone: say so (every rank may miss its own file).
+            warnings.warn(
+                f"{own.name} is missing from {path}: random-number streams (dropout) restart from the seed",
+                stacklevel=2,
+            )
         elif self.rank == 0:
             # Another layout: rank r's generator state has no counterpart. Dropout masks differ from the
             # uninterrupted run from here on (model, optimizer and data order are exact).
@@ -223,6 +234,8 @@ class Checkpointer(Callback):
             box = [str(choice) if choice else None]
             dist.broadcast_object_list(box, src=0)
             choice = Path(box[0]) if box[0] else None
+        if choice is not None and not self.accept_data_change:
+            check_same_data(choice, recipe_to_dict(self.recipe))
         return choice
 
     def _newest_good(self) -> Path | None:

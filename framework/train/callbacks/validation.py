@@ -1,4 +1,5 @@
-"""Held-out loss every train.eval_every steps and after the last step."""
+"""Held-out loss every train.eval_every steps and after the last step (once: a resumed finished run does not
+repeat it)."""
 
 from __future__ import annotations
 
@@ -49,12 +50,23 @@ class Validation(Callback):
         )
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        if self.every and trainer.step % self.every == 0:
+        # The last step validates here, not at fit end: before the Checkpointer's save of that step (it comes
+        # after this callback), so the checkpoint records it as validated and a resume does not repeat it.
+        last = trainer.step >= trainer.recipe.train.steps
+        if last or (self.every and trainer.step % self.every == 0):
             self.run(trainer)
 
     def on_fit_end(self, trainer: Trainer) -> None:
         if self._last_step != trainer.step:
             self.run(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        # The step last validated travels with the checkpoint: resuming a finished run (or one saved right after
+        # a validation) must not validate that step again and log a duplicate val line.
+        return {} if self._last_step is None else {"last_step": self._last_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._last_step = state.get("last_step")
 
     def run(self, trainer: Trainer) -> dict[str, Any] | None:
         module = trainer.train_module

@@ -5,6 +5,7 @@ import torch
 from train_helpers import IndexedBatches, make_batches, make_model, make_recipe
 
 from framework.checkpoint import latest_checkpoint
+from framework.config import ConfigError
 from framework.train import Checkpointer, MetricsLogger, Stability, Trainer, TrainModule
 
 OVERRIDES = {
@@ -18,13 +19,13 @@ OVERRIDES = {
 }
 
 
-def _run(run_dir, resume=None, seed=0):
-    recipe = make_recipe(run_dir, OVERRIDES)
+def _run(run_dir, resume=None, seed=0, changes=None, accept_data_change=False):
+    recipe = make_recipe(run_dir, OVERRIDES | (changes or {}))
     module = TrainModule(make_model(seed=seed, dropout=0.2), recipe, "cpu")  # dropout: the RNG state matters
     callbacks = [
         MetricsLogger(recipe.logging, total_steps=recipe.train.steps),
         Stability(recipe.train, run_dir),
-        Checkpointer(recipe, resume=resume),
+        Checkpointer(recipe, resume=resume, accept_data_change=accept_data_change),
     ]
     # Shuffled per run would break equality; a positioned source resumes where it stopped.
     Trainer(module, IndexedBatches(make_batches(6)), callbacks, recipe).fit()
@@ -82,3 +83,35 @@ def test_auto_resume_skips_a_damaged_newest_checkpoint(tmp_path):
     assert resumed.step == 6 and [records[s]["loss"] for s in (4, 5, 6)] == [
         full_records[s]["loss"] for s in (4, 5, 6)
     ]
+
+
+@pytest.mark.parametrize(
+    "key,value", [("train.seed", 5), ("train.global_batch_size", 16), ("data.seq_len", 32)]
+)
+def test_the_checkpointer_refuses_a_resume_that_changes_the_data(tmp_path, key, value):
+    """The Checkpointer checks the checkpoint it loads (every rank; under `loom train` the run-dir guard refused
+    it before anything was written already): one ConfigError naming the field, old and new values."""
+    _run(tmp_path / "a")
+    step3 = tmp_path / "a" / "checkpoints" / "step_00000003"
+    old = json.loads((step3 / "meta.json").read_text())["recipe"][key.split(".")[0]][key.split(".")[1]]
+    with pytest.raises(ConfigError, match=rf"{key} = {value}: differs from {old} in the checkpoint"):
+        _run(tmp_path / "b", resume=step3, changes={key: value})
+    assert not (tmp_path / "b" / "checkpoints").exists()  # refused before the first step
+
+
+def test_accept_data_change_resumes_with_the_new_value(tmp_path):
+    _run(tmp_path / "a")
+    step3 = tmp_path / "a" / "checkpoints" / "step_00000003"
+    module, records = _run(tmp_path / "b", resume=step3, changes={"train.seed": 5}, accept_data_change=True)
+    assert module.step == 6 and sorted(records) == [4, 5, 6]
+
+
+def test_a_missing_rank_rng_file_warns_its_real_reason(tmp_path, recwarn):
+    _run(tmp_path)
+    step3 = tmp_path / "checkpoints" / "step_00000003"
+    (step3 / "rank_00000.json").unlink()
+    meta = json.loads((step3 / "meta.json").read_text())
+    checkpointer = Checkpointer(make_recipe(tmp_path, OVERRIDES))
+    with pytest.warns(UserWarning, match=r"rank_00000\.json is missing from .*step_00000003: random-number"):
+        checkpointer._restore_rng(step3, meta, torch.device("cpu"))
+    assert not any("another layout" in str(w.message) for w in recwarn)
