@@ -34,6 +34,7 @@ import torch
 from framework.config import Recipe
 from framework.config.errors import ConfigError
 from framework.config.loader import load_recipe
+from framework.outputs import move_aside
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = ROOT / "recipes" / "smoke.yaml"
@@ -155,7 +156,9 @@ def _train_full(recipe: Recipe, device: torch.device) -> list[dict[str, Any]]:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    train(recipe)
+    train(
+        recipe, overwrite=True
+    )  # a reused --run-dir: the earlier smoke run is moved aside whole, not mixed in
     return _train_records(Path(recipe.logging.run_dir))
 
 
@@ -183,6 +186,10 @@ def _check_resume(recipe: Recipe, records: list[dict[str, Any]], root: Path, dev
     resumed = copy.deepcopy(recipe)
     resumed.logging.run_dir, resumed.train.steps = str(root / "resume"), step + 1
     resumed.checkpoint.every, resumed.checkpoint.save_final = 0, False
+    if Path(
+        resumed.logging.run_dir
+    ).exists():  # an earlier smoke's resume run: kept aside, never read as ours
+        move_aside(Path(resumed.logging.run_dir))
     train(resumed, resume=str(saved))
     want = next(r["loss"] for r in records if r["step"] == step + 1)
     got = next(r["loss"] for r in _train_records(root / "resume") if r["step"] == step + 1)
