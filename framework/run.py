@@ -10,7 +10,6 @@ import os
 import socket
 import warnings
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +17,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from framework.config.loader import dump_recipe
 from framework.config.schema import ModelConfig, Recipe
 from framework.data import Tokenizer, TrainSource, ValidationSource, build_data
 from framework.kernels.choice import resolve_kernels, use_kernels
@@ -221,8 +219,6 @@ def _train(
     tokenizer = Tokenizer(recipe.data.tokenizer)
     train_source, val_source = build_data(recipe.data, recipe.model, tokenizer)
     module = make_module(recipe, device)
-    if rank == 0:
-        _write_resolved_recipe(recipe)
     callbacks = default_callbacks(
         recipe,
         val_batches=None if val_source is None else ValidationBatches(val_source, recipe),
@@ -305,13 +301,6 @@ class StepBatches:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.source.load_state_dict(state)
-
-
-def _write_resolved_recipe(recipe: Recipe) -> None:
-    """The run directory records exactly what ran (the resolved recipe, defaults included)."""
-    run_dir = Path(recipe.logging.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
 
 
 class ValidationBatches:

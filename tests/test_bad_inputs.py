@@ -324,7 +324,7 @@ CASES: list[tuple[str, Setup, str]] = [
     ("resume-truncated", lambda w: (shard(w).write_bytes(b"x"), w.resume(str(w.step)))[1], "truncated"),
     ("resume-missing-path", lambda w: w.resume(str(w.tmp / "nockpt")), "nockpt"),
     ("resume-path-is-file", lambda w: w.resume(str(w.step / "meta.json")), "meta.json"),
-    ("resume-other-shape", lambda w: w.resume(str(w.step), model__d_model=48), "d_model"),
+    ("resume-other-shape", lambda w: w.resume(str(w.step), model__d_model=48), "holds another model"),
     ("resume-seq-len-changed", lambda w: w.resume(data__seq_len=32), "data.seq_len"),
     ("resume-seed-changed", lambda w: w.resume(train__seed=7), "train.seed"),
     (

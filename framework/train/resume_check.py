@@ -9,6 +9,7 @@ seed ignores the recipe's seed): so each change is one ConfigError naming the fi
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +31,46 @@ DATA_FIELDS = (
 _FIX = "resume with {key}: {old} as saved, or pass --accept-data-change to continue with the new value"
 
 
+FINGERPRINT = "data_fingerprint"
+"""meta.json key: the sha256 of each data.train folder's manifest.json when the checkpoint was saved."""
+
+
+def data_fingerprint(train: Any) -> list[str | None]:
+    """The sha256 of each prepared folder's manifest.json (None where there is none). The manifest lists every
+    shard with its size and hash, so equal fingerprints mean the same samples, wherever the folder now lies
+    (copied to node-local disk, say): a moved dataset is not a data change."""
+    prints: list[str | None] = []
+    for folder in _paths(train):
+        try:
+            prints.append(hashlib.sha256((Path(folder) / "manifest.json").read_bytes()).hexdigest())
+        except OSError:
+            prints.append(None)
+    return prints
+
+
 def check_same_data(checkpoint: Path, recipe: dict[str, Any]) -> None:
     """Refuse the first of DATA_FIELDS whose value in `recipe` (recipe_to_dict) differs from the one recorded
     in `checkpoint`'s meta.json. A checkpoint without a recorded recipe has nothing to compare (nothing refused)."""
-    saved = read_meta_json(Path(checkpoint) / META).get("recipe")
+    meta = read_meta_json(Path(checkpoint) / META)
+    saved = meta.get("recipe")
     if not isinstance(saved, dict):
         return
     for key in DATA_FIELDS:
         found, old = _lookup(saved, key)
         _, new = _lookup(recipe, key)
+        if key == "data.train" and _same_fingerprint(meta.get(FINGERPRINT), new):
+            continue
         if found and not _same(key, old, new):
             rule = (
                 f"differs from {old!r} in the checkpoint {checkpoint}: the resumed run would read other data"
             )
             raise ConfigError(None, key, new, rule, _FIX.format(key=key, old=_yaml(old)))
+
+
+def _same_fingerprint(saved: Any, train: Any) -> bool:
+    if not isinstance(saved, list) or None in saved:
+        return False
+    return saved == data_fingerprint(train)
 
 
 def _lookup(recipe: dict[str, Any], key: str) -> tuple[bool, Any]:

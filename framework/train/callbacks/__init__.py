@@ -10,6 +10,7 @@ from framework.train.callbacks.base import Callback
 from framework.train.callbacks.checkpointer import Checkpointer
 from framework.train.callbacks.metrics_logger import MetricsLogger
 from framework.train.callbacks.profiler import Profiler
+from framework.train.callbacks.recipe_record import RecipeRecord
 from framework.train.callbacks.stability import Stability, TrainingHalted
 from framework.train.callbacks.validation import Validation
 
@@ -49,6 +50,7 @@ def default_callbacks(
                 accept_data_change=accept_data_change,
             )
         )
+    callbacks.append(RecipeRecord(recipe, rank))  # last: only a run whose start succeeded records its recipe
     return callbacks
 
 
@@ -57,6 +59,7 @@ __all__ = [
     "Checkpointer",
     "MetricsLogger",
     "Profiler",
+    "RecipeRecord",
     "Stability",
     "TrainingHalted",
     "Validation",

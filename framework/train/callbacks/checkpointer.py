@@ -40,7 +40,7 @@ from framework.train.callbacks.preemption import (
     clear_record,
     write_record,
 )
-from framework.train.resume_check import check_same_data
+from framework.train.resume_check import FINGERPRINT, check_same_data, data_fingerprint
 
 if TYPE_CHECKING:
     from framework.train.trainer import Trainer
@@ -73,6 +73,9 @@ class Checkpointer(Callback):
     ) -> None:
         self.recipe = recipe
         self.accept_data_change = accept_data_change
+        self._fingerprint = data_fingerprint(
+            recipe.data.train
+        )  # the dataset, wherever it lies (resume_check)
         self.cfg = recipe.checkpoint
         self.root = Path(self.cfg.dir) if self.cfg.dir else Path(recipe.logging.run_dir) / "checkpoints"
         self.resume = resume
@@ -138,6 +141,7 @@ class Checkpointer(Callback):
             "recipe": recipe_to_dict(self.recipe),
             "layout": self.layout,
             "data_state": trainer.data_state(),
+            FINGERPRINT: self._fingerprint,
             "callbacks": trainer.callback_states(),
         }
         rank_state = {"rank": self.rank, "layout": self.layout, "rng": get_rng_state(module.device)}
