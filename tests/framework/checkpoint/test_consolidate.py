@@ -96,9 +96,10 @@ def test_inspect_lists_every_tensor_with_its_global_shape(saved: tuple[Path, dic
     report = inspect_checkpoint(root)
     flat = split_tensors(state)[0]
     assert {row["key"]: row["shape"] for row in report["tensors"]} == {
-        k: list(v.shape) for k, v in flat.items()
+        "loom/step": [],  # the step as a tensor, cross-checked against meta.json
+        **{k: list(v.shape) for k, v in flat.items()},
     }
-    assert report["total_bytes"] == sum(v.numel() * v.element_size() for v in flat.values())
+    assert report["total_bytes"] == 8 + sum(v.numel() * v.element_size() for v in flat.values())  # + step
     assert all(row["chunks"] == 1 for row in report["tensors"])
     assert (report["step"], report["tokens"], report["format_version"], report["layout"]) == (
         1,
