@@ -122,6 +122,9 @@ def test_inspect_reports_damage_instead_of_refusing(saved: tuple[Path, dict], tm
     (step / "COMPLETE").unlink()
     report = inspect_checkpoint(step)
     assert not report["complete"] and not report["files_ok"]
-    assert report["file_problems"] == [f"shard file {shard.name} is truncated: 100 bytes, the index needs "
-                                       f"{(saved[0] / 'step_00000001' / shard.name).stat().st_size}"]  # fmt: skip
+    size = (saved[0] / "step_00000001" / shard.name).stat().st_size
+    assert report["file_problems"] == [  # against the manifest recorded at commit, and against DCP's index
+        f"{shard.name} has 100 bytes, {size} when it was written (truncated or changed)",
+        f"shard file {shard.name} is truncated: 100 bytes, the index needs {size}",
+    ]
     assert "NO (no COMPLETE marker" in format_report(report)
