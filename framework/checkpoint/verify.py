@@ -202,13 +202,13 @@ def check_rank_files(path: Path) -> None:
     from framework.checkpoint.rng import check_rng_state
 
     for file in sorted(path.glob("rank_*.json")):
-        record = read_json_file(file, "checkpoint rank file", key="checkpoint")
+        record = read_json_file(file, f"checkpoint rank file {file.name}", key="checkpoint")
         try:
             if not isinstance(record, dict):
                 raise TypeError(f"it holds a JSON {type(record).__name__}, not an object")
             check_rng_state(record["rng"])
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
-            rule = f"is not a rank state Loom wrote ({type(error).__name__}: {error})"
+            rule = f"{file.name} is not a rank state Loom wrote ({type(error).__name__}: {error})"
             raise ConfigError(None, "checkpoint", str(file), rule, _FIX_RESAVE) from None
 
 
