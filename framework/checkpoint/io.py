@@ -91,7 +91,7 @@ def save_checkpoint(
         _commit_dir(tmp, final)
     except BaseException as error:
         remove_if_owned(tmp, TEMP_KIND)
-        raise save_failure(error, final, tensors, writer.fs.error) from error
+        raise_save_failure(error, final, tensors, writer.fs.error)
     _write_latest(root, final.name)
     if keep_last is not None:
         prune_checkpoints(root, keep_last)
@@ -127,6 +127,16 @@ def make_temp_dir(root: Path, name: str, *, exist_ok: bool = False) -> Path:
     tmp.mkdir(parents=True, exist_ok=exist_ok)
     mark_owned(tmp, TEMP_KIND)
     return tmp
+
+
+def raise_save_failure(
+    error: BaseException, final: Path, tensors: dict[str, torch.Tensor], seen: OSError | None
+) -> None:
+    """Raise what `save_failure` makes of `error` (the error itself as it was, when nothing better)."""
+    failure = save_failure(error, final, tensors, seen)
+    if failure is error:
+        raise error
+    raise failure from error
 
 
 def save_failure(error: BaseException, final: Path, tensors: dict[str, torch.Tensor], seen: OSError | None):

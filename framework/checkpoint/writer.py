@@ -47,6 +47,7 @@ from framework.checkpoint.io import (
     make_temp_dir,
     meta_record,
     prune_checkpoints,
+    raise_save_failure,
     save_failure,
     seal,
     step_dir_name,
@@ -137,7 +138,7 @@ class CheckpointWriter:
         except BaseException as error:
             if self.rank == 0:
                 remove_if_owned(tmp, TEMP_KIND)
-            raise save_failure(error, self.root / step_dir_name(step), tensors, writer.fs.error) from error
+            raise_save_failure(error, self.root / step_dir_name(step), tensors, writer.fs.error)
         if not self._inflight:
             self._barrier()  # every rank returns knowing the checkpoint is committed
         return time.perf_counter() - start
@@ -160,7 +161,7 @@ class CheckpointWriter:
             try:
                 future.result()
             except BaseException as error:  # CheckpointException is a BaseException: keep it from escaping
-                raise save_failure(error, final, tensors, writer.fs.error) from error
+                raise_save_failure(error, final, tensors, writer.fs.error)
         if self._error is not None:
             error, self._error = self._error, None
             if isinstance(error, ConfigError | OSError):  # a full disk, a permission: one line as it is
