@@ -220,6 +220,10 @@ def _add_ckpt_commands(commands: argparse._SubParsersAction) -> None:
     )
     inspect.add_argument("path", help="a step directory, or a checkpoint root (follows 'latest')")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    verify = ckpt_commands.add_parser(
+        "verify", help="check a whole checkpoint: markers, meta, index, sizes, sha256 of every file"
+    )
+    verify.add_argument("path", help="a step directory, or a checkpoint root (follows 'latest')")
     consolidate = ckpt_commands.add_parser(
         "consolidate", help="the full model of a checkpoint of any layout as safetensors (CPU, one process)"
     )
@@ -232,6 +236,11 @@ def _add_ckpt_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_ckpt(args: argparse.Namespace) -> int:
+    if args.ckpt_command == "verify":
+        from framework.checkpoint.verify import verify_command
+
+        print(verify_command(args.path))
+        return 0
     if args.ckpt_command == "inspect":
         import json
 

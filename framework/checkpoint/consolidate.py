@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 import yaml
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from framework.checkpoint.verify import (
-    SafeFileSystemReader,
+    load_tensors,
     read_dcp_metadata,
     read_meta_json,
     verify_checkpoint,
@@ -49,7 +47,7 @@ def read_model_state(path: str | Path, dtype: torch.dtype | None = None) -> Mode
     from framework.checkpoint.io import resolve_checkpoint
 
     step_dir = resolve_checkpoint(path)
-    verify_checkpoint(step_dir)
+    verify_checkpoint(step_dir, hashes=True)  # a changed byte anywhere refuses, before any tensor is read
     meta = read_meta_json(step_dir / "meta.json")
     if (step_dir / "deepspeed").is_dir():  # a DeepSpeed run: the model is in DeepSpeed's ZeRO files
         from framework.deepspeed.checkpoint import read_deepspeed_model
@@ -63,10 +61,7 @@ def read_model_state(path: str | Path, dtype: torch.dtype | None = None) -> Mode
             None, "checkpoint", str(step_dir), "holds no model tensors (no 'model/' keys)",
             "pass a checkpoint written by loom train",
         )  # fmt: skip
-    with warnings.catch_warnings():
-        # DCP warns that no process group exists; one process without one is the intended use here.
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(targets, storage_reader=SafeFileSystemReader(step_dir), no_dist=True)
+    load_tensors(targets, step_dir, no_dist=True)
     tensors = {key.removeprefix(MODEL_PREFIX): _cast(t, dtype) for key, t in targets.items()}
     return ModelState(step_dir, meta, tensors)
 

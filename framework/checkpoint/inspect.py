@@ -1,18 +1,25 @@
 """`loom ckpt inspect`: what a checkpoint holds, read from meta.json and DCP's index only (no tensor is loaded).
 
-It also reports what `verify_checkpoint` would refuse (no COMPLETE marker, a missing or truncated shard file) instead
-of stopping at it, so a broken checkpoint can be looked at too.
+It also reports what `verify_checkpoint` would refuse (no COMPLETE marker, a missing, truncated or changed file
+against the sha256 manifest, a pickled entry) instead of stopping at it, so a broken checkpoint can be looked at too.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from framework.checkpoint.verify import read_dcp_metadata, read_meta_json, storage_problems
+from framework.checkpoint.manifest import manifest_problems
+from framework.checkpoint.verify import (
+    byte_entry_problems,
+    read_dcp_metadata,
+    read_meta_json,
+    storage_problems,
+)
 from framework.config.errors import ConfigError
 
 # the recipe's model fields worth a line in a summary (the rest are in meta.json's recipe)
@@ -36,12 +43,14 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     meta = read_meta_json(step_dir / META)
     metadata = read_dcp_metadata(step_dir)
     tensors = [_tensor_row(key, item) for key, item in sorted(metadata.state_dict_metadata.items())]
-    problems = storage_problems(step_dir, metadata)
+    hashed = manifest_problems(step_dir, _complete_record(step_dir / MARKER), hashes=True)
+    problems = (hashed or []) + byte_entry_problems(metadata) + storage_problems(step_dir, metadata)
     return {
         "path": str(step_dir),
         "complete": (step_dir / MARKER).is_file(),
         "files_ok": not problems,
         "file_problems": problems,
+        "hashes": "not recorded (written by an older Loom)" if hashed is None else "checked",
         "step": meta.get("step"),
         "tokens": meta.get("tokens"),
         "format_version": meta.get("format_version"),
@@ -50,6 +59,15 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         "total_bytes": sum(row["bytes"] for row in tensors),
         "tensors": tensors,
     }
+
+
+def _complete_record(marker: Path) -> dict[str, Any]:
+    """COMPLETE's record, {} when it is missing or unreadable (reported as incomplete / by the manifest check)."""
+    try:
+        value = json.loads(marker.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _step_dir(path: Path) -> Path:
@@ -104,6 +122,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"layout:         {report['layout']}",
         f"model:          {model}",
         f"files:          {files}",
+        f"file hashes:    {report['hashes']}",
         f"tensors:        {len(report['tensors'])}, {_human_bytes(report['total_bytes'])}",
         "",
         *_table(report["tensors"]),

@@ -38,3 +38,17 @@ def _numpy_state() -> list[Any]:
 
 def _to_lists(value: Any) -> Any:
     return [_to_lists(v) for v in value] if isinstance(value, tuple | list) else value
+
+
+def check_rng_state(state: Any) -> None:
+    """Raise ValueError/TypeError/KeyError unless `state` is what get_rng_state wrote: every part is loaded into a
+    throwaway generator, so a damaged rank file is refused before any global generator is touched."""
+    if not isinstance(state, dict):
+        raise TypeError(f"the RNG state is a JSON {type(state).__name__}, not an object")
+    torch.Generator().set_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    version, internal, gauss = state["python"]
+    random.Random().setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.RandomState().set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state:
+        torch.tensor(state["cuda"], dtype=torch.uint8)

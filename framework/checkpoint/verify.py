@@ -13,8 +13,9 @@ reads it with a plain `pickle.load`, which would run whatever a crafted file ask
 from __future__ import annotations
 
 import io
-import json
 import pickle
+import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,14 +23,19 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import metadata as dcp_md
+from torch.distributed.checkpoint.api import CheckpointException
 
+from framework.checkpoint.manifest import manifest_problems
 from framework.config.errors import ConfigError
+from framework.outputs import read_json_file
 
 DCP_METADATA = ".metadata"
 _FIX_RESAVE = (
     "resume from an earlier complete checkpoint (`loom train --resume PATH`), or copy this one again"
 )
+_FIX_PICKLE = "load only checkpoints written by Loom"
 _SHOWN_KEYS = 3
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 # Every global a DCP `.metadata` written by torch 2.13 refers to: DCP's dataclasses, torch.Size, tensor layouts
 # (rebuilt by name), paths (StorageMeta.checkpoint_id). torch dtypes (`torch.float32`...) are allowed separately.
@@ -97,44 +103,158 @@ class SafeFileSystemReader(dcp.FileSystemReader):
         return metadata
 
 
-def verify_checkpoint(path: str | Path) -> None:
-    """Raise a one-line ConfigError unless the step directory `path` is complete and its files intact."""
-    from framework.checkpoint.io import MARKER, META  # here, not above: io.py may import this module
+def verify_checkpoint(path: str | Path, *, hashes: bool = True) -> dict[str, Any]:
+    """Raise a one-line ConfigError unless the step directory `path` is complete and its files intact: markers,
+    meta.json (cross-checked against COMPLETE, the directory name and the saved step tensor), every rank file,
+    DCP's index (no pickled entries), shard sizes, and with `hashes` the sha256 of every file against the manifest
+    recorded at commit. A checkpoint from before manifests loads with a warning that its contents are unverified.
+    Returns {"files": n, "bytes": total, "hashes": "checked" | "sizes only" | "not recorded"}."""
+    from framework.checkpoint.io import META
 
     path = Path(path)
     if not path.is_dir():
         raise _error(path, "is not a directory", "pass a step_XXXXXXXX checkpoint directory")
+    complete = read_complete(path)
+    hashed = manifest_problems(path, complete, hashes=hashes)
+    if hashed:
+        raise _error(path, _first(hashed))
+    if hashed is None:
+        warnings.warn(f"checkpoint {path} has no recorded file hashes (written by an older Loom): "
+                      "its file sizes are checked, its contents cannot be verified", stacklevel=2)  # fmt: skip
+    meta = read_meta_json(path / META)
+    check_meta(path, meta, complete)
+    check_rank_files(path)
+    metadata = read_dcp_metadata(path)
+    problems = byte_entry_problems(metadata) + storage_problems(path, metadata)
+    if problems:
+        raise _error(path, _first(problems), _FIX_PICKLE if "pickled" in problems[0] else _FIX_RESAVE)
+    if hashes:
+        check_step_tensor(path, metadata, meta["step"])
+    files = [p for p in path.rglob("*") if p.is_file()]
+    mode = "not recorded" if hashed is None else "checked" if hashes else "sizes only"
+    return {"files": len(files), "bytes": sum(p.stat().st_size for p in files), "hashes": mode}
+
+
+def verify_command(path: str | Path) -> str:
+    """`loom ckpt verify PATH`: the one line saying what was checked (a damaged checkpoint: a ConfigError)."""
+    from framework.checkpoint.io import META, resolve_checkpoint
+
+    step_dir = resolve_checkpoint(path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*no recorded file hashes")  # said in the line below
+        report = verify_checkpoint(step_dir, hashes=True)
+    step = read_meta_json(step_dir / META)["step"]
+    if report["hashes"] == "checked":
+        what = "sha256 of every file matches the manifest"
+    else:
+        what = "sizes match; no file hashes recorded (written by an older Loom): contents not verified"
+    return f"ok: {step_dir}: step {step}, {report['files']} files, {report['bytes']} bytes; {what}"
+
+
+def _first(problems: list[str]) -> str:
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{problems[0]}{more}"
+
+
+def read_complete(path: Path) -> dict[str, Any]:
+    """The COMPLETE marker's record ({"step", "manifest_sha256"}), or a ConfigError."""
+    from framework.checkpoint.io import MARKER
+
     if not (path / MARKER).is_file():
         rule = f"is not a complete checkpoint: no {MARKER} marker (an interrupted save, or not a checkpoint)"
         raise _error(path, rule, "pass a checkpoint directory that has a COMPLETE marker")
-    read_meta_json(path / META)
-    metadata = read_dcp_metadata(path)
-    _refuse_byte_entries(path, metadata)
-    problems = storage_problems(path, metadata)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise _error(path, f"{problems[0]}{more}")
-
-
-def read_meta_json(path: Path) -> dict[str, Any]:
-    """meta.json as a dict, or a ConfigError saying why it cannot be read."""
-    if not path.is_file():
-        raise _error(path.parent, f"has no {path.name}")
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _error(path.parent, f"its {path.name} is unreadable ({error})") from None
+    value = read_json_file(path / MARKER, f"checkpoint marker {MARKER}", key="checkpoint")
     if not isinstance(value, dict):
-        raise _error(path.parent, f"its {path.name} holds a JSON {type(value).__name__}, not an object")
+        raise _error(path, f"its {MARKER} holds a JSON {type(value).__name__}, not an object")
     return value
 
 
-def _refuse_byte_entries(path: Path, metadata: dcp_md.Metadata) -> None:
-    # DCP loads non-tensor entries with torch.load(weights_only=False), i.e. unpickles them; Loom writes none.
-    for key, item in metadata.state_dict_metadata.items():
-        if isinstance(item, dcp_md.BytesStorageMetadata):
-            rule = f"holds a pickled (non-tensor) entry {key!r}, which Loom never writes or loads"
-            raise _error(path, rule, "load only checkpoints written by Loom")
+def read_meta_json(path: Path) -> dict[str, Any]:
+    """meta.json as a dict holding a `step` and the non-tensor `state`, or a ConfigError saying why not."""
+    if not path.is_file():
+        raise _error(path.parent, f"has no {path.name}")
+    value = read_json_file(path, f"checkpoint {path.name}", key="checkpoint")
+    if not isinstance(value, dict):
+        raise _error(path.parent, f"its {path.name} holds a JSON {type(value).__name__}, not an object")
+    for key, kind in (("step", int), ("state", dict)):
+        if not isinstance(value.get(key), kind) or isinstance(value.get(key), bool):
+            rule = f"its {path.name} has no {key!r} {kind.__name__} (got {type(value.get(key)).__name__})"
+            raise _error(path.parent, rule)
+    return value
+
+
+def check_meta(path: Path, meta: dict[str, Any], complete: dict[str, Any]) -> None:
+    """meta.json's step must agree with COMPLETE's and the directory name's (the step tensor: check_step_tensor)."""
+    name = _STEP_DIR.match(path.name)
+    witnesses = {"COMPLETE": complete.get("step"), "the directory name": int(name.group(1)) if name else None}
+    for where, step in witnesses.items():
+        if isinstance(step, int) and step != meta["step"]:
+            _refuse_step(path, meta["step"], where, step)
+
+
+def _refuse_step(path: Path, claimed: int, where: str, step: int) -> None:
+    rule = f"its meta.json says step {claimed}, {where} says {step} (meta.json was edited or mixed up)"
+    raise _error(path, rule)
+
+
+def check_rank_files(path: Path) -> None:
+    """Every rank_XXXXX.json parses and holds an RNG state that loads (tried on throwaway generators)."""
+    from framework.checkpoint.rng import check_rng_state
+
+    for file in sorted(path.glob("rank_*.json")):
+        record = read_json_file(file, f"checkpoint rank file {file.name}", key="checkpoint")
+        try:
+            if not isinstance(record, dict):
+                raise TypeError(f"it holds a JSON {type(record).__name__}, not an object")
+            check_rng_state(record["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            rule = f"{file.name} is not a rank state Loom wrote ({type(error).__name__}: {error})"
+            raise ConfigError(None, "checkpoint", str(file), rule, _FIX_RESAVE) from None
+
+
+def check_step_tensor(path: Path, metadata: dcp_md.Metadata, claimed: int) -> None:
+    """The step Loom saves as a tensor (read alone: 8 bytes) must be meta.json's."""
+    from framework.checkpoint.io import STEP_KEY
+
+    if not isinstance(metadata.state_dict_metadata.get(STEP_KEY), dcp_md.TensorStorageMetadata):
+        return  # saved before the step tensor existed
+    target = {STEP_KEY: torch.zeros((), dtype=torch.int64)}
+    load_tensors(target, path, no_dist=True)
+    if int(target[STEP_KEY]) != claimed:
+        _refuse_step(path, claimed, "the saved step tensor", int(target[STEP_KEY]))
+
+
+def load_tensors(targets: dict[str, torch.Tensor], path: Path, *, no_dist: bool) -> None:
+    """dcp.load into `targets` through the safe reader; an unreadable chunk is one ConfigError naming the
+    checkpoint (torch's own text for a refused pickle suggests weights_only=False, which Loom never uses)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            dcp.load(targets, storage_reader=SafeFileSystemReader(path), no_dist=no_dist)
+        except CheckpointException as error:
+            raise _error(path, f"its tensor data cannot be read ({_load_cause(error)})") from None
+
+
+def _load_cause(error: CheckpointException) -> str:
+    causes = [exc for exc, _ in error.failures.values()]
+    cause = causes[0] if causes else error
+    if isinstance(cause, pickle.UnpicklingError):
+        found = re.search(r"GLOBAL ([\w.]+)", str(cause))
+        what = f" (it refers to {found.group(1)})" if found else ""
+        return f"a .distcp chunk holds a pickled object that is not a plain tensor{what}; refused, not run"
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    if "weights_only" in first:
+        first = "not a tensor torch can read safely"
+    return f"{type(cause).__name__}: {first}"[:300]
+
+
+def byte_entry_problems(metadata: dcp_md.Metadata) -> list[str]:
+    """DCP loads non-tensor entries with torch.load(weights_only=False), i.e. unpickles them; Loom writes none."""
+    return [
+        f"holds a pickled (non-tensor) entry {key!r}, which Loom never writes or loads"
+        for key, item in metadata.state_dict_metadata.items()
+        if isinstance(item, dcp_md.BytesStorageMetadata)
+    ]
 
 
 def storage_problems(path: Path, metadata: dcp_md.Metadata) -> list[str]:

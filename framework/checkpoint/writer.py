@@ -2,12 +2,15 @@
 
 Protocol of one save of step N (every rank calls `save` with its own shards; the directory layout is io.py's):
 1. Every rank writes into the same temp directory <root>/.tmp-step_N (a fixed name, so no rank has to tell the
-   others): its own JSON (rank_XXXXX.json: RNG state) and, through torch.distributed.checkpoint, its shards.
-   Rank 0 also writes meta.json. DCP's coordinator (rank 0) writes `.metadata` only after gathering every rank's
-   write results, so when rank 0's save returns, every rank's files are written and fsynced (sync_files=True).
-2. Rank 0 commits: fsync the tree, write COMPLETE, rename the directory to step_N, point `latest` at it, prune.
-   A crash anywhere before the rename leaves only a temp directory, which the next run deletes; `latest` only
-   ever names committed directories.
+   others; rank 0 marks it as Loom's): its own JSON (rank_XXXXX.json: RNG state) and, through
+   torch.distributed.checkpoint, its shards, hashed while written (manifest.py), then its files' hashes
+   (hashes_XXXXX.json). Rank 0 also writes meta.json. DCP's coordinator (rank 0) writes `.metadata` only after
+   gathering every rank's write results, so when rank 0's save returns, every rank's files and hash records are
+   written and fsynced (sync_files=True).
+2. Rank 0 commits: fsync the tree, merge the hashes into MANIFEST.json, write COMPLETE, rename the directory to
+   step_N, point `latest` at it, prune. A crash anywhere before the rename leaves only a marked temp directory,
+   which the next run deletes; `latest` only ever names committed directories. A failed save (a full disk
+   included: one line saying how much it needs) removes its temp directory.
 
 Async (`async_save=True`): the rank's state is copied (the stall training pays: one device-side copy of the
 shards), then a background thread writes it while training continues; rank 0 commits from that thread when the
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -30,26 +32,31 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import AsyncStager, BlockingAsyncStager
 from torch.distributed.tensor import DTensor
 
 from framework.checkpoint.io import (
-    MARKER,
     META,
+    TEMP_KIND,
     TMP_PREFIX,
     CheckpointError,
     _commit_dir,
-    _fsync_dir,
-    _fsync_tree,
     _single_process,
     _write_json,
     _write_latest,
+    make_temp_dir,
     meta_record,
     prune_checkpoints,
+    raise_save_failure,
+    save_failure,
+    seal,
     step_dir_name,
+    with_step_tensor,
 )
+from framework.checkpoint.manifest import HashingWriter
 from framework.checkpoint.tree import split_tensors
+from framework.config.errors import ConfigError
+from framework.outputs import remove_if_owned
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +91,9 @@ class CheckpointWriter:
         self.keep_last, self.keep_every = keep_last, keep_every
         # Async DCP runs collectives from a thread: give it a group of its own (every rank creates it, in order).
         self.group = dist.new_group(backend="gloo") if distributed and async_save else None
-        self._inflight: tuple[Future, threading.Event] | None = None
+        self._inflight: (
+            tuple[Future, threading.Event, Path, dict[str, torch.Tensor], HashingWriter] | None
+        ) = None
         self._error: BaseException | None = None
         self._staging: dict[str, torch.Tensor] = {}  # reused by every async save: no allocation per save
         self._device_stager: BlockingAsyncStager | None = None
@@ -106,40 +115,57 @@ class CheckpointWriter:
         self.wait()  # at most one save in flight: the next waits for the previous
         start = time.perf_counter()
         tensors, plain = split_tensors(state)
-        tmp = self.root / f"{TMP_PREFIX}{step_dir_name(step)}"
-        tmp.mkdir(parents=True, exist_ok=True)
-        _write_json(tmp / rank_file(self.rank), dict(rank_state))
-        if self.rank == 0:
-            _write_json(tmp / META, meta_record(step, plain, dict(metadata)))
-        if engine_files is not None:
-            engine_files(tmp)
-        if self.async_save and engine_files is None and _on_cpu(tensors):
-            self._staging = _snapshot(tensors, self._staging)
-            self._start_async(step, tmp, self._staging, _AlreadyStaged())
-        elif self.async_save and engine_files is None:
-            # Device tensors: DCP's stager copies them into pinned CPU buffers it keeps between saves.
-            self._device_stager = self._device_stager or BlockingAsyncStager(cache_staged_state_dict=True)
-            self._start_async(step, tmp, tensors, self._device_stager)
-        else:
-            self._write(tmp, tensors)
+        tensors = with_step_tensor(tensors, step)
+        tmp = self._temp_dir(step)
+        writer = HashingWriter(tmp, rank=self.rank, before_write=_injected_delay)
+        try:
+            _write_json(tmp / rank_file(self.rank), dict(rank_state))
             if self.rank == 0:
-                self._commit(step, tmp)
+                _write_json(tmp / META, meta_record(step, plain, dict(metadata)))
+            if engine_files is not None:
+                engine_files(tmp)
+            if self.async_save and engine_files is None and _on_cpu(tensors):
+                self._staging = _snapshot(tensors, self._staging)
+                self._start_async(step, tmp, self._staging, _AlreadyStaged(), writer)
+            elif self.async_save and engine_files is None:
+                # Device tensors: DCP's stager copies them into pinned CPU buffers it keeps between saves.
+                self._device_stager = self._device_stager or BlockingAsyncStager(cache_staged_state_dict=True)
+                self._start_async(step, tmp, tensors, self._device_stager, writer)
+            else:
+                self._write(tensors, writer)
+                if self.rank == 0:
+                    self._commit(step, tmp)
+        except BaseException as error:
+            if self.rank == 0:
+                remove_if_owned(tmp, TEMP_KIND)
+            raise_save_failure(error, self.root / step_dir_name(step), tensors, writer.fs.error)
+        if not self._inflight:
             self._barrier()  # every rank returns knowing the checkpoint is committed
         return time.perf_counter() - start
+
+    def _temp_dir(self, step: int) -> Path:
+        """The save's temp directory: made (and marked as Loom's) by rank 0, joined by the others."""
+        if self.rank == 0:
+            return make_temp_dir(self.root, step_dir_name(step), exist_ok=True)
+        tmp = self.root / f"{TMP_PREFIX}{step_dir_name(step)}"
+        tmp.mkdir(parents=True, exist_ok=True)  # rank 0 may not have made it yet
+        return tmp
 
     def wait(self) -> Path | None:
         """Block until the in-flight save (if any) is written and, on rank 0, committed; re-raise its failure."""
         if self._inflight is not None:
-            future, committed = self._inflight
+            future, committed, final, tensors, writer = self._inflight
             self._inflight = None
+            if self.rank == 0:
+                committed.wait()  # and the temp directory of a failed save is gone
             try:
                 future.result()
-            except CheckpointException as error:  # a BaseException: keep it from escaping `except Exception`
-                raise CheckpointError(f"asynchronous checkpoint save failed: {error}") from error
-            if self.rank == 0:
-                committed.wait()
+            except BaseException as error:  # CheckpointException is a BaseException: keep it from escaping
+                raise_save_failure(error, final, tensors, writer.fs.error)
         if self._error is not None:
             error, self._error = self._error, None
+            if isinstance(error, ConfigError | OSError):  # a full disk, a permission: one line as it is
+                raise error
             raise CheckpointError(f"committing a checkpoint failed: {error}") from error
         return self.last_committed
 
@@ -149,22 +175,22 @@ class CheckpointWriter:
 
     # -- internals -----------------------------------------------------------------------------------------
 
-    def _write(self, tmp: Path, tensors: dict[str, torch.Tensor]) -> None:
-        writer = _Writer(tmp, sync_files=True)
-        try:
-            if self.distributed:
-                dcp.save(tensors, storage_writer=writer)
-            else:
-                with _single_process():
-                    dcp.save(tensors, storage_writer=writer, no_dist=True)
-        except CheckpointException as error:
-            raise CheckpointError(f"saving checkpoint {tmp} failed: {error}") from error
+    def _write(self, tensors: dict[str, torch.Tensor], writer: HashingWriter) -> None:
+        if self.distributed:
+            dcp.save(tensors, storage_writer=writer)
+        else:
+            with _single_process():
+                dcp.save(tensors, storage_writer=writer, no_dist=True)
 
     def _start_async(
-        self, step: int, tmp: Path, tensors: dict[str, torch.Tensor], stager: AsyncStager
+        self,
+        step: int,
+        tmp: Path,
+        tensors: dict[str, torch.Tensor],
+        stager: AsyncStager,
+        writer: HashingWriter,
     ) -> None:
         committed = threading.Event()
-        writer = _Writer(tmp, sync_files=True)
         with _single_process():
             future = dcp.async_save(
                 tensors,
@@ -174,29 +200,36 @@ class CheckpointWriter:
                 async_stager=stager,
             )
         if self.rank == 0:
-            future.add_done_callback(lambda f: self._commit_after(f, step, tmp, committed))
+            future.add_done_callback(lambda f: self._commit_after(f, step, tmp, committed, tensors))
         else:
             committed.set()
-        self._inflight = (future, committed)
+        self._inflight = (future, committed, self.root / step_dir_name(step), tensors, writer)
 
-    def _commit_after(self, future: Future, step: int, tmp: Path, committed: threading.Event) -> None:
+    def _commit_after(
+        self,
+        future: Future,
+        step: int,
+        tmp: Path,
+        committed: threading.Event,
+        tensors: dict[str, torch.Tensor],
+    ) -> None:
         try:
             if future.exception() is None:
                 self._commit(step, tmp)
+            else:
+                remove_if_owned(tmp, TEMP_KIND)  # the failure itself is re-raised by wait()
         except BaseException as error:  # noqa: BLE001 - reported by the next wait() on the main thread
-            self._error = error
+            self._error = save_failure(error, self.root / step_dir_name(step), tensors, None)
         finally:
             committed.set()
 
     def _commit(self, step: int, tmp: Path) -> None:
         final = self.root / step_dir_name(step)
         try:
-            _fsync_tree(tmp)
-            _write_json(tmp / MARKER, {"step": step})  # last file: its presence means everything is on disk
-            _fsync_dir(tmp)
+            seal(tmp, step)
             _commit_dir(tmp, final)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_if_owned(tmp, TEMP_KIND)
             raise
         _write_latest(self.root, final.name)
         if self.keep_last is not None:
@@ -245,12 +278,9 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.device == b.device
 
 
-class _Writer(dcp.FileSystemWriter):
-    """DCP's file writer, plus the optional injected delay before this rank writes its shards (in the writer
-    thread when async, so training goes on meanwhile)."""
-
-    def write_data(self, plan: Any, planner: Any) -> Any:
-        delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
-        if delay > 0:
-            time.sleep(delay)
-        return super().write_data(plan, planner)
+def _injected_delay() -> None:
+    """The optional delay before this rank writes its shards (in the writer thread when async, so training goes
+    on meanwhile)."""
+    delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
+    if delay > 0:
+        time.sleep(delay)

@@ -156,7 +156,7 @@ class Checkpointer(Callback):
     def load(self, trainer: Trainer, path: str | Path) -> Path:
         module = trainer.train_module
         path = resolve_checkpoint(path)
-        verify_checkpoint(path)  # one-line errors for missing or truncated files, before any tensor is read
+        self._verify_before_load(path)  # one-line errors for damaged files, before any tensor is read
         if hasattr(module, "load_engine_files"):
             self._load_engine_checkpoint(module, path)
         else:
@@ -243,14 +243,48 @@ class Checkpointer(Callback):
         return choice
 
     def _newest_good(self) -> Path | None:
-        """The newest committed checkpoint that verifies; skipped ones are named in a warning."""
+        """The newest committed checkpoint whose files verify, hashes included (rank 0 reads them, every rank
+        gets its answer); a damaged one is skipped with a warning naming it. None when there is no checkpoint;
+        when every one fails, one ConfigError lists each and why, and none of them is touched: no fresh start
+        that would overwrite and retire them."""
+        return _agreed(self.distributed, self.rank, self._newest_good_here)
+
+    def _newest_good_here(self) -> Path | None:
+        failures = []
         for step, path in reversed(complete_checkpoints(self.root)):
             try:
-                verify_checkpoint(path)
-                return path
+                verify_checkpoint(path, hashes=True)
             except ConfigError as error:
-                warnings.warn(f"--resume auto: skipping checkpoint of step {step}: {error}", stacklevel=2)
+                failures.append(f"step {step}: {error.value}: {error.rule}")
+                warnings.warn(
+                    f"--resume auto: skipping checkpoint of step {step}: {path} fails verification: "
+                    f"{error.rule}; trying the one before",
+                    stacklevel=3,
+                )  # fmt: skip
+                continue
+            self._hashed = path  # load() need not read it all again
+            return path
+        if failures:
+            rule = f"no checkpoint under {self.root} verifies: " + "; ".join(failures)
+            fix = (
+                "restore the damaged files, or resume from a checkpoint you trust with --resume PATH, or start a "
+                "new run with another logging.run_dir (the checkpoints were left untouched)"
+            )
+            raise ConfigError(None, "--resume", "auto", rule, fix)
         return None
+
+    def _verify_before_load(self, path: Path) -> None:
+        """The load's verification: with hashes, unless --resume auto just checked them for this path; on rank 0
+        only when distributed (all ranks share the files), every rank raising its outcome."""
+        hashed = path == getattr(self, "_hashed", None)
+
+        def verify() -> None:
+            with warnings.catch_warnings():
+                if hashed:  # its "cannot be verified" (an old checkpoint) was said once already
+                    warnings.filterwarnings("ignore", message=".*no recorded file hashes")
+                verify_checkpoint(path, hashes=not hashed)
+
+        _agreed(self.distributed, self.rank, verify)
 
     # -- preemption ----------------------------------------------------------------------------------------
 
@@ -281,6 +315,31 @@ class Checkpointer(Callback):
     def _barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+
+def _agreed(distributed: bool, rank: int, compute: Any) -> Any:
+    """`compute()` on rank 0; every rank returns its result, or raises its ConfigError (rebuilt from its fields:
+    the exception itself does not pickle), so no rank waits in a collective for one that failed."""
+    if not distributed:
+        return compute()
+    box: list[Any] = [None]
+    failure: Exception | None = None
+    if rank == 0:
+        try:
+            box[0] = ("ok", compute())
+        except ConfigError as error:
+            box[0] = ("error", (error.file, error.key, str(error.value), error.rule, error.fix))
+        except Exception as error:  # noqa: BLE001 - re-raised below, after the others heard of it
+            failure, box[0] = error, ("failed", f"{type(error).__name__}: {error}")
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if failure is not None:
+        raise failure
+    if kind == "error":
+        raise ConfigError(*value)
+    if kind == "failed":
+        raise RuntimeError(f"rank 0 failed to verify the checkpoint: {value}")
+    return value
 
 
 def _meta_model_state(recipe: Recipe) -> dict[str, torch.Tensor]:

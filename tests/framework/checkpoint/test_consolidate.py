@@ -133,9 +133,10 @@ def test_inspect_lists_every_tensor_with_its_global_shape(saved: tuple[Path, dic
     report = inspect_checkpoint(root)
     flat = split_tensors(state)[0]
     assert {row["key"]: row["shape"] for row in report["tensors"]} == {
-        k: list(v.shape) for k, v in flat.items()
+        "loom/step": [],  # the step as a tensor, cross-checked against meta.json
+        **{k: list(v.shape) for k, v in flat.items()},
     }
-    assert report["total_bytes"] == sum(v.numel() * v.element_size() for v in flat.values())
+    assert report["total_bytes"] == 8 + sum(v.numel() * v.element_size() for v in flat.values())  # + step
     assert all(row["chunks"] == 1 for row in report["tensors"])
     assert (report["step"], report["tokens"], report["format_version"], report["layout"]) == (
         1,
@@ -158,6 +159,9 @@ def test_inspect_reports_damage_instead_of_refusing(saved: tuple[Path, dict], tm
     (step / "COMPLETE").unlink()
     report = inspect_checkpoint(step)
     assert not report["complete"] and not report["files_ok"]
-    assert report["file_problems"] == [f"shard file {shard.name} is truncated: 100 bytes, the index needs "
-                                       f"{(saved[0] / 'step_00000001' / shard.name).stat().st_size}"]  # fmt: skip
+    size = (saved[0] / "step_00000001" / shard.name).stat().st_size
+    assert report["file_problems"] == [  # against the manifest recorded at commit, and against DCP's index
+        f"{shard.name} has 100 bytes, {size} when it was written (truncated or changed)",
+        f"shard file {shard.name} is truncated: 100 bytes, the index needs {size}",
+    ]
     assert "NO (no COMPLETE marker" in format_report(report)
