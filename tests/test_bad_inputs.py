@@ -153,7 +153,7 @@ def _pickle_entry(w: World) -> list[str]:
     meta = pickle.loads(path.read_bytes())  # our own fixture, written by this test's own run
     meta.state_dict_metadata["evil"] = md.BytesStorageMetadata()
     path.write_bytes(pickle.dumps(meta))
-    return ["ckpt", "inspect", str(w.step)]
+    return ["ckpt", "verify", str(w.step)]
 
 
 def _pickle_in_chunk(w: World) -> list[str]:
@@ -333,7 +333,7 @@ CASES: list[tuple[str, Setup, str]] = [
         "COMPLETE",
     ),
     ("train-into-old-run", lambda w: w.train(run=w.run), "--resume"),
-    ("inspect-pickled-entry", _pickle_entry, "pickled"),
+    ("verify-pickled-entry", _pickle_entry, ".metadata"),
     ("inspect-not-ckpt", lambda w: ["ckpt", "inspect", str(w.data)], "data"),
     ("verify-flipped", lambda w: (flip(shard(w), 100), ["ckpt", "verify", str(w.step)])[1], ".distcp"),
     (
