@@ -80,7 +80,10 @@ def _lines(stream: BinaryIO, path: Path) -> Iterator[bytes]:
     # Decompression errors surface while reading; name the file instead of showing a traceback.
     try:
         yield from io.BufferedReader(stream, 1 << 20)
-    except (OSError, EOFError, ValueError) as error:
+    except Exception as error:
+        # zstandard.ZstdError derives from Exception only, and zstandard is imported only for .zst inputs.
+        if not isinstance(error, OSError | EOFError | ValueError) and type(error).__name__ != "ZstdError":
+            raise
         raise ConfigError(
             str(path), "input", str(path), f"cannot decompress ({error})", "re-download or recompress it"
         ) from None
@@ -109,7 +112,7 @@ def _decode(line: bytes, path: Path, number: int) -> str:
 def _json_text(line: str, path: Path, number: int, text_field: str) -> str:
     try:
         record = json.loads(line)
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:  # RecursionError: nesting deeper than the parser's stack
         raise ConfigError(
             f"{path}:{number}", "input", line[:60], f"broken JSON on line {number} ({error})", "fix that line"
         ) from None
@@ -140,6 +143,8 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     paths: list[Path] = []
     for item in inputs:
         item = Path(item)
+        if not item.exists():
+            raise ConfigError(None, "input", str(item), "file not found", "check the path of the input")
         if item.is_dir():
             paths.extend(sorted(p for p in item.rglob("*") if p.is_file() and not p.name.startswith(".")))
         else:
