@@ -158,19 +158,20 @@ def _check_demo_out(out: Path, overwrite: bool) -> None:
 
 
 def _foreign_files(out: Path) -> list[str]:
-    """Names in `out` that a demo build does not write (all of them when `out` is not a demo build)."""
+    """Names in `out` that a demo build does not write (all of them when `out` has no demo stamp)."""
     names = sorted(p.name for p in out.iterdir())
     try:
         stamp = json.loads((out / STAMP).read_text(encoding="utf-8"))
         if stamp["params"]["format"] != FORMAT:
             return names
-        splits = read_manifest(out, "--out")["splits"].values()
     except (OSError, ValueError, KeyError, TypeError):
         return names
     ours = {STAMP, MANIFEST, CORPUS, TOKENIZER}
-    ours |= {
-        f"{s['name']}.{suffix}" for split in splits for s in split["shards"] for suffix in ("tar", "idx")
-    }
+    try:
+        splits = read_manifest(out, "--out")["splits"].values()
+        ours |= {f"{s['name']}.{end}" for split in splits for s in split["shards"] for end in ("tar", "idx")}
+    except ValueError:
+        pass  # no readable manifest: no shard is known to be ours
     return [n for n in names if n not in ours or not (out / n).is_file() or (out / n).is_symlink()]
 
 
