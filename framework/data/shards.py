@@ -103,7 +103,10 @@ def read_manifest(root: str | Path, key: str) -> dict[str, Any]:
     if not path.is_file():
         rule = "has no manifest.json (not prepared, or `loom data prepare` did not finish)"
         raise ConfigError(None, key, str(root), rule, PREPARE_FIX)
-    manifest = read_json_file(path, "the prepared dataset's manifest", key=key)
+    try:
+        manifest = read_json_file(path, "the prepared dataset's manifest", key=key)
+    except ConfigError as error:  # name the file in full (a long path as the value would be shortened)
+        raise ConfigError(str(path), key, str(root), error.rule, PREPARE_FIX) from None
     if (
         not isinstance(manifest, dict)
         or manifest.get("format") != FORMAT

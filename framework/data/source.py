@@ -206,7 +206,11 @@ class TrainSource:
         )
         loader = iter(_loader(_MicroBatches(self), requests, self.num_workers))
         while True:
-            step = [_unwrap(next(loader)) for _ in range(per_step)]
+            try:
+                step = [_unwrap(next(loader)) for _ in range(per_step)]
+            except ConfigError:
+                loader = None  # stop the workers now, not when the error's traceback is collected
+                raise
             self.consumed_samples += global_batch_size
             yield step
 
