@@ -250,35 +250,36 @@ class PreparedSplit:
     def sample(self, number: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens [seq_len + 1], document ids [seq_len + 1] counted from 0) of sample `number`."""
         prepared, piece = divmod(number, self.pieces)
-        tokens, starts = self._read(prepared)
+        shard, tokens, starts = self._read(prepared)
         lo = piece * self.seq_len
         tokens = tokens[lo : lo + self.seq_len + 1]
+        self._check_sample(shard, prepared, tokens, starts)
         starts = starts[(starts > lo) & (starts <= lo + self.seq_len)] - lo
         # A document starting at p: positions p.. get the next id (eos belongs to the document it ends).
         return tokens, np.searchsorted(starts, np.arange(self.seq_len + 1), side="right")
 
-    def _read(self, prepared: int) -> tuple[np.ndarray, np.ndarray]:
+    def _read(self, prepared: int) -> tuple[int, np.ndarray, np.ndarray]:
         if self._maps is None:
             self._maps = [self._map(shard) for shard in self.shards]
         shard = int(np.searchsorted(self.bounds, prepared, side="right")) - 1
         tokens_at, starts_at, count = self.index[shard][prepared - self.bounds[shard]]
         data = self._maps[shard]
         tokens = np.frombuffer(data, self.dtype, self.prepared_seq_len + 1, int(tokens_at))
-        starts = np.frombuffer(data, STARTS_DTYPE, int(count), int(starts_at))
-        self._check_sample(shard, prepared, tokens, starts)
-        return tokens, starts
+        return shard, tokens, np.frombuffer(data, STARTS_DTYPE, int(count), int(starts_at))
 
     def _check_sample(self, shard: int, prepared: int, tokens: np.ndarray, starts: np.ndarray) -> None:
-        # Cheap (one max over the sample, a few comparisons): a corrupt shard read with verify=size would
-        # otherwise reach the embedding as an out-of-range index, or give wrong document masks.
-        top = int(tokens.max())
+        # Cheap (one max over the tokens returned, a few comparisons; ~3 us a sample, docs/data.md): a corrupt
+        # shard read with verify=size would otherwise reach the embedding as an out-of-range index, or give
+        # wrong document masks.
+        top = tokens.max()
         if top >= self.vocab_size:
             rule = f"holds token id {top}, not below the vocabulary's {self.vocab_size} (corrupt shard)"
             raise self._corrupt(shard, prepared, rule)
-        if len(starts) and (
+        count = len(starts)
+        if count and (
             starts[0] < 1
             or starts[-1] > self.prepared_seq_len
-            or (len(starts) > 1 and (starts[1:] <= starts[:-1]).any())
+            or (count > 1 and (starts[1:] <= starts[:-1]).any())
         ):
             raise self._corrupt(shard, prepared, "has document starts out of order or range (corrupt shard)")
 
