@@ -226,3 +226,32 @@ def test_demo_never_replaces_a_folder_holding_user_files(
     if what == "demo build plus a user file":
         (out / "demo.json").write_text(json.dumps({"params": {"format": "loom-demo-data"}}))
     refused(capsys, tmp_path, ["data", "demo", "--out", str(out)], "did not write", "--overwrite")
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_training_on_a_corrupt_shard_is_one_line(
+    capsys: pytest.CaptureFixture[str], demo_data: Path, tmp_path: Path, num_workers: int
+) -> None:
+    """With data.verify=size the damage passes the start checks; the first read of a bad sample is one line
+    naming the shard and the sample (before, an IndexError from the embedding)."""
+    import numpy as np
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for path in demo_data.iterdir():
+        (data / path.name).write_bytes(path.read_bytes())
+    tar = bytearray((data / "train-00000.tar").read_bytes())
+    for tokens_at in np.load(data / "train-00000.idx")[:, 0]:
+        tar[tokens_at : tokens_at + 2] = b"\xff\xff"  # id 65535 at the start of every sample
+    (data / "train-00000.tar").write_bytes(bytes(tar))
+    sets = {
+        "model.d_model": 32, "model.n_layers": 1, "model.n_heads": 4, "model.kv_heads": 2, "model.ffn_hidden": 64,
+        "data.tokenizer": data / "tokenizer.model", "data.train": data, "data.validation": "null",
+        "data.verify": "size", "data.num_workers": num_workers, "train.steps": 1, "train.global_batch_size": 2,
+        "train.micro_batch_size": 2, "train.device": "cpu", "logging.run_dir": tmp_path / "run",
+        "logging.progress_bar": "false", "logging.tensorboard": "false",
+    }  # fmt: skip
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "debug.yaml"
+    argv = ["train", str(recipe), *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
+    err = refused(capsys, data, argv, f"{data / 'train-00000.tar'}: ", "token id 65535", "corrupt shard")
+    assert "sample " in err
