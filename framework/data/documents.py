@@ -180,8 +180,8 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     paths: list[Path] = []
     for item in inputs:
         item = Path(item)
-        if not item.exists():
-            raise ConfigError(None, "input", str(item), "file not found", "check the path of the input")
+        if not item.exists():  # the path as the file too: a long value is shortened in the message
+            raise ConfigError(str(item), "input", str(item), "file not found", "check the path of the input")
         if item.is_dir():
             paths.extend(sorted(p for p in item.rglob("*") if p.is_file() and not p.name.startswith(".")))
         else:
