@@ -54,7 +54,8 @@ def _add_input_args(parser: argparse.ArgumentParser) -> None:
 def _add_tokenizer_parser(data_commands: argparse._SubParsersAction) -> None:
     tok = data_commands.add_parser("tokenizer", help="train a sentencepiece tokenizer on text/JSONL")
     _add_input_args(tok)
-    tok.add_argument("--out", required=True, help="path of the .model file to write")
+    tok.add_argument("--out", required=True, help="path of the .model file to write (a new file)")
+    tok.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     tok.add_argument("--vocab-size", type=int, default=32000, help="pieces in the model (default 32000)")
     tok.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="default bpe")
     tok.add_argument("--sentinels", type=int, default=32, help="T5 sentinels <extra_id_N> (default 32)")
@@ -70,7 +71,8 @@ def _add_tokenizer_parser(data_commands: argparse._SubParsersAction) -> None:
 def _add_prepare_parser(data_commands: argparse._SubParsersAction) -> None:
     prep = data_commands.add_parser("prepare", help="tokenize and pack text/JSONL into webdataset shards")
     _add_input_args(prep)
-    prep.add_argument("--out", required=True, help="output folder of the prepared dataset")
+    prep.add_argument("--out", required=True, help="output folder of the prepared dataset (new or empty)")
+    prep.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder whole")
     prep.add_argument("--tokenizer", required=True, help="sentencepiece .model file")
     prep.add_argument("--seq-len", type=int, required=True, help="the recipe's data.seq_len (or a multiple)")
     prep.add_argument("--shard-samples", type=int, default=8192, help="samples per shard (default 8192)")
@@ -82,7 +84,7 @@ def _run_data(args: argparse.Namespace) -> None:
     if args.data_command == "demo":
         from framework.data.demo import build_demo_data
 
-        build_demo_data(args.out)
+        build_demo_data(args.out, overwrite=args.overwrite)
         return
     _check_data_args(args)
     if args.data_command == "tokenizer":
@@ -99,6 +101,7 @@ def _run_data(args: argparse.Namespace) -> None:
             byte_fallback=not args.no_byte_fallback,
             num_threads=args.threads,
             input_sentence_size=args.sample_sentences,
+            overwrite=args.overwrite,
         )
         print(f"wrote {tokenizer.path} ({tokenizer.vocab_size} pieces, sha256 {tokenizer.sha256})")
         return
@@ -118,6 +121,7 @@ def _run_prepare(args: argparse.Namespace) -> None:
         shard_samples=args.shard_samples,
         workers=args.workers,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     for name, split in manifest["splits"].items():
         print(f"{name}: {split['documents']} documents, {split['tokens']} tokens, {split['samples']} samples")
@@ -134,6 +138,11 @@ def _check_data_args(args: argparse.Namespace) -> None:
         if value < 1:
             flag = "--" + name.replace("_", "-")
             raise ConfigError("command line", flag, value, "must be >= 1", "use a positive number")
+    for name in ("workers", "sentinels", "sample_sentences"):
+        value = getattr(args, name, None)
+        if value is not None and value < 0:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError("command line", flag, value, "must be >= 0", "use 0 or a positive number")
 
 
 def _add_launch_args(train: argparse.ArgumentParser) -> None:
@@ -189,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     demo = data_commands.add_parser("demo", help="build the bundled demo corpus and tokenizer")
     demo.add_argument("--out", default="data/demo", help="output folder (default data/demo)")
+    demo.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out whole even if it holds files the demo did not write",
+    )
     _add_tokenizer_parser(data_commands)
     _add_prepare_parser(data_commands)
     _add_convert(commands)

@@ -605,7 +605,8 @@ class DataConfig:
     weights: list[float] | None = None
     """Mixture weights, one per data.train folder; null = proportional to their sample counts."""
     verify: Literal["size", "sha256"] = "sha256"
-    """Shard check at start: sizes only (fast for huge data), or sizes and sha256 against the manifest."""
+    """Shard check at start: sizes only (fast for huge data), or sizes and sha256 against the manifest. Either way
+    the index is checked at start and every sample's token ids on read (docs/data.md, Verification)."""
     num_workers: int = 0
     """DataLoader worker processes reading training batches; 0 = in the training process. Batches are the same."""
     seq_len: int = 256

@@ -10,8 +10,11 @@ Output directory (default `data/demo/`):
     manifest.json, train-*.tar/.idx, validation-*.tar/.idx
                                  the prepared dataset (framework.data.shards); about `val_fraction` of the
                                  documents are held out, chosen by a hash of the text
-    demo.json                    written last: the demo's parameters and the prepared manifest's sha256, so an
-                                 unchanged rebuild is a no-op
+    demo.json                    the demo's parameters and the prepared manifest's sha256, so an unchanged
+                                 rebuild is a no-op
+The folder is built whole in a temporary sibling and renamed into place (framework.outputs). A rebuild replaces an
+existing folder only when every file in it is one a demo build writes (or with `overwrite`), so a user's own file
+in it is never deleted.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from framework.config.errors import ConfigError
 from framework.data import stdlib_docs
-from framework.data.prepare import prepare
-from framework.data.shards import MANIFEST, PreparedSplit
+from framework.data.prepare import prepare_params, remove_stale_temps, write_prepared
+from framework.data.shards import MANIFEST, PreparedSplit, read_manifest
 from framework.data.tokenizer import DEFAULT_NUM_SENTINELS, train_tokenizer_on_files
+from framework.outputs import atomic_dir, check_output
 
 # 4096: the debug recipe's model.vocab_size. The demo's bar, mean loss <= 0.6 * ln(vocab), is relatively easiest
 # here: measured with a 4-layer d192 proxy (300 steps x 16 x 128 tokens), the gap to the bar was +0.57 nats at
@@ -42,6 +47,9 @@ DEFAULT_VAL_FRACTION = 0.05
 # The debug recipe's data.seq_len; shorter recipes use a divisor of it (framework.data.shards.PreparedSplit).
 DEFAULT_SEQ_LEN = 128
 STAMP = "demo.json"
+CORPUS = "corpus.jsonl"
+TOKENIZER = "tokenizer.model"
+DEMO_KIND = "data-demo"
 FORMAT = "loom-demo-data"
 VERSION = 2
 COLLECT_TIMEOUT_S = 300
@@ -104,9 +112,11 @@ def build_demo_data(
     num_threads: int = 2,
     modules: Sequence[str] | None = None,
     shard_samples: int = 8192,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Build (or, when an identical finished build is there, just return) the demo data; returns the prepared
-    manifest. `modules` restricts the corpus to some stdlib modules (tests use it to build a small corpus)."""
+    manifest. `modules` restricts the corpus to some stdlib modules (tests use it to build a small corpus).
+    An `out_dir` holding files a demo build does not write is refused unless `overwrite` (replaced whole)."""
     out = Path(out_dir)
     params = {
         "format": FORMAT,
@@ -125,43 +135,72 @@ def build_demo_data(
     existing = finished_demo(out, params)
     if existing is not None:
         return existing
-    out.mkdir(parents=True, exist_ok=True)
-    (out / STAMP).unlink(missing_ok=True)
-    manifest = _build(out, params)
-    stamp = {"params": params, "manifest_sha256": _sha256(out / MANIFEST)}
-    tmp = out / (STAMP + ".tmp")
-    tmp.write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(out / STAMP)
+    _check_demo_out(out, overwrite)
+    remove_stale_temps(out, DEMO_KIND)
+    # Built whole in a temporary sibling, then renamed onto `out`: a stopped build leaves `out` as it was.
+    with atomic_dir(out, DEMO_KIND, overwrite=True) as tmp:
+        manifest = _build(tmp, out, params)
+        stamp = {"params": params, "manifest_sha256": _sha256(tmp / MANIFEST)}
+        (tmp / STAMP).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return manifest
 
 
-def _build(out: Path, params: dict[str, Any]) -> dict[str, Any]:
-    corpus = out / "corpus.jsonl"
-    tmp = out / "corpus.jsonl.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+def _check_demo_out(out: Path, overwrite: bool) -> None:
+    """`out` may be replaced when it is empty, an earlier demo build (every file in it one a build writes), or
+    with `overwrite`; a folder holding anything else is refused, so a rebuild never deletes a user's file."""
+    check_output(out, overwrite=True, key="--out")  # a file where the folder goes: refused even so
+    if overwrite or not out.exists() or not any(out.iterdir()):
+        return
+    foreign = _foreign_files(out)
+    if foreign:
+        rule = f"holds {foreign[0]!r}, which `loom data demo` did not write; refusing to replace the folder"
+        raise ConfigError("command line", "--out", str(out), rule, "pass a new folder, or --overwrite")
+
+
+def _foreign_files(out: Path) -> list[str]:
+    """Names in `out` that a demo build does not write (all of them when `out` has no demo stamp)."""
+    names = sorted(p.name for p in out.iterdir())
+    try:
+        stamp = json.loads((out / STAMP).read_text(encoding="utf-8"))
+        if stamp["params"]["format"] != FORMAT:
+            return names
+    except (OSError, ValueError, KeyError, TypeError):
+        return names
+    ours = {STAMP, MANIFEST, CORPUS, TOKENIZER}
+    try:
+        splits = read_manifest(out, "--out")["splits"].values()
+        ours |= {f"{s['name']}.{end}" for split in splits for s in split["shards"] for end in ("tar", "idx")}
+    except ValueError:
+        pass  # no readable manifest: no shard is known to be ours
+    return [n for n in names if n not in ours or not (out / n).is_file() or (out / n).is_symlink()]
+
+
+def _build(tmp: Path, out: Path, params: dict[str, Any]) -> dict[str, Any]:
+    """Corpus, tokenizer and prepared dataset written into `tmp`, recording the input as `out`'s corpus."""
+    corpus = tmp / CORPUS
+    with open(corpus, "w", encoding="utf-8") as f:
         for text in collect_documents(params["modules"]):
             f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    tmp.replace(corpus)
     # The same two steps as `loom data tokenizer` and `loom data prepare`.
-    train_tokenizer_on_files(
+    tokenizer = train_tokenizer_on_files(
         [corpus],
-        out / "tokenizer.model",
+        tmp / TOKENIZER,
         params["vocab_size"],
         val_fraction=params["val_fraction"],
         model_type=params["model_type"],
         num_sentinels=params["num_sentinels"],
         num_threads=params["num_threads"],
     )
-    return prepare(
+    prepared = prepare_params(
         [corpus],
-        out,
-        out / "tokenizer.model",
+        tokenizer,
         params["seq_len"],
-        val_fraction=params["val_fraction"],
-        shard_samples=params["shard_samples"],
-        workers=params["num_threads"],
-        progress=False,
+        "text",
+        params["val_fraction"],
+        params["shard_samples"],
+        names=[out / CORPUS],
     )
+    return write_prepared(tmp, [corpus], tokenizer, prepared, params["num_threads"], progress=False)
 
 
 def _sha256(path: Path) -> str:
@@ -180,7 +219,7 @@ def finished_demo(out_dir: str | Path, params: dict[str, Any] | None = None) -> 
             return None
         for split in ("train", "validation"):
             dataset = PreparedSplit(out, split, "data/demo", verify="sha256")
-        if _sha256(out / "tokenizer.model") != dataset.manifest["tokenizer"]["sha256"]:
+        if _sha256(out / TOKENIZER) != dataset.manifest["tokenizer"]["sha256"]:
             return None
         return dataset.manifest
     except (OSError, ValueError, KeyError, TypeError):

@@ -16,7 +16,7 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from framework.config.errors import ConfigError
 
@@ -45,10 +45,47 @@ def open_raw(path: Path) -> tuple[BinaryIO, BinaryIO]:
     if path.suffix == ".gz":
         return raw, gzip.GzipFile(fileobj=raw)
     if path.suffix == ".zst":
-        import zstandard
-
-        return raw, zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        return raw, _ZstdReader(raw)
     return raw, raw
+
+
+class _ZstdReader(io.RawIOBase):
+    """The decompressed bytes of a .zst file, frame after frame. A file that ends inside a frame (truncated) is
+    an EOFError, as in gzip: zstandard's own stream_reader ends quietly there, dropping the rest of the input."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        import zstandard  # optional: needed for .zst inputs only
+
+        self._raw, self._new = raw, zstandard.ZstdDecompressor().decompressobj
+        self._frame = self._new()
+        self._in_frame = False
+        self._out, self._pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._pos == len(self._out):
+            chunk = self._raw.read(1 << 20)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("the file ends inside a zstd frame (truncated)")
+                return 0
+            self._out, self._pos = self._decompress(chunk), 0
+        size = min(len(buffer), len(self._out) - self._pos)
+        buffer[:size] = self._out[self._pos : self._pos + size]
+        self._pos += size
+        return size
+
+    def _decompress(self, chunk: bytes) -> bytes:
+        parts = []
+        while chunk:
+            if self._frame.eof:  # a decompressobj decodes one frame; the next frame needs a new one
+                self._frame = self._new()
+            parts.append(self._frame.decompress(chunk))
+            self._in_frame = not self._frame.eof
+            chunk = self._frame.unused_data if self._frame.eof else b""
+        return b"".join(parts)
 
 
 def is_jsonl(path: Path) -> bool:
@@ -80,7 +117,10 @@ def _lines(stream: BinaryIO, path: Path) -> Iterator[bytes]:
     # Decompression errors surface while reading; name the file instead of showing a traceback.
     try:
         yield from io.BufferedReader(stream, 1 << 20)
-    except (OSError, EOFError, ValueError) as error:
+    except Exception as error:
+        # zstandard.ZstdError derives from Exception only, and zstandard is imported only for .zst inputs.
+        if not isinstance(error, OSError | EOFError | ValueError) and type(error).__name__ != "ZstdError":
+            raise
         raise ConfigError(
             str(path), "input", str(path), f"cannot decompress ({error})", "re-download or recompress it"
         ) from None
@@ -109,7 +149,7 @@ def _decode(line: bytes, path: Path, number: int) -> str:
 def _json_text(line: str, path: Path, number: int, text_field: str) -> str:
     try:
         record = json.loads(line)
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:  # RecursionError: nesting deeper than the parser's stack
         raise ConfigError(
             f"{path}:{number}", "input", line[:60], f"broken JSON on line {number} ({error})", "fix that line"
         ) from None
@@ -140,6 +180,8 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     paths: list[Path] = []
     for item in inputs:
         item = Path(item)
+        if not item.exists():  # the path as the file too: a long value is shortened in the message
+            raise ConfigError(str(item), "input", str(item), "file not found", "check the path of the input")
         if item.is_dir():
             paths.extend(sorted(p for p in item.rglob("*") if p.is_file() and not p.name.startswith(".")))
         else:

@@ -4,16 +4,19 @@ Pipeline: the main process reads documents in input order and cuts them into ~1 
 tokenize chunks (each appends eos to every document and splits train/validation by a hash of the text); the main
 process takes results back *in submission order*, packs each split into samples of seq_len + 1 tokens and writes
 shards (framework.data.shards). The output therefore depends on the inputs and settings only, never on the number
-of workers. The manifest is written last; a run that stops early leaves no manifest, and the next run removes its
-leftovers and starts again (restart, not resume: re-tokenizing is the only cost, and nothing half-written is
-ever listed).
+of workers. Everything is written into a temporary sibling of the output folder (marked as Loom's) that is
+renamed into place when complete: a run that stops early leaves the output as it was, and its temporary folder is
+deleted (by the run itself, or by the next run when the process was killed). Nothing in the output folder is ever
+deleted file by file (framework.outputs: the one write rule).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import multiprocessing
 import os
+import socket
 from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,6 +26,7 @@ import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
+from framework.config.errors import ConfigError
 from framework.data.documents import SPLITS, expand_inputs, is_validation, iter_documents
 from framework.data.shards import (
     DTYPES,
@@ -36,6 +40,9 @@ from framework.data.shards import (
     write_shard,
 )
 from framework.data.tokenizer import Tokenizer
+from framework.outputs import OWNER_MARK, atomic_dir, check_output, remove_if_owned
+
+PREPARE_KIND = "data-prepare"
 
 CHUNK_BYTES = 1 << 20
 DEFAULT_SHARD_SAMPLES = 8192
@@ -143,29 +150,107 @@ def prepare(
     shard_samples: int = DEFAULT_SHARD_SAMPLES,
     workers: int | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Prepare `inputs` into `out_dir` and return the manifest (a finished identical preparation: a no-op)."""
+    """Prepare `inputs` into the folder `out_dir` and return the manifest.
+
+    The dataset is written into a temporary sibling and renamed into place (framework.outputs), so `out_dir`
+    only ever holds a finished preparation, and nothing in it is deleted file by file. A finished preparation
+    with identical params there is a no-op; any other non-empty `out_dir` is refused unless `overwrite`, which
+    replaces it whole. An `out_dir` that is, holds or lies inside an input (or the tokenizer) is always refused.
+    """
     paths = expand_inputs(inputs)
-    tokenizer = Tokenizer(tokenizer_path)
-    out = Path(out_dir)
-    params = {
-        "inputs": [{"path": str(p), **file_record(p)} for p in paths],
+    tokenizer = Tokenizer(tokenizer_path, key="--tokenizer")
+    # overwrite=True here: only the refusals nothing lifts (an input; a file where a folder goes).
+    out = check_output(out_dir, inputs=[*inputs, *paths, tokenizer.path], overwrite=True, key="--out")
+    params = prepare_params(paths, tokenizer, seq_len, text_field, val_fraction, shard_samples)
+    done = finished(out, params)
+    if done is not None:
+        return done
+    if not overwrite:
+        _refuse_other_preparation(out, params)
+        check_output(out, overwrite=False, key="--out")
+    remove_stale_temps(out, PREPARE_KIND)
+    with atomic_dir(out, PREPARE_KIND, overwrite=overwrite) as tmp:
+        manifest = write_prepared(tmp, paths, tokenizer, params, workers, progress)
+    return manifest
+
+
+def prepare_params(
+    paths: Sequence[Path],
+    tokenizer: Tokenizer,
+    seq_len: int,
+    text_field: str,
+    val_fraction: float,
+    shard_samples: int,
+    names: Sequence[str | Path] | None = None,
+) -> dict[str, Any]:
+    """What a preparation depends on (the manifest's `params`; equal params give equal bytes). `names` are the
+    input paths to record, when they differ from where the files are read (the demo builds in a temp folder)."""
+    names = paths if names is None else names
+    return {
+        "inputs": [{"path": str(name), **file_record(p)} for name, p in zip(names, paths)],
         "tokenizer_sha256": tokenizer.sha256,
         "seq_len": seq_len,
         "text_field": text_field,
         "val_fraction": val_fraction,
         "shard_samples": shard_samples,
     }
-    done = finished(out, params)
-    if done is not None:
-        return done
-    clean(out)
+
+
+def write_prepared(
+    out: Path,
+    paths: Sequence[Path],
+    tokenizer: Tokenizer,
+    params: dict[str, Any],
+    workers: int | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """Tokenize, pack and write the shards and the manifest into the new, empty folder `out` (no checks: the
+    caller owns `out`, a temporary folder that becomes the output when this returns)."""
     splits = _run(paths, out, tokenizer, params, workers, progress)
     manifest = _manifest(tokenizer, params, splits)
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(out / MANIFEST)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     return manifest
+
+
+def _refuse_other_preparation(out: Path, params: dict[str, Any]) -> None:
+    """A finished preparation with other params: name what differs (a clearer refusal than "not empty")."""
+    try:
+        old = read_manifest(out, "--out")["params"]
+    except (ValueError, KeyError, TypeError):
+        return  # not (readably) a preparation: the generic refusal follows
+    differ = sorted(k for k in params if not isinstance(old, dict) or old.get(k) != params[k])
+    if differ:
+        rule = f"holds a finished preparation with other {', '.join(differ)}; refusing to replace it"
+    else:
+        rule = "holds a preparation with these params whose shards are missing or damaged; refusing to replace it"
+    raise ConfigError(
+        "command line", "--out", str(out), rule, "pass a new folder, or --overwrite to replace it"
+    )
+
+
+def remove_stale_temps(out: Path, kind: str) -> None:
+    """Delete temporary siblings of `out` that an earlier run of `kind` on this host left when it was killed
+    (its marker names a process that is gone); a live run's, another host's and any unmarked folder are kept."""
+    for tmp in out.parent.glob(f".{glob.escape(out.name)}.loom-tmp-*"):
+        try:
+            mark = json.loads((tmp / OWNER_MARK).read_text())
+            if mark["host"] != socket.gethostname() or _alive(int(mark["pid"])):
+                continue
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        remove_if_owned(tmp, kind)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _manifest(tokenizer: Tokenizer, params: dict[str, Any], splits: dict[str, Any]) -> dict[str, Any]:
@@ -204,16 +289,6 @@ def finished(out: Path, params: dict[str, Any]) -> dict[str, Any] | None:
                 if not path.is_file() or path.stat().st_size != shard[suffix]["bytes"]:
                     return None
     return manifest
-
-
-def clean(out: Path) -> None:
-    """Remove the manifest first (the folder stops counting as prepared), then every shard and temp file."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
-    for split in SPLITS:
-        for path in out.glob(f"{split}-*"):
-            if path.name.endswith((".tar", ".idx", ".tmp")):
-                path.unlink()
 
 
 def _run(

@@ -18,7 +18,7 @@ from functools import partial
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from framework.config.errors import ConfigError
 from framework.config.schema import DataConfig, ModelConfig
@@ -206,7 +206,11 @@ class TrainSource:
         )
         loader = iter(_loader(_MicroBatches(self), requests, self.num_workers))
         while True:
-            step = [next(loader) for _ in range(per_step)]
+            try:
+                step = [_unwrap(next(loader)) for _ in range(per_step)]
+            except ConfigError:
+                loader = None  # stop the workers now, not when the error's traceback is collected
+                raise
             self.consumed_samples += global_batch_size
             yield step
 
@@ -240,8 +244,27 @@ class _MicroBatches(Dataset):
     def __init__(self, source: TrainSource) -> None:
         self.source = source
 
-    def __getitem__(self, indices: tuple[int, ...]) -> Batch:
-        return self.source.micro_batch(indices)
+    def __getitem__(self, indices: tuple[int, ...]) -> Batch | _Failed:
+        try:
+            return self.source.micro_batch(indices)
+        except ConfigError as error:
+            if get_worker_info() is None:
+                raise
+            return _Failed(error)
+
+
+class _Failed:
+    """A ConfigError met in a DataLoader worker (e.g. a corrupt sample), handed back as the batch: torch would
+    re-raise a worker's exception as a RuntimeError with the worker's traceback instead of the one line."""
+
+    def __init__(self, error: ConfigError) -> None:
+        self.fields = (error.file, error.key, error.value, error.rule, error.fix)
+
+
+def _unwrap(item: Batch | _Failed) -> Batch:
+    if isinstance(item, _Failed):
+        raise ConfigError(*item.fields)
+    return item
 
 
 def _loader(dataset: Dataset, sampler: _Requests, num_workers: int) -> DataLoader:
@@ -326,7 +349,7 @@ def build_data(
 
 
 def _open(cfg: DataConfig, path: str, split: str, key: str, tokenizer: Tokenizer) -> PreparedSplit:
-    samples = PreparedSplit(path, split, key, cfg.seq_len, cfg.verify)
+    samples = PreparedSplit(path, split, key, cfg.seq_len, cfg.verify, vocab_size=tokenizer.vocab_size)
     built_with = samples.manifest["tokenizer"]["sha256"]
     if built_with != tokenizer.sha256:
         raise ConfigError(

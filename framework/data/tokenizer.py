@@ -26,6 +26,7 @@ import sentencepiece as spm
 
 from framework.config.errors import ConfigError
 from framework.data.documents import expand_inputs, is_validation, iter_documents
+from framework.outputs import atomic_file, check_output
 
 PAD, EOS, UNK, BOS, MASK = "<pad>", "</s>", "<unk>", "<s>", "<mask>"
 DEFAULT_NUM_SENTINELS = 32
@@ -52,14 +53,17 @@ def train_tokenizer(
     num_threads: int = 2,
     input_sentence_size: int = 0,
     byte_fallback: bool = True,
+    overwrite: bool = False,
 ) -> Tokenizer:
-    """Train a SentencePiece model on `texts` (each line is one training sentence) and write it to `out_path`.
+    """Train a SentencePiece model on `texts` (each line is one training sentence) and write it to `out_path`
+    (through a temporary sibling and a rename; an existing file is refused unless `overwrite`).
 
     Deterministic for the same texts, arguments and sentencepiece version: no sampling unless
     `input_sentence_size` > 0 (then sentencepiece samples that many sentences with its fixed default seed), and
     a fixed `num_threads` (the unigram trainer's sums depend on how sentences are split between threads).
     Without `byte_fallback`, characters outside the learned pieces become <unk> (the round trip is then lossy).
     """
+    out_path = check_model_out(out_path, (), overwrite)
     if vocab_size <= reserved_pieces(num_sentinels) - (0 if byte_fallback else 256):
         raise ConfigError(
             None, "vocab_size", vocab_size, "leaves no learned pieces after the reserved ones", "raise it"
@@ -82,12 +86,21 @@ def train_tokenizer(
         raise ConfigError(
             None, "vocab_size", vocab_size, rule, "lower the vocab size or give more text"
         ) from None
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_bytes(model.getvalue())
-    tmp.replace(out_path)
+    # sentencepiece wrote into memory (model_writer), so the only file is this one, renamed in when complete.
+    with atomic_file(out_path, overwrite=overwrite) as tmp:
+        tmp.write_bytes(model.getvalue())
     return Tokenizer(out_path)
+
+
+def check_model_out(out: str | Path, inputs: Sequence[str | Path], overwrite: bool) -> Path:
+    """Refuse an output model path that is a folder, an input, or (without `overwrite`) an existing file."""
+    out = Path(out)
+    if out.is_dir():
+        rule = "is a folder; it names the .model file to write"
+        raise ConfigError(
+            "command line", "--out", str(out), rule, f"pass a file path, e.g. {out / 'tok.model'}"
+        )
+    return check_output(out, inputs=inputs, overwrite=overwrite, key="--out", want_dir=False)
 
 
 def _train(
@@ -134,17 +147,16 @@ def _lines(texts: Iterable[str]) -> Iterable[str]:
 class Tokenizer:
     """A loaded SentencePiece model with the ids the objectives need."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, key: str = "data.tokenizer") -> None:
         self.path = Path(path)
-        data = _read_model(self.path)
+        data = read_model(self.path, key)
         self.sha256 = hashlib.sha256(data).hexdigest()
         self._sp = spm.SentencePieceProcessor()
         try:
             self._sp.LoadFromSerializedProto(data)
         except (RuntimeError, OSError) as error:
-            raise ConfigError(
-                None, "data.tokenizer", str(path), f"not a sentencepiece model ({error})", BUILD_FIX
-            ) from None
+            rule = f"not a sentencepiece model ({' '.join(str(error).split())})"
+            raise ConfigError(None, key, str(path), rule, BUILD_FIX) from None
         self.vocab_size: int = self._sp.get_piece_size()
         self.pad_id: int = self._sp.pad_id()
         self.eos_id: int = self._sp.eos_id()
@@ -187,13 +199,16 @@ class Tokenizer:
         return self._sp.id_to_piece(int(index))
 
 
-def _read_model(path: Path) -> bytes:
+def read_model(path: Path, key: str = "data.tokenizer") -> bytes:
+    """The bytes of a tokenizer model file; missing or unreadable is one ConfigError naming it."""
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise ConfigError(None, "data.tokenizer", str(path), "file not found", BUILD_FIX) from None
+        raise ConfigError(None, key, str(path), "file not found", BUILD_FIX) from None
+    except IsADirectoryError:
+        raise ConfigError(None, key, str(path), "is a folder, not a .model file", BUILD_FIX) from None
     except OSError as error:
-        raise ConfigError(None, "data.tokenizer", str(path), f"cannot read ({error})", BUILD_FIX) from None
+        raise ConfigError(None, key, str(path), f"cannot read ({error.strerror})", BUILD_FIX) from None
 
 
 def train_tokenizer_on_files(
@@ -203,13 +218,16 @@ def train_tokenizer_on_files(
     *,
     text_field: str = "text",
     val_fraction: float = 0.0,
+    overwrite: bool = False,
     **options: Any,
 ) -> Tokenizer:
     """`train_tokenizer` on the documents of text/JSONL files (framework.data.documents). Documents that
-    `loom data prepare` holds out with the same `val_fraction` are skipped, so validation text stays unseen."""
+    `loom data prepare` holds out with the same `val_fraction` are skipped, so validation text stays unseen.
+    `out_path` must not be (or lie inside) an input, checked before anything is read."""
     paths = expand_inputs(inputs)
+    check_model_out(out_path, [*inputs, *paths], overwrite)
     # Read once up front: a bad line raises its ConfigError here rather than from inside sentencepiece's C++.
     texts = [
         doc.text for doc, _ in iter_documents(paths, text_field) if not is_validation(doc.text, val_fraction)
     ]
-    return train_tokenizer(texts, out_path, vocab_size, **options)
+    return train_tokenizer(texts, out_path, vocab_size, overwrite=overwrite, **options)

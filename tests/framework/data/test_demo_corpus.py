@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import framework.data.demo as demo_module
+from framework.config.errors import ConfigError
 from framework.data.demo import STAMP, build_demo_data, collect_documents, finished_demo, is_prose
 from framework.data.shards import MANIFEST, PreparedSplit
 from framework.data.tokenizer import Tokenizer
@@ -94,3 +96,52 @@ def test_whole_stdlib_collection() -> None:
     assert 1_000_000 < sum(len(d) for d in docs) < 20_000_000
     assert len(set(docs)) == len(docs) and all(is_prose(d) for d in docs)
     assert any(d.startswith('The "if" statement') for d in docs)  # help() topics are included
+
+
+def copy_of(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for path in src.iterdir():
+        (dst / path.name).write_bytes(path.read_bytes())
+    return dst
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("extra", ["notes.txt", "train-00007.tar", "corpus.jsonl.tmp"])
+def test_a_rebuild_never_deletes_a_file_the_demo_did_not_write(
+    built: tuple[Path, dict], tmp_path: Path, extra: str
+) -> None:
+    out, _ = built
+    copy = copy_of(out, tmp_path / "copy")
+    (copy / "validation-00000.tar").write_bytes(b"")  # damaged: a rebuild is due
+    (copy / extra).write_text("the user's own file\n")
+    before = files(tmp_path)
+    with pytest.raises(ConfigError, match=f"holds '{extra}'.*--overwrite"):
+        build(copy)
+    assert files(tmp_path) == before
+    rebuilt = build_demo_data(copy, 400, num_sentinels=8, val_fraction=0.2, seq_len=32, num_threads=1,
+                              modules=MODULES, shard_samples=256, overwrite=True)  # fmt: skip
+    assert (
+        rebuilt["splits"] == build(out)["splits"]
+        and files(copy)["corpus.jsonl"] == files(out)["corpus.jsonl"]
+    )
+    assert not (copy / extra).exists() and not [p for p in tmp_path.iterdir() if p.name != "copy"]
+
+
+def test_an_interrupted_build_leaves_the_folder_as_it_was(
+    built: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, _ = built
+    copy = copy_of(out, tmp_path / "copy")
+    (copy / "validation-00000.tar").write_bytes(b"")
+    before = files(tmp_path)
+
+    def interrupted(*args: object, **kwargs: object) -> dict:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_module, "write_prepared", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build(copy)
+    assert files(tmp_path) == before and [p.name for p in tmp_path.iterdir()] == ["copy"]

@@ -84,3 +84,29 @@ def test_split_depends_on_the_text_only() -> None:
     assert 60 < len(val) < 140
     assert [d for d in reversed(docs) if is_validation(d, 0.05)] == val[::-1]
     assert not any(is_validation(d, 0.0) for d in docs)
+
+
+def test_more_malformed_inputs_are_one_line_errors(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.jsonl"
+    deep.write_bytes(jsonl_bytes(TEXTS) + b"[" * 100_000 + b"\n")  # deeper than the JSON parser's stack
+    assert f"{deep}:4" in str(error_of(deep)) and "JSON" in str(error_of(deep))
+    compressed = zstandard.ZstdCompressor().compress(jsonl_bytes(TEXTS * 2000))
+    cut = tmp_path / "cut.jsonl.zst"  # zstandard's stream reader would end quietly, losing the rest
+    cut.write_bytes(compressed[: len(compressed) // 2])
+    assert "decompress" in str(error_of(cut)) and "truncated" in str(error_of(cut))
+    garbage = tmp_path / "garbage.jsonl.zst"
+    garbage.write_bytes(compressed + b"\x00" * 64)
+    assert "decompress" in str(error_of(garbage))
+    frames = tmp_path / "frames.jsonl.zst"  # several frames, as pzstd and concatenation write them
+    frames.write_bytes(compressed + zstandard.ZstdCompressor().compress(jsonl_bytes(TEXTS)))
+    assert texts_of(frames) == TEXTS * 2001
+    not_gzip = tmp_path / "plain.txt.gz"
+    not_gzip.write_bytes(b"plain text, not gzip\n")
+    assert "decompress" in str(error_of(not_gzip))
+
+
+def test_a_missing_input_is_refused_before_anything_is_read(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("fine\n")
+    with pytest.raises(ConfigError, match="absent.txt.*file not found") as info:
+        expand_inputs([tmp_path / "a.txt", tmp_path / "absent.txt"])
+    assert info.value.key == "input"

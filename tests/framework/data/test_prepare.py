@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from framework.data.documents import is_validation
 from framework.data.prepare import prepare
 from framework.data.shards import MANIFEST, PreparedSplit
 from framework.data.tokenizer import Tokenizer
+from framework.outputs import OWNER_MARK, mark_owned
 from launcher.cli import EXIT_USER_ERROR, main
 
 SEQ = 32
@@ -88,7 +90,12 @@ def test_output_does_not_depend_on_workers_and_reruns_are_no_ops(
     assert manifest["params"]["inputs"][0]["sha256"]
 
 
-def test_interrupted_prepare_leaves_no_manifest_and_restarts_cleanly(
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under `root` (hidden ones too) with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_interrupted_prepare_leaves_the_output_as_it_was_and_restarts_cleanly(
     prepared: Path,
     corpus_file: Path,
     tiny_tokenizer: Tokenizer,
@@ -105,16 +112,40 @@ def test_interrupted_prepare_leaves_no_manifest_and_restarts_cleanly(
             raise KeyboardInterrupt
         return real(out, name, *rest)
 
+    out = tmp_path / "out"
+    args = ([corpus_file], out, tiny_tokenizer.path, SEQ)
     monkeypatch.setattr(prepare_module, "write_shard", crash_in_third_shard)
-    args = ([corpus_file], tmp_path, tiny_tokenizer.path, SEQ)
     with pytest.raises(KeyboardInterrupt):
         prepare(*args, val_fraction=0.1, shard_samples=64, workers=0, progress=False)
-    assert not (tmp_path / MANIFEST).exists() and (tmp_path / "train-00000.tar").exists()
-    with pytest.raises(ConfigError, match="did not finish"):
-        PreparedSplit(tmp_path, "train", "data.train")
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary folder left behind
+    # Over an earlier preparation (other params, replaced with overwrite): the old one survives, whole.
+    prepare(*args, val_fraction=0.1, shard_samples=128, workers=0, progress=False)
+    before, calls[:] = tree(tmp_path), []
+    with pytest.raises(KeyboardInterrupt):
+        prepare(*args, val_fraction=0.1, shard_samples=64, workers=0, progress=False, overwrite=True)
+    assert tree(tmp_path) == before
     monkeypatch.setattr(prepare_module, "write_shard", real)
-    prepare(*args, val_fraction=0.1, shard_samples=64, workers=0, progress=False)
-    assert shard_records(tmp_path) == shard_records(prepared)  # no .tmp left, same bytes
+    prepare(*args, val_fraction=0.1, shard_samples=64, workers=0, progress=False, overwrite=True)
+    assert shard_records(out) == shard_records(prepared) and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_killed_runs_temporary_folder_is_removed_only_when_its_process_is_gone(
+    corpus_file: Path, tiny_tokenizer: Tokenizer, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    dead = tmp_path / ".out.loom-tmp-dead0001"
+    live = tmp_path / ".out.loom-tmp-live0001"
+    users = tmp_path / ".out.loom-tmp-mine"  # named like ours, but no marker: a user's folder
+    for folder, pid in ((dead, 2**22 + 12345), (live, os.getpid())):
+        folder.mkdir()
+        mark_owned(folder, prepare_module.PREPARE_KIND)
+        record = json.loads((folder / OWNER_MARK).read_text())
+        (folder / OWNER_MARK).write_text(json.dumps({**record, "pid": pid}))
+        (folder / "train-00000.tar").write_bytes(b"partial")
+    users.mkdir()
+    (users / "train-00000.tar").write_bytes(b"mine")
+    prepare([corpus_file], out, tiny_tokenizer.path, SEQ, shard_samples=64, workers=0, progress=False)
+    assert not dead.exists() and live.exists() and (users / "train-00000.tar").read_bytes() == b"mine"
 
 
 def test_cli_tokenizer_and_prepare(
@@ -153,7 +184,13 @@ def test_cli_tokenizer_and_prepare(
     assert PreparedSplit(out, "validation", "data.validation").manifest["seq_len"] == 16
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"oops"\n')
-    argv = ["data", "prepare", str(bad), "--out", str(out), "--tokenizer", str(model), "--seq-len", "16"]
+    fresh = tmp_path / "fresh"
+    argv = ["data", "prepare", str(bad), "--out", str(fresh), "--tokenizer", str(model), "--seq-len", "16"]
     assert main([*argv, "--no-progress"]) == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert f"{bad}:2" in err and err.count("\n") == 1
+    assert not fresh.exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "bad.jsonl",
+        "out",
+        "tok.model",
+    ]

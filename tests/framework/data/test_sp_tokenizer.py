@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from framework.config.errors import ConfigError
-from framework.data.tokenizer import Tokenizer, train_tokenizer
+from framework.data.tokenizer import Tokenizer, train_tokenizer, train_tokenizer_on_files
 
 TINY_VOCAB, TINY_SENTINELS = 400, 8  # as trained by conftest.tiny_tokenizer
 
@@ -72,3 +72,27 @@ def test_missing_or_corrupt_model_is_a_config_error(tmp_path: Path) -> None:
     bad.write_bytes(b"\x00\x01not a protobuf")
     with pytest.raises(ConfigError, match="not a sentencepiece model"):
         Tokenizer(bad)
+
+
+def test_an_existing_model_is_kept_unless_overwrite(tmp_path: Path, small_texts: list[str]) -> None:
+    out = tmp_path / "tok.model"
+    out.write_bytes(b"the user's file")
+    with pytest.raises(ConfigError, match="already exists"):
+        train_tokenizer(small_texts, out, 350, num_sentinels=4, num_threads=1)
+    assert out.read_bytes() == b"the user's file"
+    assert (
+        train_tokenizer(small_texts, out, 350, num_sentinels=4, num_threads=1, overwrite=True).vocab_size
+        == 350
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["tok.model"]  # no temporary file left
+
+
+def test_a_folder_or_an_input_as_the_model_path_is_refused(tmp_path: Path, small_texts: list[str]) -> None:
+    corpus = tmp_path / "in.txt"
+    corpus.write_text("\n".join(small_texts[:50]) + "\n")
+    before = corpus.read_bytes()
+    with pytest.raises(ConfigError, match="is a folder"):
+        train_tokenizer(small_texts, tmp_path, 350, num_sentinels=4, num_threads=1, overwrite=True)
+    with pytest.raises(ConfigError, match="input"):
+        train_tokenizer_on_files([corpus], corpus, 350, num_sentinels=4, num_threads=1, overwrite=True)
+    assert corpus.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["in.txt"]
