@@ -98,5 +98,8 @@ def save_initial(recipe: Recipe, root: str) -> int:
     )
     layout = layout_of(dims, dims.world_size)
     writer = CheckpointWriter(root, rank=dist.get_rank(), distributed=True)
-    writer.save(0, module.state_dict(), {"recipe": recipe_to_dict(recipe), "layout": layout}, {"rng": None})
+    from framework.checkpoint import get_rng_state
+
+    rank_state = {"rng": get_rng_state(torch.device("cpu"))}  # as the Checkpointer writes it (verified on read)
+    writer.save(0, module.state_dict(), {"recipe": recipe_to_dict(recipe), "layout": layout}, rank_state)
     return dist.get_rank()
