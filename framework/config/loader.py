@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -86,6 +87,24 @@ class _TooLarge(Exception):
         self.size = size
 
 
+# One alternative of PyYAML's int/float patterns (a line "|..." of its verbose regexp) that holds a ":" group.
+_BASE_60 = re.compile(r"\n\s*\|[^\n]*:\[0-5\]\?\[0-9\][^\n]*?(?=\n|\)\$$)")
+
+
+def _without_base_60(resolvers: dict[str, list]) -> dict[str, list]:
+    """SafeLoader's implicit resolvers minus YAML 1.1's base-60 numbers: an unquoted `time: 3:00` stays the
+    text "3:00" (what Slurm, and YAML 1.2, read) instead of the integer 180."""
+    table = {}
+    for first, entries in resolvers.items():
+        kept = []
+        for tag, regexp in entries:
+            if tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
+                regexp = re.compile(_BASE_60.sub("", regexp.pattern), regexp.flags)
+            kept.append((tag, regexp))
+        table[first] = kept
+    return table
+
+
 class _RecipeLoader(yaml.SafeLoader):
     """yaml.safe_load's loader (standard tags only: nothing that runs code), refusing duplicate keys.
 
@@ -93,6 +112,8 @@ class _RecipeLoader(yaml.SafeLoader):
     lines of both occurrences, in nested mappings too. Merge keys (`<<: *anchor`) may be overridden on purpose,
     so only keys written out in the mapping itself count. The walk also counts the values the document expands
     to (each aliased node once, its expanded size remembered) and refuses more than MAX_VALUES."""
+
+    yaml_implicit_resolvers = _without_base_60(yaml.SafeLoader.yaml_implicit_resolvers)
 
     def get_single_data(self) -> Any:
         node = self.get_single_node()

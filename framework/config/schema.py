@@ -750,19 +750,6 @@ def slurm_time_seconds(value: str) -> int | None:
     return first * 60 + (second or 0)  # MM[:SS]
 
 
-def slurm_time_text(seconds: int) -> str:
-    """A duration in seconds as Slurm's time text: M:SS, H:MM:SS, or D-HH:MM:SS from a day on. It turns YAML 1.1's
-    base-60 reading of an unquoted 3:00 (180) back into the text Slurm reads as the same duration."""
-    if seconds < 0:
-        return str(seconds)  # not a time limit: refused by the caller's check
-    minutes, secs = divmod(seconds, 60)
-    hours, mins = divmod(minutes, 60)
-    days, hrs = divmod(hours, 24)
-    if days:
-        return f"{days}-{hrs:02d}:{mins:02d}:{secs:02d}"
-    return f"{hours}:{mins:02d}:{secs:02d}" if hours else f"{mins}:{secs:02d}"
-
-
 @dataclass
 class LaunchConfig:
     """How many processes and nodes run the job (local launcher and Slurm). `loom submit` renders these into an
@@ -820,21 +807,19 @@ class LaunchConfig:
             )
 
     def _validate_time(self) -> None:
-        unquoted = (
-            f" (the unquoted number {self.time} is seconds to YAML)" if isinstance(self.time, int) else ""
-        )
-        if isinstance(self.time, int):  # YAML read it as a number (the loader refuses a bool)
-            self.time = slurm_time_text(self.time)
+        # Recipes are read without YAML 1.1's base-60 numbers (framework/config/loader.py), so an unquoted
+        # 3:00 arrives as the text "3:00"; a bare number is what Slurm reads from the same text: minutes.
+        if isinstance(self.time, int):  # the loader refuses a bool
+            self.time = str(self.time)
         seconds = slurm_time_seconds(self.time)
-        fix = 'e.g. "30" (minutes, quoted), 04:00:00 or 2-00:00:00'
+        fix = "e.g. 30 (minutes), 3:00 (3 minutes), 04:00:00 or 2-00:00:00"
         _require(seconds is not None, "launch.time", self.time, "is not a Slurm time limit", fix)
         _require(
             seconds is not None and seconds > self.signal_seconds,
             "launch.time",
             self.time,
-            f"must be longer than launch.signal_seconds={self.signal_seconds} (the save-and-requeue "
-            f"warning){unquoted}",
-            'raise launch.time (minutes quoted, e.g. "30") or lower launch.signal_seconds',
+            f"must be longer than launch.signal_seconds={self.signal_seconds} (the save-and-requeue warning)",
+            "raise launch.time or lower launch.signal_seconds",
         )
 
 

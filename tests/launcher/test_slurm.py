@@ -395,16 +395,20 @@ def test_missing_slurm_commands_are_one_line_errors(
 @pytest.mark.parametrize(
     ("written", "directive"),
     [
-        ("3:00", "3:00"),  # YAML 1.1: the int 180 (base 60), which is Slurm's 3 min 0 s
-        ("1:30:00", "1:30:00"),  # the int 5400
-        ("04:00:00", "04:00:00"),  # a leading 0 is no base-60 int: a string, as written
-        ("2-00:00:00", "2-00:00:00"),  # a string
-        ("25:00:00", "1-01:00:00"),  # the int 90000: a day and an hour
-        ('"30"', "30"),  # quoted: Slurm's 30 minutes
+        (
+            "3:00",
+            "3:00",
+        ),  # YAML 1.1 would make it the int 180; Loom's loader keeps the text, as Slurm reads it
+        ("1:30:00", "1:30:00"),  # (YAML 1.1: 5400)
+        ("04:00:00", "04:00:00"),
+        ("2-00:00:00", "2-00:00:00"),
+        ("25:00:00", "25:00:00"),  # (YAML 1.1: 90000)
+        ("30", "30"),  # a bare number: Slurm's 30 minutes
+        ('"30"', "30"),
     ],
 )
 def test_launch_time_in_any_form_yaml_gives_it(written, directive, tmp_path, capsys) -> None:
-    """Slurm's time forms, however YAML typed them: in a recipe and in --set, unquoted base-60 numbers too."""
+    """Slurm's time forms as written, in a recipe and in --set: no base-60 reading of unquoted 3:00."""
     recipe = tmp_path / "job.yaml"
     recipe.write_text(f"base: {ROOT / 'recipes/debug.yaml'}\nlaunch:\n  time: {written}\n")
     for argv in (
@@ -415,15 +419,11 @@ def test_launch_time_in_any_form_yaml_gives_it(written, directive, tmp_path, cap
         assert f"#SBATCH --time={directive}\n" in capsys.readouterr().out
 
 
-def test_an_unquoted_number_of_minutes_is_seconds_and_refused(capsys) -> None:
-    """`time: 30` is the int 30 to YAML, as `time: 0:30` is: seconds, here below launch.signal_seconds. The
-    one line says so and how to write minutes."""
-    assert main(["submit", "recipes/debug.yaml", "--set", "launch.time=30", "--dry-run"]) == 2
+def test_a_time_below_the_warning_is_one_line(capsys) -> None:
+    """`time: 1:30` is 1 min 30 s to Slurm: not longer than the 120-s save-and-requeue warning."""
+    assert main(["submit", "recipes/debug.yaml", "--set", "launch.time=1:30", "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert (
-        err.count("\n") == 1 and "launch.time = '0:30'" in err and "unquoted number 30 is seconds" in err
-    ), err
-    assert 'minutes quoted, e.g. "30"' in err
+    assert err.count("\n") == 1 and "launch.time = '1:30'" in err and "signal_seconds=120" in err, err
 
 
 def test_the_job_record_is_written_whole_or_not_at_all(tmp_path, monkeypatch, capsys) -> None:

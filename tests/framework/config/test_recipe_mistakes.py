@@ -226,3 +226,17 @@ def test_plain_aliases_still_load(tmp_path: Path) -> None:
     )
     recipe = load_recipe(write(tmp_path, "r.yaml", text))
     assert recipe.optim.betas == (0.8, 0.9) and recipe.train.eval_every == 5
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("3:00", "3:00"), ("1:30:00", "1:30:00"), ("-1:30", "-1:30"), ("1:30.5", "1:30.5"), ("190", 190),
+     ("0x1f", 31), ("1_000", 1000), ("2.0e-3", 0.002), (".inf", float("inf"))],
+)  # fmt: skip
+def test_no_base_60_numbers_other_yaml_numbers_as_before(text: str, value: object) -> None:
+    """YAML 1.1's sexagesimal ints/floats (3:00 -> 180) are read as text, as YAML 1.2 and Slurm do."""
+    import yaml
+
+    from framework.config.loader import _RecipeLoader
+
+    assert yaml.load(f"a: {text}", Loader=_RecipeLoader)["a"] == value  # noqa: S506 (a SafeLoader)

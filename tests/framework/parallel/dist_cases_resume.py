@@ -100,6 +100,8 @@ def save_initial(recipe: Recipe, root: str) -> int:
     writer = CheckpointWriter(root, rank=dist.get_rank(), distributed=True)
     from framework.checkpoint import get_rng_state
 
-    rank_state = {"rng": get_rng_state(torch.device("cpu"))}  # as the Checkpointer writes it (verified on read)
+    rank_state = {
+        "rng": get_rng_state(torch.device("cpu"))
+    }  # as the Checkpointer writes it (verified on read)
     writer.save(0, module.state_dict(), {"recipe": recipe_to_dict(recipe), "layout": layout}, rank_state)
     return dist.get_rank()
