@@ -94,8 +94,17 @@ def train(
     """Train `recipe` in this process; returns the last step's metrics. The run directory is checked and locked
     first (framework/run_dir.py) unless Loom's launcher did that for this worker; `overwrite` moves an old run
     there aside; `accept_data_change` lets a resume change what data comes next (docs/checkpoints.md)."""
+    _preflight(recipe)  # checks that need no run directory: a refusal here creates nothing
     with _run_dir_guard(recipe, resume, overwrite, accept_data_change):
         return _train_guarded(recipe, resume=resume, accept_data_change=accept_data_change)
+
+
+def _preflight(recipe: Recipe) -> None:
+    """The recipe against this machine, before the run directory is created or locked."""
+    device = resolve_device(recipe.train.device)
+    resolve_kernels(recipe, device)  # model.kernels meets the device: a ConfigError before any model is built
+    check_fp8(recipe, device)  # likewise precision.dtype fp8 (torchao / TE installed, fp8-capable GPU)
+    check_fits(recipe, world_size_of_run(), str(device))  # sizes against the device's memory, before allocating
 
 
 def _run_dir_guard(
@@ -112,9 +121,6 @@ def _run_dir_guard(
 def _train_guarded(recipe: Recipe, *, resume: str | None, accept_data_change: bool) -> dict[str, Any]:
     world_size = world_size_of_run()
     device = resolve_device(recipe.train.device)
-    resolve_kernels(recipe, device)  # model.kernels meets the device: a ConfigError before any model is built
-    check_fp8(recipe, device)  # likewise precision.dtype fp8 (torchao / TE installed, fp8-capable GPU)
-    check_fits(recipe, world_size, str(device))  # sizes against the device's memory, before any allocation
     if recipe.parallel.engine == "deepspeed":
         return train_deepspeed(
             recipe, device, world_size, resume=resume, accept_data_change=accept_data_change

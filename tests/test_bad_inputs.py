@@ -192,13 +192,14 @@ def _tokenizer(w: World, *, inputs: str | None = None, out: str | None = None) -
 
 
 def _corrupt_ids(w: World) -> list[str]:
-    """Token ids beyond the vocabulary in the first sample of the train shard (sizes unchanged)."""
+    """Token ids beyond the 4096-piece vocabulary in every train sample (sizes unchanged, data.verify=size)."""
     import numpy as np
 
-    tar = w.data / "train-00000.tar"
+    tar, index = w.data / "train-00000.tar", np.load(w.data / "train-00000.idx")
     data = bytearray(tar.read_bytes())
-    big = np.array([65000] * 64, dtype=np.uint16).tobytes()
-    data[1024 : 1024 + len(big)] = big  # inside the first member's payload (after its 512-byte header)
+    big = np.full(16, 65000, dtype=np.uint16).tobytes()
+    for tokens_at in index[:, 0]:  # each sample's token array starts here (framework/data/shards.py)
+        data[tokens_at : tokens_at + len(big)] = big
     tar.write_bytes(bytes(data))
     return w.train()
 
