@@ -16,8 +16,10 @@ import hashlib
 import io
 import json
 import os
+import queue
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,53 @@ def rank_hashes_file(rank: int) -> str:
     return f"hashes_{rank:05d}.json"
 
 
+class _Hasher:
+    """sha256 of a byte stream whose large pieces are hashed in a thread of its own while the same bytes are
+    written (hashlib and file writes release the GIL), so a save pays max(write, hash) for them instead of the
+    sum. torch.save hands over views of memory it may free once write returns, and copying them costs as much as
+    hashing (measured on our machines), so each piece is hashed in place and waited for before write returns."""
+
+    _LARGE = 1 << 20
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self._work: queue.Queue[memoryview | None] = queue.Queue()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._digest: str | None = None
+
+    def _run(self) -> None:
+        while (view := self._work.get()) is not None:
+            self._sha.update(view)
+            self._done.set()
+
+    @contextlib.contextmanager
+    def hashing(self, view: memoryview) -> Iterator[None]:
+        """Hash `view` (in the thread when large) while the block runs; returns when both are done."""
+        if len(view) < self._LARGE:
+            yield
+            self._sha.update(view)
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="loom-checkpoint-hash", daemon=True)
+            self._thread.start()
+        self._done.clear()
+        self._work.put(view)
+        try:
+            yield
+        finally:
+            self._done.wait()  # the caller's buffer must outlive the hash of it
+
+    def finish(self) -> str:
+        """The hex digest of everything hashed (stops the thread; the same on every later call)."""
+        if self._digest is None:
+            if self._thread is not None:
+                self._work.put(None)
+                self._thread.join()
+            self._digest = self._sha.hexdigest()
+        return self._digest
+
+
 class _HashingStream(io.RawIOBase):
     """A write stream that hashes what it writes. DCP writes sequentially (torch.save into a non-seekable
     wrapper); a seek would make the running hash wrong, so it is refused rather than silently mis-hashed."""
@@ -43,20 +92,22 @@ class _HashingStream(io.RawIOBase):
     def __init__(self, raw: Any, fs: HashingFileSystem) -> None:
         super().__init__()
         self.raw, self.fs = raw, fs
-        self.sha, self.size = hashlib.sha256(), 0
+        self.hasher, self.size = _Hasher(), 0
 
     def writable(self) -> bool:
         return True
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        try:
-            written = self.raw.write(view)
-        except OSError as error:
-            self.fs.note_error(error)  # torch.save may turn it into "unexpected pos": keep the real cause
-            raise
+        with self.hasher.hashing(view):
+            try:
+                written = self.raw.write(view)
+            except OSError as error:
+                self.fs.note_error(error)  # torch.save may turn it into "unexpected pos": keep the real cause
+                raise
         written = len(view) if written is None else written
-        self.sha.update(view[:written])
+        if written != len(view):  # a buffered binary file writes everything or raises; never hash a part
+            raise OSError(f"short write to a checkpoint file: {written} of {len(view)} bytes")
         self.size += written
         return written
 
@@ -82,6 +133,7 @@ class _HashingStream(io.RawIOBase):
     def close(self) -> None:
         if not self.closed:
             self.flush()
+        self.hasher.finish()
         super().close()
 
 
@@ -114,7 +166,7 @@ class HashingFileSystem(FileSystem):
             self.note_error(error)
             raise
         with self._lock:
-            self.records[path.name] = {"bytes": stream.size, "sha256": stream.sha.hexdigest()}
+            self.records[path.name] = {"bytes": stream.size, "sha256": stream.hasher.finish()}
 
 
 class HashingWriter(dcp.FileSystemWriter):
@@ -171,6 +223,9 @@ def write_manifest(tmp: Path, *, skip: frozenset[str]) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+_HASH_THREADS = max(1, min(8, os.cpu_count() or 1))
+
+
 def manifest_problems(path: Path, complete: dict[str, Any], *, hashes: bool) -> list[str] | None:
     """One sentence per file of the committed `path` that differs from its manifest (size always, sha256 when
     `hashes`); None when the checkpoint has no manifest (written before file hashes were recorded)."""
@@ -187,7 +242,11 @@ def manifest_problems(path: Path, complete: dict[str, Any], *, hashes: bool) -> 
         items = [(str(name), int(rec["bytes"]), str(rec["sha256"])) for name, rec in files.items()]
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         return [f"{MANIFEST} is malformed ({type(error).__name__})"]
-    return [p for item in items if (p := _file_problem(path, *item, hashes=hashes))]
+    # Files in parallel threads (hashlib and file reads release the GIL): a multi-rank checkpoint's shard files
+    # are hashed at the disk's pace, not one core's.
+    with ThreadPoolExecutor(max_workers=min(len(items), _HASH_THREADS) or 1) as pool:
+        found = pool.map(lambda item: _file_problem(path, *item, hashes=hashes), items)
+        return [problem for problem in found if problem]
 
 
 def _file_problem(root: Path, name: str, size: int, sha256: str, *, hashes: bool) -> str | None:
