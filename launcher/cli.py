@@ -455,6 +455,10 @@ def run(argv: Sequence[str]) -> int:
         from framework.train.callbacks.preemption import Preempted
         from launcher.exit_codes import EXIT_PREEMPTED
 
+        if os.environ.get(LAUNCHED_ENV):
+            from launcher.local import restore_preemption_signals
+
+            restore_preemption_signals()  # its agent ignores them; the Checkpointer's handler takes them later
         _configure_worker_logging()
         recipe = load_recipe(args.recipe, args.overrides)
         try:

@@ -15,8 +15,11 @@ same command on every node with its own --node-rank; torchrun's static rendezvou
 agent hosts the store there), and ranks are node_rank * N + local rank.
 
 torchrun's agent forwards SIGINT/SIGTERM to its workers itself but not SIGUSR1 (the "save a checkpoint now"
-signal), which would kill the agent; so SIGUSR1 goes straight to the workers (the agent's children) and the other
-signals to the agent.
+signal), which would kill the agent. On SIGTERM it raises, prints its own traceback and SIGKILLs workers that take
+more than 30 s, i.e. any whose preemption save is slow. So the agent ignores both SIGUSR1 and SIGTERM (torchrun's
+--signals-to-handle without SIGTERM; under Slurm every process of the step receives the signal, the
+agent too), both go straight to the workers (the agent's children), which save and exit 0, and SIGINT (Ctrl-C)
+goes to the agent.
 """
 
 from __future__ import annotations
@@ -39,6 +42,11 @@ if TYPE_CHECKING:
     from framework.config.schema import Recipe
 
 RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+TO_WORKERS = (signal.SIGTERM, signal.SIGUSR1)
+"""Signals relayed to the workers themselves (the preemption signals: save, then stop); the rest to the agent."""
+AGENT_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
+"""What torchrun's agent handles itself (its --signals-to-handle, given as the PET_ environment variable torchrun
+reads for it, which an older torchrun without the flag ignores; the default adds SIGTERM)."""
 
 
 @dataclass(frozen=True)
@@ -108,15 +116,20 @@ def _preempted_since(run_dir: Path, started: float) -> bool:
 
 
 def _run_agent(command: list[str]) -> int:
-    # The agent ignores SIGUSR1 (its default action would kill it: under Slurm, `scancel --signal=USR1` reaches
-    # every process of the step, the agent too); the workers install their own handler (the Checkpointer's).
+    # The agent ignores SIGUSR1 and SIGTERM (under Slurm, `scancel --signal=USR1` and a preemption's SIGTERM reach
+    # every process of the step, the agent too); the workers reset them and install the Checkpointer's handler.
     from framework.run_dir import LAUNCHED_ENV
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", LAUNCHED_ENV: "1"}
-    agent = subprocess.Popen(command, env=env, preexec_fn=_ignore_usr1)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        LAUNCHED_ENV: "1",
+        "PET_SIGNALS_TO_HANDLE": AGENT_SIGNALS,
+    }
+    agent = subprocess.Popen(command, env=env, preexec_fn=_ignore_preemption_signals)
 
     def relay(signum: int, frame: FrameType | None) -> None:
-        targets = _children(agent.pid) if signum == signal.SIGUSR1 else [agent.pid]
+        targets = _children(agent.pid) if signum in TO_WORKERS else [agent.pid]
         for pid in targets:
             with contextlib.suppress(ProcessLookupError):  # a worker that already exited
                 os.kill(pid, signum)
@@ -129,8 +142,16 @@ def _run_agent(command: list[str]) -> int:
             signal.signal(sig, handler)
 
 
-def _ignore_usr1() -> None:
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+def _ignore_preemption_signals() -> None:
+    for sig in TO_WORKERS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def restore_preemption_signals() -> None:
+    """In a worker started by this launcher: the default action for the signals its agent ignores (an ignored
+    disposition is inherited through fork and exec) until the Checkpointer installs its handler."""
+    for sig in TO_WORKERS:
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def _children(pid: int) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -112,12 +113,20 @@ def test_bad_layout_is_one_line_before_launch(tmp_path: Path) -> None:
     assert done.stderr.count("loom: error:") == 1 and "global_batch_size" in done.stderr
 
 
+def _child_pids(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
 def test_a_planned_preemption_is_one_line_and_the_run_dir_is_locked_meanwhile(
-    demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], signum: signal.Signals
 ) -> None:
     """While `loom train --nproc 2` runs, its launcher holds the run dir: a second `loom train` there is refused
-    with the launcher's host and pid. SIGUSR1 then preempts the run as planned (checkpoint, exit 75), and its log
-    holds one line for it: no torchrun ChildFailedError traceback ("launcher.cli FAILED ... exitcode 75")."""
+    with the launcher's host and pid. SIGUSR1 (Slurm's time-limit warning) or SIGTERM (a preemption) then stops
+    the run as planned (checkpoint, exit 75), and its log holds one line for it: no torchrun ChildFailedError or
+    SignalException traceback ("launcher.cli FAILED ... exitcode 75"). Under Slurm every process of the step gets
+    the signal: here it is sent to the launcher and, as Slurm would, to torchrun's agent too."""
     from launcher.cli import main
     from launcher.exit_codes import EXIT_PREEMPTED
 
@@ -133,11 +142,14 @@ def test_a_planned_preemption_is_one_line_and_the_run_dir_is_locked_meanwhile(
         assert main(second) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"host {socket.gethostname()}, pid {run.pid}" in err, err
-        run.send_signal(signal.SIGUSR1)
+        agent = _child_pids(run.pid)
+        run.send_signal(signum)
+        for pid in agent:
+            os.kill(pid, signum)
         _, stderr = run.communicate(timeout=120)
     finally:
         run.kill()
     assert run.returncode == EXIT_PREEMPTED, stderr[-3000:]
     assert "Traceback" not in stderr and "ChildFailedError" not in stderr and "FAILED" not in stderr, stderr
-    assert stderr.count("loom: preempted by SIGUSR1 after step") == 1, stderr
-    assert json.loads((run_dir / "preempted.json").read_text())["signal"] == "SIGUSR1"
+    assert stderr.count(f"loom: preempted by {signum.name} after step") == 1, stderr
+    assert json.loads((run_dir / "preempted.json").read_text())["signal"] == signum.name

@@ -1,8 +1,8 @@
 """Preemption: SIGTERM or SIGUSR1 asks the run to finish its step, save, and stop with a documented status.
 
 Slurm sends SIGUSR1 ahead of a time limit when the job asks for it (`--signal=USR1@120`) and SIGTERM when it
-preempts or cancels a job; torchrun's agent forwards SIGTERM to the workers and gives them 30 s before SIGKILL,
-and the Loom launcher forwards SIGUSR1 to the workers itself (launcher/local.py). A handler only records the
+preempts or cancels a job; the Loom launcher sends both to the workers itself, and torchrun's agent ignores them
+(launcher/local.py). A handler only records the
 request; the Checkpointer acts on it at the next step boundary. In a multi-process run the ranks agree first (a
 one-element all-reduce per step): signals reach the ranks at slightly different times, and every rank must stop
 after the same step and write the same checkpoint.
