@@ -107,7 +107,7 @@ def atomic_dir(out: str | Path, kind: str, *, overwrite: bool = False) -> Iterat
     try:
         yield tmp
         (tmp / OWNER_MARK).unlink()
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         replace_whole(tmp, out, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -123,11 +123,11 @@ def atomic_file(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     tmp = out.parent / f".{out.name}.loom-tmp-{uuid.uuid4().hex[:8]}"
     try:
         yield tmp
-        _fsync_file(tmp)
+        fsync_file(tmp)
         if out.exists() and not overwrite:
             raise ConfigError("command line", "OUT", str(out), "appeared while writing", "pass a new file")
         os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -143,7 +143,7 @@ def replace_whole(new: Path, out: Path, *, overwrite: bool) -> None:
         aside = out.parent / f".{out.name}.loom-old-{uuid.uuid4().hex[:8]}"
         os.replace(out, aside)
     os.replace(new, out)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     if aside is not None:
         if aside.is_dir() and not aside.is_symlink():
             shutil.rmtree(aside, ignore_errors=True)
@@ -178,7 +178,7 @@ def read_json_file(path: str | Path, what: str, *, key: str = "file") -> Any:
         raise ConfigError(None, key, str(path), rule, "restore the file, or pass another") from None
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -186,7 +186,7 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -194,11 +194,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under root (directories too: their entries are what rename relies on)."""
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
-            _fsync_file(Path(dirpath, name))
-        _fsync_dir(Path(dirpath))
+            fsync_file(Path(dirpath, name))
+        fsync_dir(Path(dirpath))
 
 
 def describe_os_error(error: OSError) -> str:

@@ -42,6 +42,8 @@ from framework.checkpoint.manifest import MANIFEST, HashingWriter, write_manifes
 from framework.checkpoint.tree import merge_tensors, split_tensors
 from framework.config import ConfigError
 from framework.outputs import OWNER_MARK, mark_owned, owned_kind, remove_if_owned
+from framework.outputs import fsync_dir as _fsync_dir
+from framework.outputs import fsync_tree as _fsync_tree
 
 FORMAT_VERSION = 1
 MARKER = "COMPLETE"
@@ -352,23 +354,3 @@ def _write_json(path: Path, value: Any) -> None:
         json.dump(value, f)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_tree(root: Path) -> None:
-    """fsync every file and directory under root (directories too: their entries are what rename relies on)."""
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
