@@ -86,5 +86,16 @@ def write_record(run_dir: str | Path, step: int, path: Path | None, signum: int)
     (Path(run_dir) / RECORD).write_text(json.dumps(record) + "\n")
 
 
+_RECORD_KEYS = {"step", "checkpoint", "signal"}
+
+
 def clear_record(run_dir: str | Path) -> None:
-    (Path(run_dir) / RECORD).unlink(missing_ok=True)
+    """Delete the preemption record of an earlier launch, recognised by its content (what `write_record`
+    writes): a user's own file of that name is left alone."""
+    path = Path(run_dir) / RECORD
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(record, dict) and set(record) == _RECORD_KEYS:
+        path.unlink(missing_ok=True)

@@ -36,3 +36,15 @@ def test_signal_is_recorded_here_and_fatal_in_a_forked_child() -> None:
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
     finally:
         guard.uninstall()
+
+
+def test_clear_record_deletes_only_loom_s_record(tmp_path) -> None:
+    from framework.train.callbacks.preemption import RECORD, clear_record, write_record
+
+    write_record(tmp_path, 3, tmp_path / "step_00000003", 10)
+    clear_record(tmp_path)
+    assert not (tmp_path / RECORD).exists()
+    for text in ("my notes", '{"signal": "mine"}', "[1, 2]"):
+        (tmp_path / RECORD).write_text(text)
+        clear_record(tmp_path)
+        assert (tmp_path / RECORD).read_text() == text  # not Loom's: kept
