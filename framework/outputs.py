@@ -208,9 +208,3 @@ def describe_os_error(error: OSError) -> str:
     paths = [p for p in (error.filename, error.filename2) if p is not None]
     where = " -> ".join(str(p) for p in paths)
     return f"{where}: {words}" if where else f"{words}: {error}"
-
-
-def json_dump_atomic(path: Path, value: Any) -> None:
-    """Write JSON to `path` through a temp sibling + fsync + rename."""
-    with atomic_file(path, overwrite=True) as tmp:
-        tmp.write_text(json.dumps(value, indent=2) + "\n")

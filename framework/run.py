@@ -104,9 +104,8 @@ def _preflight(recipe: Recipe) -> None:
     device = resolve_device(recipe.train.device)
     resolve_kernels(recipe, device)  # model.kernels meets the device: a ConfigError before any model is built
     check_fp8(recipe, device)  # likewise precision.dtype fp8 (torchao / TE installed, fp8-capable GPU)
-    check_fits(
-        recipe, world_size_of_run(), str(device)
-    )  # sizes against the device's memory, before allocating
+    # sizes against the device's memory, before allocating anything
+    check_fits(recipe, world_size_of_run(), str(device))
 
 
 def _run_dir_guard(

@@ -35,19 +35,12 @@ and it turns a preempted run's exit into EXIT_PREEMPTED from the preemption reco
 _NEW_RUN_FIX = "pass --resume auto to continue it, a new logging.run_dir, or --overwrite to move it aside"
 
 
-def checkpoint_root(recipe: Recipe) -> Path:
-    """Where the run's checkpoints go: checkpoint.dir, or <logging.run_dir>/checkpoints."""
-    return (
-        Path(recipe.checkpoint.dir) if recipe.checkpoint.dir else Path(recipe.logging.run_dir) / "checkpoints"
-    )
-
-
 def _folders(recipe: Recipe) -> dict[str, Path]:
     """The folders a run owns, by the recipe key that names them: the run dir, and checkpoint.dir when it lies
     outside the run dir (inside it, it moves and locks with the run dir)."""
     run_dir = Path(recipe.logging.run_dir)
     folders = {"logging.run_dir": run_dir}
-    root = checkpoint_root(recipe)
+    root = recipe.checkpoint_root()
     if not root.resolve().is_relative_to(run_dir.resolve()):
         folders["checkpoint.dir"] = root
     return folders
@@ -56,7 +49,7 @@ def _folders(recipe: Recipe) -> dict[str, Path]:
 def check_run_dir(recipe: Recipe, *, resume: str | None, overwrite: bool) -> None:
     """Every refusal that needs no write: a folder path that is a file, `--overwrite` with `--resume`, and a new
     run (no --resume, no --overwrite) into a checkpoint folder that holds committed checkpoints."""
-    keys = {"logging.run_dir": Path(recipe.logging.run_dir), "checkpoint.dir": checkpoint_root(recipe)}
+    keys = {"logging.run_dir": Path(recipe.logging.run_dir), "checkpoint.dir": recipe.checkpoint_root()}
     for key, path in keys.items():
         _refuse_file(key, path)
     if overwrite and resume is not None:
@@ -113,7 +106,7 @@ def _check_resume_data(recipe: Recipe, resume: str) -> None:
     from framework.config.loader import recipe_to_dict
     from framework.train.resume_check import check_same_data
 
-    committed = complete_checkpoints(checkpoint_root(recipe))
+    committed = complete_checkpoints(recipe.checkpoint_root())
     if resume == "auto" and not committed:
         return
     path = committed[-1][1] if resume == "auto" else resolve_checkpoint(resume)

@@ -98,15 +98,10 @@ def render(recipe_path: str, overrides: list[str], workdir: Path | None = None) 
         "recipe": _quote(recipe_path, "recipe"),
         "overrides": _quote_all([a for item in overrides for a in ("--set", item)], "--set"),
         "nproc": str(launch.nproc_per_node),
-        "checkpoints": _quote(str(workdir / checkpoint_root(recipe)), "checkpoint.dir"),
+        "checkpoints": _quote(str(workdir / recipe.checkpoint_root()), "checkpoint.dir"),
         "exit_preempted": str(EXIT_PREEMPTED),
     }
     return Job(script=_fill(TEMPLATE.read_text(), values), name=name, log=log)
-
-
-def checkpoint_root(recipe: Recipe) -> Path:
-    """Where the run's checkpoints go: checkpoint.dir, or <logging.run_dir>/checkpoints."""
-    return Path(recipe.checkpoint.dir or Path(recipe.logging.run_dir) / "checkpoints")
 
 
 def _job_name(recipe_path: str) -> str:

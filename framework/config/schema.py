@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal
 
 from framework.config.errors import ConfigError
@@ -894,6 +895,12 @@ class Recipe:
     """Processes and nodes."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """The DeepSpeed engine's settings (used with parallel.engine: deepspeed)."""
+
+    def checkpoint_root(self) -> Path:
+        """Where the run's checkpoints go: checkpoint.dir, or <logging.run_dir>/checkpoints."""
+        return (
+            Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.logging.run_dir) / "checkpoints"
+        )
 
     def validate(self) -> None:
         for name in SECTIONS:

@@ -77,7 +77,7 @@ class Checkpointer(Callback):
             recipe.data.train
         )  # the dataset, wherever it lies (resume_check)
         self.cfg = recipe.checkpoint
-        self.root = Path(self.cfg.dir) if self.cfg.dir else Path(recipe.logging.run_dir) / "checkpoints"
+        self.root = recipe.checkpoint_root()
         self.resume = resume
         self.rank = rank
         self.distributed = distributed
