@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from framework.checkpoint.manifest import MANIFEST, HashingWriter, write_manifest
 from framework.checkpoint.tree import merge_tensors, split_tensors
 from framework.config import ConfigError
-from framework.outputs import OWNER_MARK, mark_owned, owned_kind, remove_if_owned
+from framework.outputs import OWNER_MARK, mark_owned, remove_if_owned
 from framework.outputs import fsync_dir as _fsync_dir
 from framework.outputs import fsync_tree as _fsync_tree
 
@@ -238,9 +238,7 @@ def remove_stale_temps(root: str | Path) -> list[Path]:
     root = Path(root)
     removed = []
     for path in sorted(root.iterdir()) if root.is_dir() else ():
-        if _STEP_DIR.match(path.name) or owned_kind(path) != TEMP_KIND:
-            continue
-        if remove_if_owned(path, TEMP_KIND):
+        if not _STEP_DIR.match(path.name) and remove_if_owned(path, TEMP_KIND):
             removed.append(path)
     return removed
 
@@ -289,7 +287,7 @@ def load_checkpoint(
     `distributed`: every rank of the default process group calls this with its own template (DTensor shards,
     a pipeline stage's layers) and loads exactly the template's keys, resharded from whatever layout saved them;
     keys the template lacks (other stages' layers) are not read."""
-    from framework.checkpoint.verify import read_meta_json
+    from framework.checkpoint.verify import load_tensors, read_meta_json  # verify.py imports this module
 
     path = resolve_checkpoint(path)
     meta = read_meta_json(path / META)
@@ -298,8 +296,6 @@ def load_checkpoint(
         raise ConfigError(
             None, "checkpoint", str(path), rule, "use a checkpoint written by this version of Loom"
         )
-    from framework.checkpoint.verify import load_tensors
-
     reader = _reader(path)
     wanted = split_tensors(template)[0] if template else {}
     targets = _present(reader, wanted) if distributed else _load_targets(reader, wanted)

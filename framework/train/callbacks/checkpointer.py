@@ -73,6 +73,7 @@ class Checkpointer(Callback):
     ) -> None:
         self.recipe = recipe
         self.accept_data_change = accept_data_change
+        self._hashed: Path | None = None  # the checkpoint --resume auto verified with hashes (rank 0)
         self._fingerprint = data_fingerprint(
             recipe.data.train
         )  # the dataset, wherever it lies (resume_check)
@@ -233,11 +234,11 @@ class Checkpointer(Callback):
     def _resume_path(self) -> Path | None:
         if self.resume is None:
             return None
-        choice = self._newest_good() if self.resume == "auto" else resolve_checkpoint(self.resume)
-        if self.distributed:  # one decision for all ranks (they could race a concurrent commit otherwise)
-            box = [str(choice) if choice else None]
-            dist.broadcast_object_list(box, src=0)
-            choice = Path(box[0]) if box[0] else None
+        # One decision for all ranks, made on rank 0 (they could race a concurrent commit otherwise)
+        if self.resume == "auto":
+            choice = self._newest_good()
+        else:
+            choice = _agreed(self.distributed, self.rank, lambda: resolve_checkpoint(self.resume))
         if choice is not None and not self.accept_data_change:
             check_same_data(choice, recipe_to_dict(self.recipe))
         return choice
@@ -276,7 +277,7 @@ class Checkpointer(Callback):
     def _verify_before_load(self, path: Path) -> None:
         """The load's verification: with hashes, unless --resume auto just checked them for this path; on rank 0
         only when distributed (all ranks share the files), every rank raising its outcome."""
-        hashed = path == getattr(self, "_hashed", None)
+        hashed = path == self._hashed
 
         def verify() -> None:
             with warnings.catch_warnings():
