@@ -94,12 +94,10 @@ def consolidate(
     which replaces it whole; OUT may never be, hold or lie inside the checkpoint."""
     from framework.convert.hf.weights import DEFAULT_SHARD_BYTES, save_weights
     from framework.convert.output import staged
-    from framework.convert.read_errors import shard_read_errors
 
     torch_dtype = _parse_dtype(dtype)
     out = _check_output(out, path, overwrite)  # before the (long) read
-    with shard_read_errors(path, key="checkpoint"):  # one line, without torch's weights_only=False advice
-        state = read_model_state(path, torch_dtype)
+    state = read_model_state(path, torch_dtype)  # a damaged shard: one line (verify.load_tensors)
     with staged(out, "consolidate", overwrite=overwrite) as tmp:
         files = save_weights(state.tensors, tmp, max_shard_bytes or DEFAULT_SHARD_BYTES)
         _write_index(tmp, state, files)

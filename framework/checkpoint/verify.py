@@ -26,7 +26,7 @@ from torch.distributed.checkpoint import metadata as dcp_md
 from torch.distributed.checkpoint.api import CheckpointException
 
 from framework.checkpoint.manifest import manifest_problems
-from framework.config.errors import ConfigError
+from framework.config.errors import ConfigError, first_line
 from framework.outputs import read_json_file
 
 DCP_METADATA = ".metadata"
@@ -226,26 +226,38 @@ def check_step_tensor(path: Path, metadata: dcp_md.Metadata, claimed: int) -> No
 
 def load_tensors(targets: dict[str, torch.Tensor], path: Path, *, no_dist: bool) -> None:
     """dcp.load into `targets` through the safe reader; an unreadable chunk is one ConfigError naming the
-    checkpoint (torch's own text for a refused pickle suggests weights_only=False, which Loom never uses)."""
+    checkpoint (dcp_read_error)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         try:
             dcp.load(targets, storage_reader=SafeFileSystemReader(path), no_dist=no_dist)
         except CheckpointException as error:
-            raise _error(path, f"its tensor data cannot be read ({_load_cause(error)})") from None
+            raise dcp_read_error(path, error) from None
 
 
-def _load_cause(error: CheckpointException) -> str:
-    causes = [exc for exc, _ in error.failures.values()]
-    cause = causes[0] if causes else error
+def refused_global(message: str) -> str | None:
+    """The module.name of the global torch's weights-only unpickler refused, from its error message
+    ("Unsupported global: GLOBAL fractions.Fraction was not...", "unsupported GLOBAL posix.system whose...")."""
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    return found.group(1) if found else None
+
+
+def dcp_read_error(
+    directory: Path, error: CheckpointException, key: str = "checkpoint", fix: str = _FIX_RESAVE
+) -> ConfigError:
+    """One line for a failed DCP read of `directory` (Loom's or megatron's). DCP raises a CheckpointException (a
+    BaseException, which the CLI's handlers miss) carrying each rank's own error; for a pickle where tensor data
+    belongs that is torch's UnpicklingError, whose text advises weights_only=False. A pickle in a shard is damage
+    or an attack, never a format to allow, so only the name of the global it asked for is kept."""
+    cause = next((exc for exc, _ in error.failures.values()), error)
     if isinstance(cause, pickle.UnpicklingError):
-        found = re.search(r"GLOBAL ([\w.]+)", str(cause))
-        what = f" (it refers to {found.group(1)})" if found else ""
-        return f"a .distcp chunk holds a pickled object that is not a plain tensor{what}; refused, not run"
-    first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-    if "weights_only" in first:
-        first = "not a tensor torch can read safely"
-    return f"{type(cause).__name__}: {first}"[:300]
+        name = refused_global(str(cause))
+        what = f" referring to {name}" if name else ""
+        detail = f"a .distcp chunk holds a pickle{what}: a pickled object that is not a plain tensor; refused, not run"
+    else:
+        first = first_line(cause)
+        detail = f"{type(cause).__name__}: {'not a tensor torch can read safely' if 'weights_only' in first else first}"
+    return ConfigError(None, key, str(directory), f"its tensor data cannot be read ({detail})", fix)
 
 
 def byte_entry_problems(metadata: dcp_md.Metadata) -> list[str]:

@@ -49,3 +49,11 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     if close:
         return f"did you mean '{close[0]}'?"
     return "valid keys: " + ", ".join(choices)
+
+
+def first_line(error: BaseException | None, limit: int = 240) -> str:
+    """The start of an error's text on one line: its first line, and the next when the first ends in ':'
+    (where transformers and huggingface_hub put the detail)."""
+    lines = [line.strip() for line in str(error or "").splitlines() if line.strip()]
+    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else "")
+    return text if len(text) <= limit else text[: limit - 3] + "..."

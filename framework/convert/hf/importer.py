@@ -13,12 +13,11 @@ from typing import Any
 
 import torch
 
-from framework.config.errors import ConfigError
+from framework.config.errors import ConfigError, first_line
 from framework.config.schema import ModelConfig, Recipe
 from framework.convert.hf.convert import config_from_hf, import_state
 from framework.convert.hf.weights import load_weights
 from framework.convert.output import check, require_source, staged
-from framework.convert.read_errors import first_line
 from framework.outputs import read_json_file
 
 TOKENIZER = "tokenizer.model"

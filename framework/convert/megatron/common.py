@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from framework.config.errors import ConfigError
+from framework.checkpoint.verify import refused_global
+from framework.config.errors import ConfigError, first_line
 from framework.convert.megatron import config as mconfig
-from framework.convert.read_errors import first_line, refused_global
 
 # megatron-core 0.16.1's own allowlist for common.pt (megatron/core/safe_globals.py), minus the stdlib classes
 _PLACEHOLDERS = (
