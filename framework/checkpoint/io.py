@@ -54,7 +54,8 @@ STEP_KEY = "loom/step"
 """The step, saved as a tensor too, so an edited meta.json step is caught against the checkpoint's own data."""
 TEMP_KIND = "checkpoint-temp"
 """The owner-marker kind of every temporary directory under a checkpoint root (saves, trash, `latest` updates)."""
-_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+STEP_DIR = re.compile(r"^step_(\d{8,})$")
+"""A committed step directory's name (step_dir_name's form)."""
 
 
 class CheckpointError(RuntimeError):
@@ -238,7 +239,7 @@ def remove_stale_temps(root: str | Path) -> list[Path]:
     root = Path(root)
     removed = []
     for path in sorted(root.iterdir()) if root.is_dir() else ():
-        if not _STEP_DIR.match(path.name) and remove_if_owned(path, TEMP_KIND):
+        if not STEP_DIR.match(path.name) and remove_if_owned(path, TEMP_KIND):
             removed.append(path)
     return removed
 
@@ -248,7 +249,7 @@ def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     root = Path(root)
     found = []
     for path in root.iterdir() if root.is_dir() else ():
-        match = _STEP_DIR.match(path.name)
+        match = STEP_DIR.match(path.name)
         if match and (path / MARKER).is_file():
             found.append((int(match.group(1)), path))
     return sorted(found)

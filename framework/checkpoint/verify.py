@@ -35,7 +35,6 @@ _FIX_RESAVE = (
 )
 _FIX_PICKLE = "load only checkpoints written by Loom"
 _SHOWN_KEYS = 3
-_STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 # Every global a DCP `.metadata` written by torch 2.13 refers to: DCP's dataclasses, torch.Size, tensor layouts
 # (rebuilt by name), paths (StorageMeta.checkpoint_id). torch dtypes (`torch.float32`...) are allowed separately.
@@ -185,7 +184,9 @@ def read_meta_json(path: Path) -> dict[str, Any]:
 
 def check_meta(path: Path, meta: dict[str, Any], complete: dict[str, Any]) -> None:
     """meta.json's step must agree with COMPLETE's and the directory name's (the step tensor: check_step_tensor)."""
-    name = _STEP_DIR.match(path.name)
+    from framework.checkpoint.io import STEP_DIR  # here, not above: io.py imports this module
+
+    name = STEP_DIR.match(path.name)
     witnesses = {"COMPLETE": complete.get("step"), "the directory name": int(name.group(1)) if name else None}
     for where, step in witnesses.items():
         if isinstance(step, int) and step != meta["step"]:
