@@ -16,6 +16,7 @@ import glob
 import json
 import multiprocessing
 import os
+import signal
 import socket
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -52,6 +53,12 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(model: bytes, eos_id: int, dtype: str, val_fraction: float) -> None:
+    # A forked worker inherits the parent's signal handlers (a trainer's preemption handler, in a test or a
+    # notebook); Pool.terminate() relies on SIGTERM's default action, which no Python handler may replace.
+    # Ctrl-C reaches the whole process group: the parent handles it and terminates the pool.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER.update(sp=spm.SentencePieceProcessor(model_proto=model), eos=eos_id, dtype=DTYPES[dtype])
     _WORKER["val_fraction"] = val_fraction
 

@@ -72,7 +72,9 @@ def test_export_sharded_then_import_and_resume(
     assert recipe.model == cfg and Path(recipe.data.tokenizer).is_file()
     # the training resume path (Checkpointer, as `loom train --resume auto`) loads the imported checkpoint
     module = TrainModule(random_model(cfg, seed=9), recipe, torch.device("cpu"))
-    Checkpointer(recipe, resume="auto").on_fit_start(Trainer(module, [], [], recipe))
+    checkpointer, trainer = Checkpointer(recipe, resume="auto"), Trainer(module, [], [], recipe)
+    checkpointer.on_fit_start(trainer)
+    checkpointer.on_close(trainer)  # restores the signal handlers
     for key, tensor in model.state_dict().items():
         assert torch.equal(module.model.state_dict()[key], tensor), key
 

@@ -161,7 +161,9 @@ def test_cli_sharded_export_import_and_resume(
     recipe = load_recipe(back / "recipe.yaml")
     assert recipe.model == cfg
     module = TrainModule(random_model(cfg, seed=9), recipe, torch.device("cpu"))
-    Checkpointer(recipe, resume="auto").on_fit_start(Trainer(module, [], [], recipe))
+    checkpointer, trainer = Checkpointer(recipe, resume="auto"), Trainer(module, [], [], recipe)
+    checkpointer.on_fit_start(trainer)
+    checkpointer.on_close(trainer)  # restores the signal handlers
     for key, tensor in model.state_dict().items():
         assert torch.equal(module.model.state_dict()[key], tensor), key
 

@@ -306,7 +306,9 @@ def test_cli_import(world: dict[str, Any], tmp_path: Path, capsys: pytest.Captur
     # the training resume path (Checkpointer, as `loom train OUT/recipe.yaml --resume auto`) loads the import
     recipe = load_recipe(tmp_path / "out" / "recipe.yaml")
     module = TrainModule(random_model(recipe.model, seed=9), recipe, torch.device("cpu"))
-    Checkpointer(recipe, resume="auto").on_fit_start(Trainer(module, [], [], recipe))
+    checkpointer, trainer = Checkpointer(recipe, resume="auto"), Trainer(module, [], [], recipe)
+    checkpointer.on_fit_start(trainer)
+    checkpointer.on_close(trainer)  # restores the signal handlers
     reference = _megatron_logits(root / "dense" / "logits.safetensors")
     assert (_loom_logits(module.model) - reference).abs().max().item() <= TOL
     # no YAML and no Megatron-LM args: one line on stderr, exit 2

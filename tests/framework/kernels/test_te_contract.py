@@ -209,19 +209,27 @@ def test_the_gpu_extra_pins_the_version_the_manifest_describes(manifest: dict[st
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert f"transformer-engine[pytorch]=={TE_VERSION}" in extras["gpu"]
     assert manifest["transformer_engine"] == TE_VERSION
+    assert f"TE_VERSION := {TE_VERSION}\n" in (ROOT / "Makefile").read_text()  # the wheel `make test` fetches
 
 
 def _te_sources() -> Path | None:
-    for candidate in (os.environ.get("LOOM_TE_SOURCES"), Path.home() / ".cache" / "loom" / "te" / WHEEL):
-        if candidate and Path(candidate).exists():
-            return Path(candidate)
-    return None
+    """The wheel named by LOOM_TE_SOURCES (`make test` sets it, after fetching it), else the default cache."""
+    named = os.environ.get("LOOM_TE_SOURCES")
+    if named:
+        if not Path(named).exists():
+            pytest.fail(
+                f"LOOM_TE_SOURCES={named} does not exist: its fetch failed (make test runs "
+                f"`pip download --no-deps transformer-engine=={TE_VERSION} -d {Path(named).parent}`; run it to see why)"
+            )
+        return Path(named)
+    cached = Path.home() / ".cache" / "loom" / "te" / WHEEL
+    return cached if cached.exists() else None
 
 
 def test_manifest_is_what_the_pinned_sources_give() -> None:
     sources = _te_sources()
     if sources is None:
-        pytest.skip(f"no TE {TE_VERSION} sources: set LOOM_TE_SOURCES to {WHEEL} (pip download, see tools/)")
+        pytest.skip(f"no TE {TE_VERSION} sources: set LOOM_TE_SOURCES to {WHEEL} (`make test` fetches it)")
     spec = importlib.util.spec_from_file_location("te_api_manifest", ROOT / "tools" / "te_api_manifest.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
