@@ -101,6 +101,9 @@ def _ensure_demo_data() -> None:
 def _smoke(path: str, overrides: list[str], root: Path) -> SmokeReport:
     recipe = smoke_recipe(load_recipe(path, overrides), root / "run")
     device = _device(recipe)
+    note = cpu_precision(recipe, device, overrides)
+    if note:
+        print(note, flush=True)  # before the run: the user sees at once why it is not bf16
     report = SmokeReport()
     records = _guarded(report, "train", lambda: _train_full(recipe, device))
     if records is None:
@@ -143,6 +146,19 @@ def smoke_recipe(recipe: Recipe, run_dir: Path) -> Recipe:
     recipe.checkpoint.keep_every = 0
     recipe.validate()
     return recipe
+
+
+def cpu_precision(recipe: Recipe, device: torch.device, overrides: list[str]) -> str | None:
+    """On a CPU, bf16/fp16 autocast (the recipe's GPU setting) becomes fp32, about 10x faster there
+    (docs/benchmarks.md), unless `--set precision.dtype=...` asked for it; returns the line saying so, or None."""
+    chosen = any(o.split("=", 1)[0].strip() in ("precision", "precision.dtype") for o in overrides)
+    if device.type != "cpu" or chosen or recipe.precision.dtype not in ("bf16", "fp16"):
+        return None
+    was, recipe.precision.dtype = recipe.precision.dtype, "fp32"
+    return (
+        f"loom smoke: training in fp32 on the CPU ({was} autocast without {was} units is about 10x slower); "
+        f"--set precision.dtype={was} forces {was}"
+    )
 
 
 def _device(recipe: Recipe) -> torch.device:

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from framework.config.loader import load_recipe
 from launcher.cli import main
-from launcher.smoke import attention_check, check_loss_falls
+from launcher.smoke import DEFAULT_RECIPE, attention_check, check_loss_falls, cpu_precision
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
@@ -28,7 +29,6 @@ TINY = [
     "train.global_batch_size=8",
     "train.micro_batch_size=8",
     "train.eval_batches=1",
-    "precision.dtype=fp32",
     "optim.lr=3e-3",
     "model.dropout=0.1",  # resume must restore the dropout stream too (a DataLoader once shifted it)
 ]
@@ -57,7 +57,8 @@ def _rows(text: str) -> dict[str, str]:
 
 def test_smoke_passes_on_cpu_and_reports_every_check(tmp_path, capsys):
     assert _smoke(tmp_path) == 0
-    rows = _rows(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    rows = _rows(out)
     for name in ("loss falls", "resume", "hf export", "attention kernel"):
         assert rows[name].startswith("ok"), rows
     records = map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
@@ -73,6 +74,25 @@ def test_smoke_passes_on_cpu_and_reports_every_check(tmp_path, capsys):
     assert rows["attention kernel"].split(": ", 1)[1] in ("flash-cpu", "math")
     assert float(rows["tokens/s"].replace(",", "")) > 0 and float(rows["TFLOP/s"]) > 0
     assert rows["MFU"].startswith("n/a") and "max RSS" in rows["peak memory"]
+    # the recipe says bf16; on the CPU the run trained in fp32, and said so in one line before the table
+    assert "loom smoke: training in fp32 on the CPU" in out.splitlines()[0]
+    assert load_recipe(tmp_path / "run" / "recipe.yaml").precision.dtype == "fp32"
+
+
+@pytest.mark.parametrize(
+    ("device", "overrides", "dtype"),
+    [
+        ("cpu", [], "fp32"),
+        ("cpu", ["precision.dtype=bf16"], "bf16"),  # asked for: kept
+        ("cpu", [" precision.dtype = fp16"], "fp16"),
+        ("cuda", [], "bf16"),  # a GPU keeps the recipe's bf16
+    ],
+)
+def test_cpu_precision_picks_fp32_unless_asked(device, overrides, dtype):
+    recipe = load_recipe(DEFAULT_RECIPE, overrides)
+    note = cpu_precision(recipe, torch.device(device), overrides)
+    assert recipe.precision.dtype == dtype
+    assert (note is not None) == (device == "cpu" and not overrides)
 
 
 def test_smoke_fails_with_one_line_naming_the_check_when_loss_does_not_fall(tmp_path, capsys):
