@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from framework.config import ModelConfig, ParallelConfig, Recipe
-from framework.parallel.build import train_module_for
+from framework.engines.build import train_module_for
 from framework.parallel.dims import ParallelDims, build_mesh
 from framework.parallel.parallelize import parallelize
 from framework.run import materialize_model

@@ -32,7 +32,7 @@ import torch.multiprocessing as mp
 
 from framework.config.loader import load_recipe
 from framework.config.schema import Recipe
-from framework.parallel.build import train_module_for
+from framework.engines.build import train_module_for
 from framework.parallel.dims import ParallelDims, build_mesh
 from framework.run import build_parallel_model, materialize_model
 

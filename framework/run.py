@@ -19,12 +19,12 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from framework.config.schema import ModelConfig, Recipe
 from framework.data import Tokenizer, TrainSource, ValidationSource, build_data
+from framework.engines.build import train_module_for
 from framework.kernels.choice import resolve_kernels, use_kernels
 from framework.kernels.fp8 import apply_fp8, check_fp8
 from framework.models import build_model, init_weights
 from framework.models.flops import flops_per_token
 from framework.models.memory import check_fits
-from framework.parallel.build import train_module_for
 from framework.parallel.dims import ParallelDims, build_mesh
 from framework.parallel.init import init_sharded_weights
 from framework.parallel.parallelize import parallelize

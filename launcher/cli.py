@@ -263,7 +263,7 @@ def _run_ckpt(args: argparse.Namespace) -> int:
         report = inspect_checkpoint(args.path)
         print(json.dumps(report, indent=2) if args.json else format_report(report))
         return 0
-    from framework.checkpoint.consolidate import consolidate
+    from framework.convert.consolidate import consolidate
 
     print(f"wrote {consolidate(args.path, args.out, args.dtype, overwrite=args.overwrite)}")
     return 0

@@ -229,7 +229,7 @@ def _check_export(recipe: Recipe, root: Path) -> Check:
         import transformers
     except ImportError:
         return Check("hf export", False, "transformers is not installed: pip install 'loom-pretrain[hf]'")
-    from framework.checkpoint.consolidate import read_model_state
+    from framework.convert.consolidate import read_model_state
     from framework.convert.hf.convert import export_checkpoint
     from framework.run import materialize_model
 

@@ -38,6 +38,11 @@ from framework.config.schema import PrecisionConfig, Recipe
 log = logging.getLogger(__name__)
 
 TORCHAO_VERSION = "0.18.0"
+
+# The compute dtype of each `precision.dtype` (the one map: FSDP2's param dtype in framework/parallel/parallelize.py,
+# autocast's in framework/train/precision.py). fp8 computes in bf16: the float8 Linear layers cast their own
+# operands inside bf16 autocast, and FSDP2 gathers bf16 parameters for them.
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 TORCHAO_HINT = f"pip install 'loom-pretrain[fp8]' (torchao=={TORCHAO_VERSION})"
 FP8_MIN_CAPABILITY = (8, 9)
 """float8 tensor-core GEMMs (torch._scaled_mm): Ada (sm_89) and Hopper (sm_90) onwards."""

@@ -35,7 +35,7 @@ With ep > 1 (framework/parallel/expert.py): an MoE decoder, model.moe.n_experts 
 dp_shard x cp (so data_parallel fsdp or hsdp, or cp > 1). Composes with FSDP2/HSDP (experts sharded over the
 remaining dp_shard x cp / ep and replicated over dp_replicate), with tp (experts replicated over tp: every tp rank
 routes and exchanges the same tokens), with cp (each cp rank dispatches its sequence shard's tokens) and with pp
-(each stage's MoE layers add their router losses in their own backward: framework/parallel/moe_pipeline.py).
+(each stage's MoE layers add their router losses in their own backward: framework/engines/moe_pipeline.py).
 """
 
 from __future__ import annotations

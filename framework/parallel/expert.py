@@ -14,7 +14,7 @@ to (expert, source rank) order, the local experts run, and the outputs travel ba
 order they came. `combine` then weights and adds them per token on the token's own rank. Both row exchanges use
 torch's autograd-aware functional all_to_all_single, whose backward is the reverse exchange.
 
-Gradients. The loss is multiplied by dp x cp (engine.py: DDP/FSDP average over those ranks, the step wants a sum).
+Gradients. The loss is multiplied by dp x cp (framework/engines/native.py: DDP/FSDP average over those ranks, the step wants a sum).
 A local expert's gradient already sums the contributions of the tokens of every rank in its ep group, so it must
 not be averaged over ep again: it is scaled by 1/ep in backward (`local_view`), and FSDP2 then averages it over the
 experts' own data-parallel mesh (dp_replicate x dp_shard_mod_ep, size dp x cp / ep): dp x cp x (group sum) / ep /

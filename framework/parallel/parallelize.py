@@ -32,7 +32,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.utils.checkpoint import checkpoint
 
 from framework.config import Recipe
-from framework.kernels.fp8 import apply_fp8
+from framework.kernels.fp8 import COMPUTE_DTYPES, apply_fp8
 from framework.parallel.context import apply_context_parallel, data_parallel_mesh
 from framework.parallel.dims import ParallelDims, expert_meshes
 from framework.parallel.expert import apply_expert_parallel, expert_modules
@@ -41,9 +41,6 @@ from framework.parallel.rng import fork_tp_dropout
 from framework.parallel.tensor import apply_tp, vocab_parallel
 
 log = logging.getLogger(__name__)
-
-# fp8: FSDP2 gathers bf16 parameters; Float8Linear casts them to float8 in its own forward.
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, recipe: Recipe) -> nn.Module:
@@ -131,7 +128,7 @@ def apply_compile(model: nn.Module, enabled: bool) -> None:
 
 def mixed_precision(dtype: str) -> MixedPrecisionPolicy:
     """Parameters (and so matmuls) in the training dtype; gradients reduced and kept in fp32."""
-    return MixedPrecisionPolicy(param_dtype=DTYPES[dtype], reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=COMPUTE_DTYPES[dtype], reduce_dtype=torch.float32)
 
 
 def apply_data_parallel(

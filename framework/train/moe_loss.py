@@ -129,7 +129,7 @@ class MoEBalancer:
 
     def layer_loss(self, name: str, layer: MoE) -> torch.Tensor:
         """coef-weighted aux + z loss of one layer's micro-batch just forwarded (not averaged over layers; a
-        pipeline stage adds its layers' losses itself: framework/parallel/moe_pipeline.py)."""
+        pipeline stage adds its layers' losses itself: framework/engines/moe_pipeline.py)."""
         record = layer.last_routing
         if record is None:
             raise RuntimeError(f"MoE layer {name} has no routing record: run its forward first")

@@ -26,10 +26,7 @@ from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.tensor import DTensor
 
 from framework.config import PrecisionConfig
-from framework.kernels.fp8 import fp8_context
-
-# fp8: the float8 Linear layers (framework/kernels/fp8.py) sit inside bf16 autocast, which runs everything else.
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
+from framework.kernels.fp8 import COMPUTE_DTYPES, fp8_context
 
 
 class Precision:
@@ -41,7 +38,8 @@ class Precision:
         """process_group: the ranks that must agree on every overflow (the whole world); None for one process."""
         self.name = cfg.dtype
         self.device = device
-        self.autocast_dtype: torch.dtype | None = _DTYPES[cfg.dtype]
+        compute = COMPUTE_DTYPES[cfg.dtype]  # fp8: its float8 Linears sit inside bf16 autocast
+        self.autocast_dtype: torch.dtype | None = None if compute is torch.float32 else compute
         self.scaler: torch.amp.GradScaler | None = None
         self._fp8 = functools.partial(fp8_context, cfg, process_group)  # TE's fp8 autocast; else a no-op
         if cfg.dtype == "fp16":

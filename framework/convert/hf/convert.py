@@ -165,7 +165,7 @@ def export_checkpoint(
     recipe's tokenizer). The checkpoint is verified first, and only its model tensors are read, as full tensors.
     OUT appears whole or not at all: an existing non-empty OUT is refused unless `overwrite`, which replaces it
     whole (an old sharded export never stays beside a new single file); OUT may not be or hold an input."""
-    from framework.checkpoint.consolidate import read_model_state
+    from framework.convert.consolidate import read_model_state
 
     out = check(out, [checkpoint, tokenizer], overwrite)  # before the (long) read
     loaded = read_model_state(checkpoint)  # a damaged shard: one line (verify.load_tensors)

@@ -86,7 +86,7 @@ def import_megatron(
 
 def export_megatron(checkpoint: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """A committed Loom checkpoint of any layout -> OUT (torch_dist) + OUT/megatron_config.yaml, all at once."""
-    from framework.checkpoint.consolidate import read_model_state
+    from framework.convert.consolidate import read_model_state
     from framework.convert.hf.convert import recipe_from_metadata
 
     out = check(out, [checkpoint], overwrite)  # before the (long) read

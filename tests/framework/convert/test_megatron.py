@@ -27,10 +27,10 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip
 import torch.multiprocessing as mp  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from framework.checkpoint.consolidate import read_model_state  # noqa: E402
 from framework.config.errors import ConfigError  # noqa: E402
 from framework.config.loader import load_recipe  # noqa: E402
 from framework.config.schema import ModelConfig, MoEConfig  # noqa: E402
+from framework.convert.consolidate import read_model_state  # noqa: E402
 from framework.convert.hf.importer import write_imported  # noqa: E402
 from framework.convert.megatron import config as mconfig  # noqa: E402
 from framework.convert.megatron import torch_dist  # noqa: E402

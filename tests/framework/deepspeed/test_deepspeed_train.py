@@ -16,9 +16,9 @@ pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
 
 import transformers  # noqa: E402
 
-from framework.checkpoint.consolidate import read_model_state  # noqa: E402
 from framework.config.errors import ConfigError  # noqa: E402
 from framework.config.loader import load_recipe  # noqa: E402
+from framework.convert.consolidate import read_model_state  # noqa: E402
 from framework.models import build_model  # noqa: E402
 from launcher.cli import main  # noqa: E402
 

@@ -9,8 +9,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from framework.config import ModelConfig, ParallelConfig, Recipe
+from framework.engines.native import DistributedTrainModule
 from framework.parallel.dims import ParallelDims, build_mesh
-from framework.parallel.engine import DistributedTrainModule
 from framework.parallel.parallelize import parallelize
 from framework.run import materialize_model
 from framework.train.train_module import Batch, TrainModule

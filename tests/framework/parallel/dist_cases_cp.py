@@ -15,8 +15,8 @@ import torch.distributed as dist
 from dist_cases import GLOBAL_BATCH, SEQ, VOCAB, full_params, tiny_recipe
 from dist_cases_tp import _sample, train_steps
 
+from framework.engines.build import train_module_for
 from framework.models.attention import Attention
-from framework.parallel.build import train_module_for
 from framework.parallel.dims import ParallelDims, build_mesh
 from framework.run import build_parallel_model, materialize_model
 from framework.train.loss import IGNORE_INDEX

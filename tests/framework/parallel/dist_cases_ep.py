@@ -23,8 +23,8 @@ from dist_cases_pp import regroup
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from framework.engines.build import train_module_for
 from framework.models.moe import Routing, moe_layers
-from framework.parallel.build import train_module_for
 from framework.parallel.dims import ParallelDims, build_mesh
 from framework.run import build_parallel_model, materialize_model
 from framework.train.train_module import Batch, TrainModule

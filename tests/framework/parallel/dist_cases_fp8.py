@@ -11,8 +11,8 @@ from dist_cases_numerics import rank_slice, rel
 from dist_cases_pp import regroup
 
 from framework.config import Recipe
+from framework.engines.build import train_module_for
 from framework.kernels.fp8 import apply_fp8, float8_linear_names
-from framework.parallel.build import train_module_for
 from framework.parallel.dims import ParallelDims, build_mesh
 from framework.run import build_parallel_model, materialize_model
 from framework.train.train_module import TrainModule

@@ -9,8 +9,8 @@ import torch.distributed as dist
 from dist_cases import GLOBAL_BATCH, full_params, global_batches, tiny_recipe, train_steps
 from torch.distributed.tensor import DTensor
 
+from framework.engines.native import DistributedTrainModule
 from framework.parallel.dims import ParallelDims, build_mesh
-from framework.parallel.engine import DistributedTrainModule
 from framework.run import build_parallel_model, materialize_model
 from framework.train.callbacks.validation import Validation
 from framework.train.train_module import TrainModule

@@ -16,8 +16,8 @@ from torch.distributed.tensor import DTensor
 from torch.overrides import TorchFunctionMode
 
 from framework.config import Recipe
+from framework.engines.native import DistributedTrainModule
 from framework.parallel.dims import ParallelDims, build_mesh
-from framework.parallel.engine import DistributedTrainModule
 from framework.parallel.parallelize import apply_activation_checkpointing, parallelize
 from framework.run import build_parallel_model, materialize_model
 from framework.train.train_module import Batch, TrainModule

@@ -9,9 +9,9 @@ import torch.distributed as dist
 from dist_cases import full_params, global_batches, tiny_recipe, train_steps
 
 from framework.config import Recipe
-from framework.parallel.build import train_module_for
+from framework.engines.build import train_module_for
+from framework.engines.pipeline import PipelineTrainModule
 from framework.parallel.dims import ParallelDims, build_mesh
-from framework.parallel.pipeline_engine import PipelineTrainModule
 from framework.run import build_parallel_model, materialize_model
 from framework.train.train_module import Batch, TrainModule
 

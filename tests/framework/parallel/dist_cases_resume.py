@@ -87,7 +87,7 @@ def save_initial(recipe: Recipe, root: str) -> int:
     way a run does: every rank its own shards (DTensors, pipeline stages) under the one-process names."""
     from framework.checkpoint.writer import CheckpointWriter
     from framework.config.loader import recipe_to_dict
-    from framework.parallel.build import train_module_for
+    from framework.engines.build import train_module_for
     from framework.parallel.dims import build_mesh
     from framework.run import build_parallel_model, layout_of
 

@@ -14,8 +14,8 @@ import torch.distributed as dist
 from dist_cases import GLOBAL_BATCH, SEQ, VOCAB, full_params, tiny_recipe
 from torch.distributed.tensor import DTensor
 
+from framework.engines.native import DistributedTrainModule
 from framework.parallel.dims import ParallelDims, build_mesh
-from framework.parallel.engine import DistributedTrainModule
 from framework.run import build_parallel_model, materialize_model
 from framework.train.loss import IGNORE_INDEX
 from framework.train.train_module import Batch, TrainModule

@@ -12,9 +12,9 @@ import transformers
 from safetensors.torch import load_file
 
 from framework.checkpoint import save_checkpoint
-from framework.checkpoint.consolidate import read_model_state
 from framework.config import ParallelConfig, Recipe
 from framework.config.loader import recipe_to_dict
+from framework.convert.consolidate import read_model_state
 from framework.convert.hf.convert import recipe_from_metadata, save_hf
 from framework.run import materialize_model
 from tests.framework.convert.conftest import CONFIGS

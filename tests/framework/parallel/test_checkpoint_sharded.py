@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from framework.checkpoint.consolidate import consolidate
 from framework.checkpoint.inspect import inspect_checkpoint
 from framework.checkpoint.verify import check_compatible, verify_checkpoint
 from framework.config import ConfigError
+from framework.convert.consolidate import consolidate
 
 LAYOUTS = {
     "fsdp2_odd_vocab": ({"data_parallel": "fsdp"}, {"vocab_size": 65, "bias": True}),  # 33 + 32 rows

@@ -160,7 +160,7 @@ def test_support_matrix(family: str, kwargs: dict[str, Any], ok: bool) -> None:
     ],
 )
 def test_moe_composes_with_pipeline_and_expert_parallel_over_cp(world: int, kwargs: dict[str, Any]) -> None:
-    """Pipelines add each stage's router losses in its own backward (framework/parallel/moe_pipeline.py); ep ranks
+    """Pipelines add each stage's router losses in its own backward (framework/engines/moe_pipeline.py); ep ranks
     are carved from dp_shard x cp. MoE with cp refuses token dropping only (test_context_parallel.py)."""
     r = recipe(gbs=8, mbs=2, **kwargs)
     r.model.kv_heads = 4  # cp x tp = 4 splits the heads

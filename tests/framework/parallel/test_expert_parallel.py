@@ -1,4 +1,4 @@
-"""Expert parallelism (framework/parallel/expert.py) and MoE layers in pipelines (framework/parallel/moe_pipeline.py)
+"""Expert parallelism (framework/parallel/expert.py) and MoE layers in pipelines (framework/engines/moe_pipeline.py)
 train like one process (fp32, gloo), built as a run builds them (meta model, parallelize, sharded init from the seed)
 through the engine `train_module_for` picks.
 

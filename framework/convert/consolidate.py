@@ -25,11 +25,12 @@ from framework.checkpoint.verify import (
     verify_checkpoint,
 )
 from framework.config.errors import ConfigError
+from framework.kernels.fp8 import COMPUTE_DTYPES
 
 MODEL_PREFIX = "model/"
 INDEX = "consolidated.json"
 RECIPE = "recipe.yaml"
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+DTYPES = ("bf16", "fp32", "fp16")  # --dtype choices (framework/kernels/fp8.py maps names to dtypes)
 
 
 @dataclass
@@ -108,7 +109,7 @@ def consolidate(
 
 def _parse_dtype(dtype: str | None) -> torch.dtype | None:
     if dtype is None or dtype in DTYPES:
-        return DTYPES.get(dtype) if dtype else None
+        return COMPUTE_DTYPES[dtype] if dtype else None
     raise ConfigError(
         "command line", "--dtype", dtype, "is not a known dtype", f"use one of: {', '.join(DTYPES)}"
     )

@@ -13,10 +13,10 @@ import yaml
 from safetensors.torch import load_file
 
 from framework.checkpoint import save_checkpoint
-from framework.checkpoint.consolidate import consolidate, read_model_state
 from framework.checkpoint.inspect import format_report, inspect_checkpoint
 from framework.config import ConfigError, ModelConfig, Recipe
 from framework.config.loader import recipe_to_dict
+from framework.convert.consolidate import consolidate, read_model_state
 from framework.run import materialize_model
 from framework.train import TrainModule
 
@@ -120,7 +120,7 @@ def test_a_failed_write_leaves_no_output(
     def fail(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("framework.checkpoint.consolidate._write_index", fail)
+    monkeypatch.setattr("framework.convert.consolidate._write_index", fail)
     with pytest.raises(OSError, match="No space"):
         consolidate(saved[0], tmp_path / "a" / "out")
     assert list(tmp_path.iterdir()) == []  # neither OUT, nor its staging folder, nor the parent it made

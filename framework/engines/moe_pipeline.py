@@ -6,7 +6,7 @@ backward instead: a forward hook on every stage module computes, for the chunk j
 layers' losses divided by the number of MoE layers in the whole model (one process averages over layers), and
 attaches it to the stage's output with `_AddLossGradient` — identity in forward; in backward it passes the output's
 gradient through and gives the attached loss gradient 1 (Megatron-LM's MoEAuxLossAutoScaler). The attached loss is
-scaled as the last stage scales its loss (x dp x cp, then the fp16 loss scale: pipeline_engine.py), so a router
+scaled as the last stage scales its loss (x dp x cp, then the fp16 loss scale: engines/pipeline.py), so a router
 weight's gradient is one process's.
 
 Chunks. The schedule splits each micro-batch into pipeline chunks and every stage forwards them in order, so the
@@ -111,7 +111,7 @@ class PipelineMoE:
             raise RuntimeError(
                 f"MoE router losses: stages {wrong} counted chunks instead of {self._chunks} (announced shape "
                 f"inference not seen: {sorted(self._inference)}); torch.distributed.pipelining's stage "
-                "initialisation changed (framework/parallel/moe_pipeline.py)"
+                "initialisation changed (framework/engines/moe_pipeline.py)"
             )
 
     def _hook(self, stage: int, layers: dict[str, MoE]) -> Callable[..., Any]:

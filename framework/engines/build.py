@@ -7,10 +7,10 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from framework.config import Recipe
+from framework.engines.native import DistributedTrainModule
+from framework.engines.pipeline import PipelineTrainModule
 from framework.parallel.dims import ParallelDims
-from framework.parallel.engine import DistributedTrainModule
 from framework.parallel.parallelize import pipeline_parts
-from framework.parallel.pipeline_engine import PipelineTrainModule
 
 
 def train_module_for(

@@ -23,9 +23,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from framework.config import Recipe
+from framework.engines.moe_pipeline import PipelineMoE
+from framework.engines.native import DistributedTrainModule, _nonfinite_anywhere, _sum_over
 from framework.parallel.dims import ParallelDims
-from framework.parallel.engine import DistributedTrainModule, _nonfinite_anywhere, _sum_over
-from framework.parallel.moe_pipeline import PipelineMoE
 from framework.parallel.pipeline import PipelineParts, build_schedule, no_autocast, pp_sum
 from framework.parallel.tensor import loss_context
 from framework.train.loss import compute_loss, count_labelled, loss_sums
@@ -56,7 +56,7 @@ class PipelineTrainModule(DistributedTrainModule):
         self._parts: dict[int, torch.Tensor] = {}  # id(loss returned to the schedule) -> its logged parts
         self._evaluating = False
         self._tied = _tied_embedding(model, recipe, mesh)
-        # MoE: each stage adds its layers' router losses in its own backward (framework/parallel/moe_pipeline.py)
+        # MoE: each stage adds its layers' router losses in its own backward (framework/engines/moe_pipeline.py)
         self._moe = self._pipeline_moe()
         self._trained_last = False  # did the last schedule call train? (else torch re-infers shapes first)
 
