@@ -209,7 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ckpt_commands(commands)
     _add_slurm_commands(commands)
     _add_smoke_command(commands)
+    _add_plot_command(commands)
     return parser
+
+
+def _add_plot_command(commands: argparse._SubParsersAction) -> None:
+    """`loom plot RUN_DIR ... --out FILE` (launcher/plot.py)."""
+    plot = commands.add_parser(
+        "plot", help="draw loss, validation loss, lr, grad norm, tokens/s (and MoE load) of runs, overlaid"
+    )
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (their metrics.jsonl)")
+    plot.add_argument("--out", required=True, help="the picture to write: .png, .pdf or .svg (a new file)")
+    plot.add_argument("--x", choices=["tokens", "step"], default="tokens", help="x axis (default tokens)")
+    plot.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 def _add_smoke_command(commands: argparse._SubParsersAction) -> None:
@@ -503,6 +515,11 @@ def run(argv: Sequence[str]) -> int:
         from launcher.smoke import run_smoke
 
         return run_smoke(args.recipe, args.overrides, args.run_dir)
+    if args.command == "plot":
+        from launcher.plot import plot_command
+
+        print(plot_command(args.run_dirs, args.out, x=args.x, overwrite=args.overwrite))
+        return 0
     raise AssertionError(f"unhandled command {args.command}")  # argparse only lets known commands through
 
 
