@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import webdataset
 
 from framework.config.errors import ConfigError
 from framework.outputs import read_json_file
@@ -66,6 +65,10 @@ def write_shard(
 
     Both files are written under temporary names and renamed when complete, so a crash leaves at most a *.tmp.
     """
+    # Imported here: only `loom data prepare` writes shards; training reads them with tarfile offsets and mmap,
+    # so the run path works where webdataset (and its braceexpand) is not installed, as on a bare GPU node.
+    import webdataset
+
     tar_tmp, idx_tmp = out / f"{name}.tar.tmp", out / f"{name}.idx.tmp"
     with open(tar_tmp, "wb") as f:
         # mtime and owner fixed: the same samples always give the same bytes.
