@@ -99,10 +99,13 @@ class WandbLogger(Callback):
     def on_exception(self, trainer: Trainer, error: BaseException) -> None:
         if self._run is None:
             return
-        if isinstance(error, Preempted):
-            self._run.mark_preempting()  # W&B shows it as preempted, not crashed, until it resumes
-        else:
+        if not isinstance(error, Preempted):
             self._exit_code = 1
+            return
+        try:
+            self._run.mark_preempting()  # W&B shows it as preempted, not crashed, until it resumes
+        except Exception as failure:  # noqa: BLE001 - the preemption must still end the run as planned
+            log.warning("W&B run %s not marked as preempted: %s", self._run.id, failure)
 
     def on_close(self, trainer: Trainer) -> None:
         if self._run is None:

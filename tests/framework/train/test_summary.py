@@ -8,13 +8,12 @@ import io
 import json
 import math
 import shlex
-import signal
 import statistics
 import time
 from pathlib import Path
 
 import pytest
-from train_helpers import make_batches, make_model, make_recipe, tiny_debug_recipe
+from train_helpers import SignalAt, make_batches, make_model, make_recipe, tiny_debug_recipe
 
 from framework.train import Callback, Checkpointer, MetricsLogger, Trainer, TrainModule
 from framework.train.callbacks.preemption import Preempted
@@ -72,17 +71,6 @@ def test_summary_of_a_real_run_matches_its_metrics(demo_data: Path, tmp_path: Pa
         assert summary[key] in printed
 
 
-class _SignalAt(Callback):
-    """Plays the signal handler: at `step`, the Checkpointer's guard has received SIGUSR1."""
-
-    def __init__(self, checkpointer: Checkpointer, step: int) -> None:
-        self.checkpointer, self.step = checkpointer, step
-
-    def on_step_end(self, trainer, metrics) -> None:
-        if metrics["step"] == self.step:
-            self.checkpointer.signal.received = signal.SIGUSR1
-
-
 def _trainer(tmp_path: Path, batches: list, *extra: Callback, checkpointer: Checkpointer | None = None):
     recipe = checkpointer.recipe if checkpointer is not None else make_recipe(tmp_path)
     module = TrainModule(make_model(), recipe, "cpu")
@@ -96,7 +84,7 @@ def _trainer(tmp_path: Path, batches: list, *extra: Callback, checkpointer: Chec
 def test_a_preempted_run_reports_its_checkpoint(tmp_path: Path) -> None:
     checkpointer = Checkpointer(make_recipe(tmp_path))
     trainer, out, _ = _trainer(
-        tmp_path, make_batches(6), _SignalAt(checkpointer, 3), checkpointer=checkpointer
+        tmp_path, make_batches(6), SignalAt(checkpointer, 3), checkpointer=checkpointer
     )
     with pytest.raises(Preempted):
         trainer.fit()

@@ -18,6 +18,7 @@ from train_helpers import tiny_debug_recipe
 from framework.checkpoint.io import META
 from framework.config import ConfigError
 from framework.config.loader import recipe_to_dict
+from framework.train.callbacks.base import Callback
 from framework.train.callbacks.metrics_logger import scalars
 from framework.train.callbacks.wandb_logger import WandbLogger, check_wandb
 
@@ -167,3 +168,52 @@ def test_online_without_credentials_is_one_config_error(offline_wandb, tmp_path:
     assert error.value.key == "logging.wandb.mode" and "wandb login" in error.value.fix
     assert "API key" in error.value.rule
     assert psutil.Process().children(recursive=True) == [] and sys.excepthook is hook
+
+
+@pytest.mark.parametrize("ending", ["preempted", "failed"])
+def test_a_preempted_run_is_marked_and_a_failed_one_exits_1(
+    offline_wandb, tmp_path: Path, ending: str
+) -> None:
+    from train_helpers import SignalAt, make_batches, make_model, make_recipe
+
+    from framework.train import Checkpointer, MetricsLogger, Trainer, TrainModule
+    from framework.train.callbacks.preemption import Preempted
+    from framework.train.callbacks.summary import RunSummary
+
+    recipe = make_recipe(tmp_path)
+    recipe.logging.wandb.mode = "offline"
+    checkpointer = Checkpointer(recipe)
+    stop = SignalAt(checkpointer, 2) if ending == "preempted" else _FailAt(2)
+    summary = RunSummary(recipe, checkpointer=checkpointer)
+    callbacks = [
+        MetricsLogger(recipe.logging, total_steps=6),
+        stop,
+        checkpointer,
+        summary,
+        WandbLogger(recipe),
+    ]
+    trainer = Trainer(TrainModule(make_model(), recipe, "cpu"), make_batches(6), callbacks, recipe)
+    with pytest.raises(Preempted if ending == "preempted" else RuntimeError):
+        trainer.fit()
+    assert psutil.Process().children(recursive=True) == []
+    (log,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    records = read_wandb_log(log)
+    kinds = [r.WhichOneof("record_type") for r in records]
+    (exit_record,) = [r.exit for r in records if r.WhichOneof("record_type") == "exit"]
+    got = _offline_run(records)
+    assert sorted(got["history"]) == [1, 2]
+    if ending == "preempted":
+        assert "preempting" in kinds and exit_record.exit_code == 0
+        assert got["summary"]["summary/status"] == "preempted" and got["summary"]["summary/step"] == 2
+    else:
+        assert "preempting" not in kinds and exit_record.exit_code == 1
+        assert not any(key.startswith("summary/") for key in got["summary"])
+
+
+class _FailAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer, metrics) -> None:
+        if metrics["step"] == self.step:
+            raise RuntimeError("boom")

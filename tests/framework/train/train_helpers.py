@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from framework.config import Recipe
+from framework.train.callbacks.base import Callback
 
 VOCAB = 32
 
@@ -130,3 +132,15 @@ def tiny_debug_recipe(run_dir: Any, demo_data: Any, overrides: list[str] | None 
     root = Path(__file__).resolve().parents[3]
     items = [f"{key}={value}" for key, value in sets.items()] + list(overrides or [])
     return load_recipe(root / "recipes" / "debug.yaml", items)
+
+
+class SignalAt(Callback):
+    """Plays the signal handler: after `step`, the Checkpointer's guard has received SIGUSR1 (the Checkpointer
+    then saves and raises Preempted)."""
+
+    def __init__(self, checkpointer: Any, step: int) -> None:
+        self.checkpointer, self.step = checkpointer, step
+
+    def on_step_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        if metrics["step"] == self.step:
+            self.checkpointer.signal.received = signal.SIGUSR1
