@@ -30,6 +30,7 @@ from framework.parallel.init import init_sharded_weights
 from framework.parallel.parallelize import parallelize
 from framework.run_dir import LAUNCHED_ENV, guard_run_dir
 from framework.train import Trainer, TrainModule, default_callbacks, resolve_device
+from framework.train.callbacks.wandb_logger import check_wandb
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ def _preflight(recipe: Recipe) -> None:
     check_fp8(recipe, device)  # likewise precision.dtype fp8 (torchao / TE installed, fp8-capable GPU)
     # sizes against the device's memory, before allocating anything
     check_fits(recipe, world_size_of_run(), str(device))
+    check_wandb(recipe.logging.wandb)  # logging.wandb on without the wandb package
 
 
 def _run_dir_guard(

@@ -13,6 +13,7 @@ from framework.config.schema import (
     Recipe,
     ScheduleConfig,
     TrainConfig,
+    WandbConfig,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "Recipe",
     "ScheduleConfig",
     "TrainConfig",
+    "WandbConfig",
 ]

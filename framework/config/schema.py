@@ -709,6 +709,49 @@ class CheckpointConfig:
         _at_most(self, "checkpoint", MAX_STEPS, "every", "keep_every", "keep_last")
 
 
+_WANDB_PROJECT_FORBIDDEN = set("/\\#?%:")
+"""Characters W&B refuses in a project name (it names a URL path)."""
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases (`logging.wandb`; needs `pip install loom-pretrain[wandb]`). Rank 0 logs the records of
+    metrics.jsonl (train and val under train/..., val/..., the end-of-run summary under summary/...) to one W&B
+    run, with the resolved recipe as its config; a resumed run continues the same W&B run (its id is saved in
+    the checkpoint). Credentials, entity and the server come from W&B's own settings (`wandb login`,
+    WANDB_API_KEY, WANDB_ENTITY, WANDB_BASE_URL)."""
+
+    mode: Literal["disabled", "online", "offline"] = "disabled"
+    """disabled: no W&B; online: stream to the W&B server; offline: write the run under `dir` only (upload it
+    later with `wandb sync <dir>/wandb/offline-run-...`)."""
+    project: str | None = None
+    """W&B project; null = W&B's default (WANDB_PROJECT, else "uncategorized")."""
+    name: str | None = None
+    """Display name of the W&B run; null = the name of logging.run_dir."""
+    tags: list[str] = field(default_factory=list)
+    """Tags of the W&B run (each 1-64 characters, no repeats)."""
+    dir: str | None = None
+    """Folder W&B writes its files under (<dir>/wandb/); null = logging.run_dir."""
+
+    def validate(self) -> None:
+        p = "logging.wandb"
+        if self.project is not None:
+            bad = sorted(_WANDB_PROJECT_FORBIDDEN & set(self.project))
+            _require(
+                0 < len(self.project) <= 128 and not bad, f"{p}.project", self.project,
+                "must be 1-128 characters without / \\ # ? % :", "use a name like my-project",
+            )  # fmt: skip
+        for key in ("name", "dir"):
+            value = getattr(self, key)
+            _require(
+                value is None or value.strip() != "", f"{p}.{key}", value, "must not be empty", "use null"
+            )
+        for i, tag in enumerate(self.tags):
+            _require(0 < len(tag) <= 64, f"{p}.tags[{i}]", tag, "must be 1-64 characters", "shorten the tag")
+        repeated = sorted({t for t in self.tags if self.tags.count(t) > 1})
+        _require(not repeated, f"{p}.tags", repeated, "names a tag twice", "keep each tag once")
+
+
 @dataclass
 class LoggingConfig:
     """Where the run writes and what it reports."""
@@ -718,17 +761,21 @@ class LoggingConfig:
     log_every: int = 1
     """Write metrics every this many steps."""
     progress_bar: bool = True
-    """Show a progress bar with ETA (rank 0 only)."""
+    """Show progress on stderr (rank 0 only): a bar with ETA on a terminal; elsewhere (Slurm logs, pipes) one
+    plain line per logged step (step/total, loss, lr, tokens/s, elapsed, ETA)."""
     jsonl: bool = True
     """Write metrics to <run_dir>/metrics.jsonl."""
     tensorboard: bool = True
     """Write TensorBoard event files to <run_dir>/tb."""
     peak_tflops: float | None = None
     """Peak dense TFLOP/s of one device for MFU; null = look up the device in the built-in table."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases logging (off by default); see WandbConfig."""
 
     def validate(self) -> None:
         _positive(self, "logging", "log_every", "peak_tflops")
         _at_most(self, "logging", MAX_STEPS, "log_every")
+        self.wandb.validate()
 
 
 # Values that reach a Slurm job script: names and times are whole-matched against these (no quotes, spaces,

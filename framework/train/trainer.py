@@ -65,6 +65,9 @@ class Trainer:
             self.emit("on_fit_start")
             self._train_steps()
             self.emit("on_fit_end")
+        except BaseException as error:
+            self.emit("on_exception", error)  # e.g. a preemption: the summary still reports the run
+            raise
         finally:
             self.emit("on_close")
         return self.last_metrics

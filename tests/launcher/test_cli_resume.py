@@ -240,11 +240,14 @@ def test_resuming_a_finished_run_logs_no_second_validation(demo_data, tmp_path, 
     sets = ["--set", f"data.validation={demo_data}", "--set", "train.eval_batches=1"]
     sets += ["--set", "train.eval_every=0", "--set", f"checkpoint.every={every}"]
     assert main(_train(run_dir, demo_data, *sets)) == 0
-    log = (run_dir / "metrics.jsonl").read_text()
-    assert sum('"kind": "val"' in line for line in log.splitlines()) == 1, log
+    log = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert sum('"kind": "val"' in line for line in log) == 1, log
     with pytest.warns(UserWarning, match="already finished at step 1"):
         assert main(_train(run_dir, demo_data, *sets, "--resume", "auto")) == 0
-    assert (run_dir / "metrics.jsonl").read_text() == log
+    again = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert again[: len(log)] == log and [json.loads(line)["kind"] for line in again[len(log) :]] == [
+        "summary"
+    ]
 
 
 @pytest.mark.parametrize("where", ["cwd", "data"])

@@ -12,7 +12,9 @@ from framework.train.callbacks.metrics_logger import MetricsLogger
 from framework.train.callbacks.profiler import Profiler
 from framework.train.callbacks.recipe_record import RecipeRecord
 from framework.train.callbacks.stability import Stability, TrainingHalted
+from framework.train.callbacks.summary import RunSummary
 from framework.train.callbacks.validation import Validation
+from framework.train.callbacks.wandb_logger import WandbLogger
 
 
 def default_callbacks(
@@ -29,7 +31,8 @@ def default_callbacks(
     accept_data_change: bool = False,
 ) -> list[Callback]:
     """Logger first (it records a step before anything else may stop the run), then stability, validation,
-    checkpoints (a checkpoint at step N then holds that step's validation in the logs)."""
+    checkpoints (a checkpoint at step N then holds that step's validation in the logs), then the end-of-run
+    summary (it reports the final checkpoint) and W&B (it reads its run id from a resumed checkpoint)."""
     callbacks: list[Callback] = [
         MetricsLogger(
             recipe.logging, total_steps=recipe.train.steps, flops_per_token=flops_per_token, rank=rank
@@ -38,18 +41,20 @@ def default_callbacks(
     ]
     if val_batches is not None:
         callbacks.append(Validation.from_recipe(val_batches, recipe.train, dp_rank=dp_rank, dp_size=dp_size))
+    checkpointer = None
     if checkpoints:
         distributed = layout is not None and layout["world_size"] > 1
-        callbacks.append(
-            Checkpointer(
-                recipe,
-                resume=resume,
-                rank=rank,
-                distributed=distributed,
-                layout=layout,
-                accept_data_change=accept_data_change,
-            )
+        checkpointer = Checkpointer(
+            recipe,
+            resume=resume,
+            rank=rank,
+            distributed=distributed,
+            layout=layout,
+            accept_data_change=accept_data_change,
         )
+        callbacks.append(checkpointer)
+    callbacks.append(RunSummary(recipe, checkpointer=checkpointer, rank=rank))
+    callbacks.append(WandbLogger(recipe, rank=rank))
     callbacks.append(RecipeRecord(recipe, rank))  # last: only a run whose start succeeded records its recipe
     return callbacks
 
@@ -60,8 +65,10 @@ __all__ = [
     "MetricsLogger",
     "Profiler",
     "RecipeRecord",
+    "RunSummary",
     "Stability",
     "TrainingHalted",
     "Validation",
+    "WandbLogger",
     "default_callbacks",
 ]

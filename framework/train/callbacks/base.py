@@ -13,8 +13,11 @@ class Callback:
 
     Order of one fit(): on_fit_start; per step: on_step_start -> (train_module.train_batch) ->
     on_before_optim_step (between backward and the update; return a reason string to skip the update) ->
-    on_step_end(metrics); on_validation(metrics) whenever a Validation callback has run; on_fit_end after the last
-    step; on_close always, also after an exception (release files and writers there).
+    on_step_end(metrics); on_validation(metrics) whenever a Validation callback has run; on_log(kind, record)
+    whenever a metrics record is made (MetricsLogger's train and val records, RunSummary's summary: the lines of
+    metrics.jsonl, which every sink writes from here); on_fit_end after the last step; on_exception(error) when fit
+    raises (a preemption, a halt, a failure), before on_close; on_close always, also after an exception (release
+    files and writers there).
     """
 
     @property
@@ -38,8 +41,14 @@ class Callback:
     def on_validation(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         pass
 
+    def on_log(self, trainer: Trainer, kind: str, record: dict[str, Any]) -> None:
+        """`record` is one line of metrics.jsonl without its "kind" ('train', 'val' or 'summary'); do not edit it."""
+
     def on_fit_end(self, trainer: Trainer) -> None:
         pass
+
+    def on_exception(self, trainer: Trainer, error: BaseException) -> None:
+        """fit() is raising `error`; must not raise itself (it would hide `error`)."""
 
     def on_close(self, trainer: Trainer) -> None:
         pass

@@ -88,6 +88,15 @@ class Checkpointer(Callback):
         self._last_saved: int | None = None
         self._trainer: Trainer | None = None
         self._started: dict[int, float] = {}  # checkpoint step -> when its save began (for checkpoints.jsonl)
+        self._resumed: Path | None = None
+
+    @property
+    def last_checkpoint(self) -> Path | None:
+        """Rank 0: the newest committed checkpoint of this run, the last one this launch committed, else the one
+        it resumed from; None when there is none. Committed means complete on disk once fit returns (or raised
+        Preempted): on_fit_end and a preemption wait for the save in flight."""
+        committed = self.writer.last_committed if self.writer is not None else None
+        return committed or self._resumed
 
     # -- hooks ---------------------------------------------------------------------------------------------
 
@@ -169,7 +178,7 @@ class Checkpointer(Callback):
         trainer.load_callback_states(loaded_meta.get("callbacks", {}))
         # Last, so that nothing above can draw from the generators after they are restored.
         self._restore_rng(path, loaded_meta, module.device)
-        self._last_saved = module.step
+        self._last_saved, self._resumed = module.step, path
         log.info("resumed from %s (step %d)", path, module.step)
         return path
 

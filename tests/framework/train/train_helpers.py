@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from framework.config import Recipe
+from framework.train.callbacks.base import Callback
 
 VOCAB = 32
 
@@ -111,3 +113,34 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def tiny_debug_recipe(run_dir: Any, demo_data: Any, overrides: list[str] | None = None) -> Recipe:
+    """recipes/debug.yaml on the demo data, cut to a 1-layer model and a dozen steps for the in-process runs
+    of framework.run.train (all default callbacks), with validation at step 6 and at the end."""
+    from pathlib import Path
+
+    from framework.config.loader import load_recipe
+
+    sets = {
+        "logging.run_dir": run_dir, "logging.progress_bar": "false", "logging.tensorboard": "false",
+        "data.tokenizer": Path(demo_data) / "tokenizer.model", "data.train": demo_data,
+        "data.validation": demo_data, "model.n_layers": 1, "model.d_model": 32, "model.n_heads": 2,
+        "model.kv_heads": 1, "model.ffn_hidden": 64, "train.steps": 12, "train.global_batch_size": 2,
+        "train.micro_batch_size": 2, "train.eval_every": 6, "train.eval_batches": 1, "schedule.warmup_steps": 2,
+    }  # fmt: skip
+    root = Path(__file__).resolve().parents[3]
+    items = [f"{key}={value}" for key, value in sets.items()] + list(overrides or [])
+    return load_recipe(root / "recipes" / "debug.yaml", items)
+
+
+class SignalAt(Callback):
+    """Plays the signal handler: after `step`, the Checkpointer's guard has received SIGUSR1 (the Checkpointer
+    then saves and raises Preempted)."""
+
+    def __init__(self, checkpointer: Any, step: int) -> None:
+        self.checkpointer, self.step = checkpointer, step
+
+    def on_step_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        if metrics["step"] == self.step:
+            self.checkpointer.signal.received = signal.SIGUSR1
