@@ -17,7 +17,9 @@ check passes, 1 otherwise, with one line per failed check on stderr.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import math
 import resource
@@ -172,10 +174,14 @@ def _train_full(recipe: Recipe, device: torch.device) -> list[dict[str, Any]]:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    train(
-        recipe, overwrite=True
-    )  # a reused --run-dir: the earlier smoke run is moved aside whole, not mixed in
+    with _quiet():  # a reused --run-dir: the earlier smoke run is moved aside whole (overwrite), not mixed in
+        train(recipe, overwrite=True)
     return _train_records(Path(recipe.logging.run_dir))
+
+
+def _quiet() -> contextlib.AbstractContextManager:
+    """The smoke report is the table: each run's end-of-run summary (stdout) stays in its metrics.jsonl."""
+    return contextlib.redirect_stdout(io.StringIO())
 
 
 def _train_records(run_dir: Path) -> list[dict[str, Any]]:
@@ -206,7 +212,8 @@ def _check_resume(recipe: Recipe, records: list[dict[str, Any]], root: Path, dev
         resumed.logging.run_dir
     ).exists():  # an earlier smoke's resume run: kept aside, never read as ours
         move_aside(Path(resumed.logging.run_dir))
-    train(resumed, resume=str(saved))
+    with _quiet():
+        train(resumed, resume=str(saved))
     want = next(r["loss"] for r in records if r["step"] == step + 1)
     got = next(r["loss"] for r in _train_records(root / "resume") if r["step"] == step + 1)
     diff = abs(got - want) / max(abs(want), 1e-12)
