@@ -1,4 +1,5 @@
-"""`loom check`: validate a recipe and report its resolved form, size, FLOPs and memory per rank."""
+"""`loom check`: validate a recipe and report its resolved form, size, FLOPs and memory per rank, and for a recipe
+laid out for a cluster its layout and whether it fits the GPU it names (launch.gpu)."""
 
 from __future__ import annotations
 
@@ -37,13 +38,39 @@ def summary(recipe: Recipe) -> str:
         f"{recipe.train.micro_batch_size} x {recipe.data.seq_len}, {recipe.precision.dtype}): "
         + ", ".join(f"{k} {_gib(v)}" for k, v in memory.items()),
         _fit_line(recipe),
+        *_cluster_lines(recipe),
     ]
     return "\n".join(lines)
 
 
+def _cluster_lines(recipe: Recipe) -> list[str]:
+    """For a recipe written for a cluster (launch.gpu named, or more than one rank): its layout on
+    launch.nnodes x nproc_per_node ranks, checked as `loom train` and `loom submit` check it (a ConfigError when
+    it does not fit the world), and the memory per rank against the named GPU's."""
+    from framework.models.memory import named_gpu_fit
+    from framework.parallel.dims import ParallelDims
+
+    launch = recipe.launch
+    world = launch.nnodes * launch.nproc_per_node
+    if launch.gpu is None and world == 1:
+        return []
+    dims = ParallelDims.from_recipe(recipe, world)
+    nodes = f"{launch.nnodes} node{'s' * (launch.nnodes > 1)}"
+    lines = [f"layout on {nodes} x {launch.nproc_per_node} ranks: {dims.describe()}"]
+    fit = named_gpu_fit(recipe)
+    if fit is not None:
+        verdict = "fits" if fit.fits else "DOES NOT FIT"
+        lines.append(
+            f"memory fit on launch.gpu: {verdict} {fit.where}: {_gib(fit.need)} of {_gib(fit.limit)} "
+            f"({fit.need / fit.limit:.0%}; {fit.what})"
+        )
+    return lines
+
+
 def _fit_line(recipe: Recipe) -> str:
     """Whether the recipe's model fits this machine's device with the recipe's ranks (launch.*): a report, not a
-    refusal, since a cluster's recipe is often checked elsewhere; `loom train` refuses (framework/run.py)."""
+    refusal, since a cluster's recipe is often checked elsewhere; `loom train` refuses (framework/run.py). A
+    recipe that names its GPU (launch.gpu) is not compared with a CPU's RAM: `_cluster_lines` reports its fit."""
     import torch
 
     from framework.models.memory import fit_of
@@ -53,6 +80,10 @@ def _fit_line(recipe: Recipe) -> str:
         device = "cuda:0"
     elif device == "cuda":
         return "memory fit: not checked (train.device cuda, and this machine has no CUDA device)"
+    elif recipe.launch.gpu is not None:
+        return (
+            f"memory fit here: not checked (laid out for launch.gpu {recipe.launch.gpu}; no CUDA device here)"
+        )
     else:
         device = "cpu"
     fit = fit_of(recipe, recipe.launch.nproc_per_node * recipe.launch.nnodes, device)

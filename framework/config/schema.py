@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from framework.config.errors import ConfigError
+from framework.gpus import GPU_NAMES
 
 
 def _require(ok: bool, key: str, value: object, rule: str, fix: str) -> None:
@@ -829,10 +830,22 @@ class LaunchConfig:
     exits with status 75 and the job requeues itself to resume. 0 = no warning signal."""
     env: list[str] = field(default_factory=list)
     """Extra environment of the job, as NAME=VALUE items (e.g. NCCL_SOCKET_IFNAME=ib0)."""
+    gpu: str | None = None
+    """The GPU model the recipe is laid out for, a name from framework/gpus.py (e.g. H100-80GB, A100-40GB): with
+    it `loom check` compares the memory per rank on nnodes x nproc_per_node ranks with that GPU's memory. A
+    statement about the cluster, not a request: it is not passed to Slurm (GPU type names are site-specific;
+    choose the nodes with launch.partition). null = none named."""
 
     def validate(self) -> None:
         _positive(self, "launch", "nproc_per_node", "nnodes", "cpus_per_node")
         _non_negative(self, "launch", "gpus_per_node", "signal_seconds")
+        _require(
+            self.gpu is None or self.gpu in GPU_NAMES,
+            "launch.gpu",
+            self.gpu,
+            "is not a GPU model Loom knows (framework/gpus.py)",
+            f"use one of {', '.join(GPU_NAMES)}, or null",
+        )
         for name in ("partition", "account", "qos", "job_name"):
             value = getattr(self, name)
             parts = [] if value is None else value.split(",") if name == "partition" else [value]

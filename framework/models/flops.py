@@ -95,6 +95,23 @@ def _block_params(cfg: ModelConfig, *, cross_attention: bool = False, layer: int
     return total
 
 
+def block_params(cfg: ModelConfig, *, expert_shards: int = 1) -> list[int]:
+    """Parameters of each block (the units FSDP2 gathers one at a time): the encoder's or decoder-only model's
+    blocks, then a T5 decoder's. expert_shards: the ranks an MoE layer's routed experts are split over (expert
+    parallelism), whose parameters count 1 / expert_shards each."""
+    routed = cfg.moe.n_experts * _expert_matrix_params(cfg) if cfg.moe is not None else 0
+    kept = routed - routed // expert_shards
+
+    def block(layer: int, cross: bool) -> int:
+        total = _block_params(cfg, cross_attention=cross, layer=layer)
+        return total - kept if cfg.is_moe_layer(layer) else total
+
+    out = [block(i, False) for i in range(cfg.n_layers)]
+    if cfg.family == "encoder_decoder":
+        out += [block(i, True) for i in range(cfg.decoder_layers)]
+    return out
+
+
 def _stack_params(cfg: ModelConfig, n_layers: int, *, cross_attention: bool = False) -> int:
     """One stack: its T5 relative-bias table (one Embedding(buckets, heads) per stack, shared by its layers),
     the blocks and the final norm of pre-norm stacks."""

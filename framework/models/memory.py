@@ -4,7 +4,8 @@
     gradients        fp32, one per parameter
     optimizer_state  AdamW: exp_avg and exp_avg_sq, fp32 (Kingma & Ba 2015; Loshchilov & Hutter 2019)
     activations      tensors autograd saves for backward during one micro-batch
-                     (train.micro_batch_size x data.seq_len), including autocast's low-precision weight copies
+                     (train.micro_batch_size x data.seq_len), including the weight copies computed with
+                     (autocast's low-precision copies, or the units FSDP2 has gathered)
     total            the sum (temporaries, the allocator's caches and communication buffers are not included)
 
 The activation term is derived op by op from framework/models (which tensors each op's backward keeps, deduplicated
@@ -15,8 +16,10 @@ Activation Recomputation in Large Transformer Models", section 4), but every ter
 * RMSNorm (framework/models/norms.py) keeps its fp32 input, the per-row rsqrt and the normalised tensor (before the
   gain); nn.LayerNorm keeps its input, mean and rstd. The norm's output is kept by the linears that read it:
   once in fp32, but under autocast every nn.Linear casts its input separately (wq, wk and wv each keep a copy).
-* Autocast also keeps one low-precision copy of every weight matrix (cached per forward, freed by backward);
-  under FSDP it is a copy of the all-gathered weight, so it is not divided by dp_shard.
+* Autocast also keeps one low-precision copy of every weight matrix (cached per forward, freed by backward).
+  Under FSDP2 over more than one rank there is no such copy (its MixedPrecisionPolicy gathers the weights in the
+  compute dtype and frees each block's after use; tests/framework/parallel/test_memory_fsdp.py): instead the
+  root's weights (embeddings, final norms, head) stay gathered, and up to two blocks' at a time.
 * SDPA's fused kernels (CPU flash, CUDA flash / memory-efficient) keep q, k, v, the output (which wo reads as a
   view) and a float32 logsumexp per query and head; with a mask or bias they also keep it, as [B, 1 or H, S, S].
   On CPU, attention dropout or a bias that needs a gradient (T5 relative bias, soft distance bias) falls back to
@@ -52,7 +55,8 @@ from pathlib import Path
 from framework.config.errors import ConfigError
 from framework.config.schema import ModelConfig, ParallelConfig, Recipe
 from framework.data.objectives import span_corruption_lengths
-from framework.models.flops import GATED_MLPS, matmul_params, param_counts
+from framework.gpus import gpu_named
+from framework.models.flops import GATED_MLPS, block_params, matmul_params, param_counts
 
 FP32 = 4
 INDEX = 8  # int64 token / position / bucket ids
@@ -383,14 +387,36 @@ def activation_breakdown(recipe: Recipe, *, device: str | None = None) -> dict[s
     if dec_len is not None:
         extra_embeddings, extra_layers, out_tokens = _encoder_decoder_extra(recipe, s, first, dec_len)
         embeddings, layers = embeddings + extra_embeddings, layers + extra_layers
-    # autocast casts the weights a layer computes with: all-gathered under FSDP, local shards under tp / pp
-    weights = matmul_params(cfg) * s.compute * _weight_fraction(recipe, sharded=False) if s.autocast else 0
     return {
         "embeddings": embeddings,
         "layers": layers * _pipeline_in_flight(recipe),
         "head_and_loss": _head_bytes(recipe, s, out_tokens),
-        "autocast_weights": int(weights),
+        "weight_copies": _weight_copies(recipe, s),
     }
+
+
+def _fsdp_gathers(recipe: Recipe) -> bool:
+    """The native engine shards the weights with FSDP2 / HSDP over more than one rank."""
+    p = recipe.parallel
+    return p.engine == "native" and p.data_parallel != "ddp" and shard_degree(recipe) > 1
+
+
+def _weight_copies(recipe: Recipe, s: _Sizes) -> int:
+    """Copies of the weights a rank computes with, besides its parameters (of its tp / pp share).
+    Unsharded: autocast keeps one low-precision copy of every weight matrix (cached per forward, freed by
+    backward). FSDP2 over more than one rank: its MixedPrecisionPolicy all-gathers each unit in the compute dtype
+    (autocast then has nothing to cast) and frees a block's weights after its forward and its backward; the root
+    unit (embeddings, final norms, head) stays gathered from forward to backward (FSDP2 does not reshard the root
+    after forward), and at most two blocks are gathered at once (the one computing and the one prefetched); with
+    expert parallelism a block's routed experts are this rank's n_experts / ep."""
+    cfg, p = recipe.model, recipe.parallel
+    if not _fsdp_gathers(recipe):
+        return (
+            int(matmul_params(cfg) * s.compute * _weight_fraction(recipe, sharded=False)) if s.autocast else 0
+        )
+    root = param_counts(cfg)["total"] - sum(block_params(cfg))
+    in_flight = sum(sorted(block_params(cfg, expert_shards=p.ep), reverse=True)[:2])
+    return int((root + in_flight) * s.compute / p.tp)
 
 
 def memory_per_rank(recipe: Recipe, *, device: str | None = None) -> dict[str, int]:
@@ -460,6 +486,20 @@ def fit_of(recipe: Recipe, world_size: int, device: str, *, limit: tuple[int, st
         need, what = need * local, what + (f", x {local} ranks on this machine" if local > 1 else "")
     limit_bytes, where = limit or device_memory(device)
     return Fit(int(need), what, limit_bytes, where)
+
+
+def named_gpu_fit(recipe: Recipe) -> Fit | None:
+    """The per-rank estimate of `recipe` with its own layout on launch.nnodes x nproc_per_node ranks against the
+    memory of the GPU it names (launch.gpu; framework/gpus.py), planning for CUDA; None when it names none. What
+    `loom check` reports for a recipe written for a cluster, wherever it is checked."""
+    if recipe.launch.gpu is None:
+        return None
+    gpu, world = gpu_named(recipe.launch.gpu), _world_size(recipe)
+    estimate = memory_per_rank(recipe, device="cuda")
+    need, what = estimate["total"], f"the estimate per rank of {world}"
+    if _offloaded(recipe, world):
+        need, what = estimate["activations"], what + ", activations only (the state is offloaded to the CPU)"
+    return Fit(need, what, gpu.memory_bytes, gpu.name)
 
 
 def _offloaded(recipe: Recipe, world_size: int) -> bool:

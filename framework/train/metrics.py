@@ -3,8 +3,8 @@
 MFU = achieved model FLOP/s / peak FLOP/s of the device. Achieved = flops_per_token (training FLOPs of one token,
 forward + backward, e.g. about 6 x parameters + attention; computed by framework/models/flops.py and passed in as a
 number) x tokens/s of this device. The peak is the device's dense bf16 tensor-core rate (no 2:4 sparsity), the
-usual reference for mixed-precision training; `logging.peak_tflops` overrides it (e.g. for fp32 or a device not
-listed here). CPUs have no entry: MFU is then null unless overridden.
+usual reference for mixed-precision training, looked up in framework/gpus.py; `logging.peak_tflops` overrides it
+(e.g. for fp32 or a device not listed there). CPUs have no entry: MFU is then null unless overridden.
 """
 
 from __future__ import annotations
@@ -13,36 +13,7 @@ import re
 
 import torch
 
-# Dense bf16 peak TFLOP/s from vendor datasheets, matched as a whole model number inside the device name ("H20"
-# does not match "H200", "B200" not "GB200"); first hit wins, so the more specific names come first.
-PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("GB200", 2500.0),
-    ("B200", 2250.0),
-    ("B100", 1750.0),
-    ("H200", 989.0),
-    ("GH200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),
-    ("H800", 989.0),
-    ("H20", 148.0),
-    ("A100", 312.0),
-    ("A800", 312.0),
-    ("L40S", 362.0),
-    ("L40", 181.0),
-    ("L4", 121.0),
-    ("A6000", 155.0),
-    ("A40", 150.0),
-    ("A30", 165.0),
-    ("A10G", 70.0),
-    ("A10", 125.0),
-    ("RTX 4090", 165.0),
-    ("RTX 3090", 71.0),
-    ("MI355X", 2500.0),
-    ("MI325X", 1307.0),
-    ("MI300X", 1307.0),
-    ("MI250X", 383.0),
-)
+from framework.gpus import GPUS
 
 
 def device_name(device: torch.device) -> str:
@@ -52,10 +23,11 @@ def device_name(device: torch.device) -> str:
 
 
 def lookup_peak_tflops(name: str) -> float | None:
-    """Dense bf16 peak of a device by (substring of) its name; None when unknown (e.g. CPUs)."""
-    for key, peak in PEAK_BF16_TFLOPS:
-        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![0-9])", name, flags=re.IGNORECASE):
-            return peak
+    """Dense bf16 peak of a device by its name (framework/gpus.py: a table entry's model number, matched whole:
+    "H20" does not match "H200", nor "B200" "GB200"); None when unknown (e.g. CPUs)."""
+    for gpu in GPUS:
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(gpu.device)}(?![0-9])", name, flags=re.IGNORECASE):
+            return gpu.peak_bf16_tflops
     return None
 
 

@@ -192,16 +192,34 @@ def test_longer_sequence_and_batch_scale() -> None:
 # ------------------------------------------------------------------------------------------- parallel
 def test_fsdp_divides_weights_grads_and_state() -> None:
     recipe = _recipe("llama", "fp32")
-    single = memory_per_rank(recipe)
+    single, single_acts = memory_per_rank(recipe), activation_breakdown(recipe)
     recipe.parallel.data_parallel = "fsdp"
     recipe.parallel.dp_shard = -1
     recipe.launch.nproc_per_node = 8
-    sharded = memory_per_rank(recipe)
+    sharded, sharded_acts = memory_per_rank(recipe), activation_breakdown(recipe)
     for key in ("parameters", "gradients", "optimizer_state"):
         assert sharded[key] == single[key] // 8
-    assert sharded["activations"] == single["activations"]
+    assert {k: v for k, v in sharded_acts.items() if k != "weight_copies"} == {
+        k: v for k, v in single_acts.items() if k != "weight_copies"
+    }
     recipe.parallel.data_parallel = "ddp"
     assert memory_per_rank(recipe)["parameters"] == single["parameters"]
+
+
+@pytest.mark.parametrize(("dtype", "nbytes"), [("fp32", 4), ("bf16", 2)])
+@pytest.mark.parametrize("name", ["llama", "t5"])
+def test_fsdp_gathers_the_root_and_two_blocks(name: str, dtype: str, nbytes: int) -> None:
+    """FSDP2 over several ranks keeps no autocast copies but the gathered root (embeddings, final norms, head)
+    and two blocks in flight, in the compute dtype; counted here from the module itself."""
+    recipe = _recipe(name, dtype)
+    recipe.model.n_layers = 4  # more blocks than are in flight
+    recipe.parallel.data_parallel, recipe.parallel.dp_shard, recipe.launch.nproc_per_node = "fsdp", -1, 4
+    with torch.device("meta"):
+        model = build_model(recipe.model)
+    layers = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "layers"]
+    sizes = sorted((sum(p.numel() for p in b.parameters()) for m in layers for b in m.values()), reverse=True)
+    root = sum(p.numel() for p in model.parameters()) - sum(sizes)
+    assert activation_breakdown(recipe)["weight_copies"] == (root + sizes[0] + sizes[1]) * nbytes
 
 
 def test_tensor_parallel_and_checkpointing_reduce_activations() -> None:

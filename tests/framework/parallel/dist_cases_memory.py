@@ -1,0 +1,86 @@
+"""What one forward keeps for backward under FSDP2, measured on every rank (run by test_memory_fsdp.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from framework.config import DataConfig, ModelConfig, ParallelConfig, PrecisionConfig, Recipe, TrainConfig
+from framework.models.memory import activation_breakdown
+from framework.parallel.dims import ParallelDims, build_mesh
+from framework.parallel.parallelize import blocks
+from framework.run import build_parallel_model, materialize_model
+from framework.train.loss import compute_loss
+
+BATCH, SEQ = 2, 20
+
+
+def memory_recipe(world_size: int, n_layers: int = 4) -> Recipe:
+    """A bf16 Llama-style decoder with widths that no activation shares with a weight matrix, FSDP2 over the
+    world. Four blocks, so the two a rank gathers at once are not the whole model."""
+    model = ModelConfig(
+        vocab_size=101, d_model=48, n_layers=n_layers, n_heads=4, kv_heads=2, ffn_hidden=80, max_seq_len=SEQ
+    )
+    recipe = Recipe(
+        model=model,
+        data=DataConfig(seq_len=SEQ),
+        train=TrainConfig(micro_batch_size=BATCH, global_batch_size=BATCH * world_size, device="cpu"),
+        precision=PrecisionConfig(dtype="bf16"),
+        parallel=ParallelConfig(data_parallel="fsdp"),
+    )
+    recipe.launch.nproc_per_node = world_size
+    recipe.validate()
+    return recipe
+
+
+def _forward_keeps(model: torch.nn.Module, recipe: Recipe) -> dict[str, int]:
+    """After one forward and the loss (before backward): the bytes of the distinct storages autograd saved that
+    are still allocated (FSDP2 frees a gathered block's storage after its forward: it then holds 0 bytes), and how
+    many saved tensors are live low-precision copies of a block's weight matrix (same shape, compute dtype)."""
+    local = {_local(p).untyped_storage().data_ptr() for p in model.parameters()}
+    weight_shapes = {tuple(p.shape) for _, b in blocks(model) for p in b.parameters() if p.dim() == 2}
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in local:
+            saved.append(t)
+        return t
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, recipe.model.vocab_size, (BATCH, SEQ), generator=gen)
+    labels = torch.randint(0, recipe.model.vocab_size, (BATCH, SEQ), generator=gen)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(ids)
+        out = compute_loss(logits, labels, torch.tensor(labels.numel()), 0.0)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+    copies = sum(
+        t.untyped_storage().nbytes() > 0 and t.dtype == torch.bfloat16 and tuple(t.shape) in weight_shapes
+        for t in saved
+    )
+    out.loss.backward()
+    return {"saved_bytes": sum(storages.values()), "weight_copies": copies}
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def fsdp_forward_keeps() -> dict[str, Any]:
+    """This rank's measurement under FSDP2 over the world (Loom's parallelize), the one-process measurement of
+    the same model, and the estimates of both layouts."""
+    world = dist.get_world_size()
+    recipe = memory_recipe(world)
+    dims = ParallelDims.from_recipe(recipe, world)
+    mesh = build_mesh(dims, "cpu")
+    sharded = build_parallel_model(recipe, dims, mesh, torch.device("cpu"))
+    one = memory_recipe(1)
+    single = materialize_model(one.model, torch.device("cpu"), 0)
+    return {
+        "fsdp": _forward_keeps(sharded, recipe),
+        "single": _forward_keeps(single, one),
+        "fsdp_estimate": activation_breakdown(recipe),
+        "single_estimate": activation_breakdown(one),
+    }
