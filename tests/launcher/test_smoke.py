@@ -76,7 +76,9 @@ def test_smoke_passes_on_cpu_and_reports_every_check(tmp_path, capsys):
     assert rows["MFU"].startswith("n/a") and "max RSS" in rows["peak memory"]
     # the recipe says bf16; on the CPU the run trained in fp32, and said so in one line before the table
     assert "loom smoke: training in fp32 on the CPU" in out.splitlines()[0]
-    assert "run summary" not in out  # the two runs' summaries stay in their metrics.jsonl: the table is the report
+    assert (
+        "run summary" not in out
+    )  # the two runs' summaries stay in their metrics.jsonl: the table is the report
     assert load_recipe(tmp_path / "run" / "recipe.yaml").precision.dtype == "fp32"
 
 
