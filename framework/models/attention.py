@@ -214,12 +214,12 @@ class Attention(nn.Module):
             block_mask = ctx.block_mask(batch, q_len, k_len, q.device)
             return self._flex(q, k, v, block_mask, bias_fn, inv_temperature, dropout_p)
         bias = None if bias_fn is None else bias_fn(*_dense_indices(batch, heads, q_len, k_len, q.device))
-        mask = ctx.dense_mask(batch, q_len, k_len, q.device)
         kwargs = dict(scale=self.scale, bias=bias, inv_temperature=inv_temperature, dropout_p=dropout_p)
+        if self.backend == "sdpa" and bias is None and ctx.mask.is_plain_causal and q_len == k_len:
+            return sdpa_attention(q, k, v, is_causal=True, **kwargs)  # no mask built: it would be S^2
+        mask = ctx.dense_mask(batch, q_len, k_len, q.device)
         if self.backend == "naive":
             return naive_attention(q, k, v, mask=mask, **kwargs)
-        if bias is None and ctx.mask.is_plain_causal and q_len == k_len:
-            return sdpa_attention(q, k, v, is_causal=True, **kwargs)
         return sdpa_attention(q, k, v, mask=mask, **kwargs)
 
     def _flex(
