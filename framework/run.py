@@ -27,7 +27,7 @@ from framework.models.flops import flops_per_token
 from framework.models.memory import check_fits
 from framework.parallel.dims import ParallelDims, build_mesh
 from framework.parallel.init import init_sharded_weights
-from framework.parallel.parallelize import parallelize
+from framework.parallel.parallelize import apply_compile, parallelize
 from framework.run_dir import LAUNCHED_ENV, guard_run_dir
 from framework.train import Trainer, TrainModule, default_callbacks, resolve_device
 from framework.train.callbacks.wandb_logger import check_wandb
@@ -246,7 +246,9 @@ def _train(
 
 def _single_module(recipe: Recipe, device: torch.device) -> TrainModule:
     model = apply_fp8(materialize_model(recipe.model, device, recipe.train.seed), recipe.precision, device)
-    return TrainModule(use_kernels(model, resolve_kernels(recipe, device)), recipe, device)
+    model = use_kernels(model, resolve_kernels(recipe, device))
+    apply_compile(model, recipe.parallel.compile, device.type)  # as parallelize does, after fp8 and kernels
+    return TrainModule(model, recipe, device)
 
 
 def _distributed_module(

@@ -435,7 +435,8 @@ class ParallelConfig:
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     """Recompute activations in backward: none, every block (full), or every other block (selective)."""
     compile: bool = False
-    """torch.compile each block (GPU)."""
+    """torch.compile each block (inductor) on the run's device; on CPU that needs a C++ compiler and slows the
+    first steps."""
     cpu_offload: bool = False
     """FSDP2/HSDP: keep the sharded parameters, gradients and optimizer step in CPU memory (CPUOffloadPolicy);
     each block's parameters are copied to the device just for its forward/backward. Saves device memory at the

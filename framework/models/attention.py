@@ -12,9 +12,11 @@ its heads' slopes.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +148,49 @@ def sdpa_attention(
     )  # fmt: skip
 
 
+AttentionPath = Literal["naive", "sdpa", "sdpa_repeat_kv", "flex", "flex_compiled"]
+
+
+def attention_path(
+    backend: str, device_type: str, *, fused_sdpa: bool, dropout: bool, gqa: bool, half: bool
+) -> AttentionPath:
+    """Which kernel one attention call runs (docs/kernels.md). `fused_sdpa`: no bias and either no mask or a plain
+    causal one, the only calls torch's flash kernel takes (with is_causal, and GQA); `half`: q is fp16 / bf16.
+
+    On CUDA (torch 2.11) SDPA falls to the math kernel, which materialises fp32 scores [B, H, Sq, Sk], whenever
+    neither fused kernel takes the call: flash takes no mask, no bias and no fp32; the memory-efficient kernel
+    takes masks, biases, fp32 and dropout but no GQA. So on CUDA every mask or bias goes to compiled FlexAttention
+    (block-sparse: masked blocks are skipped, biases are computed per score, nothing S^2 is stored), except with
+    attention dropout, which Flex lacks: then KV heads are repeated for the efficient kernel, as they are for a
+    plain fp32 GQA call. Elsewhere SDPA takes every call as given (CPU's flash kernel takes GQA and masks), and
+    FlexAttention runs compiled except on CPU, where it has no backward and a compile costs ~40 s per shape."""
+    if backend == "naive":
+        return "naive"
+    if backend == "flex":
+        return "flex" if device_type == "cpu" else "flex_compiled"
+    if device_type != "cuda":
+        return "sdpa"
+    if fused_sdpa:
+        return "sdpa" if half or not gqa else "sdpa_repeat_kv"
+    if dropout:
+        return "sdpa_repeat_kv" if gqa else "sdpa"
+    return "flex_compiled"
+
+
+def device_type(t: torch.Tensor) -> str:
+    """The device type attention_path decides by (a seam: tests route CPU tensors as CUDA ones)."""
+    return t.device.type
+
+
+@functools.cache
+def compiled_flex_attention() -> Callable[..., torch.Tensor]:
+    """flex_attention under torch.compile, made once per process: only compiled does FlexAttention run as a fused
+    kernel; eager it computes the full score matrix. Dynamo recompiles the one function per new shape, dtype or
+    score_mod code (its guards), so nothing else needs keying. Inside a compiled block (`parallel.compile`) the
+    plain flex_attention is traced into the block's graph instead."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
 class Attention(nn.Module):
     """Self- or cross-attention: wq, wk, wv, wo projections, optional per-head QK-norm, optional learned
     per-head temperature (`log_temperature`) and soft distance weight (`distance_weight`, self-attention)."""
@@ -210,20 +255,35 @@ class Attention(nn.Module):
             if bias_fn is not None:
                 raise NotImplementedError("an injected kernel takes no score bias (ALiBi, T5, distance)")
             return self.kernel(q, k, v, ctx, KernelCall(self.scale, dropout_p, inv_temperature))
-        if self.backend == "flex":
+        causal = ctx.mask.is_plain_causal and q_len == k_len
+        path = attention_path(
+            self.backend,
+            device_type(q),
+            fused_sdpa=bias_fn is None and (ctx.mask.is_full or causal),
+            dropout=dropout_p > 0,
+            gqa=k.shape[1] != heads,
+            half=q.dtype in (torch.float16, torch.bfloat16),
+        )
+        if path in ("flex", "flex_compiled"):
             block_mask = ctx.block_mask(batch, q_len, k_len, q.device)
-            return self._flex(q, k, v, block_mask, bias_fn, inv_temperature, dropout_p)
+            # inside a compiled block (parallel.compile) flex_attention is traced into the block's own graph
+            eager = path == "flex" or torch.compiler.is_compiling()
+            flex = flex_attention if eager else compiled_flex_attention()
+            return self._flex(flex, q, k, v, block_mask, bias_fn, inv_temperature, dropout_p)
+        if path == "sdpa_repeat_kv":  # the kernels that take this call (efficient, cuDNN) have no GQA
+            k, v = repeat_kv(k, heads // k.shape[1]), repeat_kv(v, heads // k.shape[1])
         bias = None if bias_fn is None else bias_fn(*_dense_indices(batch, heads, q_len, k_len, q.device))
-        mask = ctx.dense_mask(batch, q_len, k_len, q.device)
         kwargs = dict(scale=self.scale, bias=bias, inv_temperature=inv_temperature, dropout_p=dropout_p)
-        if self.backend == "naive":
+        if path != "naive" and bias is None and causal:
+            return sdpa_attention(q, k, v, is_causal=True, **kwargs)  # no mask built: it would be S^2
+        mask = ctx.dense_mask(batch, q_len, k_len, q.device)
+        if path == "naive":
             return naive_attention(q, k, v, mask=mask, **kwargs)
-        if bias is None and ctx.mask.is_plain_causal and q_len == k_len:
-            return sdpa_attention(q, k, v, is_causal=True, **kwargs)
         return sdpa_attention(q, k, v, mask=mask, **kwargs)
 
     def _flex(
         self,
+        flex: Callable[..., torch.Tensor],
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
@@ -243,7 +303,7 @@ class Attention(nn.Module):
                 return score if inv_temperature is None else score * inv_temperature[h]
 
         groups = q.shape[1] // k.shape[1]
-        return flex_attention(
+        return flex(
             q, k, v, score_mod=score_mod, block_mask=block_mask, scale=self.scale, enable_gqa=groups > 1
         )
 

@@ -6,6 +6,7 @@ the FlexAttention `mask_mod` (called with scalar indices), so the backends canno
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,17 +39,22 @@ class AttentionMask:
         )
 
     def allowed(self, b: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """True where query q of sequence b may see key k; indices broadcast against each other."""
-        ok = torch.ones_like(q - k, dtype=torch.bool)
+        """True where query q of sequence b may see key k; indices broadcast against each other. Each rule
+        compares index vectors (`k > q - window`, not `q - k < window`), so the dense mask's only [Sq, Sk]
+        tensors are booleans: no int64 S x S difference is ever built."""
+        rules: list[torch.Tensor] = []
         if self.causal:
-            ok = k <= q
-            if self.prefix_lengths is not None:
-                ok = ok | (k < self.prefix_lengths[b])
+            seen = k <= q
+            rules.append(seen if self.prefix_lengths is None else seen | (k < self.prefix_lengths[b]))
         if self.window is not None:
-            ok = ok & (q - k < self.window)
+            rules.append(k > q - self.window)
         if self.q_documents is not None and self.k_documents is not None:
-            ok = ok & (self.q_documents[b, q] == self.k_documents[b, k])
-        return ok
+            rules.append(self.q_documents[b, q] == self.k_documents[b, k])
+        if not rules:
+            return torch.ones(
+                torch.broadcast_shapes(b.shape, q.shape, k.shape), dtype=torch.bool, device=q.device
+            )
+        return functools.reduce(torch.logical_and, rules)
 
     def dense(self, batch: int, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
         """Boolean mask [B, 1, Sq, Sk] (True = attend) for SDPA / the naive backend."""

@@ -7,7 +7,7 @@
     3. EP            experts split over the ep ranks, tokens exchanged all-to-all (framework/parallel/expert.py)
     4. CP            sequence over ranks: Ulysses all-to-all around each attention (framework/parallel/context.py)
     5. activation checkpointing
-    6. compile       per block, GPU only
+    6. compile       per block, on the run's device (CPU included) when parallel.compile is set
     7. FSDP2 / DDP   last: sharding wraps whatever the steps above produced (DTensor params, compiled blocks);
                      over the data-parallel ranks x cp (cp ranks' gradients are partial sums)
 
@@ -58,7 +58,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, recipe: 
         apply_expert_parallel(model, experts.ep)
     apply_context_parallel(model, dims, mesh["cp"])
     apply_activation_checkpointing(model, p.activation_checkpointing)
-    apply_compile(model, p.compile)
+    apply_compile(model, p.compile, mesh.device_type)
     apply_data_parallel(
         model,
         dims,
@@ -113,15 +113,17 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def apply_compile(model: nn.Module, enabled: bool) -> None:
-    """torch.compile each block in place (nn.Module.compile keeps parameter names). GPU only: on CPU the compile
-    time of a tiny test model dwarfs any gain and inductor needs a C++ toolchain, so it is skipped with a note."""
+def apply_compile(model: nn.Module, enabled: bool, device_type: str) -> None:
+    """torch.compile each block in place (nn.Module.compile keeps parameter names), on whatever device the run
+    targets when asked. `device_type` is the run's (the mesh's), never read from the model: `parallelize` gets
+    it on the meta device. Compilation is lazy, at a block's first call. On CPU inductor's C++ backend compiles
+    it (a C++ compiler is needed, and the first steps are slow): said once, since a CPU run rarely gains."""
     if not enabled:
         return
-    device = next(model.parameters()).device
-    if device.type != "cuda":
-        log.warning("parallel.compile is set but the model is on %s: compile skipped (GPU only)", device.type)
-        return
+    if device_type == "cpu":
+        log.info(
+            "parallel.compile on CPU: inductor compiles each block at the first step (needs a C++ compiler)"
+        )
     for _, block in blocks(model):
         block.compile()
 
