@@ -245,7 +245,7 @@ def _train(
 ) -> dict[str, Any]:
     torch.manual_seed(recipe.train.seed)  # Trainer.fit re-seeds dropout per rank (train_module.rng_seed)
     tokenizer = Tokenizer(recipe.data.tokenizer)
-    train_source, val_source = build_data(recipe.data, recipe.model, tokenizer)
+    train_source, val_source = build_data(recipe.data, recipe.model, tokenizer, device.type)
     module = make_module(recipe, device)
     callbacks = default_callbacks(
         recipe,
