@@ -22,6 +22,7 @@ from framework.data import Tokenizer, TrainSource, ValidationSource, build_data
 from framework.engines.build import train_module_for
 from framework.kernels.choice import resolve_kernels, use_kernels
 from framework.kernels.fp8 import apply_fp8, check_fp8
+from framework.kernels.te import te_importable
 from framework.models import build_model, init_weights
 from framework.models.flops import flops_per_token
 from framework.models.memory import check_fits
@@ -103,11 +104,29 @@ def train(
 def _preflight(recipe: Recipe) -> None:
     """The recipe against this machine, before the run directory is created or locked."""
     device = resolve_device(recipe.train.device)
-    resolve_kernels(recipe, device)  # model.kernels meets the device: a ConfigError before any model is built
+    announce_kernels(
+        recipe, device
+    )  # model.kernels meets the device: a ConfigError before any model is built
     check_fp8(recipe, device)  # likewise precision.dtype fp8 (torchao / TE installed, fp8-capable GPU)
     # sizes against the device's memory, before allocating anything
     check_fits(recipe, world_size_of_run(), str(device))
     check_wandb(recipe.logging.wandb)  # logging.wandb on without the wandb package
+
+
+KERNEL_LIBRARIES = {
+    "te": "transformer_engine DotProductAttention",
+    "torch": "torch SDPA / FlexAttention",
+}
+
+
+def announce_kernels(recipe: Recipe, device: torch.device) -> str:
+    """Resolve model.kernels and, on CUDA (where auto has a choice to make), print it on rank 0 in the run's
+    first lines: auto never switches to Transformer Engine silently. Returns the choice."""
+    kernels = resolve_kernels(recipe, device, te_importable)
+    if device.type == "cuda" and int(os.environ.get("RANK", "0")) == 0:
+        line = f"kernels: {kernels} ({KERNEL_LIBRARIES[kernels]}; model.kernels: {recipe.model.kernels})"
+        print(line, flush=True)
+    return kernels
 
 
 def _run_dir_guard(
@@ -226,7 +245,7 @@ def _train(
 ) -> dict[str, Any]:
     torch.manual_seed(recipe.train.seed)  # Trainer.fit re-seeds dropout per rank (train_module.rng_seed)
     tokenizer = Tokenizer(recipe.data.tokenizer)
-    train_source, val_source = build_data(recipe.data, recipe.model, tokenizer)
+    train_source, val_source = build_data(recipe.data, recipe.model, tokenizer, device.type)
     module = make_module(recipe, device)
     callbacks = default_callbacks(
         recipe,

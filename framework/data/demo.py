@@ -129,8 +129,8 @@ def build_demo_data(
         "num_threads": num_threads,
         "modules": sorted(modules) if modules else None,
         "shard_samples": shard_samples,
-        # The corpus is this interpreter's stdlib: another Python version is another corpus.
-        "python": sys.version,
+        # Not the Python version: the corpus it gave is kept in out_dir (CORPUS, its sha256 in the manifest), so
+        # a finished build carried to a machine with another Python is used as it is, not rebuilt there.
     }
     existing = finished_demo(out, params)
     if existing is not None:
@@ -140,7 +140,11 @@ def build_demo_data(
     # Built whole in a temporary sibling, then renamed onto `out`: a stopped build leaves `out` as it was.
     with atomic_dir(out, DEMO_KIND, overwrite=True) as tmp:
         manifest = _build(tmp, out, params)
-        stamp = {"params": params, "manifest_sha256": _sha256(tmp / MANIFEST)}
+        stamp = {
+            "params": params,
+            "manifest_sha256": _sha256(tmp / MANIFEST),
+            "built_with_python": sys.version,  # provenance only: not compared
+        }
         (tmp / STAMP).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return manifest
 
@@ -213,9 +217,14 @@ def finished_demo(out_dir: str | Path, params: dict[str, Any] | None = None) -> 
     out = Path(out_dir)
     try:
         stamp = json.loads((out / STAMP).read_text(encoding="utf-8"))
-        if params is not None and stamp["params"] != params:
+        # "python": written by builds before the stamp stopped keying on the interpreter; ignored
+        if params is not None and {k: v for k, v in stamp["params"].items() if k != "python"} != params:
             return None
         if stamp["manifest_sha256"] != _sha256(out / MANIFEST):
+            return None
+        # the corpus the tokenizer and shards were made from, as the manifest recorded it
+        (corpus,) = read_manifest(out, "data/demo")["params"]["inputs"]
+        if corpus["sha256"] != _sha256(out / CORPUS):
             return None
         for split in ("train", "validation"):
             dataset = PreparedSplit(out, split, "data/demo", verify="sha256")

@@ -108,6 +108,9 @@ class TEAttention:
         check_mask(mask, q_len, k.shape[2])
         if call.inv_temperature is not None:
             q = q * call.inv_temperature.view(1, -1, 1, 1).to(q.dtype)
+        # TE requires q, k and v of one dtype. With qk_norm the RMSNorm's fp32 weight promotes bf16 q and k to
+        # fp32 (framework/models/norms.py) while v stays bf16: v's dtype is the one the run computes in.
+        q, k = q.to(v.dtype), k.to(v.dtype)
         dpa = self._module(heads, k.shape[1], head_dim, call)
         mask_type, window = mask_kind(mask)
         if mask.q_documents is None:

@@ -26,7 +26,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from framework.config.schema import ModelConfig
 from framework.models.masks import AttentionMask
 from framework.models.norms import build_norm
-from framework.models.positions import alibi_slopes, apply_rope
+from framework.models.positions import alibi_table, apply_rope
 
 BiasFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "AttentionContext"], torch.Tensor]
@@ -216,7 +216,8 @@ class Attention(nn.Module):
         self.scale = softmax_scale(cfg)
         self.temperature = cfg.attention_temperature
         self.dropout_p = cfg.attention_dropout
-        self.alibi = cfg.position == "alibi" and not cross
+        self.alibi = alibi_table(cfg.n_heads) if cfg.position == "alibi" and not cross else None
+        """The global heads' ALiBi slopes, kept per device (None without ALiBi)."""
         self.wq = nn.Linear(cfg.d_model, heads * head_dim, bias=cfg.bias)
         self.wk = nn.Linear(cfg.d_model, kv_heads * head_dim, bias=cfg.bias)
         self.wv = nn.Linear(cfg.d_model, kv_heads * head_dim, bias=cfg.bias)
@@ -332,10 +333,9 @@ class Attention(nn.Module):
         """alibi_slope_h + w_h (both multiply -|p_i - p_j|) for the local heads; None when neither is used."""
         coef = getattr(self, "distance_weight", None)
         coef = None if coef is None else self.local_view(coef).float()
-        if self.alibi:
+        if self.alibi is not None:
             # slopes of the global heads head_offset .. head_offset + heads - 1
-            slopes = alibi_slopes(self.n_heads)[self.head_offset : self.head_offset + heads]
-            slopes = slopes.to(self.wq.weight.device)
+            slopes = self.alibi.get(self.wq.weight.device)[self.head_offset : self.head_offset + heads]
             coef = slopes if coef is None else coef + slopes
         return coef
 

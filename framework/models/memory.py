@@ -22,6 +22,8 @@ Activation Recomputation in Large Transformer Models", section 4), but every ter
   root's weights (embeddings, final norms, head) stay gathered, and up to two blocks' at a time.
 * SDPA's fused kernels (CPU flash, CUDA flash / memory-efficient) keep q, k, v, the output (which wo reads as a
   view) and a float32 logsumexp per query and head; with a mask or bias they also keep it, as [B, 1 or H, S, S].
+  On CUDA no mask or bias is kept (keeps_score_tensor): masked cases run FlexAttention with block masks, which
+  keeps no S x S tensor; only attention dropout (no dropout in Flex) still passes SDPA a dense mask.
   On CPU, attention dropout or a bias that needs a gradient (T5 relative bias, soft distance bias) falls back to
   the math kernel, which runs in fp32 and keeps scaled q and k, v, the probabilities (and dropout noise and the
   dropped probabilities), and wo keeps a copy of the output. The naive backend keeps copies of q, k, v, the fp32
@@ -36,7 +38,8 @@ Activation Recomputation in Large Transformer Models", section 4), but every ter
   the z-loss also keeps the fp32 logits.
 
 Parallel layouts are taken into account where the division is obvious; the engine issue will verify these:
-FSDP / HSDP shard parameters, gradients and optimizer state over dp_shard; tensor parallelism splits layer weights
+FSDP / HSDP shard parameters, gradients and optimizer state over dp_shard (gradients: FSDP2 reduce-scatters after
+every micro-batch, so no rank holds unsharded gradients during accumulation); tensor parallelism splits layer weights
 and per-layer activations over tp (norm and dropout activations only with sequence_parallel, Korthikanti et al.
 2022); context parallelism splits tokens over cp; pipeline stages hold n_layers / pp layers, and 1F1B-style
 schedules keep up to pp micro-batches in flight on the first stage (GPipe keeps all of them), so its activation
@@ -191,6 +194,8 @@ def _attention_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape, k_len: int, *, 
     total = _qk_norm_bytes(cfg, s, b * sq, b * k_len) + _bias_bytes(cfg, s, shape, k_len, cross, path)
     if path == "fused":
         total += (2 * q_elems + 2 * kv_elems) * s.compute + b * h * sq * FP32  # q, k, v, out, logsumexp
+        if not keeps_score_tensor(cfg, s.cpu):
+            return total
         if has_bias:
             total += b * h * sq * k_len * s.compute  # the bias (masked), as attn_mask
         elif dense and not _plain_causal(cfg, shape):
@@ -204,6 +209,15 @@ def _attention_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape, k_len: int, *, 
     total += b * sq * k_len * int(dense)  # bool ~mask of masked_fill on the scores
     total += (q_elems + 2 * repeated) * s.compute  # q, k, v copies for the einsums
     return total + _probs_bytes(cfg, b * h * sq * k_len, s.compute, FP32)
+
+
+def keeps_score_tensor(cfg: ModelConfig, cpu: bool) -> bool:
+    """Whether a fused attention call keeps a dense [B, 1 or H, Sq, Sk] mask or bias for backward. Assumption
+    for CUDA (issue 20 item 5, framework/models/attention.py): every masked or biased case (window, documents,
+    prefix-LM, ALiBi, T5 bias) runs a fused kernel (flash for plain causal, compiled FlexAttention with a block
+    mask and score_mod otherwise) that keeps only q, k, v, out and the logsumexp; SDPA with an explicit
+    attn_mask remains only for attention dropout, which FlexAttention lacks. On CPU SDPA gets the dense mask."""
+    return cpu or cfg.attention_dropout > 0
 
 
 def _probs_bytes(cfg: ModelConfig, scores: int, compute: int, softmax: int) -> int:

@@ -2,11 +2,14 @@
 T5 relative-position buckets, and per-document position ids.
 
 Nothing here holds a buffer: RoPE angles and sinusoidal tables are recomputed from the positions in float32 at
-each forward, so a meta-device build needs no re-initialisation and bf16 casts never touch them.
+each forward, so a meta-device build needs no re-initialisation and bf16 casts never touch them. What is built on
+the CPU (RoPE frequencies, ALiBi slopes) is kept per (device, dtype) by a DeviceTable on the module that uses it,
+so only the first forward on a device does host work and a host-to-device copy.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -15,6 +18,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from framework.config.schema import ModelConfig
+
+# ------------------------------------------------------------------------------------------ device tables
+
+
+class DeviceTable:
+    """A constant table built on the CPU (in float64 where exactness matters, so every device gets the same
+    values) the first time a (device, dtype) asks for it, then kept: a later forward builds no CPU tensor and
+    copies nothing host-to-device. A plain object held by a module, not a buffer: no state dict entry, not
+    touched by `.to(dtype)` or `to_empty`, and each module owns its own (no process-wide cache)."""
+
+    def __init__(self, build: Callable[[], torch.Tensor]) -> None:
+        self.build = build
+        self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def get(self, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        key = (torch.device(device), dtype)
+        if key not in self._tables:
+            self._tables[key] = self.build().to(device=device, dtype=dtype)
+        return self._tables[key]
+
 
 # --------------------------------------------------------------------------------------------- position ids
 
@@ -62,9 +85,18 @@ def _llama3_scale(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return torch.where(wavelen < old_len / high, inv_freq, scaled)
 
 
-def rope_angles(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * inv_freq, float32 [B, S, 1, head_dim // 2] (the 1 broadcasts over heads)."""
-    angles = positions.float()[..., None] * rope_inv_freq(cfg, positions.device)
+def rope_table(cfg: ModelConfig) -> DeviceTable:
+    """rope_inv_freq(cfg) kept per device (the model builds it once; see DeviceTable)."""
+    return DeviceTable(functools.partial(rope_inv_freq, cfg))
+
+
+def rope_angles(
+    cfg: ModelConfig, positions: torch.Tensor, table: DeviceTable | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * inv_freq, float32 [B, S, 1, head_dim // 2] (the 1 broadcasts over heads).
+    `table` (from rope_table) holds inv_freq on the device; without it inv_freq is built and copied anew."""
+    inv_freq = rope_inv_freq(cfg, positions.device) if table is None else table.get(positions.device)
+    angles = positions.float()[..., None] * inv_freq
     return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
 
 
@@ -91,6 +123,11 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     lower = 2 ** math.floor(math.log2(n_heads))
     slopes = geometric(lower) + geometric(2 * lower)[0::2][: n_heads - lower]
     return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_table(n_heads: int) -> DeviceTable:
+    """alibi_slopes(n_heads) kept per device (each ALiBi attention layer builds it once; see DeviceTable)."""
+    return DeviceTable(functools.partial(alibi_slopes, n_heads))
 
 
 # ------------------------------------------------------------------------------------- absolute embeddings

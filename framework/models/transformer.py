@@ -26,6 +26,7 @@ from framework.models.positions import (
     SinusoidalEmbedding,
     default_positions,
     rope_angles,
+    rope_table,
 )
 
 
@@ -177,6 +178,8 @@ class Transformer(nn.Module):
         self.causal = causal
         self.n_layers = n_layers
         self.whole = whole
+        self.rope_table = rope_table(cfg)
+        """RoPE frequencies kept per device: a forward after the first copies nothing host-to-device."""
         if whole:
             _add_embeddings(self, cfg)
         if cfg.position == "relative_bias":
@@ -230,7 +233,7 @@ class Transformer(nn.Module):
             q_documents=document_ids,
             k_documents=document_ids,
         )
-        rope = rope_angles(cfg, positions) if cfg.position == "rope" else None
+        rope = rope_angles(cfg, positions, self.rope_table) if cfg.position == "rope" else None
         return AttentionContext(
             mask, positions=positions, rope=rope, position_bias=self._relative_bias(positions)
         )

@@ -4,6 +4,7 @@ the exact tokenize -> detokenize round trip on the whole bundled corpus."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,27 @@ def test_rebuild_is_a_no_op_and_a_fresh_build_gives_the_same_bytes(
     assert (out / "train-00000.tar").stat().st_mtime_ns == stamp
     fresh = build(tmp_path)
     assert fresh["splits"] == manifest["splits"] and fresh["tokenizer"] == manifest["tokenizer"]
+
+
+def test_a_build_stamped_under_another_python_is_used_and_a_changed_input_is_not(
+    built: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, manifest = built
+    stamp = json.loads((out / STAMP).read_text())
+    stamp["built_with_python"] = "3.12.9 (main) [GCC 13]"  # as carried from a machine with another Python
+    carried = tmp_path / "carried"
+    shutil.copytree(out, carried)
+    (carried / STAMP).write_text(json.dumps(stamp))
+    with monkeypatch.context() as m:
+        m.setattr(demo_module.sys, "version", "3.12.9 (main) [GCC 13]")
+        m.setattr(demo_module, "_build", lambda *args: pytest.fail("rebuilt a finished demo"))
+        assert build(carried) == manifest  # smoke can run from a carried data/demo
+    params = dict(stamp["params"], vocab_size=stamp["params"]["vocab_size"] + 1)
+    assert finished_demo(carried, params) is None  # a tokenizer parameter changed: not this build
+    assert finished_demo(carried, dict(stamp["params"], version=-1)) is None  # Loom's data format changed
+    with open(carried / "corpus.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "an edited corpus"}) + "\n")
+    assert finished_demo(carried, stamp["params"]) is None
 
 
 def test_half_built_or_edited_directories_are_rebuilt(built: tuple[Path, dict], tmp_path: Path) -> None:

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
+import framework.data.source as source_module
 from framework.config.errors import ConfigError
 from framework.config.schema import DataConfig, ModelConfig
 from framework.data.shards import MANIFEST
-from framework.data.source import TrainSource, build_data
+from framework.data.source import TrainSource, build_data, loader_options
 from framework.data.tokenizer import Tokenizer
 
 MODEL = ModelConfig(vocab_size=512)
@@ -88,6 +90,29 @@ def test_consumed_counts_training_not_prefetching(cfg: DataConfig) -> None:
     next(stream)
     next(stream)
     assert source.consumed_samples == 2 * GLOBAL  # workers have read ahead; training took two steps
+
+
+@pytest.mark.parametrize("workers", [0, 1, 3])
+def test_batches_for_cuda_are_pinned_and_read_at_least_two_ahead(workers: int) -> None:
+    cuda, cpu = loader_options("cuda", workers), loader_options("cpu", workers)
+    assert cuda["pin_memory"] and cuda["num_workers"] >= max(workers, 1)
+    assert cuda["num_workers"] * cuda["prefetch_factor"] >= 2  # micro-batches in flight ahead of the GPU
+    assert not cpu["pin_memory"] and cpu["num_workers"] == workers  # on CPU: data.num_workers as given
+
+
+def test_build_data_hands_the_device_type_to_the_loader(cfg: DataConfig, monkeypatch) -> None:
+    made: list[dict] = []
+
+    def recording_loader(dataset, **kwargs):  # noqa: ANN001, ANN202
+        made.append(kwargs)
+        return DataLoader(dataset, **{**kwargs, "pin_memory": False})  # no CUDA here to pin for
+
+    monkeypatch.setattr(source_module, "DataLoader", recording_loader)
+    expected = global_steps(cfg, 2)
+    stream = build_data(cfg, MODEL, device_type="cuda")[0].batches(GLOBAL, MICRO)
+    assert [torch.equal(flat(next(stream)), e) for e in expected] == [True, True]  # the same batches
+    assert made[-1]["pin_memory"] and made[-1]["num_workers"] * made[-1]["prefetch_factor"] >= 2
+    assert not made[0]["pin_memory"]  # global_steps built for the CPU
 
 
 def test_batches_follow_the_contract(cfg: DataConfig) -> None:

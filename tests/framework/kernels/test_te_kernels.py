@@ -8,11 +8,14 @@ sequence) rather than against te.py's own code.
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
 from framework.config.errors import ConfigError
 from framework.config.schema import ModelConfig, Recipe
+from framework.kernels import te as te_module
 from framework.kernels.choice import resolve_kernels, use_kernels
 from framework.kernels.te import (
     TEAttention,
@@ -195,3 +198,46 @@ def test_installing_te_attention_keeps_the_state_dict() -> None:
     assert list(model.state_dict()) == keys
     assert all(isinstance(m.kernel, TEAttention) for m in model.modules() if isinstance(m, Attention))
     assert use_kernels(build_model(small_config()), "torch") is not None
+
+
+class FakeDotProductAttention:
+    """Stands in for te.DotProductAttention: refuses mixed dtypes as TE does, and attends per bshd row."""
+
+    def __init__(self, **kwargs: object) -> None:
+        self.kwargs = kwargs
+        self.dtypes: list[tuple[torch.dtype, ...]] = []
+
+    def __call__(self, q, k, v, **kwargs: object) -> torch.Tensor:  # noqa: ANN001
+        self.dtypes.append((q.dtype, k.dtype, v.dtype))
+        assert kwargs["qkv_format"] == "bshd" and kwargs["window_size"] is None
+        if not q.dtype == k.dtype == v.dtype:
+            raise AssertionError(f"TE: q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        groups = q.shape[2] // k.shape[2]
+        out = sdpa_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2).repeat_interleave(groups, 1),
+            v.transpose(1, 2).repeat_interleave(groups, 1),
+            scale=self.kwargs["softmax_scale"],
+            is_causal=kwargs["attn_mask_type"] == "causal",
+        )
+        return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
+
+
+def test_te_seam_hands_te_q_k_in_vs_dtype_when_qk_norm_makes_them_fp32(monkeypatch) -> None:
+    fake = types.SimpleNamespace(DotProductAttention=FakeDotProductAttention)
+    monkeypatch.setattr(te_module, "import_te", lambda: fake)
+    torch.manual_seed(0)
+    layer = Attention(small_config(qk_norm=True))
+    x = torch.randn(2, 8, 32)
+    positions = torch.arange(8).expand(2, 8)
+    # bf16 autocast over fp32 weights, as a bf16 run: the projections give bf16 q, k, v, then the qk RMSNorm's
+    # fp32 weight promotes q and k to fp32 (torch's SDPA autocasts them back; TE does not)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = layer(x, AttentionContext(AttentionMask(causal=True), positions=positions))
+        kernel = TEAttention()
+        layer.kernel = kernel
+        out = layer(x, AttentionContext(AttentionMask(causal=True), positions=positions))
+    (dpa,) = kernel._modules.values()
+    assert dpa.dtypes == [(torch.bfloat16,) * 3]
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)

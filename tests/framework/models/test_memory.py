@@ -16,7 +16,12 @@ from framework.config.schema import (
     TrainConfig,
 )
 from framework.models import build_model, init_weights
-from framework.models.memory import activation_breakdown, memory_per_rank, sequence_lengths
+from framework.models.memory import (
+    activation_breakdown,
+    keeps_score_tensor,
+    memory_per_rank,
+    sequence_lengths,
+)
 from framework.train.loss import compute_loss
 
 TOLERANCE = 0.20
@@ -241,3 +246,28 @@ def test_bf16_keeps_fp32_parameters() -> None:
     for key in ("parameters", "gradients", "optimizer_state"):
         assert fp32[key] == bf16[key]
     assert bf16["optimizer_state"] == 2 * bf16["parameters"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"sliding_window": 4}, {"position": "alibi"}, {"sliding_window": 4, "position": "alibi"}],
+    ids=str,
+)
+def test_cuda_attention_keeps_no_score_sized_tensor_for_any_mask(change: dict) -> None:
+    """On CUDA every mask and bias runs a fused kernel (FlexAttention with a block mask): kept memory is linear
+    in the sequence length; on CPU SDPA keeps the dense [B, H, S, S] mask or bias."""
+
+    def layers(device: str, seq: int) -> int:
+        r = Recipe()
+        r.model = ModelConfig(
+            vocab_size=64, d_model=32, n_layers=2, n_heads=4, kv_heads=2, ffn_hidden=48, max_seq_len=64,
+            **change,
+        )  # fmt: skip
+        r.data.seq_len, r.train.micro_batch_size = seq, 2
+        return activation_breakdown(r, device=device)["layers"]
+
+    assert layers("cuda", 32) == 2 * layers("cuda", 16)
+    assert layers("cpu", 32) > 2 * layers("cpu", 16)
+    assert keeps_score_tensor(
+        ModelConfig(attention_dropout=0.1), cpu=False
+    )  # Flex has no dropout: SDPA + mask

@@ -7,9 +7,12 @@ import math
 
 import pytest
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from framework.config.schema import ModelConfig
+from framework.models import build_model
 from framework.models.positions import (
     RelativePositionBias,
     alibi_slopes,
@@ -170,3 +173,38 @@ def test_default_positions_restart_per_document() -> None:
     expected = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5], [0, 0, 0, 1, 0, 1]])
     assert torch.equal(default_positions(3, 6, torch.device("cpu"), docs), expected)
     assert torch.equal(default_positions(2, 4, torch.device("cpu")), torch.arange(4).expand(2, 4))
+
+
+# ------------------------------------------------------------------------------ no host work after the first
+
+
+class CpuOps(TorchDispatchMode):
+    """Records every op that reads or makes a CPU tensor. For a model on an accelerator each is host work, and a
+    CPU tensor reaching the model is a host-to-device copy; a meta-device model shows them on a CPU machine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        leaves = pytree.tree_leaves((args, kwargs, out))
+        if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in leaves):
+            self.ops.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("position", ["rope", "alibi", "sinusoidal", "learned", "relative_bias", "none"])
+def test_a_second_forward_builds_no_cpu_table_and_copies_nothing_to_the_device(position: str) -> None:
+    cfg = ModelConfig(
+        vocab_size=64, d_model=32, n_layers=2, n_heads=4, kv_heads=2, ffn_hidden=48, max_seq_len=16,
+        position=position,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = build_model(cfg)
+    ids = torch.zeros(2, 8, dtype=torch.long, device="meta")
+    model(ids)  # the first forward may build RoPE frequencies / ALiBi slopes on the CPU once
+    with CpuOps() as seen:
+        model(ids)
+        model(ids[:, :4])  # another length reuses them too
+    assert seen.ops == []
