@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -130,34 +131,45 @@ def capacity_keep(experts: torch.Tensor, n_experts: int, capacity: int) -> torch
     by_priority = experts.t().reshape(-1)  # index k * N + t: first choices of all tokens, then second choices
     order = torch.argsort(by_priority, stable=True)
     sorted_experts = by_priority[order]
-    counts = torch.bincount(sorted_experts, minlength=n_experts)
+    counts = count_ids(sorted_experts, n_experts)
     starts = counts.cumsum(0) - counts
     rank_sorted = torch.arange(n * k, device=experts.device) - starts[sorted_experts]
     rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
     return (rank < capacity).view(k, n).t()
 
 
+def count_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """[n] long: how often each of 0..n-1 occurs in `ids`. A scatter-add, not torch.bincount, which on CUDA reads
+    the largest id back to the host (a sync) to size its output."""
+    return torch.zeros(n, dtype=torch.long, device=ids.device).index_add_(0, ids, torch.ones_like(ids))
+
+
 @dataclass
 class Dispatch:
-    """Assignments sorted by expert: `tokens` [M] token index of each kept assignment, `weights` [M, 1],
-    `counts` [E] assignments per expert (host list, as the expert loop slices by it)."""
+    """All N x K assignments sorted by expert, the kept ones first: `tokens` [N K] token index of each assignment,
+    `weights` [N K, 1] (0 for a dropped assignment), `counts` [E] kept assignments per expert (a device tensor:
+    nothing here waits for the device). Dropped assignments (capacity) sit after the last expert's rows: no expert
+    runs on them and their output rows are zeros, so the shapes never depend on the routing (no boolean masking,
+    whose output size would have to be read back from the device)."""
 
     tokens: torch.Tensor
     weights: torch.Tensor
-    counts: list[int]
+    counts: torch.Tensor
 
 
 def dispatch(x: torch.Tensor, routing: Routing, keep: torch.Tensor | None) -> tuple[torch.Tensor, Dispatch]:
-    """Gather each kept assignment's token, grouped by expert (stable: token order within an expert)."""
+    """Gather each assignment's token, grouped by expert (stable: token order within an expert), dropped last."""
     n, k = routing.experts.shape
+    n_experts = routing.logits.shape[-1]
     experts = routing.experts.reshape(-1)
-    tokens = torch.arange(n, device=x.device).repeat_interleave(k)
+    tokens = torch.arange(n, device=x.device).unsqueeze(1).expand(n, k).reshape(-1)
     weights = routing.weights.reshape(-1)
     if keep is not None:
         mask = keep.reshape(-1)
-        experts, tokens, weights = experts[mask], tokens[mask], weights[mask]
+        experts = torch.where(mask, experts, n_experts)  # the dropped sort after every expert
+        weights = torch.where(mask, weights, 0.0)
     order = torch.argsort(experts, stable=True)
-    counts = torch.bincount(experts, minlength=routing.logits.shape[-1]).tolist()
+    counts = count_ids(experts, n_experts + 1)[:n_experts]
     plan = Dispatch(tokens[order], weights[order].unsqueeze(-1), counts)
     return x.index_select(0, plan.tokens), plan
 
@@ -169,37 +181,89 @@ def combine(expert_out: torch.Tensor, plan: Dispatch, n_tokens: int) -> torch.Te
     return out.index_add_(0, plan.tokens, weighted)
 
 
+ExpertKernel = Literal["auto", "loop", "grouped"]
+"""How `GroupedExperts` runs its experts: "loop" = one matmul chain per expert over its slice of rows (the
+reference; it slices on the host, so it reads the counts back: one sync per call); "grouped" = three
+torch._grouped_mm calls over all experts, with the experts' row offsets on the device (no sync); "auto" = grouped
+on CUDA where `grouped_mm_fits`, else the loop (the CPU path)."""
+
+
+def grouped_mm_fits(device_type: str, dtype: torch.dtype, widths: tuple[int, ...]) -> bool:
+    """Whether "auto" takes torch._grouped_mm: on CUDA in bf16 (its CUTLASS kernel; other dtypes fall back to a
+    loop inside torch), with every matrix row a multiple of 16 bytes (torch's stride rule), and where torch has it."""
+    aligned = all(w * torch.finfo(dtype).bits // 8 % 16 == 0 for w in widths)
+    return device_type == "cuda" and dtype == torch.bfloat16 and aligned and hasattr(torch, "_grouped_mm")
+
+
 class GroupedExperts(nn.Module):
     """`n_experts` MLPs with stacked weights: w1 [E, H, D] (gate / up), w3 [E, H, D] (up of gated MLPs),
     w2 [E, D, H] (down). Stacked so expert parallelism can shard dim 0 over the ep mesh dimension."""
 
-    def __init__(self, cfg: ModelConfig, n_experts: int, hidden: int) -> None:
+    def __init__(self, cfg: ModelConfig, n_experts: int, hidden: int, kernel: ExpertKernel = "auto") -> None:
         super().__init__()
         self.act = activation(cfg)
         d = cfg.d_model
         self.w1 = nn.Parameter(torch.empty(n_experts, hidden, d))
         self.w3 = nn.Parameter(torch.empty(n_experts, hidden, d)) if cfg.mlp in GATED else None
         self.w2 = nn.Parameter(torch.empty(n_experts, d, hidden))
+        self.kernel: ExpertKernel = kernel
         # Expert parallelism sets this to return the rank's own experts' rows of a stacked weight (a DTensor
         # sharded over experts; keeps this file free of torch.distributed), like Attention.local_view.
         self.local_view: Callable[[torch.Tensor], torch.Tensor] = _identity
 
-    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """x [M, D] sorted by expert with counts[e] rows for the e-th expert held here -> [M, D]; one matmul
-        chain per expert."""
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [R, D] sorted by expert with counts[e] rows for the e-th expert held here, then R - sum(counts) rows
+        no expert takes (dropped assignments) -> [R, D], zeros in those last rows."""
         w1, w2 = self.local_view(self.w1), self.local_view(self.w2)
         w3 = self.local_view(self.w3) if self.w3 is not None else None
+        if self.uses_grouped_mm(x):
+            return self._grouped(x, counts, w1, w3, w2)
+        return self._loop(x, counts.tolist(), w1, w3, w2)
+
+    def uses_grouped_mm(self, x: torch.Tensor) -> bool:
+        """The kernel `forward` takes for x (see ExpertKernel)."""
+        if self.kernel != "auto":
+            return self.kernel == "grouped"
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return grouped_mm_fits(device, dtype, (self.w1.shape[-1], self.w1.shape[-2]))
+
+    def _loop(
+        self, x: torch.Tensor, counts: list[int], w1: torch.Tensor, w3: torch.Tensor | None, w2: torch.Tensor
+    ) -> torch.Tensor:
+        kept = sum(counts)
         outputs = [
             self._mlp(chunk, w1[e], None if w3 is None else w3[e], w2[e])
-            for e, chunk in enumerate(x.split(counts))
+            for e, chunk in enumerate(x[:kept].split(counts))
             if counts[e] > 0
         ]
         if not outputs:
             # No rows at all: still pass the empty input through an expert, so the output depends on the input
             # and the weights (zero gradients, not None). Under expert parallelism every rank's backward must
             # then reach the same collectives (the reverse all-to-all, the experts' gradient reduction).
-            return self._mlp(x, w1[0], None if w3 is None else w3[0], w2[0])
+            outputs = [self._mlp(x[:0], w1[0], None if w3 is None else w3[0], w2[0])]
+        if kept < x.shape[0]:
+            outputs.append(outputs[0].new_zeros(x.shape[0] - kept, outputs[0].shape[-1]))
         return torch.cat(outputs)
+
+    def _grouped(
+        self,
+        x: torch.Tensor,
+        counts: torch.Tensor,
+        w1: torch.Tensor,
+        w3: torch.Tensor | None,
+        w2: torch.Tensor,
+    ) -> torch.Tensor:
+        """The loop's function with torch._grouped_mm: expert e takes rows [offs[e-1], offs[e]). Rows past the last
+        offset (dropped) are masked on the way in (their gradient) and out (their values): torch leaves them
+        unspecified."""
+        offs = counts.cumsum(0).to(torch.int32)
+        taken = (torch.arange(x.shape[0], device=x.device) < offs[-1]).unsqueeze(-1)
+        x = torch.where(taken, x, 0.0)
+        hidden = self.act(_grouped_linear(x, w1, offs))
+        if w3 is not None:
+            hidden = hidden * _grouped_linear(x, w3, offs)
+        return torch.where(taken, _grouped_linear(hidden, w2, offs), 0.0)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on x [n, D] (the same function as FeedForward with w1[e], w3[e], w2[e])."""
@@ -214,11 +278,20 @@ class GroupedExperts(nn.Module):
         return F.linear(hidden, w2)
 
 
-RunExperts = Callable[[GroupedExperts, torch.Tensor, list[int]], torch.Tensor]
-"""(experts, tokens [M, D] sorted by expert, counts per expert [E]) -> expert outputs [M, D] in the same order."""
+def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows of expert e times weight[e]^T (F.linear per group), in the autocast dtype as F.linear would run."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)
 
 
-def run_local_experts(experts: GroupedExperts, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+RunExperts = Callable[[GroupedExperts, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(experts, tokens [R, D] sorted by expert, counts per expert [E] on the device) -> expert outputs [R, D] in the
+same order (see GroupedExperts.forward)."""
+
+
+def run_local_experts(experts: GroupedExperts, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Every expert lives in this process: run them directly."""
     return experts(x, counts)
 

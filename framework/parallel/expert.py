@@ -90,23 +90,33 @@ class ExpertExchange:
         self.group = group
         self.ep = ep
 
-    def __call__(self, experts: GroupedExperts, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """x [M, D] sorted by (global) expert, counts [E] -> the experts' outputs for x's rows, same order."""
-        send = torch.tensor(counts, dtype=torch.long, device=x.device).view(self.ep, len(counts) // self.ep)
+    def __call__(self, experts: GroupedExperts, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [R, D] sorted by (global) expert, counts [E] on the device (rows past their sum: dropped
+        assignments, never sent) -> the experts' outputs for x's rows, same order (zeros in the dropped rows)."""
+        send = counts.view(self.ep, counts.numel() // self.ep)
         recv = torch.empty_like(send)  # [source rank, local expert]: rows each rank sends to each of ours
         dist.all_to_all_single(recv, send, group=self.group)
-        send_splits, recv_splits = send.sum(1).tolist(), recv.sum(1).tolist()
-        received = all_to_all_single_autograd(x, recv_splits, send_splits, self.group)
-        order = _expert_major(recv)
-        out = experts(received.index_select(0, order), recv.sum(0).tolist())
+        # all_to_all_single takes its split sizes as host lists: the one host read of an MoE layer under expert
+        # parallelism (both directions' splits in one .tolist(); the experts get their counts on the device).
+        splits = torch.stack([send.sum(1), recv.sum(1)]).tolist()
+        send_splits, recv_splits = splits
+        sent = sum(send_splits)
+        received = all_to_all_single_autograd(x[:sent], recv_splits, send_splits, self.group)
+        order = _expert_major(recv, sum(recv_splits))
+        out = experts(received.index_select(0, order), recv.sum(0))
         back = out.index_select(0, torch.argsort(order))  # (source rank, expert) order again
-        return all_to_all_single_autograd(back, send_splits, recv_splits, self.group)
+        returned = all_to_all_single_autograd(back, send_splits, recv_splits, self.group)
+        if sent == x.shape[0]:
+            return returned
+        return torch.cat([returned, returned.new_zeros(x.shape[0] - sent, returned.shape[-1])])
 
 
-def _expert_major(counts: torch.Tensor) -> torch.Tensor:
-    """Rows arrive in blocks (source s, local expert e), s-major, with counts[s, e] rows each; the permutation
-    that puts them e-major (each expert's rows contiguous, by source rank then arrival order)."""
+def _expert_major(counts: torch.Tensor, rows: int) -> torch.Tensor:
+    """Rows arrive in blocks (source s, local expert e), s-major, with counts[s, e] rows each (`rows` in all,
+    known on the host: repeat_interleave then needs no read of the device); the permutation that puts them
+    e-major (each expert's rows contiguous, by source rank then arrival order)."""
     sources, local = counts.shape
-    block = torch.arange(sources * local, device=counts.device).repeat_interleave(counts.flatten())
+    blocks = torch.arange(sources * local, device=counts.device)
+    block = blocks.repeat_interleave(counts.flatten(), output_size=rows)
     key = (block % local) * sources + block // local  # (e, s) order of each row's block
     return torch.argsort(key, stable=True)

@@ -35,6 +35,7 @@ per expert, one list per MoE layer), moe_imbalance (max over layers of max_i loa
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -59,7 +60,7 @@ class _Accumulated:
     dropped: torch.Tensor
     aux_sum: torch.Tensor
     """Sum of the micro_batch / sequence aux shares (summed over ranks: their step mean)."""
-    tokens: int = 0
+    micro_batches: int = 0
 
     @classmethod
     def zeros(cls, record: RoutingRecord) -> _Accumulated:
@@ -68,7 +69,9 @@ class _Accumulated:
         return cls(counts, torch.zeros_like(zero).expand_as(counts).clone(), zero, zero, zero.long(), zero)
 
 
-def balance_loss(counts: torch.Tensor, prob_sums: torch.Tensor, tokens: int, top_k: int) -> torch.Tensor:
+def balance_loss(
+    counts: torch.Tensor, prob_sums: torch.Tensor, tokens: int | torch.Tensor, top_k: int
+) -> torch.Tensor:
     """E * sum_i f_i * P_i over the last dim: f = counts / (tokens * top_k), P = prob_sums / tokens."""
     n_experts = counts.shape[-1]
     f = counts.to(prob_sums.dtype) / (tokens * top_k)
@@ -91,9 +94,13 @@ class MoEBalancer:
         self.reduce: Reduce = reduce or (lambda t: t)
         self.reduce_shards: Reduce = reduce_shards or (lambda t: t)
         self._acc: dict[str, _Accumulated] = {}
-        self._total_tokens = 0
-        self._total_sequences = 0
-        self._micro_batches = 1
+        # The step's counts over ranks, device tensors (see start_step): read by no host code.
+        self._total_tokens: int | torch.Tensor = 0
+        self._total_sequences: int | torch.Tensor = 0
+        self._micro_batches: int | torch.Tensor = 1
+        self._tokens_so_far: torch.Tensor | None = None
+        self._whole_tokens: torch.Tensor | None = None
+        self._reduced: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def for_model(
@@ -113,14 +120,19 @@ class MoEBalancer:
     def start_step(self, input_shapes: list[torch.Size]) -> None:
         """Before the step's first forward: the [B, S] shapes of its micro-batches (on this rank)."""
         device = next(iter(self.layers.values())).router.gate.weight.device
-        tokens = torch.tensor(sum(s.numel() for s in input_shapes), device=device)
-        sequences = torch.tensor(sum(s[0] for s in input_shapes), device=device)
-        # every shard of a sequence (context parallel) counts its sequences and micro-batches again
-        shards = int(self.reduce_shards(torch.ones((), device=device)))
-        self._total_tokens = int(self.reduce(tokens))
-        self._total_sequences = int(self.reduce(sequences)) // shards
-        self._micro_batches = int(self.reduce(torch.tensor(len(input_shapes), device=device))) // shards
-        self._acc = {}
+        tokens = [s.numel() for s in input_shapes]
+        # One reduction per scope, and the sums stay on the device (losses divide by them; no host read): this
+        # rank's tokens, sequences, micro-batches, then tokens of micro-batches 1..m (global_batch scope).
+        local = [sum(tokens), sum(s[0] for s in input_shapes), len(tokens), *itertools.accumulate(tokens)]
+        summed = self.reduce(torch.tensor(local, device=device))
+        # every shard of a sequence (context parallel) counts its sequences and micro-batches again; [1:]: each
+        # micro-batch's tokens of the whole sequences (micro_batch and sequence scopes)
+        shards = self.reduce_shards(torch.tensor([1, *tokens], device=device))
+        self._total_tokens = summed[0]
+        self._total_sequences = summed[1] // shards[0]
+        self._micro_batches = summed[2] // shards[0]
+        self._tokens_so_far, self._whole_tokens = summed[3:], shards[1:]
+        self._acc, self._reduced = {}, None
 
     def micro_batch_loss(self) -> torch.Tensor:
         """coef-weighted aux + z loss of the micro-batch just forwarded (what backward adds to the CE loss)."""
@@ -140,42 +152,45 @@ class MoEBalancer:
         return self.cfg.aux_loss * aux + self.cfg.z_loss * z
 
     def _accumulate(self, name: str, record: RoutingRecord) -> _Accumulated:
-        counts = self.reduce(record.counts.sum(dim=0))
+        counts = record.counts.sum(dim=0)
+        if self.cfg.aux_loss_scope == "global_batch":
+            counts = self.reduce(
+                counts
+            )  # f so far enters the loss; other scopes reduce once per step (_reduce)
         acc = self._acc.setdefault(name, _Accumulated.zeros(record))
         acc.counts = acc.counts + counts
         acc.prob_sums = acc.prob_sums + record.prob_sums.detach().sum(dim=0)
         acc.z_sum = acc.z_sum + record.z_sum.detach()
         acc.entropy_sum = acc.entropy_sum + record.entropy_sum
         acc.dropped = acc.dropped + record.dropped
-        acc.tokens += record.tokens
+        acc.micro_batches += 1
         return acc
 
     def _aux(self, record: RoutingRecord, acc: _Accumulated) -> torch.Tensor:
         """This micro-batch's share of the step's aux loss for the configured scope."""
-        k, scope = self.cfg.top_k, self.cfg.aux_loss_scope
+        k, scope, m = self.cfg.top_k, self.cfg.aux_loss_scope, acc.micro_batches - 1
         if scope == "micro_batch":
-            counts, tokens = self._whole(record.counts.sum(0), record.tokens)
+            counts, tokens = self._whole(record.counts.sum(0), m)
             share = balance_loss(counts, record.prob_sums.sum(0), tokens, k) / self._micro_batches
         elif scope == "sequence":
-            counts, tokens = self._whole(record.counts, record.tokens)
+            counts, tokens = self._whole(record.counts, m)
             seq_len = tokens // record.counts.shape[0]
             share = balance_loss(counts, record.prob_sums, seq_len, k).sum() / self._total_sequences
         else:
-            tokens_so_far = int(self.reduce(torch.tensor(acc.tokens, device=acc.counts.device)))
-            f = acc.counts / (tokens_so_far * k)
+            f = acc.counts / (self._step_counts(self._tokens_so_far)[m] * k)
             share = f.shape[-1] * (f * record.prob_sums.sum(0)).sum() / self._total_tokens
         acc.aux_sum = acc.aux_sum + share.detach()
         return share
 
-    def _whole(self, counts: torch.Tensor, tokens: int) -> tuple[torch.Tensor, int]:
-        """Choice counts and tokens of the whole sequences this rank holds shards of (context parallel)."""
-        whole = self.reduce_shards(torch.tensor(tokens, device=counts.device))
-        return self.reduce_shards(counts), int(whole)
+    def _whole(self, counts: torch.Tensor, micro_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Choice counts and tokens of the whole sequences this rank holds shards of (context parallel), for the
+        step's micro-batch number `micro_batch`."""
+        return self.reduce_shards(counts), self._step_counts(self._whole_tokens)[micro_batch]
 
-    def _aux_value(self, acc: _Accumulated) -> torch.Tensor:
-        if self.cfg.aux_loss_scope != "global_batch":
-            return self.reduce(acc.aux_sum)
-        return balance_loss(acc.counts, self.reduce(acc.prob_sums), self._total_tokens, self.cfg.top_k)
+    def _step_counts(self, counts: torch.Tensor | None) -> torch.Tensor:
+        if counts is None:
+            raise RuntimeError("MoEBalancer.start_step() must run before the step's first forward")
+        return counts
 
     def metrics(self) -> dict[str, Any]:
         """The step's router losses and load metrics (one host sync)."""
@@ -187,35 +202,50 @@ class MoEBalancer:
     def layer_stats(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """Per MoE layer that ran this step (in `layers` order): the names, [L, 4] (aux loss, z loss, router
         entropy, dropped assignments) and [L, E] assignments per expert, each over the whole step (summed over
-        ranks)."""
+        ranks). Collective the first time in a step (two reductions for all layers); cached until start_step."""
+        if self._reduced is None:
+            self._reduced = self._reduce_step()
+        return self._reduced
+
+    def _reduce_step(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         names = [name for name in self.layers if name in self._acc]
         accs = [self._acc[name] for name in names]
-        reduce, tokens = self.reduce, self._total_tokens
-        rows = [
-            torch.stack(
-                [
-                    self._aux_value(a),
-                    reduce(a.z_sum) / tokens,
-                    reduce(a.entropy_sum) / tokens,
-                    reduce(a.dropped).to(a.z_sum.dtype),
-                ]
-            )
-            for a in accs
-        ]
-        return names, torch.stack(rows), torch.stack([a.counts for a in accs])
+        # [L, 3 + E]: aux shares, z sums, entropy sums, router probability sums; [L, 1 (+ E)]: dropped (+ counts,
+        # which the global_batch scope reduced already, micro-batch by micro-batch)
+        floats = self.reduce(torch.stack([_float_sums(a) for a in accs]))
+        local_counts = self.cfg.aux_loss_scope != "global_batch"
+        longs = self.reduce(torch.stack([_long_sums(a, local_counts) for a in accs]))
+        counts = longs[:, 1:] if local_counts else torch.stack([a.counts for a in accs])
+        tokens = self._total_tokens
+        if local_counts:
+            aux = floats[:, 0]
+        else:
+            aux = balance_loss(counts, floats[:, 3:], tokens, self.cfg.top_k)
+        rows = torch.stack(
+            [aux, floats[:, 1] / tokens, floats[:, 2] / tokens, longs[:, 0].to(floats.dtype)], 1
+        )
+        return names, rows, counts
 
     @torch.no_grad()
     def update_bias(self) -> None:
         """DeepSeek-V3 aux-loss-free step: b_i += rate * sign(mean load - load_i) per MoE layer."""
         rate = self.cfg.bias_update_rate
-        if rate <= 0:
+        if rate <= 0 or not self._acc:
             return
-        for name, layer in self.layers.items():
-            acc = self._acc.get(name)
-            if acc is None:
-                continue
-            load = acc.counts.float()
-            layer.router.expert_bias.add_(rate * torch.sign(load.mean() - load))
+        names, _, counts = self.layer_stats()
+        for name, load in zip(names, counts.float(), strict=True):
+            bias = self.layers[name].router.expert_bias
+            bias.add_(rate * torch.sign(load.mean() - load))
+
+
+def _float_sums(acc: _Accumulated) -> torch.Tensor:
+    """[3 + E]: the aux share sum, z sum, entropy sum and router probability sums of one layer (one reduction)."""
+    return torch.cat([acc.aux_sum[None], acc.z_sum[None], acc.entropy_sum[None], acc.prob_sums])
+
+
+def _long_sums(acc: _Accumulated, with_counts: bool) -> torch.Tensor:
+    """[1 (+ E)]: dropped assignments (and the choice counts, when not reduced already) of one layer."""
+    return torch.cat([acc.dropped[None], acc.counts]) if with_counts else acc.dropped[None]
 
 
 def summarize(rows: torch.Tensor, counts: torch.Tensor) -> dict[str, Any]:
@@ -230,8 +260,12 @@ def summarize(rows: torch.Tensor, counts: torch.Tensor) -> dict[str, Any]:
             rows[:, 3].sum() / load.sum().clamp(min=1),
             rows[:, 2].mean(),
         ]
-    ).tolist()
+    )
+    # One host read for all of it: float64 holds the fp32 scalars and the counts (< 2^53) exactly.
+    values = torch.cat([scalars.double(), counts.flatten().double()]).tolist()
     names = ("moe_aux_loss", "moe_z_loss", "moe_imbalance", "moe_dropped_fraction", "moe_router_entropy")
-    out: dict[str, Any] = dict(zip(names, scalars, strict=True))
-    out["moe_tokens_per_expert"] = counts.long().tolist()
+    out: dict[str, Any] = dict(zip(names, values[: len(names)], strict=True))
+    width = counts.shape[-1]
+    flat = [int(v) for v in values[len(names) :]]
+    out["moe_tokens_per_expert"] = [flat[i : i + width] for i in range(0, len(flat), width)]
     return out

@@ -4,8 +4,8 @@ Slurm sends SIGUSR1 ahead of a time limit when the job asks for it (`--signal=US
 preempts or cancels a job; the Loom launcher sends both to the workers itself, and torchrun's agent ignores them
 (launcher/local.py). A handler only records the
 request; the Checkpointer acts on it at the next step boundary. In a multi-process run the ranks agree first (a
-one-element all-reduce per step): signals reach the ranks at slightly different times, and every rank must stop
-after the same step and write the same checkpoint.
+one-element all-reduce per step, read a step later so that no step waits for the device: `agreed`): signals reach
+the ranks at slightly different times, and every rank must stop after the same step and write the same checkpoint.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class PreemptionSignal:
         self.received: int = 0
         self._pid = os.getpid()
         self._previous: dict[int, Any] = {}
+        self._pending: tuple[torch.Tensor, Any] | None = None  # the last posted reduction (see agreed)
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -69,15 +70,39 @@ class PreemptionSignal:
         self.received = self.received or signum
 
     def agreed(self) -> int:
-        """The signal number if any rank received one (collective when distributed; every rank calls it each
-        step), else 0."""
+        """The signal number if any rank received one, else 0; collective when distributed (every rank calls it
+        once per step). Distributed, the ranks' flags are max-reduced without waiting for the device: this call
+        posts the reduction of the flag as of now and returns the result posted by the previous call, so a signal
+        stops the ranks one step later than one process, after the same step on every rank."""
         if not self.distributed:
             return self.received
+        seen = self._collect()
         flag = torch.tensor(
             [self.received], dtype=torch.int64, device=self.device
         )  # NCCL needs device tensors
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+        dist.all_reduce(
+            flag, op=dist.ReduceOp.MAX, async_op=True
+        ).wait()  # CUDA: the stream waits, not the host
+        if flag.device.type == "cuda":
+            host = torch.empty(1, dtype=torch.int64, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._pending = (host, done)
+        else:
+            self._pending = (flag, None)
+        return seen
+
+    def _collect(self) -> int:
+        """The previous call's reduced flag: on CUDA its copy to the host finished a step ago, so waiting on its
+        event does not drain the queue."""
+        if self._pending is None:
+            return 0
+        host, done = self._pending
+        self._pending = None
+        if done is not None:
+            done.synchronize()
+        return int(host[0])
 
 
 def write_record(run_dir: str | Path, step: int, path: Path | None, signum: int) -> None:

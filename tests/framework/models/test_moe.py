@@ -249,3 +249,54 @@ def test_moe_needs_a_decoder_without_biases() -> None:
         ModelConfig(family="encoder", moe=MoEConfig()).validate()
     with pytest.raises(ConfigError, match="model.bias"):
         ModelConfig(bias=True, moe=MoEConfig()).validate()
+
+
+def _run(layer: MoE, x: torch.Tensor, kernel: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    layer.experts.kernel = kernel  # type: ignore[assignment]
+    layer.zero_grad()
+    out = layer(x)
+    out.square().sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    "moe",
+    [{}, {"capacity_factor": 0.5}, {"n_experts": 8, "top_k": 1, "capacity_factor": 1.0}],
+    ids=["dropless", "dropping", "idle-experts"],
+)
+def test_grouped_mm_matches_the_expert_loop(moe: dict) -> None:
+    """torch._grouped_mm (the CUDA path) against the per-expert loop (the CPU path, the reference): values and
+    gradients, with dropped assignments (rows no expert takes) and experts that get no rows."""
+    assert hasattr(torch, "_grouped_mm")
+    layer = make_layer(**moe)
+    x = torch.randn(2, 6, 16)
+    loop, loop_grads = _run(layer, x, "loop")
+    grouped, grouped_grads = _run(layer, x, "grouped")
+    torch.testing.assert_close(grouped, loop, rtol=1e-6, atol=1e-6)
+    assert grouped_grads.keys() == loop_grads.keys()
+    for name, grad in loop_grads.items():
+        torch.testing.assert_close(grouped_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_grouped_mm_with_no_rows_still_gives_zero_expert_gradients() -> None:
+    layer = make_layer()
+    counts = torch.zeros(4, dtype=torch.long)
+    for kernel in ("loop", "grouped"):
+        layer.experts.kernel = kernel  # type: ignore[assignment]
+        layer.zero_grad()
+        x = torch.randn(0, 16, requires_grad=True)
+        layer.experts(x, counts).sum().backward()
+        assert layer.experts.w1.grad is not None and not layer.experts.w1.grad.any(), kernel
+
+
+def test_auto_takes_grouped_mm_on_cuda_bf16_with_aligned_rows_only() -> None:
+    from framework.models.moe import grouped_mm_fits
+
+    assert grouped_mm_fits("cuda", torch.bfloat16, (16, 64))
+    assert not grouped_mm_fits("cpu", torch.bfloat16, (16, 64))  # the CPU path is the loop
+    assert not grouped_mm_fits("cuda", torch.float32, (16, 64))  # torch's own loop fallback on CUDA
+    assert not grouped_mm_fits("cuda", torch.bfloat16, (16, 12))  # 24-byte rows: torch refuses them
+    layer = make_layer()
+    assert not layer.experts.uses_grouped_mm(torch.randn(3, 16))  # auto on CPU
+    layer.experts.kernel = "grouped"
+    assert layer.experts.uses_grouped_mm(torch.randn(3, 16))

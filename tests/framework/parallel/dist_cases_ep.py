@@ -235,7 +235,7 @@ def _compare(
     }
 
 
-def exchange_with_idle_rank() -> dict[str, Any]:
+def exchange_with_idle_rank(kernel: str = "loop") -> dict[str, Any]:
     """One MoE layer split over every rank (ep = world) whose selection bias sends every token to the first rank's
     experts: the other ranks receive no rows, yet forward and backward must reach the same collectives. Compares
     each rank's output and the experts' gradients (summed over the ranks' tokens) with one process's layer."""
@@ -256,6 +256,7 @@ def exchange_with_idle_rank() -> dict[str, Any]:
         reference.router.expert_bias[:2] = 1.0  # experts 0 and 1 (the first rank's) win every selection
     layer = copy.deepcopy(reference)
     apply_expert_parallel(layer, init_device_mesh("cpu", (world,), mesh_dim_names=("ep",)))
+    layer.experts.kernel = kernel  # the reference runs the loop
     xs = [torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(r)) for r in range(world)]
     out = layer(xs[rank])
     out.square().sum().backward()

@@ -115,10 +115,12 @@ def test_expert_parallel_matches_one_process(dist_pool, case: str) -> None:
     assert any(r["expert_local_shape"] for r in results), results
 
 
-def test_rank_that_receives_no_tokens(dist_pool) -> None:
+@pytest.mark.parametrize("kernel", ["loop", "grouped"])
+def test_rank_that_receives_no_tokens(dist_pool, kernel: str) -> None:
     """Every token routed to rank 0's experts: rank 1 runs its experts on zero rows, and its forward and backward
-    still take part in both all-to-alls (no hang); outputs and expert gradients equal one process's."""
-    results = dist_pool(2).run("dist_cases_ep:exchange_with_idle_rank")
+    still take part in both all-to-alls (no hang); outputs and expert gradients equal one process's, with the
+    per-expert loop or torch._grouped_mm (the CUDA path) as the experts' kernel."""
+    results = dist_pool(2).run("dist_cases_ep:exchange_with_idle_rank", kernel)
     for rank, result in enumerate(results):
         print(rank, result)
         assert result["out_rel"] <= 1e-6 and result["grad_rel"] <= 1e-6, result

@@ -48,3 +48,29 @@ def test_clear_record_deletes_only_loom_s_record(tmp_path) -> None:
         (tmp_path / RECORD).write_text(text)
         clear_record(tmp_path)
         assert (tmp_path / RECORD).read_text() == text  # not Loom's: kept
+
+
+def test_ranks_agree_without_waiting_a_step_later(monkeypatch) -> None:
+    """Distributed, `agreed` posts the max-reduction of the flag asynchronously and returns the one posted at the
+    previous step (no host read of a device value in the step that posts it): a signal received before step s's
+    check stops the run after step s + 1, on every rank alike."""
+    import torch.distributed as dist
+
+    posted = []
+    real = dist.all_reduce
+
+    def recording(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        posted.append(async_op)
+        return real(tensor, op=op, group=group, async_op=async_op)
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(dist, "all_reduce", recording)
+        guard = PreemptionSignal(distributed=True)
+        assert guard.agreed() == 0
+        guard.received = signal.SIGUSR1
+        assert guard.agreed() == 0  # posted now, read at the next step
+        assert guard.agreed() == signal.SIGUSR1
+        assert posted == [True, True, True]
+    finally:
+        dist.destroy_process_group()
