@@ -47,6 +47,7 @@ GPUS: tuple[GPU, ...] = (
     GPU("GB200-186GB", "GB200", 184.3, 2500.0),
     GPU("B200-180GB", "B200", 178.3, 2250.0),
     GPU("B100-180GB", "B100", 178.3, 1750.0),  # no report: B200's memory
+    GPU("H200-NVL-141GB", "H200 NVL", 139.7, 835.0),  # the PCIe card: 835 TFLOP/s dense bf16, not SXM's 989
     GPU("H200-141GB", "H200", 139.7, 989.0),
     GPU("GH200-96GB", "GH200", 94.5, 989.0),  # no report: H20's 96 GB of HBM3, less 0.5
     GPU("H100-PCIe-80GB", "H100 PCIe", 79.1, 756.0),

@@ -107,6 +107,7 @@ def _preflight(recipe: Recipe) -> None:
     announce_kernels(
         recipe, device
     )  # model.kernels meets the device: a ConfigError before any model is built
+    announce_precision(recipe, device)  # precision.dtype auto -> the concrete dtype, before anything reads it
     check_fp8(recipe, device)  # likewise precision.dtype fp8 (torchao / TE installed, fp8-capable GPU)
     # sizes against the device's memory, before allocating anything
     check_fits(recipe, world_size_of_run(), str(device))
@@ -127,6 +128,26 @@ def announce_kernels(recipe: Recipe, device: torch.device) -> str:
         line = f"kernels: {kernels} ({KERNEL_LIBRARIES[kernels]}; model.kernels: {recipe.model.kernels})"
         print(line, flush=True)
     return kernels
+
+
+def announce_precision(recipe: Recipe, device: torch.device) -> str:
+    """Resolve precision.dtype in place (auto: bf16 on CUDA, fp32 elsewhere) and, on CUDA, set TF32 matmuls
+    for what stays fp32 (precision.tf32) and print both on rank 0. Returns the printed line ('' off CUDA).
+
+    TF32 is a process-wide torch setting, which is why it is set here, once, at the start of a run."""
+    chosen = recipe.precision.dtype
+    recipe.precision.dtype = recipe.precision.resolved_dtype(device.type)
+    if device.type != "cuda":
+        return ""
+    if recipe.precision.tf32:
+        torch.set_float32_matmul_precision("high")  # TF32 tensor cores for fp32 matmuls (cuBLAS and cuDNN)
+    compute = {"fp32": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast + loss scaling"}
+    fp32_matmuls = "TF32" if recipe.precision.tf32 else "full fp32"
+    what = compute.get(recipe.precision.dtype, "fp8 matmuls in bf16 autocast")
+    line = f"precision: {what}, fp32 matmuls in {fp32_matmuls} (precision.dtype: {chosen})"
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line, flush=True)
+    return line
 
 
 def _run_dir_guard(

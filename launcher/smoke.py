@@ -54,6 +54,20 @@ SDPA_OPS = {
     "aten::_scaled_dot_product_attention_math": "math",
 }
 FUSED_KERNEL_WORDS = ("flash", "fmha", "cudnn", "efficient", "fused_attn")
+"""Words in the CUDA kernel names of fused attention: SDPA's flash / memory-efficient / cuDNN kernels, TE's."""
+TRITON_PREFIX = "triton_"
+"""Compiled FlexAttention runs as inductor-generated Triton kernels (triton_tem_fused_*); the smoke model is not
+compiled otherwise, so with a flex op in the trace these are the attention kernels."""
+
+
+def fused_kernels(gpu_kernels: set[str], ops: list[str]) -> list[str]:
+    """The fused attention kernels among the CUDA kernel names of a trace whose attention ops are `ops`."""
+    flex = any("flex_attention" in op for op in ops)
+    return sorted(
+        n
+        for n in gpu_kernels
+        if any(w in n.lower() for w in FUSED_KERNEL_WORDS) or (flex and n.startswith(TRITON_PREFIX))
+    )
 
 
 @dataclass
@@ -291,8 +305,8 @@ def _profile_attention(recipe: Recipe, device: torch.device) -> tuple[list[str],
             torch.cuda.synchronize(device)
     names = {e.name for e in prof.events()}
     on_gpu = {e.name for e in prof.events() if e.device_type == DeviceType.CUDA}
-    kernels = sorted(n for n in on_gpu if any(w in n.lower() for w in FUSED_KERNEL_WORDS))
-    return sorted(n for n in names if n in SDPA_OPS or "flex_attention" in n), kernels
+    ops = sorted(n for n in names if n in SDPA_OPS or "flex_attention" in n)
+    return ops, fused_kernels(on_gpu, ops)
 
 
 def attention_check(device_type: str, ops: list[str], kernels: list[str], backend: str) -> Check:

@@ -462,10 +462,15 @@ class ParallelConfig:
 class PrecisionConfig:
     """Numeric precision of compute and the fp16 loss scaler."""
 
-    dtype: Literal["fp32", "bf16", "fp16", "fp8"] = "fp32"
-    """Compute dtype: fp32, bf16 autocast, fp16 autocast with dynamic loss scaling, or fp8: the transformer
-    blocks' Linear matmuls in float8 (scaled per tensor or row, see fp8_backend), everything else in bf16
-    autocast. Master weights stay fp32."""
+    dtype: Literal["auto", "fp32", "bf16", "fp16", "fp8"] = "auto"
+    """Compute dtype: auto (bf16 on CUDA, fp32 elsewhere: a CPU has no bf16 matmul units, docs/benchmarks.md),
+    fp32, bf16 autocast, fp16 autocast with dynamic loss scaling, or fp8: the transformer blocks' Linear matmuls
+    in float8 (scaled per tensor or row, see fp8_backend), everything else in bf16 autocast. Master weights stay
+    fp32. The run prints the dtype it chose."""
+    tf32: bool = True
+    """CUDA only: fp32 matmuls (an fp32 run's, and those autocast keeps in fp32) use TF32 tensor cores
+    (torch.set_float32_matmul_precision('high'): 10-bit mantissa products, fp32 accumulation), about 8x an
+    H100's fp32 rate. false keeps full fp32 matmuls."""
     fp8_backend: Literal["torchao", "te"] = "torchao"
     """fp8 only: torchao's float8 training (Float8Linear; the `fp8` extra; emulated on CPU) or Transformer
     Engine (te.Linear under TE's autocast; the `gpu` extra, CUDA only, not with parallel.tp > 1)."""
@@ -525,6 +530,12 @@ class PrecisionConfig:
             f"fp8_backend {self.fp8_backend} has the recipes {', '.join(allowed)}",
             f"set precision.fp8_recipe: {allowed[0]} (or null)",
         )
+
+    def resolved_dtype(self, device_type: str) -> str:
+        """The concrete compute dtype on this device type: `auto` is bf16 on CUDA and fp32 elsewhere."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bf16" if device_type == "cuda" else "fp32"
 
     @property
     def resolved_fp8_recipe(self) -> str:

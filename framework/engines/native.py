@@ -72,11 +72,20 @@ class DistributedTrainModule(TrainModule):
         return _sum_over(value, self.mesh, DP_DIMS)
 
     def _grad_sync(self, last: bool) -> contextlib.AbstractContextManager:
-        """Reduce gradients only on the last micro-batch of a step (replicate and FSDP2 both offer the switch).
-        The returned context wraps the micro-batch's forward and backward: with vocab-sharded logits it is
-        loss_parallel, which must be active for both."""
+        """Which gradient reductions this micro-batch's backward runs. The returned context wraps the
+        micro-batch's forward and backward: with vocab-sharded logits it is loss_parallel, which must be active
+        for both.
+
+        DDP all-reduces only on the last micro-batch: every rank holds whole gradients anyway. FSDP2 and HSDP
+        reduce-scatter every micro-batch (as torchtitan does), so between micro-batches a rank keeps only its
+        1/dp_shard gradient shard in fp32; skipping the reduce-scatter would keep each rank's whole unsharded
+        fp32 gradient until the last one (about 32 GB per rank for llama-8b). HSDP defers only the all-reduce
+        over dp_replicate to the last micro-batch: it moves shards, which are already small."""
         if self.dims.dp * self.dims.cp > 1:  # FSDP2/DDP also run over cp (context.data_parallel_mesh)
-            self.model.set_requires_gradient_sync(last)
+            if self.dims.data_parallel == "ddp":
+                self.model.set_requires_gradient_sync(last)
+            else:
+                self.model.set_requires_all_reduce(last)
         return loss_context(self.dims, self.recipe)
 
     def _to_device(self, batch: Batch) -> Batch:

@@ -109,9 +109,10 @@ class _Sizes:
 
 
 def _sizes(recipe: Recipe, device: str | None) -> _Sizes:
-    """device None = recipe.train.device, where "auto" plans for CUDA."""
+    """device None = recipe.train.device, where "auto" plans for CUDA (and precision.dtype auto for bf16)."""
     device = device or recipe.train.device
-    compute = FP32 if recipe.precision.dtype == "fp32" else 2
+    dtype = recipe.precision.resolved_dtype("cpu" if device == "cpu" else "cuda")
+    compute = FP32 if dtype == "fp32" else 2
     return _Sizes(compute=compute, cpu=device == "cpu")
 
 

@@ -63,7 +63,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, recipe: 
         model,
         dims,
         mesh,
-        recipe.precision.dtype,
+        recipe.precision.resolved_dtype(mesh.device_type),
         cpu_offload=p.cpu_offload,
         expert_dp=None if experts is None else experts.dp,
     )

@@ -5,6 +5,11 @@ forward + backward, e.g. about 6 x parameters + attention; computed by framework
 number) x tokens/s of this device. The peak is the device's dense bf16 tensor-core rate (no 2:4 sparsity), the
 usual reference for mixed-precision training, looked up in framework/gpus.py; `logging.peak_tflops` overrides it
 (e.g. for fp32 or a device not listed there). CPUs have no entry: MFU is then null unless overridden.
+
+Every rate is per device (per-GPU MFU): the model FLOPs of a step divided by the world size. A rank counts the
+tokens of the sequences it computes (its cp shard under context parallelism), but its tp and pp peers count the
+same tokens while each computes only part of the model, so a rank's share of the tokens is its count divided by
+tp x pp (`devices_per_token`). Summed over the world that gives every global token exactly once.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ def peak_tflops(device: torch.device, override: float | None = None) -> float | 
 
 
 def throughput(
-    tokens: int, seconds: float, flops_per_token: float | None, peak: float | None
+    tokens: float, seconds: float, flops_per_token: float | None, peak: float | None
 ) -> dict[str, float | None]:
     """tokens/s, TFLOP/s and MFU of one device over an interval (None where an input is missing)."""
     tokens_per_s = tokens / seconds if seconds > 0 else None

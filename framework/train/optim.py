@@ -3,12 +3,20 @@
 Decoupled weight decay pulls weights towards zero; that is meant for weight matrices only. Norm gains, biases and
 any other 1-D parameter are never decayed (decaying a norm gain towards 0 shrinks the whole residual branch), and
 embedding tables are decayed only when `optim.decay_embeddings` is set.
+
+Each of those groups is split once more by parameter layout: plain tensors, and DTensors per device mesh. The
+fused (and foreach) AdamW kernels take one list per launch and refuse a list that mixes plain tensors and
+DTensors ("_fused_adamw_ got mixed torch.Tensor and DTensor"), which is what tensor parallelism without FSDP
+gives: norms and embeddings stay plain, projections are DTensors on the tp mesh.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from framework.config import OptimConfig
 
@@ -45,15 +53,33 @@ def use_fused(cfg: OptimConfig, device: torch.device) -> bool:
     return cfg.fused if cfg.fused is not None else device.type == "cuda"
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over two groups: decayed matrices (weight_decay) and everything else (0)."""
+def layout_of(param: torch.Tensor) -> object:
+    """What a fused kernel needs the same within one list: None for a plain tensor, else the DTensor's mesh."""
+    return param.device_mesh if isinstance(param, DTensor) else None
+
+
+def split_by_layout(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """`params` in one list per layout, each in the original order, layouts in order of first appearance."""
+    layouts: dict[object, list[torch.Tensor]] = {}
+    for p in params:
+        layouts.setdefault(layout_of(p), []).append(p)
+    return list(layouts.values())
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
+    """Decayed matrices (weight_decay) then everything else (0), each split by layout; empty groups dropped."""
     params = dict(model.named_parameters())
     decay, no_decay = split_decay_groups(model, cfg.decay_embeddings)
-    groups = [
-        {"params": [params[n] for n in decay], "weight_decay": cfg.weight_decay},
-        {"params": [params[n] for n in no_decay], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
+    groups = []
+    for names, weight_decay in ((decay, cfg.weight_decay), (no_decay, 0.0)):
+        for layout in split_by_layout([params[n] for n in names]):
+            groups.append({"params": layout, "weight_decay": weight_decay})
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over param_groups(model, cfg)."""
+    groups = param_groups(model, cfg)
     return torch.optim.AdamW(
         groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=use_fused(cfg, device)
     )

@@ -36,13 +36,13 @@ class Precision:
         self, cfg: PrecisionConfig, device: torch.device, process_group: ProcessGroup | None = None
     ) -> None:
         """process_group: the ranks that must agree on every overflow (the whole world); None for one process."""
-        self.name = cfg.dtype
+        self.name = cfg.resolved_dtype(device.type)
         self.device = device
-        compute = COMPUTE_DTYPES[cfg.dtype]  # fp8: its float8 Linears sit inside bf16 autocast
+        compute = COMPUTE_DTYPES[self.name]  # fp8: its float8 Linears sit inside bf16 autocast
         self.autocast_dtype: torch.dtype | None = None if compute is torch.float32 else compute
         self.scaler: torch.amp.GradScaler | None = None
         self._fp8 = functools.partial(fp8_context, cfg, process_group)  # TE's fp8 autocast; else a no-op
-        if cfg.dtype == "fp16":
+        if self.name == "fp16":
             options = dict(
                 init_scale=cfg.loss_scale_init,
                 growth_factor=cfg.loss_scale_growth_factor,

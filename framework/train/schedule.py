@@ -58,3 +58,19 @@ def lr_multiplier(step: int, cfg: ScheduleConfig, total_steps: int) -> float:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int) -> LambdaLR:
     """LambdaLR driving every param group by lr_multiplier; its step() is called once per applied update."""
     return LambdaLR(optimizer, functools.partial(lr_multiplier, cfg=cfg, total_steps=total_steps))
+
+
+PER_GROUP_KEYS = ("base_lrs", "_last_lr", "lr_lambdas")
+"""LambdaLR's state entries that hold one value per param group."""
+
+
+def scheduler_state_for(state: dict, n_groups: int) -> dict:
+    """A saved LambdaLR state for an optimizer with `n_groups` param groups. Every group follows one schedule
+    (one base LR, one multiplier), but the group count depends on the layout (optim.py splits groups by parameter
+    layout, and a pipeline stage may lack one), so a checkpoint of another layout lists another count."""
+    out = dict(state)
+    for key in PER_GROUP_KEYS:
+        values = state.get(key)
+        if isinstance(values, list) and values and len(values) != n_groups:
+            out[key] = [values[0]] * n_groups
+    return out

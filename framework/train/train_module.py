@@ -23,7 +23,7 @@ from framework.train.loss import LossOutput, compute_loss, count_labelled, loss_
 from framework.train.moe_loss import MoEBalancer
 from framework.train.optim import build_optimizer
 from framework.train.precision import Precision
-from framework.train.schedule import build_scheduler
+from framework.train.schedule import build_scheduler, scheduler_state_for
 
 Batch = dict[str, torch.Tensor]
 StepVeto = Callable[[dict[str, Any]], str | None]
@@ -196,7 +196,9 @@ class TrainModule(BaseTrainModule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(self._optimizer_state_by_index(state["optimizer"]))
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.load_state_dict(
+            scheduler_state_for(state["scheduler"], len(self.optimizer.param_groups))
+        )
         self.precision.load_state_dict(state["precision"])
         self.counters = StepCounters(**state["counters"])
 
@@ -320,8 +322,11 @@ class TrainModule(BaseTrainModule):
 
 
 def _matching_group(current: dict[str, Any], saved: list[dict[str, Any]], number: int) -> dict[str, Any]:
+    """The saved group whose hyperparameters this live group takes: the first with the same weight decay. Groups
+    of one decay class differ only in parameter layout, which another layout splits differently (TP alone keeps
+    plain and DTensor groups apart, FSDP has one), so any of them holds the same values."""
     same = [g for g in saved if g.get("weight_decay") == current.get("weight_decay")]
-    return same[0] if len(same) == 1 else saved[number]
+    return same[0] if same else saved[min(number, len(saved) - 1)]
 
 
 def _like(current: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:

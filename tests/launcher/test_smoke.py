@@ -16,7 +16,7 @@ import torch
 
 from framework.config.loader import load_recipe
 from launcher.cli import main
-from launcher.smoke import DEFAULT_RECIPE, attention_check, check_loss_falls, cpu_precision
+from launcher.smoke import DEFAULT_RECIPE, attention_check, check_loss_falls, cpu_precision, fused_kernels
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
@@ -130,3 +130,19 @@ def test_attention_check_fails_the_math_fallback_on_cuda_only():
     assert flash.ok and flash.detail.startswith("cuda sdpa: flash; kernels void pytorch_flash")
     assert attention_check("cpu", math_op, [], "sdpa").detail == "cpu sdpa: math"
     assert attention_check("cpu", [], [], "naive").detail == "cpu: naive (no SDPA op)"
+
+
+def test_compiled_flex_kernels_count_as_fused_attention():
+    """Compiled FlexAttention runs as inductor's Triton kernels: with a flex op in the trace they are the fused
+    attention kernels (the check passed only SDPA's and TE's names before); without one they are not."""
+    gpu = {
+        "triton_tem_fused_0",
+        "triton_tem_fused_zeros_1",
+        "void at::native::vectorized_elementwise_kernel<>",
+    }
+    flex_ops = ["flex_attention", "flex_attention_backward"]
+    kernels = fused_kernels(gpu, flex_ops)
+    assert kernels == ["triton_tem_fused_0", "triton_tem_fused_zeros_1"]
+    check = attention_check("cuda", flex_ops, kernels, "flex")
+    assert check.ok and check.detail.startswith("cuda sdpa: flex; kernels triton_tem_fused_0")
+    assert fused_kernels(gpu, ["aten::_scaled_dot_product_attention_math"]) == []

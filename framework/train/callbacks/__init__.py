@@ -35,7 +35,12 @@ def default_callbacks(
     summary (it reports the final checkpoint) and W&B (it reads its run id from a resumed checkpoint)."""
     callbacks: list[Callback] = [
         MetricsLogger(
-            recipe.logging, total_steps=recipe.train.steps, flops_per_token=flops_per_token, rank=rank
+            recipe.logging,
+            total_steps=recipe.train.steps,
+            flops_per_token=flops_per_token,
+            rank=rank,
+            # tp and pp peers count the same tokens: per-GPU rates divide them among those ranks
+            devices_per_token=(layout or {}).get("tp", 1) * (layout or {}).get("pp", 1),
         ),
         Stability(recipe.train, recipe.logging.run_dir),
     ]

@@ -43,7 +43,9 @@ class MetricsLogger(Callback):
 
     tokens/s, TFLOP/s and MFU are over the steps since the previous record, from the Trainer's per-step wall
     time (data + compute; time spent in other callbacks such as checkpointing is not counted). `flops_per_token`
-    is the training FLOPs (forward + backward) of one token; without it TFLOP/s and MFU are null.
+    is the training FLOPs (forward + backward) of one token; without it TFLOP/s and MFU are null. All three are
+    per device: `devices_per_token` (tp x pp) is how many ranks share the compute of each token this rank counts
+    (framework/train/metrics.py), so tokens/s is this rank's share of the tokens, not its replica's.
     `stream` takes the progress display (default stderr): a bar when it is a terminal, else plain lines
     (framework/train/callbacks/progress.py).
     """
@@ -56,11 +58,13 @@ class MetricsLogger(Callback):
         flops_per_token: float | None = None,
         rank: int = 0,
         stream: IO[str] | None = None,
+        devices_per_token: int = 1,
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.total_steps = total_steps
         self.flops_per_token = flops_per_token
+        self.devices_per_token = devices_per_token
         self.enabled = rank == 0
         self.stream = stream
         self._peak: float | None = None
@@ -102,7 +106,9 @@ class MetricsLogger(Callback):
             trainer.emit("on_log", "train", record)
 
     def _train_record(self, metrics: dict[str, Any]) -> dict[str, Any]:
-        rates = throughput(self._interval_tokens, self._interval_time, self.flops_per_token, self._peak)
+        # this device's share of the tokens: its tp and pp peers counted the same ones
+        share = self._interval_tokens / self.devices_per_token
+        rates = throughput(share, self._interval_time, self.flops_per_token, self._peak)
         self._interval_time, self._interval_tokens = 0.0, 0
         record = {key: _json_value({**metrics, **rates}.get(key)) for key in TRAIN_KEYS}
         # MoE router losses and load metrics, when the model has MoE layers (see framework/train/moe_loss.py).

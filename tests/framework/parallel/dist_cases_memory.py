@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from framework.config import DataConfig, ModelConfig, ParallelConfig, PrecisionConfig, Recipe, TrainConfig
+from framework.engines.native import DistributedTrainModule
 from framework.models.memory import activation_breakdown
 from framework.parallel.dims import ParallelDims, build_mesh
 from framework.parallel.parallelize import blocks
@@ -84,3 +87,50 @@ def fsdp_forward_keeps() -> dict[str, Any]:
         "fsdp_estimate": activation_breakdown(recipe),
         "single_estimate": activation_breakdown(one),
     }
+
+
+def _live_fp32_bytes(exclude: set[int]) -> int:
+    """Bytes of the distinct fp32 storages that live Python tensors hold, leaving out the storages in `exclude`:
+    storage accounting from the garbage collector's view, independent of where FSDP2 keeps a gradient."""
+    gc.collect()
+    storages: dict[int, int] = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and not isinstance(obj, DTensor) and obj.dtype == torch.float32:
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in exclude and storage.nbytes() > 0:
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def gradient_bytes_between_micro_batches(parallel: dict[str, Any]) -> dict[str, Any]:
+    """fp32 bytes this rank holds after the first of two micro-batches' backward, beyond what it held before the
+    step (its parameter shards): the gradients kept for the next micro-batch. With the model's fp32 size, the
+    expected share (1/dp_shard under FSDP2 and HSDP) and the model's whole size."""
+    world = dist.get_world_size()
+    recipe = memory_recipe(world)
+    for key, value in parallel.items():
+        setattr(recipe.parallel, key, value)
+    recipe.train.global_batch_size = 2 * BATCH * world // parallel.get("tp", 1)  # two micro-batches per rank
+    dims = ParallelDims.from_recipe(recipe, world)
+    mesh = build_mesh(dims, "cpu")
+    module = DistributedTrainModule(
+        build_parallel_model(recipe, dims, mesh, torch.device("cpu")), recipe, "cpu", dims, mesh
+    )
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    ids = [torch.randint(0, recipe.model.vocab_size, (BATCH, SEQ), generator=gen) for _ in range(2)]
+    micro = [{"input_ids": i, "labels": i.clone()} for i in ids]
+    baseline = _live_fp32_bytes(set())
+    held: list[int] = []
+    backward = module._backward
+
+    def measured(loss: torch.Tensor, last: bool) -> None:
+        backward(loss, last)
+        if not last:
+            held.append(_live_fp32_bytes(set()) - baseline)
+
+    module._backward = measured
+    module.train_batch(micro)
+    model_bytes = (
+        sum(p.numel() for p in materialize_model(recipe.model, torch.device("meta"), 0).parameters()) * 4
+    )
+    return {"held": held[0], "model_bytes": model_bytes, "dp_shard": dims.dp_shard}

@@ -86,11 +86,14 @@ def parity(
     model: dict[str, Any] | None = None,
     kind: str = "causal",
     z_loss: float = 0.0,
+    fused: bool | None = None,
 ) -> dict[str, Any]:
     """Train `steps` steps in this layout (built as a run builds it) and on one process; report the relative differences of
-    per-step losses and gradient norms, of every parameter, and of a held-out batch's eval_batch loss sum."""
+    per-step losses and gradient norms, of every parameter, and of a held-out batch's eval_batch loss sum.
+    `fused`: optim.fused of both runs (None: the device's default, non-fused on CPU)."""
     recipe = tiny_recipe(model, **parallel)
     recipe.train.z_loss = z_loss
+    recipe.optim.fused = fused
     data = batches(steps + 1, kind)
     train, held_out = data[:steps], data[steps][0]
     cpu = torch.device("cpu")

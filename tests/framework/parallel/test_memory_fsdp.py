@@ -9,6 +9,8 @@ inputs to bf16)."""
 
 from __future__ import annotations
 
+import pytest
+
 
 def test_fsdp2_keeps_no_weight_copies_and_the_estimate_bounds_it(dist_pool) -> None:
     for rank in dist_pool(2).run("dist_cases_memory:fsdp_forward_keeps"):
@@ -25,3 +27,18 @@ def test_fsdp2_keeps_no_weight_copies_and_the_estimate_bounds_it(dist_pool) -> N
         }
         saved = single["saved_bytes"] - fsdp["saved_bytes"]
         assert saved >= one["weight_copies"] - rank["fsdp_estimate"]["weight_copies"]
+
+
+@pytest.mark.parametrize(
+    ("world", "parallel"),
+    [(2, {"data_parallel": "fsdp"}), (4, {"data_parallel": "hsdp", "dp_replicate": 2})],
+    ids=["fsdp2", "hsdp2x2"],
+)
+def test_gradient_accumulation_keeps_only_this_ranks_gradient_shard(dist_pool, world, parallel) -> None:
+    """Between micro-batches a rank holds 1/dp_shard of the model's fp32 gradients: FSDP2 reduce-scatters every
+    micro-batch (HSDP defers only the replicate all-reduce). Deferring the reduce-scatter to the last micro-batch
+    kept each rank's whole unsharded gradient (about 32 GB per rank for llama-8b)."""
+    for rank in dist_pool(world).run("dist_cases_memory:gradient_bytes_between_micro_batches", parallel):
+        share = rank["model_bytes"] / rank["dp_shard"]
+        # the sharded gradients, up to FSDP2's padding of each shard to equal rows, and the loss scalars
+        assert 0.9 * share <= rank["held"] <= 1.15 * share, rank

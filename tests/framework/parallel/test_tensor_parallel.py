@@ -103,6 +103,16 @@ def test_tensor_parallel_matches_one_process(dist_pool, case: str) -> None:
         assert result["embedding_grad"] == "sharded like the weight", result
 
 
+def test_fused_adamw_under_tp_without_fsdp(dist_pool) -> None:
+    """optim.fused (the CUDA default) under TP alone: norms and embeddings stay plain tensors while projections
+    are DTensors, which one fused launch refuses ("_fused_adamw_ got mixed torch.Tensor and DTensor"); the
+    optimizer keeps one group per layout, and the run matches one process taking the same fused AdamW."""
+    results = dist_pool(2).run("dist_cases_tp:parity", STEPS, TP2, GQA, "causal", 0.0, True)
+    for result in results:
+        assert max(result["loss_rel"]) <= 1e-5, result
+        assert not result["params_beyond_tolerance"], result
+
+
 PIPELINES = {
     # 4 one-block stages, two per rank, documents as a keyword input: every stage starts and ends replicated and
     # the single block of a stage both slices and gathers
