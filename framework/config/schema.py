@@ -784,10 +784,22 @@ class LoggingConfig:
     """Peak dense TFLOP/s of one device for MFU; null = look up the device in the built-in table."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases logging (off by default); see WandbConfig."""
+    profile_step: int | None = None
+    """Record a torch profiler trace of this one step (CPU and CUDA activity, rank 0): <run_dir>/profile/
+    step_N.trace.json (Chrome trace: chrome://tracing or ui.perfetto.dev) and step_N.top_kernels.json (the 15
+    ops / kernels with the most device time, else CPU time). null: no profiling. The step before it warms the
+    profiler up, so it must be >= 2."""
 
     def validate(self) -> None:
         _positive(self, "logging", "log_every", "peak_tflops")
         _at_most(self, "logging", MAX_STEPS, "log_every")
+        _require(
+            self.profile_step is None or self.profile_step >= 2,
+            "logging.profile_step",
+            self.profile_step,
+            "must be >= 2 (the step before it warms the profiler up)",
+            "set logging.profile_step: 2 or later, or null",
+        )
         self.wandb.validate()
 
 

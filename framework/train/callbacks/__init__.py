@@ -9,7 +9,7 @@ from framework.config import Recipe
 from framework.train.callbacks.base import Callback
 from framework.train.callbacks.checkpointer import Checkpointer
 from framework.train.callbacks.metrics_logger import MetricsLogger
-from framework.train.callbacks.profiler import Profiler
+from framework.train.callbacks.profiler import Profiler, StepTrace
 from framework.train.callbacks.recipe_record import RecipeRecord
 from framework.train.callbacks.stability import Stability, TrainingHalted
 from framework.train.callbacks.summary import RunSummary
@@ -58,6 +58,10 @@ def default_callbacks(
             accept_data_change=accept_data_change,
         )
         callbacks.append(checkpointer)
+    if recipe.logging.profile_step is not None:
+        callbacks.append(
+            StepTrace(Path(recipe.logging.run_dir) / "profile", recipe.logging.profile_step, rank)
+        )
     callbacks.append(RunSummary(recipe, checkpointer=checkpointer, rank=rank))
     callbacks.append(WandbLogger(recipe, rank=rank))
     callbacks.append(RecipeRecord(recipe, rank))  # last: only a run whose start succeeded records its recipe

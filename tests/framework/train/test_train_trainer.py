@@ -164,6 +164,28 @@ def test_profiler_writes_a_trace(tmp_path):
     assert list((tmp_path / "prof").iterdir())
 
 
+def test_step_trace_records_exactly_the_asked_step(tmp_path):
+    """logging.profile_step: a Chrome trace and the top ops of that one step, written where the recipe says (via
+    default_callbacks, as a run builds them); the trace holds one ProfilerStep, the one asked for."""
+    from framework.config import ConfigError
+    from framework.train.callbacks import StepTrace, default_callbacks
+
+    recipe = make_recipe(tmp_path, {"logging.profile_step": 3})
+    callbacks = default_callbacks(recipe, checkpoints=False)
+    assert any(isinstance(c, StepTrace) for c in callbacks)
+    Trainer(TrainModule(make_model(), recipe, "cpu"), make_batches(6), callbacks, recipe).fit()
+    out = tmp_path / "profile"
+    trace = json.loads((out / "step_3.trace.json").read_text())
+    steps = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")}
+    assert len(steps) == 1, steps
+    top = json.loads((out / "step_3.top_kernels.json").read_text())
+    assert 0 < len(top) <= 15 and all(t["ms"] >= 0 and t["on"] == "cpu" for t in top)
+    assert [t["ms"] for t in top] == sorted((t["ms"] for t in top), reverse=True)
+    assert any("addmm" in t["name"] or "mm" in t["name"] for t in top)  # the matmuls ran in that step
+    with pytest.raises(ConfigError, match="logging.profile_step"):
+        make_recipe(tmp_path, {"logging.profile_step": 1})
+
+
 @pytest.mark.parametrize(
     ("name", "peak"),
     [
