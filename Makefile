@@ -16,7 +16,7 @@ TE_VERSION := 2.20.2
 TE_CACHE ?= $(HOME)/.cache/loom/te
 TE_WHEEL := $(TE_CACHE)/transformer_engine-$(TE_VERSION)-py3-none-any.whl
 
-.PHONY: demo test install install-dev torch-cpu data lint clean
+.PHONY: demo test install install-dev torch-cpu data lint clean gpu-prepare
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,10 @@ $(TE_WHEEL): | $(PY)
 
 test: lint $(TE_WHEEL)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} LOOM_TE_SOURCES="$(TE_WHEEL)" $(VENV)/bin/pytest -q -ra $(PYTEST_ARGS)
+
+# What a lent GPU machine (no internet) needs carried: wheels, data/demo, the seq-4096 data (docs/gpu.md).
+gpu-prepare: install-dev
+	PYTHON=$(PY) tools/gpu_prepare
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
