@@ -52,9 +52,17 @@ def _add_input_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_tokenizer_parser(data_commands: argparse._SubParsersAction) -> None:
-    tok = data_commands.add_parser("tokenizer", help="train a sentencepiece tokenizer on text/JSONL")
+    tok = data_commands.add_parser(
+        "tokenizer", help="train a tokenizer on text/JSONL/Parquet: sentencepiece, or an HF byte-level BPE"
+    )
     _add_input_args(tok)
-    tok.add_argument("--out", required=True, help="path of the .model file to write (a new file)")
+    tok.add_argument(
+        "--type", choices=["sentencepiece", "bpe"], default="sentencepiece", dest="tokenizer_type",
+        help="sentencepiece: a .model file (default); bpe: a byte-level BPE tokenizer.json folder (HF tokenizers)",
+    )  # fmt: skip
+    tok.add_argument(
+        "--out", required=True, help="the .model file to write (sentencepiece) or the new folder (--type bpe)"
+    )
     tok.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     tok.add_argument("--vocab-size", type=int, default=32000, help="pieces in the model (default 32000)")
     tok.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="default bpe")
@@ -69,11 +77,15 @@ def _add_tokenizer_parser(data_commands: argparse._SubParsersAction) -> None:
 
 
 def _add_prepare_parser(data_commands: argparse._SubParsersAction) -> None:
-    prep = data_commands.add_parser("prepare", help="tokenize and pack text/JSONL into webdataset shards")
+    prep = data_commands.add_parser(
+        "prepare", help="tokenize and pack text/JSONL/Parquet/Arrow into webdataset shards"
+    )
     _add_input_args(prep)
     prep.add_argument("--out", required=True, help="output folder of the prepared dataset (new or empty)")
     prep.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder whole")
-    prep.add_argument("--tokenizer", required=True, help="sentencepiece .model file")
+    prep.add_argument(
+        "--tokenizer", required=True, help="sentencepiece .model, an HF tokenizer.json, or an HF model folder"
+    )
     prep.add_argument("--seq-len", type=int, required=True, help="the recipe's data.seq_len (or a multiple)")
     prep.add_argument("--shard-samples", type=int, default=8192, help="samples per shard (default 8192)")
     prep.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
@@ -87,6 +99,14 @@ def _run_data(args: argparse.Namespace) -> None:
         build_demo_data(args.out, overwrite=args.overwrite)
         return
     _check_data_args(args)
+    if args.data_command == "tokenizer" and args.tokenizer_type == "bpe":
+        from framework.data.hf_tokenizer import train_bpe_on_files
+
+        tokenizer = train_bpe_on_files(args.inputs, args.out, args.vocab_size, text_field=args.text_field,
+                                       val_fraction=args.val_fraction, num_sentinels=args.sentinels,
+                                       overwrite=args.overwrite)  # fmt: skip
+        print(f"wrote {tokenizer.path} ({tokenizer.vocab_size} tokens, sha256 {tokenizer.sha256})")
+        return
     if args.data_command == "tokenizer":
         from framework.data.tokenizer import train_tokenizer_on_files
 

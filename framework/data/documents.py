@@ -1,9 +1,13 @@
-"""Raw documents from text and JSONL files (plain, .gz or .zst), and the train/validation split.
+"""Raw documents from text, JSONL (plain, .gz or .zst), Parquet and Arrow files, and the train/validation split.
 
 Input formats (by file name, after stripping .gz / .zst):
     *.jsonl / *.json   one JSON object per line; the document is its `text_field` (default "text")
+    *.parquet          the `text_field` column, read one record batch at a time (pyarrow; streaming)
+    *.arrow            Arrow IPC (stream or file format), e.g. the shards of a Hugging Face `datasets`
+                       `save_to_disk` folder: passing that folder takes its *.arrow files in the order its
+                       state.json lists them
     anything else      plain text: every non-empty line is one document (use JSONL for multi-line documents)
-Blank lines are skipped in both. Every problem (missing or empty file, invalid UTF-8, a broken JSON line, a missing
+Blank lines (and empty or all-whitespace texts) are skipped in all. Every problem (missing or empty file, invalid UTF-8, a broken JSON line, a missing
 or non-string text field) is a ConfigError naming the file and line, so nothing is silently dropped.
 """
 
@@ -98,6 +102,9 @@ def read_documents(path: str | Path, text_field: str = "text") -> Iterator[tuple
     """(document, bytes of the file read so far) for every document of one input file."""
     path = Path(path)
     _check_file(path)
+    if path.suffix in COLUMNAR:
+        yield from _columnar_documents(path, text_field)
+        return
     jsonl = is_jsonl(path)
     found = False
     raw, stream = open_raw(path)
@@ -165,6 +172,77 @@ def _json_text(line: str, path: Path, number: int, text_field: str) -> str:
     return text
 
 
+COLUMNAR = (".parquet", ".arrow")
+
+
+def _record_batches(path: Path, text_field: str) -> tuple[Iterator[Any], int]:
+    """(record batches holding the `text_field` column, rows in the file) of a Parquet or Arrow IPC file."""
+    import pyarrow as pa  # optional: needed for Parquet / Arrow inputs only
+
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(path)
+            _require_column(pf.schema_arrow.names, path, text_field)
+            return pf.iter_batches(batch_size=1024, columns=[text_field]), pf.metadata.num_rows
+        try:
+            reader = pa.ipc.open_file(pa.memory_map(str(path)))
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        except pa.ArrowInvalid:  # not the file format: HF datasets writes the stream format
+            reader = pa.ipc.open_stream(pa.memory_map(str(path)))
+            batches = iter(reader)
+        _require_column(reader.schema.names, path, text_field)
+        return batches, -1
+    except (pa.ArrowException, OSError) as error:
+        raise ConfigError(str(path), "input", str(path), f"is not a readable {path.suffix[1:]} file ({error})",
+                          "re-export it, or pass JSONL") from None  # fmt: skip
+
+
+def _require_column(names: Sequence[str], path: Path, text_field: str) -> None:
+    if text_field not in names:
+        raise ConfigError(
+            str(path), "text_field", text_field, f"{path.name} has no column '{text_field}' (it has {', '.join(names)})",
+            "pass --text-field with the name of the column that holds the text",
+        )  # fmt: skip
+
+
+def _columnar_documents(path: Path, text_field: str) -> Iterator[tuple[Document, int]]:
+    """Documents of a Parquet / Arrow file, batch by batch; the byte position is the file size times the fraction
+    of rows read (exact at the end), which is what the progress bar needs."""
+    batches, total_rows = _record_batches(path, text_field)
+    size, row, found = path.stat().st_size, 0, False
+    for batch in batches:
+        texts = batch.column(batch.schema.get_field_index(text_field)).to_pylist()
+        for text in texts:
+            row += 1
+            if not isinstance(text, str):
+                raise ConfigError(f"{path}:row {row}", "text_field", text_field,
+                                  f"row {row} of column '{text_field}' is {type(text).__name__}, not a string",
+                                  "drop or fill those rows, or pass --text-field naming a string column")  # fmt: skip
+            if text.strip():
+                found = True
+                yield (
+                    Document(text, str(path), row),
+                    size * row // max(total_rows, row) if total_rows > 0 else 0,
+                )
+    if not found:
+        raise ConfigError(str(path), "input", str(path), "holds no documents", "remove it from the inputs")
+
+
+def hf_dataset_files(folder: Path) -> list[Path] | None:
+    """The *.arrow shards of a Hugging Face `datasets` save_to_disk folder (state.json lists them), else None."""
+    state = folder / "state.json"
+    if not (state.is_file() and (folder / "dataset_info.json").is_file()):
+        return None
+    try:
+        files = [folder / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(str(state), "input", str(folder), f"state.json is not a datasets state ({error})",
+                          "re-save the dataset with save_to_disk") from None  # fmt: skip
+    return files
+
+
 def iter_documents(paths: Sequence[str | Path], text_field: str = "text") -> Iterator[tuple[Document, int]]:
     """Documents of every input in the given order, with the bytes read so far over all inputs."""
     done = 0
@@ -183,7 +261,9 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
         if not item.exists():  # the path as the file too: a long value is shortened in the message
             raise ConfigError(str(item), "input", str(item), "file not found", "check the path of the input")
         if item.is_dir():
-            paths.extend(sorted(p for p in item.rglob("*") if p.is_file() and not p.name.startswith(".")))
+            arrow = hf_dataset_files(item)  # a datasets folder: its shards, not its JSON metadata
+            paths.extend(arrow if arrow is not None else sorted(
+                p for p in item.rglob("*") if p.is_file() and not p.name.startswith(".")))  # fmt: skip
         else:
             paths.append(item)
     if not paths:

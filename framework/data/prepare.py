@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import sentencepiece as spm
 from tqdm import tqdm
 
 from framework.config.errors import ConfigError
@@ -40,7 +39,7 @@ from framework.data.shards import (
     token_dtype,
     write_shard,
 )
-from framework.data.tokenizer import Tokenizer
+from framework.data.tokenizer import Tokenizer, encoder_from_state
 from framework.outputs import OWNER_MARK, atomic_dir, check_output, remove_if_owned
 
 PREPARE_KIND = "data-prepare"
@@ -52,20 +51,23 @@ DEFAULT_SHARD_SAMPLES = 8192
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(model: bytes, eos_id: int, dtype: str, val_fraction: float) -> None:
+def _init_worker(tokenizer: tuple[str, Any], eos_id: int, dtype: str, val_fraction: float) -> None:
     # A forked worker inherits the parent's signal handlers (a trainer's preemption handler, in a test or a
     # notebook); Pool.terminate() relies on SIGTERM's default action, which no Python handler may replace.
     # Ctrl-C reaches the whole process group: the parent handles it and terminates the pool.
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _WORKER.update(sp=spm.SentencePieceProcessor(model_proto=model), eos=eos_id, dtype=DTYPES[dtype])
+    if multiprocessing.parent_process() is not None:
+        # the pool is the parallelism: the `tokenizers` library's own thread pool per worker would oversubscribe
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER.update(encoder=encoder_from_state(tokenizer), eos=eos_id, dtype=DTYPES[dtype])
     _WORKER["val_fraction"] = val_fraction
 
 
 def _encode_chunk(texts: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """split -> (tokens of its documents, each followed by eos; document lengths including the eos)."""
-    ids = _WORKER["sp"].encode(texts)
+    ids = _WORKER["encoder"].encode_batch(texts)
     held_out = [is_validation(text, _WORKER["val_fraction"]) for text in texts]
     out = {}
     for split, wanted in zip(SPLITS, (False, True)):
@@ -168,6 +170,11 @@ def prepare(
     """
     paths = expand_inputs(inputs)
     tokenizer = Tokenizer(tokenizer_path, key="--tokenizer")
+    if tokenizer.eos_id < 0:  # every document is stored followed by eos: the boundary the readers rely on
+        raise ConfigError(
+            None, "--tokenizer", str(tokenizer_path), "defines no eos token, which ends every prepared document",
+            "name one in its tokenizer_config.json (eos_token)",
+        )  # fmt: skip
     # overwrite=True here: only the refusals nothing lifts (an input; a file where a folder goes).
     out = check_output(out_dir, inputs=[*inputs, *paths, tokenizer.path], overwrite=True, key="--out")
     params = prepare_params(paths, tokenizer, seq_len, text_field, val_fraction, shard_samples)
@@ -307,8 +314,10 @@ def _run(
     progress: bool,
 ) -> dict[str, Any]:
     seq, shard = params["seq_len"], params["shard_samples"]
-    packers = {split: Packer(out, split, seq, shard, tokenizer.pad_id) for split in SPLITS}
-    init = (tokenizer.path.read_bytes(), tokenizer.eos_id, token_dtype(tokenizer.vocab_size))
+    # A tokenizer without a pad token (Llama-3's) pads a split's last sample with eos (framework/data/hf_tokenizer.py)
+    pad = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
+    packers = {split: Packer(out, split, seq, shard, pad) for split in SPLITS}
+    init = (tokenizer.worker_state(), tokenizer.eos_id, token_dtype(tokenizer.vocab_size))
     init += (params["val_fraction"],)
     total = sum(item["bytes"] for item in params["inputs"])
     with tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not progress) as bar:

@@ -60,7 +60,7 @@ class Objective:
         if self.extra_tokens == 0:
             tokens, document_ids = tokens[:, :-1], document_ids[:, :-1]
         batch = self.apply(tokens, generator)
-        if self.pad_id is not None:
+        if self.pad_id is not None and self.pad_id >= 0:  # -1: a tokenizer without pad (padded with eos)
             batch["labels"] = batch["labels"].masked_fill(batch["labels"] == self.pad_id, IGNORE_INDEX)
         if self.document_masking:
             batch["document_ids"] = document_ids[:, : batch["input_ids"].shape[1]].long()
@@ -99,6 +99,9 @@ def _span_objective(cfg: DataConfig, tokenizer: Tokenizer) -> Objective:
             "not supported with span_corruption (spans and sentinels cross document boundaries)",
             "set data.document_masking: false",
         )
+    # T5 starts decoding with pad and ends targets with eos: a tokenizer must define both
+    _require_piece(tokenizer.pad_id >= 0, tokenizer, "a pad token", "span_corruption")
+    _require_piece(tokenizer.eos_id >= 0, tokenizer, "an eos token", "span_corruption")
     _, spans = noise_span_counts(cfg.seq_len, cfg.noise_density, cfg.mean_span_length)
     if spans > len(tokenizer.sentinel_ids):
         raise ConfigError(
@@ -127,7 +130,8 @@ def _require_piece(ok: bool, tokenizer: Tokenizer, what: str, objective: str) ->
             "data.tokenizer",
             str(tokenizer.path),
             f"has no {what}, which data.objective={objective} needs",
-            "use a tokenizer trained by framework.data.tokenizer.train_tokenizer (`make data` builds one)",
+            "use a tokenizer that defines it (an HF tokenizer_config.json names pad_token / mask_token), or one "
+            "trained by `loom data tokenizer`",
         )
 
 

@@ -145,7 +145,82 @@ def _lines(texts: Iterable[str]) -> Iterable[str]:
 
 
 class Tokenizer:
-    """A loaded SentencePiece model with the ids the objectives need."""
+    """The tokenizer interface the data layer uses, with the ids the objectives need. `Tokenizer(path)` loads the
+    backend `path` names: a sentencepiece `.model` file (SentencePieceTokenizer), or a Hugging Face
+    `tokenizer.json` or a folder holding one (framework.data.hf_tokenizer.HFTokenizer, the `tokenizers`
+    library). Ids a tokenizer lacks are -1 (pad, bos, eos, unk) or None (mask); sentinels are the
+    `<extra_id_N>` tokens it has, in order.
+
+    Attributes of every backend: path, kind ("sentencepiece" | "hf"), sha256 (of the files that define the ids),
+    vocab_size, pad_id, eos_id, bos_id, unk_id, mask_id, sentinel_ids."""
+
+    kind: str
+    path: Path
+    sha256: str
+    vocab_size: int
+    pad_id: int
+    eos_id: int
+    bos_id: int
+    unk_id: int
+    mask_id: int | None
+    sentinel_ids: tuple[int, ...]
+
+    def __new__(cls, path: str | Path, key: str = "data.tokenizer") -> Tokenizer:
+        if cls is Tokenizer:  # dispatch on what the path names; subclasses construct themselves
+            from framework.data.hf_tokenizer import HFTokenizer, is_hf_tokenizer
+
+            cls = HFTokenizer if is_hf_tokenizer(Path(path)) else SentencePieceTokenizer
+        return super().__new__(cls)
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids that are never text: pad, eos, bos, unk, mask and the sentinels (ids < 0 mean 'disabled')."""
+        ids = {self.pad_id, self.eos_id, self.bos_id, self.unk_id, self.mask_id, *self.sentinel_ids}
+        return frozenset(i for i in ids if i is not None and i >= 0)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (no bos/eos added)."""
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
+        """Token ids of each text (no bos/eos added); the result does not depend on `num_threads`."""
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`."""
+        raise NotImplementedError
+
+    def id_to_piece(self, index: int) -> str:
+        """The piece (token) string of one id."""
+        raise NotImplementedError
+
+    def worker_state(self) -> tuple[str, Any]:
+        """A picklable description a worker process rebuilds an encoder from (`encoder_from_state`)."""
+        raise NotImplementedError
+
+
+def encoder_from_state(state: tuple[str, Any]) -> Any:
+    """An object with `encode_batch(texts) -> list[list[int]]`, rebuilt in a worker from `worker_state()`."""
+    kind, payload = state
+    if kind == "sentencepiece":
+        return _SentencePieceEncoder(spm.SentencePieceProcessor(model_proto=payload))
+    from framework.data.hf_tokenizer import encoder_from_json
+
+    return encoder_from_json(payload)
+
+
+class _SentencePieceEncoder:
+    def __init__(self, sp: spm.SentencePieceProcessor) -> None:
+        self._sp = sp
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._sp.encode(list(texts))
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A loaded SentencePiece model (the id layout of the module docstring when trained here)."""
+
+    kind = "sentencepiece"
 
     def __init__(self, path: str | Path, key: str = "data.tokenizer") -> None:
         self.path = Path(path)
@@ -176,12 +251,6 @@ class Tokenizer:
             ids.append(index)
         return tuple(ids)
 
-    @property
-    def special_ids(self) -> frozenset[int]:
-        """Ids that are never text: pad, eos, bos, unk, mask and the sentinels (ids < 0 mean 'disabled')."""
-        ids = {self.pad_id, self.eos_id, self.bos_id, self.unk_id, self.mask_id, *self.sentinel_ids}
-        return frozenset(i for i in ids if i is not None and i >= 0)
-
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (no bos/eos added)."""
         return self._sp.encode(text)
@@ -197,6 +266,9 @@ class Tokenizer:
     def id_to_piece(self, index: int) -> str:
         """The piece string of one id."""
         return self._sp.id_to_piece(int(index))
+
+    def worker_state(self) -> tuple[str, Any]:
+        return ("sentencepiece", self.path.read_bytes())
 
 
 def read_model(path: Path, key: str = "data.tokenizer") -> bytes:
