@@ -321,7 +321,11 @@ def _add_convert(commands: argparse._SubParsersAction) -> None:
         "--overwrite", action="store_true", help="replace an existing non-empty OUT whole (never a mix)"
     )
     convert.add_argument(
-        "--tokenizer", default=None, help="--to hf: sentencepiece model (default: the recipe's)"
+        "--tokenizer", default=None,
+        help="--to hf: a sentencepiece model, tokenizer.json or HF tokenizer folder (default: the recipe's)",
+    )  # fmt: skip
+    convert.add_argument(
+        "--no-tokenizer", action="store_true", help="--to hf: export the weights and config alone"
     )
     convert.add_argument(
         "--max-shard-size", default="5GB", help="--to hf: split weights into files of at most this size"
@@ -524,6 +528,7 @@ def run(argv: Sequence[str]) -> int:
                 megatron_config=args.megatron_config,
                 trust_checkpoint=args.trust_checkpoint,
                 overwrite=args.overwrite,
+                with_tokenizer=not args.no_tokenizer,
             )  # fmt: skip
         )
         return 0

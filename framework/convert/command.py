@@ -21,6 +21,7 @@ def convert(
     megatron_config: str | None = None,
     trust_checkpoint: bool = False,
     overwrite: bool = False,
+    with_tokenizer: bool = True,
 ) -> str:
     """Run one conversion; returns the line to print. User mistakes raise ConfigError."""
     if to == "megatron":
@@ -39,8 +40,9 @@ def convert(
 
         shard_bytes = parse_size(max_shard)
         path = export_checkpoint(
-            source, out, tokenizer=tokenizer, max_shard_bytes=shard_bytes, overwrite=overwrite
-        )
+            source, out, tokenizer=tokenizer, max_shard_bytes=shard_bytes, overwrite=overwrite,
+            with_tokenizer=with_tokenizer,
+        )  # fmt: skip
         return f"wrote Hugging Face model folder {path}"
     from framework.convert.hf.importer import import_hf
 

@@ -50,10 +50,12 @@ def data_fingerprint(train: Any) -> list[str | None]:
 
 def check_same_data(checkpoint: Path, recipe: dict[str, Any]) -> None:
     """Refuse the first of DATA_FIELDS whose value in `recipe` (recipe_to_dict) differs from the one recorded
-    in `checkpoint`'s meta.json. A checkpoint without a recorded recipe has nothing to compare (nothing refused)."""
+    in `checkpoint`'s meta.json. A checkpoint without a recorded recipe or data state has nothing to compare."""
     meta = read_meta_json(Path(checkpoint) / META)
     saved = meta.get("recipe")
-    if not isinstance(saved, dict):
+    # No data state: no sample was drawn yet (an import's step 0, `loom convert --from`), so any data is the
+    # start of this run's stream, not a change to it.
+    if not isinstance(saved, dict) or meta.get("data_state") is None:
         return
     for key in DATA_FIELDS:
         found, old = _lookup(saved, key)

@@ -119,11 +119,23 @@ def save_hf(
     _generation_config(cfg, ids).save_pretrained(str(out))
     save_weights(hf_state, out, max_shard_bytes)
     if tokenizer is not None:
-        from framework.convert.hf.tokenizer import save_hf_tokenizer
-
-        save_hf_tokenizer(tokenizer, out)
-        shutil.copyfile(tokenizer, out / "tokenizer.model")  # the original, so an import can train on with it
+        _save_tokenizer(Path(tokenizer), out)
     return out
+
+
+def _save_tokenizer(tokenizer: Path, out: Path) -> None:
+    """An HF tokenizer's own files as they are; a sentencepiece model as the tokenizer.json transformers reads,
+    plus the original (so an import trains on with exactly its ids)."""
+    from framework.data.hf_tokenizer import hf_files, is_hf_tokenizer
+
+    if is_hf_tokenizer(tokenizer):
+        for name, path in hf_files(tokenizer).items():
+            shutil.copyfile(path, out / name)
+        return
+    from framework.convert.hf.tokenizer import save_hf_tokenizer
+
+    save_hf_tokenizer(tokenizer, out)
+    shutil.copyfile(tokenizer, out / "tokenizer.model")
 
 
 def _token_ids(cfg: ModelConfig, tokenizer: str | Path | None) -> dict[str, int]:
@@ -138,7 +150,7 @@ def _token_ids(cfg: ModelConfig, tokenizer: str | Path | None) -> dict[str, int]
         raise ConfigError(
             None, "data.tokenizer", str(tokenizer),
             f"has {tok.vocab_size} pieces but model.vocab_size={cfg.vocab_size}: ids would fall outside the embedding",
-            "pass the tokenizer the model was trained with (--tokenizer)",
+            "pass the tokenizer the model was trained with (--tokenizer), or export with --no-tokenizer",
         )  # fmt: skip
     ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
     if cfg.family == "encoder_decoder":
@@ -160,9 +172,10 @@ def export_checkpoint(
     tokenizer: str | Path | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     overwrite: bool = False,
+    with_tokenizer: bool = True,
 ) -> Path:
     """`loom convert CKPT --to hf OUT`: the model of a committed checkpoint of any parallel layout (and its
-    recipe's tokenizer). The checkpoint is verified first, and only its model tensors are read, as full tensors.
+    recipe's tokenizer, or `tokenizer`; `with_tokenizer=False` (--no-tokenizer): the weights and config alone). The checkpoint is verified first, and only its model tensors are read, as full tensors.
     OUT appears whole or not at all: an existing non-empty OUT is refused unless `overwrite`, which replaces it
     whole (an old sharded export never stays beside a new single file); OUT may not be or hold an input."""
     from framework.convert.consolidate import read_model_state
@@ -171,9 +184,11 @@ def export_checkpoint(
     loaded = read_model_state(checkpoint)  # a damaged shard: one line (verify.load_tensors)
     recipe = recipe_from_metadata(loaded.meta, loaded.path)
     _family(recipe.model)  # refuse before any work is written
-    if tokenizer is None:
+    if tokenizer is None and with_tokenizer:
         tokenizer = _recipe_tokenizer(recipe)
         check(out, [tokenizer], overwrite)  # the recipe's tokenizer is an input too
+    if not with_tokenizer:
+        tokenizer = None
     with staged(out, "convert-hf", overwrite=overwrite) as tmp:
         save_hf(recipe.model, loaded.tensors, tmp, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
     return out
@@ -200,9 +215,9 @@ def recipe_from_metadata(metadata: dict[str, Any], path: Path) -> Recipe:
 
 def _recipe_tokenizer(recipe: Recipe) -> Path:
     path = Path(recipe.data.tokenizer)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(
-            None, "data.tokenizer", str(path), "the checkpoint's recipe names a tokenizer file that does not exist",
-            "pass the sentencepiece model with --tokenizer PATH",
+            None, "data.tokenizer", str(path), "the checkpoint's recipe names a tokenizer that does not exist",
+            "pass the tokenizer with --tokenizer PATH, or export the weights alone with --no-tokenizer",
         )  # fmt: skip
     return path

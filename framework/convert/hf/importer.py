@@ -3,6 +3,12 @@ pretraining.
 
 OUT/recipe.yaml points checkpoint.dir at OUT/checkpoints, so `loom train OUT/recipe.yaml --resume auto` starts
 from the imported weights at step 0 (fresh optimizer state; the schedule begins with its warmup).
+
+The model's tokenizer comes along: a sentencepiece `tokenizer.model` (what `loom convert --to hf` puts beside its
+weights) is copied to OUT/tokenizer.model, else a Hugging Face `tokenizer.json` (with tokenizer_config.json and
+special_tokens_map.json) is copied into OUT/tokenizer/, and the recipe's data.tokenizer names it. Every path in the
+written recipe is absolute (OUT resolved when the import runs), so it works from any directory; move OUT and the
+paths must be edited (or overridden with --set).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from framework.convert.output import check, require_source, staged
 from framework.outputs import read_json_file
 
 TOKENIZER = "tokenizer.model"
+HF_TOKENIZER_DIR = "tokenizer"
 OBJECTIVE = {"decoder": "causal", "encoder": "mlm", "encoder_decoder": "span_corruption"}
 
 
@@ -74,10 +81,32 @@ def import_hf(source: str | Path, out: str | Path, *, overwrite: bool = False) -
     source = require_source(source, "a Hugging Face model folder")
     out = check(out, [source], overwrite)
     cfg, state = read_hf(source)
-    tokenizer = source / TOKENIZER  # the sentencepiece model loom convert --to hf puts beside the weights
     with staged(out, "convert-import", overwrite=overwrite) as tmp:
-        checkpoint = write_imported(cfg, state, out, tokenizer if tokenizer.is_file() else None, into=tmp)
+        checkpoint = write_imported(cfg, state, out.resolve(), source_tokenizer(source), into=tmp)
     return checkpoint
+
+
+def source_tokenizer(source: Path) -> Path | None:
+    """The tokenizer an HF folder carries: Loom's sentencepiece original first (its ids are the reference), else
+    the folder itself when it holds a tokenizer.json; None without either."""
+    from framework.data.hf_tokenizer import TOKENIZER_JSON
+
+    if (source / TOKENIZER).is_file():
+        return source / TOKENIZER
+    return source if (source / TOKENIZER_JSON).is_file() else None
+
+
+def copy_tokenizer(tokenizer: Path, into: Path) -> str:
+    """Copy a tokenizer into the staging folder `into`; returns its name there (a file or the tokenizer/ folder)."""
+    from framework.data.hf_tokenizer import hf_files, is_hf_tokenizer
+
+    if not is_hf_tokenizer(tokenizer):
+        shutil.copyfile(tokenizer, into / TOKENIZER)
+        return TOKENIZER
+    (into / HF_TOKENIZER_DIR).mkdir()
+    for name, path in hf_files(tokenizer).items():
+        shutil.copyfile(path, into / HF_TOKENIZER_DIR / name)
+    return HF_TOKENIZER_DIR
 
 
 def write_imported(
@@ -91,7 +120,8 @@ def write_imported(
     """OUT/checkpoints/step_00000000 holding `state` (a Loom model state dict) and OUT/recipe.yaml around cfg,
     written exactly as training writes a checkpoint; shared by every `loom convert --from` format. The files go
     into `into` (a staging folder that becomes OUT) when given; the recipe's paths always name OUT. A
-    sentencepiece `tokenizer` is copied to OUT/tokenizer.model and named by the recipe."""
+    `tokenizer` (a sentencepiece model, or an HF tokenizer.json / folder) is copied into OUT and named by the
+    recipe (copy_tokenizer)."""
     from framework.checkpoint import get_rng_state, save_checkpoint
     from framework.config.loader import dump_recipe, recipe_to_dict
     from framework.models import build_model
@@ -100,9 +130,8 @@ def write_imported(
     out = Path(out)
     into = out if into is None else Path(into)
     into.mkdir(parents=True, exist_ok=True)
-    if tokenizer is not None:
-        shutil.copyfile(tokenizer, into / TOKENIZER)
-    recipe = import_recipe(cfg, out, out / TOKENIZER if tokenizer is not None else None)
+    name = copy_tokenizer(tokenizer, into) if tokenizer is not None else None
+    recipe = import_recipe(cfg, out, out / name if name is not None else None)
     model = build_model(cfg)
     model.load_state_dict(state, strict=True)
     module = TrainModule(model, recipe, torch.device("cpu"))
