@@ -24,6 +24,12 @@ def convert(
     with_tokenizer: bool = True,
 ) -> str:
     """Run one conversion; returns the line to print. User mistakes raise ConfigError."""
+    if tokenizer is not None and not with_tokenizer:
+        from framework.config.errors import ConfigError
+
+        raise ConfigError(
+            "command line", "--no-tokenizer", True, "contradicts --tokenizer", "pass one of the two"
+        )
     if to == "megatron":
         from framework.convert.megatron.convert import export_megatron
 
