@@ -64,6 +64,14 @@ def renames(cfg: ModelConfig) -> list[Rename]:
     return out
 
 
+def from_files(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Files saved from the bare GPT2Model (the original openai-community/gpt2 ones among them) name tensors
+    without the `transformer.` prefix; transformers adds it when loading, and so does this."""
+    if any(name.startswith("transformer.") for name in state):
+        return state
+    return {name if name == "lm_head.weight" else f"transformer.{name}": t for name, t in state.items()}
+
+
 def optional(name: str) -> bool:
     """A tied lm_head beside wte; old checkpoints also store each layer's causal-mask buffers (attn.bias,
     attn.masked_bias), which transformers ignores too."""

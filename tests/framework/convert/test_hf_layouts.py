@@ -90,6 +90,22 @@ def test_gpt2_conv1d_weights_are_transposed_and_mask_buffers_ignored(tmp_path: P
     assert diff <= 1e-4
 
 
+def test_gpt2_saved_as_the_bare_model_imports(tmp_path: Path) -> None:
+    """GPT2Model.save_pretrained (as the original gpt2 files) drops the `transformer.` prefix of every name."""
+    cfg = CONFIGS["gpt2"]
+    torch.manual_seed(0)
+    hf = build_hf_model(cfg).eval()
+    hf.transformer.save_pretrained(tmp_path)
+    assert not any(k.startswith("transformer.") for k in load_file(tmp_path / "model.safetensors"))
+    cfg_back, state = read_hf(tmp_path)
+    assert cfg_back == cfg
+    model = build_model(cfg)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        diff = (model.eval()(input_ids=_ids()) - hf(input_ids=_ids()).logits).abs().max().item()
+    assert diff <= 1e-4
+
+
 def test_phi3_import_exports_back_as_phi3(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, demo_data: Path
 ) -> None:
