@@ -157,8 +157,7 @@ _EXTRA: dict[str, dict[str, Any]] = {
     "t5": _ABSENT | {"softmax_scale": "none"},
     "mixtral": _ABSENT | {"softmax_scale": "inv_sqrt_dk"},
     "qwen3_moe": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None},
-    # Qwen2 windows layers from max_window_layers on; Loom's uniform window is not exported (yet)
-    "qwen2": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None},
+    "qwen2": _ABSENT | {"softmax_scale": "inv_sqrt_dk"},
     # Phi-3's RoPE is default or longrope (no linear or llama3 scaling); its window is uniform, as Loom's
     "phi3": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "rope_scaling": "none"},
     "gpt2": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None},
@@ -266,8 +265,10 @@ def _qwen3(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
 
 
 def _qwen2(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
-    # head_dim is not in Qwen2Config's signature but is kept as an attribute, and the model reads it
-    return "Qwen2ForCausalLM", "Qwen2Config", _decoder_common(cfg) | {"use_sliding_window": False}
+    # head_dim is not in Qwen2Config's signature but is kept as an attribute, and the model reads it.
+    # Qwen2 windows the layers from max_window_layers on: from 0, every layer, as Loom's uniform window.
+    window = {"use_sliding_window": cfg.sliding_window is not None, "sliding_window": cfg.sliding_window}
+    return "Qwen2ForCausalLM", "Qwen2Config", _decoder_common(cfg) | window | {"max_window_layers": 0}
 
 
 def _phi3(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:

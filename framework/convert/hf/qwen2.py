@@ -13,7 +13,9 @@ optional = llama.optional
 
 
 def model_config(hf: Any) -> dict[str, Any]:
-    # windowed layers (max_window_layers on) are not a uniform window: refused rather than read as full attention
-    sliding = [t for t in getattr(hf, "layer_types", None) or [] if t != "full_attention"]
-    _require(hf, "use_sliding_window", not sliding, "false: every layer full attention")
-    return llama.model_config(hf) | {"bias": True, "bias_scope": "qkv"}
+    # layer_types (derived from use_sliding_window and max_window_layers) says which layers slide; Loom's
+    # window is all layers or none, so a mix is refused rather than read as full attention
+    kinds = set(getattr(hf, "layer_types", None) or ["full_attention"])
+    _require(hf, "layer_types", len(kinds) == 1, "one attention type for every layer (max_window_layers 0)")
+    window = hf.sliding_window if kinds == {"sliding_attention"} else None
+    return llama.model_config(hf) | {"bias": True, "bias_scope": "qkv", "sliding_window": window}

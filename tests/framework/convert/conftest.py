@@ -32,6 +32,10 @@ CONFIGS: dict[str, ModelConfig] = {
         bias_scope="qkv",
         rope_theta=7000.0,
     ),
+    # every layer windowed (max_window_layers 0), a tied head
+    "qwen2_window_tied": ModelConfig(
+        **_DECODER, bias=True, bias_scope="qkv", sliding_window=5, tie_embeddings=True
+    ),
     # fused qkv_proj / gate_up_proj; 6 heads over 3 kv heads, a uniform window shorter than the sequence
     "phi3": ModelConfig(
         **_DECODER | {"kv_heads": 3, "norm_eps": 1e-5},

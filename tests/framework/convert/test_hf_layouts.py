@@ -140,7 +140,6 @@ def _refused(cfg: ModelConfig) -> str:
     "base,change,field",
     [
         ("qwen2", {"qk_norm": True}, "model.qk_norm=True"),
-        ("qwen2", {"sliding_window": 5}, "model.sliding_window=5"),
         ("bloom", {"bias_scope": "qkv"}, "model.bias_scope='qkv'"),
         ("gpt2", {"bias_scope": "qkv"}, "model.bias_scope='qkv'"),
         ("phi3", {"bias": True}, "model.bias=True"),
@@ -168,7 +167,7 @@ def test_bias_scope_needs_bias() -> None:
 @pytest.mark.parametrize(
     "name,change,key",
     [
-        ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}, "use_sliding_window"),
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}, "layer_types"),
         ("phi3", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
          "partial_rotary_factor"),
         ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
