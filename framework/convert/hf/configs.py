@@ -291,6 +291,10 @@ def _gpt2(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
         "tie_word_embeddings": cfg.tie_embeddings,
         "bos_token_id": None,
         "eos_token_id": None,
+        # GPT2Config defaults every dropout to 0.1; the recipe's rates are what training in HF should use
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.attention_dropout,
     }
     return "GPT2LMHeadModel", "GPT2Config", kwargs
 

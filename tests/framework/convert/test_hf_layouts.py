@@ -106,6 +106,14 @@ def test_gpt2_saved_as_the_bare_model_imports(tmp_path: Path) -> None:
     assert diff <= 1e-4
 
 
+def test_gpt2_export_keeps_the_recipe_dropout(tmp_path: Path) -> None:
+    """GPT2Config would default every dropout to 0.1; the export writes the recipe's rates."""
+    cfg = dataclasses.replace(CONFIGS["gpt2"], dropout=0.05, attention_dropout=0.0)
+    save_hf(cfg, random_model(cfg).state_dict(), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["resid_pdrop"], config["embd_pdrop"], config["attn_pdrop"]) == (0.05, 0.05, 0.0)
+
+
 def test_phi3_import_exports_back_as_phi3(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, demo_data: Path
 ) -> None:
