@@ -216,6 +216,9 @@ class ModelConfig:
     """Normalise queries and keys per head before attention (Qwen3, OLMo2)."""
     bias: bool = False
     """Biases in the attention and feed-forward linear layers."""
+    bias_scope: Literal["all", "qkv"] = "all"
+    """Which linear layers `bias: true` gives a bias: all (attention and feed-forward: GPT-2, BLOOM, BERT) or qkv
+    (only the query, key and value projections, none on the attention output or the MLP: Qwen2)."""
     position: Literal["rope", "alibi", "sinusoidal", "learned", "relative_bias", "none"] = "rope"
     """Position scheme: rotary, ALiBi linear biases, fixed sinusoidal table, learned table, T5 relative bias, none."""
     rope_theta: float = 10000.0
@@ -276,6 +279,10 @@ class ModelConfig:
     """Std of the embedding init; null = init_std. Small values give the small-init embeddings of Nguyen & Salazar."""
     moe: MoEConfig | None = None
     """Mixture-of-Experts layers (see MoEConfig); null = every feed-forward block is a dense MLP."""
+    hf_architecture: Literal["auto", "phi3"] = "auto"
+    """Hugging Face family `loom convert --to hf` writes: auto (the one the fields above pick: Llama for a plain
+    RoPE decoder) or phi3 (the same Llama weights as Phi3ForCausalLM's fused qkv_proj and gate_up_proj). Only the
+    file layout differs; importing a Phi-3 folder sets it, so the model exports back as Phi-3."""
 
     @property
     def resolved_kv_heads(self) -> int:
@@ -284,6 +291,11 @@ class ModelConfig:
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def dense_bias(self) -> bool:
+        """Biases on the attention output and feed-forward layers (bias_scope all); q/k/v follow `bias` alone."""
+        return self.bias and self.bias_scope == "all"
 
     @property
     def decoder_layers(self) -> int:
@@ -360,6 +372,13 @@ class ModelConfig:
             self.sliding_window,
             "sliding windows are defined here for causal attention only",
             "remove model.sliding_window for encoder models",
+        )
+        _require(
+            self.bias or self.bias_scope == "all",
+            "model.bias_scope",
+            self.bias_scope,
+            "chooses which layers model.bias applies to, but model.bias is false",
+            "set model.bias: true (Qwen2: biases on q/k/v only), or remove model.bias_scope",
         )
         if self.moe is not None:
             self._validate_moe(self.moe)

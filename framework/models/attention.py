@@ -221,7 +221,7 @@ class Attention(nn.Module):
         self.wq = nn.Linear(cfg.d_model, heads * head_dim, bias=cfg.bias)
         self.wk = nn.Linear(cfg.d_model, kv_heads * head_dim, bias=cfg.bias)
         self.wv = nn.Linear(cfg.d_model, kv_heads * head_dim, bias=cfg.bias)
-        self.wo = nn.Linear(heads * head_dim, cfg.d_model, bias=cfg.bias)
+        self.wo = nn.Linear(heads * head_dim, cfg.d_model, bias=cfg.dense_bias)  # none in Qwen2 (bias_scope)
         self.q_norm = build_norm(cfg, head_dim) if cfg.qk_norm else None
         self.k_norm = build_norm(cfg, head_dim) if cfg.qk_norm else None
         if cfg.learned_temperature:

@@ -53,7 +53,9 @@ def _attention_params(cfg: ModelConfig, *, cross: bool = False) -> int:
     hd, heads, kv = cfg.resolved_head_dim, cfg.n_heads, cfg.resolved_kv_heads
     total = _attention_matrix_params(cfg)
     if cfg.bias:
-        total += heads * hd + 2 * kv * hd + cfg.d_model
+        total += heads * hd + 2 * kv * hd
+    if cfg.dense_bias:
+        total += cfg.d_model  # wo's bias (absent with bias_scope qkv)
     if cfg.qk_norm:
         total += 2 * _norm_params(cfg, hd)  # q_norm and k_norm act per head, shared by the heads
     total += heads * int(cfg.learned_temperature)
@@ -66,7 +68,7 @@ def _mlp_matrix_params(cfg: ModelConfig) -> int:
 
 def _mlp_params(cfg: ModelConfig) -> int:
     total = _mlp_matrix_params(cfg)
-    if cfg.bias:
+    if cfg.dense_bias:
         total += (_mlp_matrices(cfg) - 1) * cfg.ffn_hidden + cfg.d_model
     return total
 

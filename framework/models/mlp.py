@@ -31,9 +31,9 @@ class FeedForward(nn.Module):
         super().__init__()
         hidden = hidden if hidden is not None else cfg.ffn_hidden
         self.act = activation(cfg)
-        self.w1 = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
-        self.w3 = nn.Linear(cfg.d_model, hidden, bias=cfg.bias) if cfg.mlp in GATED else None
-        self.w2 = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+        self.w1 = nn.Linear(cfg.d_model, hidden, bias=cfg.dense_bias)
+        self.w3 = nn.Linear(cfg.d_model, hidden, bias=cfg.dense_bias) if cfg.mlp in GATED else None
+        self.w2 = nn.Linear(hidden, cfg.d_model, bias=cfg.dense_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.act(self.w1(x))

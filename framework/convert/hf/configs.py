@@ -13,15 +13,22 @@ from framework.config.schema import ModelConfig
 
 
 def hf_family(cfg: ModelConfig) -> str:
-    """llama | mistral | qwen3 | bloom | bert | t5 | mixtral | qwen3_moe, from the architecture fields."""
+    """llama | mistral | qwen3 | qwen2 | phi3 | gpt2 | bloom | bert | t5 | mixtral | qwen3_moe, from the
+    architecture fields (phi3 only when model.hf_architecture names it: its weights are Llama's)."""
     if cfg.moe is not None and cfg.family == "decoder":
         return "qwen3_moe" if cfg.qk_norm else "mixtral"
     if cfg.family == "encoder":
         return "bert"
     if cfg.family == "encoder_decoder":
         return "t5"
+    if cfg.hf_architecture != "auto":
+        return cfg.hf_architecture
     if cfg.position == "alibi":
         return "bloom"
+    if cfg.position == "learned":
+        return "gpt2"
+    if cfg.bias_scope == "qkv":
+        return "qwen2"
     if cfg.qk_norm:
         return "qwen3"
     if cfg.sliding_window is not None:
@@ -46,6 +53,14 @@ _REQUIRED: dict[str, dict[str, Any]] = {
         "bias": False,
     },
     "qwen3": {"position": "rope", "norm": "rmsnorm", "norm_position": "pre", "mlp": "swiglu", "bias": False},
+    "gpt2": {
+        "position": "learned",
+        "norm": "layernorm",
+        "norm_position": "pre",
+        "mlp": "gelu",
+        "bias": True,
+        "qk_norm": False,
+    },
     "bloom": {
         "norm": "layernorm",
         "norm_position": "pre",
@@ -65,6 +80,9 @@ _REQUIRED: dict[str, dict[str, Any]] = {
 # transformers' Mixtral has no attention or MLP bias switch (Llama has one)
 _REQUIRED["mixtral"] = _REQUIRED["llama"] | {"bias": False}
 _REQUIRED["qwen3_moe"] = _REQUIRED["qwen3"]
+# Qwen2: Llama with biases on q/k/v only; Phi-3: Llama without biases, chosen by name (hf_architecture)
+_REQUIRED["qwen2"] = _REQUIRED["llama"] | {"bias": True, "bias_scope": "qkv"}
+_REQUIRED["phi3"] = _REQUIRED["llama"] | {"bias": False, "hf_architecture": "phi3"}
 # MoE fields each MoE family fixes: both route with a softmax over all experts and top-k, have no shared experts,
 # no expert groups, no selection bias and no weight scale, and are dropless (transformers runs every chosen
 # expert; Loom's capacity dropping applies in eval too, so a capped model would compute something else).
@@ -95,6 +113,8 @@ def _moe_rules(cfg: ModelConfig, family: str) -> list[str]:
 
 
 _NEVER = {"learned_temperature": False, "soft_distance_bias": False, "attention_temperature": 1.0}
+# Defaults every family needs unless its _REQUIRED entry says otherwise (Qwen2's bias_scope, Phi-3's name).
+_DEFAULTS = {"bias_scope": "all", "hf_architecture": "auto"}
 
 
 def check_representable(cfg: ModelConfig) -> str:
@@ -102,7 +122,7 @@ def check_representable(cfg: ModelConfig) -> str:
     family = hf_family(cfg)
     wrong = [
         f"model.{k}={getattr(cfg, k)!r} (needs {v!r})"
-        for k, v in {**_REQUIRED[family], **_NEVER}.items()
+        for k, v in {**_DEFAULTS, **_REQUIRED[family], **_NEVER}.items()
         if getattr(cfg, k) != v
     ]
     if family == "t5" and cfg.mlp not in ("relu", "geglu"):
@@ -137,6 +157,10 @@ _EXTRA: dict[str, dict[str, Any]] = {
     "t5": _ABSENT | {"softmax_scale": "none"},
     "mixtral": _ABSENT | {"softmax_scale": "inv_sqrt_dk"},
     "qwen3_moe": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None},
+    "qwen2": _ABSENT | {"softmax_scale": "inv_sqrt_dk"},
+    # Phi-3's RoPE is default or longrope (no linear or llama3 scaling); its window is uniform, as Loom's
+    "phi3": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "rope_scaling": "none"},
+    "gpt2": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None},
 }
 
 
@@ -147,11 +171,11 @@ def _derived_rules(cfg: ModelConfig, family: str) -> list[str]:
         for k, v in _EXTRA.get(family, {}).items()
         if getattr(cfg, k) != v
     ]
-    if family in ("bloom", "bert", "t5") and cfg.resolved_kv_heads != cfg.n_heads:
+    if family in ("bloom", "bert", "t5", "gpt2") and cfg.resolved_kv_heads != cfg.n_heads:
         wrong.append(
             f"model.kv_heads={cfg.kv_heads!r} (needs n_heads={cfg.n_heads}: no grouped-query attention)"
         )
-    if family in ("bloom", "bert") and cfg.resolved_head_dim * cfg.n_heads != cfg.d_model:
+    if family in ("bloom", "bert", "gpt2") and cfg.resolved_head_dim * cfg.n_heads != cfg.d_model:
         wrong.append(f"model.head_dim={cfg.head_dim!r} (needs d_model / n_heads)")
     if family == "bloom" and cfg.ffn_hidden != 4 * cfg.d_model:
         wrong.append(f"model.ffn_hidden={cfg.ffn_hidden} (needs 4 * d_model = {4 * cfg.d_model})")
@@ -178,6 +202,9 @@ def hf_config(cfg: ModelConfig) -> tuple[str, Any]:
         "t5": _t5,
         "mixtral": _mixtral,
         "qwen3_moe": _qwen3_moe,
+        "qwen2": _qwen2,
+        "phi3": _phi3,
+        "gpt2": _gpt2,
     }[family]
     class_name, config_name, kwargs = builder(cfg)
     config = getattr(transformers, config_name)(**kwargs)
@@ -235,6 +262,41 @@ def _qwen3(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
     kwargs = _decoder_common(cfg) | {"attention_bias": False, "sliding_window": cfg.sliding_window}
     kwargs["use_sliding_window"] = cfg.sliding_window is not None
     return "Qwen3ForCausalLM", "Qwen3Config", kwargs
+
+
+def _qwen2(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
+    # head_dim is not in Qwen2Config's signature but is kept as an attribute, and the model reads it.
+    # Qwen2 windows the layers from max_window_layers on: from 0, every layer, as Loom's uniform window.
+    window = {"use_sliding_window": cfg.sliding_window is not None, "sliding_window": cfg.sliding_window}
+    return "Qwen2ForCausalLM", "Qwen2Config", _decoder_common(cfg) | window | {"max_window_layers": 0}
+
+
+def _phi3(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
+    kwargs = _decoder_common(cfg) | {"sliding_window": cfg.sliding_window}
+    # Phi3Config sets pad/eos to its vocabulary's 32000 by default; they must lie inside this one
+    kwargs |= {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    return "Phi3ForCausalLM", "Phi3Config", kwargs
+
+
+def _gpt2(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
+    kwargs = {
+        "vocab_size": cfg.vocab_size,
+        "n_embd": cfg.d_model,
+        "n_layer": cfg.n_layers,
+        "n_head": cfg.n_heads,
+        "n_inner": cfg.ffn_hidden,
+        "n_positions": cfg.max_seq_len,
+        "activation_function": "gelu" if cfg.gelu_approximate == "none" else "gelu_new",
+        "layer_norm_epsilon": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        # GPT2Config defaults every dropout to 0.1; the recipe's rates are what training in HF should use
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.attention_dropout,
+    }
+    return "GPT2LMHeadModel", "GPT2Config", kwargs
 
 
 def _bloom(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:

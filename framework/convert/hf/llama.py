@@ -12,19 +12,21 @@ from framework.convert.hf.mapping import Rename, copy, rope
 LAYER = "model.layers.{i}."
 
 
+def _kinds(bias: bool) -> list[str]:
+    return ["weight", "bias"] if bias else ["weight"]
+
+
 def attention(cfg: ModelConfig, i: int) -> list[Rename]:
     """q/k rows are permuted into HF's half-rotated RoPE layout; GQA heads keep their order (both sides serve
     query head h from kv head h // (n_heads / kv_heads))."""
     src, dst = f"layers.{i}.attention.", LAYER.format(i=i) + "self_attn."
-    kinds = ["weight", "bias"] if cfg.bias else ["weight"]
     out = []
-    for kind in kinds:
+    for kind in _kinds(cfg.bias):
         out += [rope(f"{src}wq.{kind}", f"{dst}q_proj.{kind}", cfg.n_heads)]
         out += [rope(f"{src}wk.{kind}", f"{dst}k_proj.{kind}", cfg.resolved_kv_heads)]
-        out += [
-            copy(f"{src}wv.{kind}", f"{dst}v_proj.{kind}"),
-            copy(f"{src}wo.{kind}", f"{dst}o_proj.{kind}"),
-        ]
+        out += [copy(f"{src}wv.{kind}", f"{dst}v_proj.{kind}")]
+    # Qwen2 (bias_scope qkv) has no o_proj bias
+    out += [copy(f"{src}wo.{k}", f"{dst}o_proj.{k}") for k in _kinds(cfg.dense_bias)]
     if cfg.qk_norm:
         # the norm runs per head before RoPE, so its channel weights follow the same permutation
         out += [rope(f"{src}q_norm.weight", f"{dst}q_norm.weight", 1)]
@@ -34,7 +36,7 @@ def attention(cfg: ModelConfig, i: int) -> list[Rename]:
 
 def feed_forward(cfg: ModelConfig, i: int) -> list[Rename]:
     src, dst = f"layers.{i}.feed_forward.", LAYER.format(i=i) + "mlp."
-    kinds = ["weight", "bias"] if cfg.bias else ["weight"]
+    kinds = _kinds(cfg.dense_bias)  # none in Qwen2 (bias_scope qkv)
     names = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
     return [copy(f"{src}{ours}.{k}", f"{dst}{theirs}.{k}") for ours, theirs in names.items() for k in kinds]
 

@@ -242,6 +242,7 @@ _NOT_EXPORTABLE: dict[str, tuple[Any, str]] = {
     "rope_low_freq_factor": (1.0, "megatron-core fixes the llama3 RoPE factors (1, 4, 8192)"),
     "rope_high_freq_factor": (4.0, "megatron-core fixes the llama3 RoPE factors (1, 4, 8192)"),
     "rope_original_max_seq_len": (8192, "megatron-core fixes the llama3 RoPE factors (1, 4, 8192)"),
+    "bias_scope": ("all", "Loom's megatron mapping has biases in all linear layers or in none"),
 }
 
 

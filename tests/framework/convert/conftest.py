@@ -25,6 +25,56 @@ CONFIGS: dict[str, ModelConfig] = {
     "llama_tied": ModelConfig(**_DECODER, tie_embeddings=True, rope_theta=500.0),
     "mistral": ModelConfig(**_DECODER, sliding_window=5),  # SEQ and the 20 generated tokens exceed it
     "qwen3": ModelConfig(**_DECODER, qk_norm=True, tie_embeddings=True),
+    # q/k/v biases only; 5 query heads over one kv head (multi-query), odd eps and theta
+    "qwen2": ModelConfig(
+        **_DECODER | {"n_heads": 5, "kv_heads": 1, "norm_eps": 3e-5},
+        bias=True,
+        bias_scope="qkv",
+        rope_theta=7000.0,
+    ),
+    # every layer windowed (max_window_layers 0), a tied head
+    "qwen2_window_tied": ModelConfig(
+        **_DECODER, bias=True, bias_scope="qkv", sliding_window=5, tie_embeddings=True
+    ),
+    # fused qkv_proj / gate_up_proj; 6 heads over 3 kv heads, a uniform window shorter than the sequence
+    "phi3": ModelConfig(
+        **_DECODER | {"kv_heads": 3, "norm_eps": 1e-5},
+        sliding_window=7,
+        rope_theta=2500.0,
+        hf_architecture="phi3",
+    ),
+    # Conv1D weights, learned positions, tied head, GELU tanh ("gelu_new"); 3 heads of 16, an MLP not 4x wide
+    "gpt2": ModelConfig(
+        family="decoder",
+        vocab_size=VOCAB,
+        d_model=48,
+        n_layers=3,
+        n_heads=3,
+        ffn_hidden=80,
+        mlp="gelu",
+        gelu_approximate="tanh",
+        norm="layernorm",
+        norm_eps=2e-5,
+        bias=True,
+        position="learned",
+        max_seq_len=64,
+        tie_embeddings=True,
+    ),
+    # an untied lm_head and exact erf GELU ("gelu"); 5 heads of 8
+    "gpt2_untied_erf": ModelConfig(
+        family="decoder",
+        vocab_size=VOCAB,
+        d_model=40,
+        n_layers=2,
+        n_heads=5,
+        ffn_hidden=56,
+        mlp="gelu",
+        norm="layernorm",
+        norm_eps=1e-5,
+        bias=True,
+        position="learned",
+        max_seq_len=48,
+    ),
     # every layer sparse, a window shorter than the sequence; Mixtral's files give one width to both fields
     "mixtral": ModelConfig(
         **_DECODER | {"ffn_hidden": 40},

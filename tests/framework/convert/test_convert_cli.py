@@ -157,5 +157,5 @@ def test_import_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> No
     save_file({**weights, "model.layers.0.mlp.up_proj.weight": torch.zeros(3, 3)}, hf / "model.safetensors")
     assert_user_error(run(capsys, "convert", hf, "--from", "hf", tmp_path / "o"), "has shape (3, 3)")
     config = json.loads((hf / "config.json").read_text())
-    (hf / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    (hf / "config.json").write_text(json.dumps({**config, "model_type": "opt"}))
     assert_user_error(run(capsys, "convert", hf, "--from", "hf", tmp_path / "o"), "model_type")

@@ -403,10 +403,17 @@ def test_import_refuses_tensors_loom_lacks(world: dict[str, Any], tmp_path: Path
 
 @pytest.mark.parametrize(
     "field,value",
-    [("sliding_window", 4), ("position", "alibi"), ("norm_position", "post"), ("gelu_approximate", "tanh")],
+    [
+        ("sliding_window", 4),
+        ("position", "alibi"),
+        ("norm_position", "post"),
+        ("gelu_approximate", "tanh"),
+        ("bias_scope", "qkv"),  # Qwen2's q/k/v-only biases (with bias: true)
+    ],
 )
 def test_export_refuses_what_megatron_cannot_hold(field: str, value: Any) -> None:
-    cfg = ModelConfig(**_LOOM | {field: value})
+    cfg = ModelConfig(**_LOOM | {field: value, "bias": field == "bias_scope"})
+    cfg.validate()
     with pytest.raises(ConfigError, match=f"model.{field}"):
         mconfig.megatron_args(cfg)
 

@@ -41,6 +41,7 @@ VARIANTS = {
     "tied_output_bias": dict(tie_embeddings=True, output_bias=True),
     "untied_output_bias": dict(output_bias=True),
     "bias": dict(bias=True),
+    "qkv_bias_gqa": dict(bias=True, bias_scope="qkv", kv_heads=2),  # Qwen2: no o_proj or MLP biases
     "qk_norm_layernorm": dict(qk_norm=True, norm="layernorm"),
     "learned": dict(position="learned"),
     "alibi": dict(position="alibi"),

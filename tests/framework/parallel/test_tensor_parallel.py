@@ -64,6 +64,8 @@ TP2, SP = {"tp": 2}, {"tp": 2, "sequence_parallel": True}
 # name: (world, parallel, model, batch kind, z-loss)
 CASES: dict[str, tuple[int, dict[str, Any], dict[str, Any], str, float]] = {
     "tp2_sp_gqa": (2, SP, GQA, "causal", 1e-3),
+    # Qwen2: biases on the sharded q/k/v columns only, none on the row-parallel wo or the MLP
+    "tp2_sp_qkv_bias": (2, SP, {"kv_heads": 2, "bias": True, "bias_scope": "qkv"}, "causal", 0.0),
     "tp2_sp_alibi": (2, SP, ALIBI, "causal", 0.0),
     "tp2_untied": (2, TP2, {}, "causal", 1e-3),
     "tp2_tied": (2, TP2, {"tie_embeddings": True}, "causal", 1e-3),
