@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from framework.config.schema import ModelConfig
-from framework.models.attention import Attention, AttentionContext
+from framework.models.attention import Attention, AttentionContext, softcap
 from framework.models.masks import AttentionMask
 from framework.models.mlp import FeedForward, activation
 from framework.models.moe import MoE
@@ -32,7 +32,8 @@ from framework.models.positions import (
 
 class TransformerBlock(nn.Module):
     """Self-attention, optional cross-attention (T5 decoder), feed-forward; each a residual branch.
-    pre-norm: x + f(norm(x)) (GPT-2, Llama, T5); post-norm: norm(x + f(x)) (Vaswani et al., BERT)."""
+    pre-norm: x + f(norm(x)) (GPT-2, Llama, T5); post-norm: norm(x + f(x)) (Vaswani et al., BERT); sandwich:
+    x + post_norm(f(norm(x))) (Gemma 2; self-attention and feed-forward only, as `*_post_norm`)."""
 
     def __init__(self, cfg: ModelConfig, *, cross_attention: bool = False, index: int = 0) -> None:
         """index: the block's position in its stack (decides whether its feed-forward is MoE)."""
@@ -40,11 +41,15 @@ class TransformerBlock(nn.Module):
         self.pre_norm = cfg.norm_position == "pre"
         self.attention_norm = build_norm(cfg)
         self.attention = Attention(cfg)
+        if cfg.sandwich_norm:
+            self.attention_post_norm = build_norm(cfg)
         if cross_attention:
             self.cross_attention_norm = build_norm(cfg)
             self.cross_attention = Attention(cfg, cross=True)
         self.ffn_norm = build_norm(cfg)
         self.feed_forward = MoE(cfg) if cfg.is_moe_layer(index) else FeedForward(cfg)
+        if cfg.sandwich_norm:
+            self.ffn_post_norm = build_norm(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(
@@ -54,17 +59,24 @@ class TransformerBlock(nn.Module):
         memory: torch.Tensor | None = None,
         memory_ctx: AttentionContext | None = None,
     ) -> torch.Tensor:
-        x = self._residual(x, self.attention_norm, lambda h: self.attention(h, ctx))
+        attention_post = _optional(self, "attention_post_norm")
+        x = self._residual(x, self.attention_norm, lambda h: self.attention(h, ctx), attention_post)
         if hasattr(self, "cross_attention"):
             if memory is None or memory_ctx is None:
                 raise ValueError("a block with cross-attention needs the encoder output (memory)")
             attend = self.cross_attention
             x = self._residual(x, self.cross_attention_norm, lambda h: attend(h, memory_ctx, memory))
-        return self._residual(x, self.ffn_norm, self.feed_forward)
+        return self._residual(x, self.ffn_norm, self.feed_forward, _optional(self, "ffn_post_norm"))
 
     def _residual(
-        self, x: torch.Tensor, norm: nn.Module, branch: Callable[[torch.Tensor], torch.Tensor]
+        self,
+        x: torch.Tensor,
+        norm: nn.Module,
+        branch: Callable[[torch.Tensor], torch.Tensor],
+        post_norm: nn.Module | None = None,
     ) -> torch.Tensor:
+        if post_norm is not None:
+            return x + self.dropout(post_norm(branch(norm(x))))
         if self.pre_norm:
             return x + self.dropout(branch(norm(x)))
         return norm(x + self.dropout(branch(x)))
@@ -115,6 +127,9 @@ def embed(
     if tokens is None or x.is_floating_point():
         return x
     h = tokens(x)
+    if model.cfg.embedding_scale == "sqrt_d_model":
+        # the factor is rounded to h's dtype first, as Gemma does (sqrt(3072) = 55.43 becomes 55.5 in bf16)
+        h = h * torch.tensor(model.cfg.d_model**0.5, dtype=h.dtype, device=h.device)
     pos = _optional(model, "pos_embeddings")
     if pos is not None:
         h = h + pos(positions).to(h.dtype)
@@ -147,10 +162,11 @@ def lm_head(model: nn.Module, h: torch.Tensor, holds_last_layer: bool) -> torch.
         h = transform(h)
     output = _optional(model, "output")
     if output is not None:
-        return output(h)
+        return softcap(output(h), model.cfg.final_logit_softcap)
     embeddings = _optional(model, "tok_embeddings")
     if model.cfg.tie_embeddings and embeddings is not None and holds_last_layer:
-        return F.linear(h, embeddings.weight, _optional(model, "output_bias"))
+        logits = F.linear(h, embeddings.weight, _optional(model, "output_bias"))
+        return softcap(logits, model.cfg.final_logit_softcap)
     return h
 
 

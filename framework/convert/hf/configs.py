@@ -13,13 +13,18 @@ from framework.config.schema import ModelConfig
 
 
 def hf_family(cfg: ModelConfig) -> str:
-    """llama | mistral | qwen3 | bloom | bert | t5 | mixtral | qwen3_moe, from the architecture fields."""
+    """llama | mistral | qwen3 | bloom | bert | t5 | mixtral | qwen3_moe | gemma | gemma2, from the architecture
+    fields."""
     if cfg.moe is not None and cfg.family == "decoder":
         return "qwen3_moe" if cfg.qk_norm else "mixtral"
     if cfg.family == "encoder":
         return "bert"
     if cfg.family == "encoder_decoder":
         return "t5"
+    if cfg.sandwich_norm or cfg.final_logit_softcap is not None or cfg.attention_softcap is not None:
+        return "gemma2"
+    if cfg.embedding_scale != "none" or cfg.norm_weight_offset:
+        return "gemma"
     if cfg.position == "alibi":
         return "bloom"
     if cfg.qk_norm:
@@ -62,6 +67,21 @@ _REQUIRED: dict[str, dict[str, Any]] = {
     },
     "t5": {"position": "relative_bias", "norm": "rmsnorm", "norm_position": "pre", "bias": False},
 }
+# Gemma: GeGLU with tanh GELU, (1 + w) RMSNorm gains, embeddings times sqrt(d_model), no biases in the MLP (and
+# Loom's one bias switch covers both); Gemma 2 adds the sandwich norms
+_REQUIRED["gemma"] = {
+    "position": "rope",
+    "norm": "rmsnorm",
+    "norm_position": "pre",
+    "mlp": "geglu",
+    "gelu_approximate": "tanh",
+    "qk_norm": False,
+    "bias": False,
+    "norm_weight_offset": True,
+    "embedding_scale": "sqrt_d_model",
+    "sandwich_norm": False,
+}
+_REQUIRED["gemma2"] = _REQUIRED["gemma"] | {"sandwich_norm": True}
 # transformers' Mixtral has no attention or MLP bias switch (Llama has one)
 _REQUIRED["mixtral"] = _REQUIRED["llama"] | {"bias": False}
 _REQUIRED["qwen3_moe"] = _REQUIRED["qwen3"]
@@ -137,16 +157,21 @@ _EXTRA: dict[str, dict[str, Any]] = {
     "t5": _ABSENT | {"softmax_scale": "none"},
     "mixtral": _ABSENT | {"softmax_scale": "inv_sqrt_dk"},
     "qwen3_moe": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None},
+    "gemma": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None}
+    | {"final_logit_softcap": None, "attention_softcap": None},
+    "gemma2": _ABSENT,
 }
+# Gemma's fields, which no other family has a tensor or switch for
+_GEMMA_ONLY = {"norm_weight_offset": False, "sandwich_norm": False, "embedding_scale": "none",
+               "final_logit_softcap": None, "attention_softcap": None}  # fmt: skip
 
 
 def _derived_rules(cfg: ModelConfig, family: str) -> list[str]:
     """Rules beyond fixed field values: head shapes the family hard-codes, MLP width, token types, gelu form."""
-    wrong = [
-        f"model.{k}={getattr(cfg, k)!r} (needs {v!r})"
-        for k, v in _EXTRA.get(family, {}).items()
-        if getattr(cfg, k) != v
-    ]
+    extra = _EXTRA.get(family, {}) | ({} if family.startswith("gemma") else _GEMMA_ONLY)
+    wrong = [f"model.{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in extra.items() if getattr(cfg, k) != v]
+    if family == "gemma2":
+        wrong += _gemma2_rules(cfg)
     if family in ("bloom", "bert", "t5") and cfg.resolved_kv_heads != cfg.n_heads:
         wrong.append(
             f"model.kv_heads={cfg.kv_heads!r} (needs n_heads={cfg.n_heads}: no grouped-query attention)"
@@ -164,6 +189,24 @@ def _derived_rules(cfg: ModelConfig, family: str) -> list[str]:
     return wrong
 
 
+def _gemma2_rules(cfg: ModelConfig) -> list[str]:
+    """Gemma 2's scale is query_pre_attn_scalar ** -0.5 for an integer scalar, and its config needs whole
+    heads in the hidden size (Gemma2Config.validate_architecture)."""
+    wrong = []
+    scale = cfg.softmax_scale
+    if scale == "none" or (isinstance(scale, float) and round(scale**-2) ** -0.5 != scale):
+        wrong.append(f"model.softmax_scale={scale!r} (needs inv_sqrt_dk or n ** -0.5 for an integer n)")
+    if cfg.d_model % cfg.n_heads:
+        wrong.append(f"model.d_model={cfg.d_model} (needs a multiple of n_heads={cfg.n_heads})")
+    return wrong
+
+
+def query_pre_attn_scalar(cfg: ModelConfig) -> int:
+    """Gemma 2's softmax scale as the integer n of n ** -0.5."""
+    scale = cfg.softmax_scale
+    return cfg.resolved_head_dim if scale == "inv_sqrt_dk" else round(float(scale) ** -2)
+
+
 def hf_config(cfg: ModelConfig) -> tuple[str, Any]:
     """(transformers model class name, config object) for the family representing `cfg`."""
     import transformers
@@ -178,6 +221,8 @@ def hf_config(cfg: ModelConfig) -> tuple[str, Any]:
         "t5": _t5,
         "mixtral": _mixtral,
         "qwen3_moe": _qwen3_moe,
+        "gemma": _gemma,
+        "gemma2": _gemma2,
     }[family]
     class_name, config_name, kwargs = builder(cfg)
     config = getattr(transformers, config_name)(**kwargs)
@@ -235,6 +280,27 @@ def _qwen3(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
     kwargs = _decoder_common(cfg) | {"attention_bias": False, "sliding_window": cfg.sliding_window}
     kwargs["use_sliding_window"] = cfg.sliding_window is not None
     return "Qwen3ForCausalLM", "Qwen3Config", kwargs
+
+
+def _gemma(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
+    kwargs = _decoder_common(cfg) | {"attention_bias": False, "hidden_act": "gelu_pytorch_tanh"}
+    return "GemmaForCausalLM", "GemmaConfig", kwargs
+
+
+def _gemma2(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
+    kwargs = _decoder_common(cfg) | {"attention_bias": False, "hidden_activation": "gelu_pytorch_tanh"}
+    del kwargs["hidden_act"]
+    # Loom's window is uniform: every layer sliding, or every layer full (transformers' default alternates)
+    window = cfg.sliding_window
+    kind = "full_attention" if window is None else "sliding_attention"
+    kwargs |= {
+        "query_pre_attn_scalar": query_pre_attn_scalar(cfg),
+        "final_logit_softcapping": cfg.final_logit_softcap,
+        "attn_logit_softcapping": cfg.attention_softcap,
+        "sliding_window": cfg.max_seq_len if window is None else window,
+        "layer_types": [kind] * cfg.n_layers,
+    }
+    return "Gemma2ForCausalLM", "Gemma2Config", kwargs
 
 
 def _bloom(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:

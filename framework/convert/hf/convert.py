@@ -16,7 +16,7 @@ import torch
 
 from framework.config.errors import ConfigError
 from framework.config.schema import ModelConfig, Recipe
-from framework.convert.hf import bert, bloom, llama, mistral, mixtral, qwen3, qwen3_moe, t5
+from framework.convert.hf import bert, bloom, gemma, gemma2, llama, mistral, mixtral, qwen3, qwen3_moe, t5
 from framework.convert.hf.configs import check_representable, hf_config
 from framework.convert.hf.mapping import check_shapes, from_hf_state, to_hf_state
 from framework.convert.hf.weights import DEFAULT_SHARD_BYTES, save_weights
@@ -32,6 +32,8 @@ FAMILIES: dict[str, ModuleType] = {
     "t5": t5,
     "mixtral": mixtral,
     "qwen3_moe": qwen3_moe,
+    "gemma": gemma,
+    "gemma2": gemma2,
 }
 
 
