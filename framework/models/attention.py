@@ -277,7 +277,7 @@ class Attention(nn.Module):
             if bias_fn is not None:
                 raise NotImplementedError("an injected kernel takes no score bias (ALiBi, T5, distance)")
             if self.softcap is not None:
-                raise NotImplementedError("an injected kernel takes no score soft-capping (attention_softcap)")
+                raise NotImplementedError("an injected kernel takes no attention_softcap")
             return self.kernel(q, k, v, ctx, KernelCall(self.scale, dropout_p, inv_temperature))
         causal = ctx.mask.is_plain_causal and q_len == k_len
         path = attention_path(

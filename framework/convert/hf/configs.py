@@ -157,8 +157,9 @@ _EXTRA: dict[str, dict[str, Any]] = {
     "t5": _ABSENT | {"softmax_scale": "none"},
     "mixtral": _ABSENT | {"softmax_scale": "inv_sqrt_dk"},
     "qwen3_moe": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None},
-    "gemma": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None}
-    | {"final_logit_softcap": None, "attention_softcap": None},
+    "gemma": _ABSENT
+    | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None, "final_logit_softcap": None}
+    | {"attention_softcap": None},
     "gemma2": _ABSENT,
 }
 # Gemma's fields, which no other family has a tensor or switch for

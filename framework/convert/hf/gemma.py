@@ -33,19 +33,23 @@ def common_fields(hf: Any, activation: str | None, key: str) -> dict[str, Any]:
     bidirectional = bool(getattr(hf, "use_bidirectional_attention", False))
     llama._require(hf, "use_bidirectional_attention", not bidirectional, "false or null (causal attention)")
     heads = hf.num_attention_heads
-    return {
-        "family": "decoder",
-        "vocab_size": hf.vocab_size,
-        "d_model": hf.hidden_size,
-        "n_layers": hf.num_hidden_layers,
-        "n_heads": heads,
-        "kv_heads": getattr(hf, "num_key_value_heads", None) or heads,
-        "head_dim": getattr(hf, "head_dim", None) or hf.hidden_size // heads,
-        "ffn_hidden": hf.intermediate_size,
-        "norm": "rmsnorm",
-        "norm_eps": hf.rms_norm_eps,
-        "position": "rope",
-        "max_seq_len": hf.max_position_embeddings,
-        "tie_embeddings": bool(hf.tie_word_embeddings),
-        "softmax_scale": "inv_sqrt_dk",
-    } | GEMMA_FIELDS | llama.rope_fields(hf)
+    return (
+        {
+            "family": "decoder",
+            "vocab_size": hf.vocab_size,
+            "d_model": hf.hidden_size,
+            "n_layers": hf.num_hidden_layers,
+            "n_heads": heads,
+            "kv_heads": getattr(hf, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(hf, "head_dim", None) or hf.hidden_size // heads,
+            "ffn_hidden": hf.intermediate_size,
+            "norm": "rmsnorm",
+            "norm_eps": hf.rms_norm_eps,
+            "position": "rope",
+            "max_seq_len": hf.max_position_embeddings,
+            "tie_embeddings": bool(hf.tie_word_embeddings),
+            "softmax_scale": "inv_sqrt_dk",
+        }
+        | GEMMA_FIELDS
+        | llama.rope_fields(hf)
+    )
