@@ -88,8 +88,10 @@ def _ffn_params(cfg: ModelConfig, layer: int, *, active: bool = False) -> int:
 
 
 def _block_params(cfg: ModelConfig, *, cross_attention: bool = False, layer: int = 0) -> int:
-    """attention_norm + attention + ffn_norm + feed_forward (+ cross_attention_norm + cross_attention)."""
-    total = 2 * _norm_params(cfg, cfg.d_model) + _attention_params(cfg) + _ffn_params(cfg, layer)
+    """attention_norm + attention + ffn_norm + feed_forward (+ cross_attention_norm + cross_attention), and the
+    sandwich norms after both branches (Gemma 2)."""
+    norms = 4 if cfg.sandwich_norm else 2
+    total = norms * _norm_params(cfg, cfg.d_model) + _attention_params(cfg) + _ffn_params(cfg, layer)
     if cross_attention:
         total += _norm_params(cfg, cfg.d_model) + _attention_params(cfg, cross=True)
     return total

@@ -52,6 +52,16 @@ VARIANTS = {
     "gelu_post_norm": dict(mlp="gelu", norm_position="post"),
     "geglu_bias": dict(mlp="geglu", bias=True),
     "sliding_window": dict(sliding_window=4),
+    "gemma2": dict(
+        mlp="geglu",
+        sandwich_norm=True,
+        norm_weight_offset=True,
+        embedding_scale="sqrt_d_model",
+        final_logit_softcap=30.0,
+        attention_softcap=50.0,
+        tie_embeddings=True,
+        head_dim=12,
+    ),
     "embedding_norm_types": dict(embedding_norm=True, type_vocab_size=3),
     "bert": BERT,
     "bert_untied_no_bias": {**BERT, "tie_embeddings": False, "bias": False, "norm": "rmsnorm"},
@@ -131,7 +141,7 @@ def _dense_pairs(cfg: ModelConfig, seq: int, dec: int) -> int:
 
 
 COUNTER_CASES = ["llama", "gqa", "mqa_head_dim", "tied", "bias", "relu", "bert", "t5", "t5_everything",
-                 "sliding_window", "soft_masking", "alibi"]  # fmt: skip
+                 "sliding_window", "soft_masking", "alibi", "gemma2"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", COUNTER_CASES)
