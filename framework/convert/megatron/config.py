@@ -242,6 +242,11 @@ _NOT_EXPORTABLE: dict[str, tuple[Any, str]] = {
     "rope_low_freq_factor": (1.0, "megatron-core fixes the llama3 RoPE factors (1, 4, 8192)"),
     "rope_high_freq_factor": (4.0, "megatron-core fixes the llama3 RoPE factors (1, 4, 8192)"),
     "rope_original_max_seq_len": (8192, "megatron-core fixes the llama3 RoPE factors (1, 4, 8192)"),
+    "norm_weight_offset": (False, "not mapped to megatron-core's zero-centred gamma"),
+    "sandwich_norm": (False, "GPTModel has no norms after the branches"),
+    "embedding_scale": ("none", "GPTModel does not scale its embeddings"),
+    "final_logit_softcap": (None, "GPTModel does not soft-cap its logits"),
+    "attention_softcap": (None, "megatron-core's local attention does not soft-cap its scores"),
 }
 
 

@@ -403,8 +403,10 @@ def test_import_refuses_tensors_loom_lacks(world: dict[str, Any], tmp_path: Path
 
 @pytest.mark.parametrize(
     "field,value",
-    [("sliding_window", 4), ("position", "alibi"), ("norm_position", "post"), ("gelu_approximate", "tanh")],
-)
+    [("sliding_window", 4), ("position", "alibi"), ("norm_position", "post"), ("gelu_approximate", "tanh"),
+     ("norm_weight_offset", True), ("sandwich_norm", True), ("embedding_scale", "sqrt_d_model"),
+     ("final_logit_softcap", 30.0), ("attention_softcap", 50.0)],
+)  # fmt: skip
 def test_export_refuses_what_megatron_cannot_hold(field: str, value: Any) -> None:
     cfg = ModelConfig(**_LOOM | {field: value})
     with pytest.raises(ConfigError, match=f"model.{field}"):
