@@ -118,3 +118,25 @@ def test_import_refuses_what_loom_cannot_compute(tmp_path: Path, family: str, ch
     with pytest.raises(ConfigError) as error:
         read_hf(tmp_path)
     assert error.value.key == key
+
+
+def test_loom_convert_cli_round_trip(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, demo_data: Path
+) -> None:
+    """`loom convert CKPT --to hf` then `loom convert HF --from hf`: transformers' logits and the recipe's model
+    (its float softmax scale through YAML included) come back."""
+    from framework.config.loader import load_recipe
+    from tests.framework.convert.test_convert_cli import run, write_checkpoint
+
+    cfg = ModelConfig(**CONFIGS["gemma2_window_untied"].__dict__ | {"vocab_size": 4100})  # the demo tokenizer
+    model = write_checkpoint(cfg, tmp_path / "ckpt", demo_data / "tokenizer.model")
+    code, _, err = run(capsys, "convert", tmp_path / "ckpt", "--to", "hf", tmp_path / "hf")
+    assert code == 0, err
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == "Gemma2ForCausalLM"
+    ids = torch.randint(0, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max() <= 1e-4
+    code, _, err = run(capsys, "convert", tmp_path / "hf", "--from", "hf", tmp_path / "back")
+    assert code == 0, err
+    assert load_recipe(tmp_path / "back" / "recipe.yaml").model == cfg
