@@ -128,8 +128,9 @@ def embed(
         return x
     h = tokens(x)
     if model.cfg.embedding_scale == "sqrt_d_model":
-        # the factor is rounded to h's dtype first, as Gemma does (sqrt(3072) = 55.43 becomes 55.5 in bf16)
-        h = h * torch.tensor(model.cfg.d_model**0.5, dtype=h.dtype, device=h.device)
+        # the factor is rounded to h's dtype first, as Gemma does (sqrt(3072) = 55.43 becomes 55.5 in bf16);
+        # rounded on the host, so no tensor is copied to the device per forward
+        h = h * torch.tensor(model.cfg.d_model**0.5, dtype=h.dtype).item()
     pos = _optional(model, "pos_embeddings")
     if pos is not None:
         h = h + pos(positions).to(h.dtype)
