@@ -244,6 +244,10 @@ class ModelConfig:
     """relative_bias (T5): distance beyond which all positions share the last bucket."""
     sliding_window: int | None = None
     """Attend only to the last `sliding_window` keys (Mistral); null = unlimited."""
+    full_attention_layers: list[int] | None = None
+    """With sliding_window, family decoder: the blocks (0-based, increasing) that attend to every earlier key
+    instead, e.g. [1, 3, 5, ...] for Gemma 2's alternating local and global layers; null = the window applies to
+    every block."""
     attention_backend: Literal["sdpa", "flex", "naive"] = "sdpa"
     """Attention kernel: torch SDPA (flash when the mask is plain causal), FlexAttention (block masks, score mods;
     forward-only on CPU), naive (reference; materialises the scores)."""
@@ -391,8 +395,23 @@ class ModelConfig:
             "adds a norm after each branch of a pre-norm block",
             "set model.norm_position: pre, or remove model.sandwich_norm",
         )
+        if self.full_attention_layers is not None:
+            self._validate_full_attention_layers(self.full_attention_layers)
         if self.moe is not None:
             self._validate_moe(self.moe)
+
+    def _validate_full_attention_layers(self, layers: list[int]) -> None:
+        key = "model.full_attention_layers"
+        _require(
+            self.sliding_window is not None and self.family == "decoder", key, layers,
+            "exempts blocks from model.sliding_window, so it needs a window (family decoder)",
+            "set model.sliding_window, or remove model.full_attention_layers",
+        )  # fmt: skip
+        _require(
+            all(0 <= i < self.n_layers for i in layers) and layers == sorted(set(layers)), key, layers,
+            f"must list block indices 0 .. {self.n_layers - 1} in increasing order, each once",
+            "list each full-attention block once, in order",
+        )  # fmt: skip
 
     def _validate_bounds(self) -> None:
         p = "model"

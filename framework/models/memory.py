@@ -318,6 +318,18 @@ def _block_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape, memory_len: int | N
     return {"split": split, "sequence": sequence}
 
 
+def _mean_block_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape, memory_len: int | None) -> dict[str, float]:
+    """_block_bytes averaged over a decoder's windowed blocks and its full_attention_layers (which SDPA runs as
+    plain causal, without a dense mask)."""
+    block = _block_bytes(cfg, s, shape, memory_len)
+    full = len(cfg.full_attention_layers or ())
+    if not full:
+        return block
+    unwindowed = dataclasses.replace(cfg, sliding_window=None, full_attention_layers=None)
+    other = _block_bytes(unwindowed, s, shape, memory_len)
+    return {k: (block[k] * (cfg.n_layers - full) + other[k] * full) / cfg.n_layers for k in block}
+
+
 def _checkpointed_layers(recipe: Recipe, n_layers: int) -> int:
     """Blocks whose activations are recomputed: all (full), every other one (selective), none."""
     mode = recipe.parallel.activation_checkpointing
@@ -327,7 +339,7 @@ def _checkpointed_layers(recipe: Recipe, n_layers: int) -> int:
 def _stack_bytes(recipe: Recipe, s: _Sizes, shape: _Shape, n_layers: int, memory_len: int | None) -> int:
     """The blocks of one stack on one rank, plus the tables every block shares (RoPE cos/sin, T5 buckets)."""
     cfg, p = recipe.model, recipe.parallel
-    block = _block_bytes(cfg, s, shape, memory_len)
+    block = _mean_block_bytes(cfg, s, shape, memory_len)
     per_block = block["split"] / p.tp + block["sequence"] / (p.tp if p.sequence_parallel else 1)
     stored = n_layers - _checkpointed_layers(recipe, n_layers)
     boundary = shape.tokens * cfg.d_model * FP32  # a checkpointed block keeps its input only

@@ -9,6 +9,7 @@ time, so a pipeline stage may delete them: without `tok_embeddings` the input is
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -196,6 +197,8 @@ class Transformer(nn.Module):
         self.n_layers = n_layers
         self.whole = whole
         self.rope_table = rope_table(cfg)
+        self.full_attention = {str(i) for i in cfg.full_attention_layers or ()}
+        """Names of the blocks exempt from the sliding window (model.full_attention_layers)."""
         """RoPE frequencies kept per device: a forward after the first copies nothing host-to-device."""
         if whole:
             _add_embeddings(self, cfg)
@@ -232,8 +235,9 @@ class Transformer(nn.Module):
         h = embed(self, input_ids, positions, token_type_ids) if self.whole else input_ids
         ctx = self._context(positions, document_ids, prefix_lengths)
         memory_ctx = AttentionContext() if memory is not None else None
-        for layer in self.layers.values():
-            h = layer(h, ctx, memory, memory_ctx)
+        full_ctx = self._full_attention_context(ctx)
+        for name, layer in self.layers.items():
+            h = layer(h, full_ctx if name in self.full_attention else ctx, memory, memory_ctx)
         norm = _optional(self, "norm")
         if norm is not None:
             h = norm(h)
@@ -254,6 +258,14 @@ class Transformer(nn.Module):
         return AttentionContext(
             mask, positions=positions, rope=rope, position_bias=self._relative_bias(positions)
         )
+
+    def _full_attention_context(self, ctx: AttentionContext) -> AttentionContext | None:
+        """ctx without the window, for the blocks in model.full_attention_layers (its masks are built once
+        per forward too); None when every block is windowed alike."""
+        if not self.full_attention or ctx.mask.window is None:
+            return None
+        mask = dataclasses.replace(ctx.mask, window=None)
+        return AttentionContext(mask, positions=ctx.positions, rope=ctx.rope, position_bias=ctx.position_bias)
 
     def _relative_bias(self, positions: torch.Tensor) -> torch.Tensor | None:
         """T5 bias computed once per forward and shared by all blocks of this stack."""

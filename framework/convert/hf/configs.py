@@ -159,12 +159,12 @@ _EXTRA: dict[str, dict[str, Any]] = {
     "qwen3_moe": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None},
     "gemma": _ABSENT
     | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None, "final_logit_softcap": None}
-    | {"attention_softcap": None},
+    | {"attention_softcap": None, "full_attention_layers": None},
     "gemma2": _ABSENT,
 }
 # Gemma's fields, which no other family has a tensor or switch for
 _GEMMA_ONLY = {"norm_weight_offset": False, "sandwich_norm": False, "embedding_scale": "none",
-               "final_logit_softcap": None, "attention_softcap": None}  # fmt: skip
+               "final_logit_softcap": None, "attention_softcap": None, "full_attention_layers": None}  # fmt: skip
 
 
 def _derived_rules(cfg: ModelConfig, family: str) -> list[str]:
@@ -291,15 +291,14 @@ def _gemma(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
 def _gemma2(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
     kwargs = _decoder_common(cfg) | {"attention_bias": False, "hidden_activation": "gelu_pytorch_tanh"}
     del kwargs["hidden_act"]
-    # Loom's window is uniform: every layer sliding, or every layer full (transformers' default alternates)
-    window = cfg.sliding_window
-    kind = "full_attention" if window is None else "sliding_attention"
+    window, full = cfg.sliding_window, set(cfg.full_attention_layers or ())
+    sliding = [window is not None and i not in full for i in range(cfg.n_layers)]
     kwargs |= {
         "query_pre_attn_scalar": query_pre_attn_scalar(cfg),
         "final_logit_softcapping": cfg.final_logit_softcap,
         "attn_logit_softcapping": cfg.attention_softcap,
         "sliding_window": cfg.max_seq_len if window is None else window,
-        "layer_types": [kind] * cfg.n_layers,
+        "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
     }
     return "Gemma2ForCausalLM", "Gemma2Config", kwargs
 

@@ -1,10 +1,8 @@
 """Gemma 2 (Gemma2ForCausalLM): Gemma's weights plus a norm after each branch (sandwich norms), soft-capped
 attention scores and final logits, and query_pre_attn_scalar ** -0.5 as the softmax scale.
 
-Loom's sliding window is the same for every layer. transformers' Gemma 2 alternates sliding and full layers
-(`layer_types`); such a config imports only where the window never binds (sliding_window >= max_position_embeddings:
-then every layer computes full causal attention), and is refused otherwise, naming layer_types. A config whose
-layers are all sliding or all full imports exactly; an export writes one of those two.
+Its per-layer `layer_types` (by default sliding, full, sliding, ...) are Loom's sliding_window plus the list of
+full_attention_layers exempt from it.
 """
 
 from __future__ import annotations
@@ -42,38 +40,23 @@ def model_config(hf: Any) -> dict[str, Any]:
         "softmax_scale": "inv_sqrt_dk" if scalar == head_dim else float(scalar**-0.5),
         "final_logit_softcap": _cap(hf.final_logit_softcapping),
         "attention_softcap": _cap(hf.attn_logit_softcapping),
-        "sliding_window": _window(hf),
-    }
+    } | _windows(hf)
 
 
 def _cap(value: float | None) -> float | None:
     return None if value is None else float(value)
 
 
-def _window(hf: Any) -> int | None:
-    """Loom's uniform window for transformers' per-layer `layer_types` (see the module docstring)."""
-    kinds = set(hf.layer_types or [])
-    unknown = kinds - {"full_attention", "sliding_attention"}
+def _windows(hf: Any) -> dict[str, Any]:
+    """sliding_window and full_attention_layers for transformers' per-layer `layer_types`."""
+    types = list(hf.layer_types or ["full_attention"] * hf.num_hidden_layers)
+    unknown = set(types) - {"full_attention", "sliding_attention"}
     if unknown:
-        _refuse(hf, f"has layer kinds {sorted(unknown)} (Loom: full_attention or sliding_attention)")
-    if kinds <= {"full_attention"}:
-        return None
-    window = hf.sliding_window
-    if kinds == {"sliding_attention"}:
-        return window
-    if window is None or window >= hf.max_position_embeddings:
-        return None  # sliding layers never cut a key off within max_position_embeddings: all full attention
-    _refuse(
-        hf,
-        f"mixes sliding ({window}-token window) and full attention layers; Loom's window is the same for "
-        "every layer",
-    )
-    return None
-
-
-def _refuse(hf: Any, rule: str) -> None:
-    raise ConfigError(
-        "config.json", "layer_types", hf.layer_types, rule,
-        "import with max_position_embeddings <= sliding_window in config.json (within the window sliding and "
-        "full attention are the same), or give every layer the same kind",
-    )  # fmt: skip
+        raise ConfigError(
+            "config.json", "layer_types", types, f"has layer kinds {sorted(unknown)} Loom has no equivalent for",
+            "import a config whose layers are full_attention or sliding_attention",
+        )  # fmt: skip
+    if "sliding_attention" not in types:
+        return {"sliding_window": None, "full_attention_layers": None}
+    full = [i for i, kind in enumerate(types) if kind == "full_attention"]
+    return {"sliding_window": hf.sliding_window, "full_attention_layers": full or None}

@@ -231,6 +231,7 @@ _NOT_EXPORTABLE: dict[str, tuple[Any, str]] = {
     "family": ("decoder", "megatron-core's GPTModel is a causal decoder"),
     "norm_position": ("pre", "GPTModel normalises before each branch"),
     "sliding_window": (None, "the local layer spec has no sliding-window attention"),
+    "full_attention_layers": (None, "the local layer spec has no sliding-window attention"),
     "embedding_norm": (False, "GPTModel has no embedding norm"),
     "type_vocab_size": (0, "GPTModel has no token-type embeddings"),
     "mlm_head_transform": (False, "GPTModel has no masked-LM head"),

@@ -53,6 +53,10 @@ CONFIGS: dict[str, ModelConfig] = {
     # the windowed one has every layer sliding (Loom's uniform window), untied
     "gemma2": ModelConfig(**_GEMMA2, tie_embeddings=True),
     "gemma2_window_untied": ModelConfig(**_GEMMA2 | {"n_layers": 3}, sliding_window=5),
+    # transformers' default layer_types: sliding, full, sliding (a window the sequence exceeds)
+    "gemma2_alternating": ModelConfig(
+        **_GEMMA2 | {"n_layers": 3}, sliding_window=5, full_attention_layers=[1]
+    ),
     "t5": ModelConfig(
         family="encoder_decoder",
         vocab_size=VOCAB,

@@ -35,32 +35,49 @@ def _save_gemma2(path: Path, **overrides: object) -> torch.nn.Module:
     return hf
 
 
-def test_alternating_layers_import_when_the_window_never_binds(tmp_path: Path) -> None:
-    # transformers' default layer_types alternate sliding and full; a window of max_position_embeddings
-    # never cuts a key off, so every layer is full causal attention
-    hf = _save_gemma2(tmp_path, sliding_window=64)
+def test_transformers_default_alternating_layers_import_exactly(tmp_path: Path) -> None:
+    # transformers' default layer_types alternate sliding and full, here with a window the input exceeds
+    hf = _save_gemma2(tmp_path, sliding_window=5)
     assert hf.config.layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
     cfg, state = read_hf(tmp_path)
-    assert cfg.sliding_window is None and cfg.sandwich_norm and cfg.softmax_scale == 16**-0.5
+    assert (cfg.sliding_window, cfg.full_attention_layers) == (5, [1])
+    assert cfg.sandwich_norm and cfg.softmax_scale == 16**-0.5
     assert (cfg.final_logit_softcap, cfg.attention_softcap) == (5.0, 2.0)
     model = build_model(cfg)
     model.load_state_dict(state)
     ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         diff = (model.eval()(ids) - hf(ids).logits).abs().max().item()
-    assert diff <= 1e-4
+        model.full_attention = set()  # every layer windowed: not what transformers computes
+        wrong = (model(ids) - hf(ids).logits).abs().max().item()
+    assert diff <= 1e-4 and wrong > 0.01
 
 
-def test_alternating_layers_with_a_binding_window_are_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("types", "window", "full"),
+    [
+        (["sliding_attention"] * 3, 8, None),
+        (["full_attention"] * 3, None, None),
+        (["full_attention", "full_attention", "sliding_attention"], 8, [0, 1]),
+    ],
+)
+def test_layer_types_map_to_window_and_full_layers(
+    tmp_path: Path, types: list, window: int, full: list
+) -> None:
+    _save_gemma2(tmp_path, sliding_window=8, layer_types=types)
+    cfg = read_hf(tmp_path)[0]
+    assert (cfg.sliding_window, cfg.full_attention_layers) == (window, full)
+    assert hf_config(cfg)[1].layer_types == types  # and back
+
+
+def test_unknown_layer_kinds_are_refused(tmp_path: Path) -> None:
     _save_gemma2(tmp_path, sliding_window=8)
-    with pytest.raises(ConfigError, match="layer_types") as error:
+    written = json.loads((tmp_path / "config.json").read_text())
+    written["layer_types"] = ["chunked_attention"] * 3
+    (tmp_path / "config.json").write_text(json.dumps(written))
+    with pytest.raises(ConfigError) as error:
         read_hf(tmp_path)
-    assert "max_position_embeddings" in error.value.fix
-
-
-def test_every_layer_sliding_imports_as_loom_window(tmp_path: Path) -> None:
-    _save_gemma2(tmp_path, sliding_window=8, layer_types=["sliding_attention"] * 3)
-    assert read_hf(tmp_path)[0].sliding_window == 8
+    assert error.value.key == "layer_types"
 
 
 def test_export_writes_query_pre_attn_scalar_and_uniform_layer_types(tmp_path: Path) -> None:
@@ -81,6 +98,7 @@ REFUSED = {
     "gemma_with_bias": (dict(**CONFIGS["gemma"].__dict__ | {"bias": True}), "model.bias"),
     "gemma_swiglu": (dict(**CONFIGS["gemma"].__dict__ | {"mlp": "swiglu"}), "model.mlp"),
     "gemma_window": (dict(**CONFIGS["gemma"].__dict__ | {"sliding_window": 4}), "model.sliding_window"),
+    "mistral_full_layers": (dict(sliding_window=4, full_attention_layers=[1]), "full_attention_layers"),
     "gemma2_scale_none": (dict(**CONFIGS["gemma2"].__dict__ | {"softmax_scale": "none"}), "softmax_scale"),
     "gemma2_scale_not_integer": (
         dict(**CONFIGS["gemma2"].__dict__ | {"softmax_scale": 0.3}),

@@ -270,3 +270,12 @@ def test_param_counts_split() -> None:
     counts = param_counts(cfg)
     assert counts["embedding"] == 100 * 16 + cfg.max_seq_len * 16
     assert counts["total"] == counts["embedding"] + counts["non_embedding"] == counts["active"]
+
+
+def test_full_attention_layers_count_causal_keys() -> None:
+    """Blocks exempt from the window attend (seq + 1) / 2 keys per query, the others the window's mean."""
+    seq = 16
+    windowed = forward_flops_breakdown(_cfg("sliding_window"), seq)["attention"]
+    causal = forward_flops_breakdown(_cfg("llama"), seq)["attention"]
+    mixed = forward_flops_breakdown(_cfg("sliding_window", full_attention_layers=[1]), seq)["attention"]
+    assert mixed == pytest.approx((windowed + causal) / 2) and windowed < mixed < causal

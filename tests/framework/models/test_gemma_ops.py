@@ -247,3 +247,57 @@ def test_injected_kernel_refuses_the_cap() -> None:
     attn.kernel = lambda *args: pytest.fail("kernel called")
     with pytest.raises(NotImplementedError, match="attention_softcap"):
         attn(torch.randn(B, S, D_MODEL), AttentionContext(mask_under_test("causal")))
+
+
+# ------------------------------------------------------------------------- per-layer sliding windows
+
+
+def _windowed(**overrides: object) -> torch.nn.Module:
+    fields = dict(
+        vocab_size=37, d_model=16, n_layers=2, n_heads=4, ffn_hidden=32, max_seq_len=32, init_std=0.2
+    )
+    cfg = ModelConfig(**fields | overrides)
+    model = build_model(cfg)
+    init_weights(model, cfg, seed=0)
+    return model.eval()
+
+
+def test_full_attention_layers_drop_the_window_in_those_blocks_only() -> None:
+    ids = torch.randint(0, 37, (2, 12), generator=torch.Generator().manual_seed(0))
+    model = _windowed(sliding_window=3, full_attention_layers=[1])
+    windows: dict[str, int | None] = {}
+    for name, block in model.layers.items():
+        hook = lambda m, args, name=name: windows.__setitem__(name, args[1].mask.window)  # noqa: E731
+        block.register_forward_pre_hook(hook)
+    with torch.no_grad():
+        mixed = model(ids)
+    assert windows == {"0": 3, "1": None}
+    with torch.no_grad():
+        windowed = _windowed(sliding_window=3)(ids)
+        unwindowed = _windowed()(ids)
+        all_full = _windowed(sliding_window=3, full_attention_layers=[0, 1])(ids)
+    torch.testing.assert_close(all_full, unwindowed)
+    assert (mixed - windowed).abs().max() > 1e-3 and (mixed - unwindowed).abs().max() > 1e-3
+    # a token beyond both blocks' reach through windows (2 x (3 - 1) back) still reaches the last position
+    changed = ids.clone()
+    changed[:, 0] = (changed[:, 0] + 1) % 37
+    with torch.no_grad():
+        assert (model(changed)[:, -1] - mixed[:, -1]).abs().max() > 1e-4
+        assert torch.equal(_windowed(sliding_window=3)(changed)[:, -1], windowed[:, -1])
+
+
+@pytest.mark.parametrize(
+    ("fields", "rule"),
+    [
+        (dict(full_attention_layers=[1]), "needs a window"),
+        (dict(sliding_window=4, full_attention_layers=[2]), "block indices"),
+        (dict(sliding_window=4, full_attention_layers=[1, 0]), "increasing"),
+        (dict(sliding_window=4, full_attention_layers=[1, 1]), "increasing"),
+    ],
+)
+def test_full_attention_layers_are_validated(fields: dict, rule: str) -> None:
+    from framework.config.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="full_attention_layers") as error:
+        ModelConfig(n_layers=2, **fields).validate()
+    assert rule in error.value.rule
