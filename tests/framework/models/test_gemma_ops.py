@@ -301,3 +301,40 @@ def test_full_attention_layers_are_validated(fields: dict, rule: str) -> None:
     with pytest.raises(ConfigError, match="full_attention_layers") as error:
         ModelConfig(n_layers=2, **fields).validate()
     assert rule in error.value.rule
+
+
+GEMMA2 = dict(mlp="geglu", gelu_approximate="tanh", norm_weight_offset=True, sandwich_norm=True,
+              embedding_scale="sqrt_d_model", final_logit_softcap=2.0, attention_softcap=1.0, sliding_window=3,
+              full_attention_layers=[1, 3], n_layers=4, tie_embeddings=True)  # fmt: skip
+
+
+def test_gemma2_pipeline_stages_compose_to_the_full_model() -> None:
+    """Blocks keep their names in a stage, so a stage holding blocks 2 and 3 still gives block 3 full attention."""
+    import copy
+
+    model = _windowed(**GEMMA2)
+    first, last = copy.deepcopy(model), copy.deepcopy(model)
+    for i in ("2", "3"):
+        del first.layers[i]
+    del first.norm
+    for i in ("0", "1"):
+        del last.layers[i]
+    ids = torch.randint(0, 37, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(last(first(ids)), model(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_gemma2_backends_agree_and_backward_reaches_every_parameter() -> None:
+    ids = torch.randint(0, 37, (2, 9), generator=torch.Generator().manual_seed(2))
+    documents = torch.tensor([[0] * 4 + [1] * 5, [2] * 9])
+    outs = {}
+    for backend in BACKENDS:
+        model = _windowed(**GEMMA2, attention_backend=backend)
+        with torch.no_grad():
+            outs[backend] = model(ids, document_ids=documents)
+    torch.testing.assert_close(outs["sdpa"], outs["naive"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs["flex"], outs["naive"], atol=1e-5, rtol=1e-5)
+    model = _windowed(**GEMMA2).train()
+    model(ids, document_ids=documents).square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
