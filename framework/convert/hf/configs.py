@@ -142,6 +142,9 @@ def check_representable(cfg: ModelConfig) -> str:
 
 # Weight-layout fields of the other families that these families have no tensor or switch for.
 _ABSENT = {"embedding_norm": False, "mlm_head_transform": False, "output_bias": False, "type_vocab_size": 0}
+# Gemma 2's fields beyond Gemma's, and Gemma's, which no other family has a tensor or switch for
+_GEMMA2_ONLY = {"final_logit_softcap": None, "attention_softcap": None, "full_attention_layers": None}
+_GEMMA_ONLY = {"norm_weight_offset": False, "sandwich_norm": False, "embedding_scale": "none"} | _GEMMA2_ONLY
 _EXTRA: dict[str, dict[str, Any]] = {
     "llama": _ABSENT | {"softmax_scale": "inv_sqrt_dk"},
     "mistral": _ABSENT | {"softmax_scale": "inv_sqrt_dk"},
@@ -157,14 +160,9 @@ _EXTRA: dict[str, dict[str, Any]] = {
     "t5": _ABSENT | {"softmax_scale": "none"},
     "mixtral": _ABSENT | {"softmax_scale": "inv_sqrt_dk"},
     "qwen3_moe": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None},
-    "gemma": _ABSENT
-    | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None, "final_logit_softcap": None}
-    | {"attention_softcap": None, "full_attention_layers": None},
+    "gemma": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None} | _GEMMA2_ONLY,
     "gemma2": _ABSENT,
 }
-# Gemma's fields, which no other family has a tensor or switch for
-_GEMMA_ONLY = {"norm_weight_offset": False, "sandwich_norm": False, "embedding_scale": "none",
-               "final_logit_softcap": None, "attention_softcap": None, "full_attention_layers": None}  # fmt: skip
 
 
 def _derived_rules(cfg: ModelConfig, family: str) -> list[str]:

@@ -35,12 +35,16 @@ def model_config(hf: Any) -> dict[str, Any]:
     fields = gemma.common_fields(hf, getattr(hf, "hidden_activation", None), "hidden_activation")
     head_dim = fields["head_dim"]
     scalar = hf.query_pre_attn_scalar
-    return fields | {
-        "sandwich_norm": True,
-        "softmax_scale": "inv_sqrt_dk" if scalar == head_dim else float(scalar**-0.5),
-        "final_logit_softcap": _cap(hf.final_logit_softcapping),
-        "attention_softcap": _cap(hf.attn_logit_softcapping),
-    } | _windows(hf)
+    return (
+        fields
+        | {
+            "sandwich_norm": True,
+            "softmax_scale": "inv_sqrt_dk" if scalar == head_dim else float(scalar**-0.5),
+            "final_logit_softcap": _cap(hf.final_logit_softcapping),
+            "attention_softcap": _cap(hf.attn_logit_softcapping),
+        }
+        | _windows(hf)
+    )
 
 
 def _cap(value: float | None) -> float | None:
