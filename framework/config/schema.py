@@ -214,6 +214,12 @@ class ModelConfig:
     """pre: x + f(norm(x)) with a final norm (GPT-2/Llama); post: norm(x + f(x)) (original Transformer, BERT)."""
     qk_norm: bool = False
     """Normalise queries and keys per head before attention (Qwen3, OLMo2)."""
+    norm_weight_offset: bool = False
+    """RMSNorm stores its gain as an offset from 1: y = x_hat * (1 + w), with w initialised to 0, and the product
+    taken in float32 before the cast back to the input dtype (Gemma). false: y = x_hat * w, w initialised to 1."""
+    sandwich_norm: bool = False
+    """With norm_position pre: also normalise each branch's output before the residual add,
+    x + norm2(f(norm1(x))) (Gemma 2's post-attention and post-feedforward norms)."""
     bias: bool = False
     """Biases in the attention and feed-forward linear layers."""
     bias_scope: Literal["all", "qkv"] = "all"
@@ -241,6 +247,10 @@ class ModelConfig:
     """relative_bias (T5): distance beyond which all positions share the last bucket."""
     sliding_window: int | None = None
     """Attend only to the last `sliding_window` keys (Mistral); null = unlimited."""
+    full_attention_layers: list[int] | None = None
+    """With sliding_window, family decoder: the blocks (0-based, increasing) that attend to every earlier key
+    instead, e.g. [1, 3, 5, ...] for Gemma 2's alternating local and global layers; null = the window applies to
+    every block."""
     attention_backend: Literal["sdpa", "flex", "naive"] = "sdpa"
     """Attention kernel: torch SDPA (flash when the mask is plain causal), FlexAttention (block masks, score mods;
     forward-only on CPU), naive (reference; materialises the scores)."""
@@ -271,6 +281,15 @@ class ModelConfig:
     """BERT masked-LM head: dense + activation + norm before the output projection."""
     output_bias: bool = False
     """Bias on the output projection (BERT)."""
+    embedding_scale: Literal["none", "sqrt_d_model"] = "none"
+    """Multiply the token embeddings by sqrt(d_model), rounded to the compute dtype first as Gemma does; none
+    leaves them as looked up."""
+    final_logit_softcap: float | None = None
+    """Soft-cap the output logits to (-c, c): c * tanh(logits / c) (Gemma 2); null = no cap."""
+    attention_softcap: float | None = None
+    """Soft-cap the scaled attention scores before the bias, mask and softmax: c * tanh(scale * q.k / c)
+    (Gemma 2). SDPA has no such score modification, so these calls run FlexAttention or the naive reference
+    (docs/kernels.md); null = no cap."""
     init_std: float = 0.02
     """Standard deviation of the normal init of weight matrices."""
     init_depth_scaled: bool = True
@@ -323,6 +342,7 @@ class ModelConfig:
         )
         _positive(self, p, "init_std", "embedding_init_std", "attention_temperature", "rope_scaling_factor")
         _positive(self, p, "relative_buckets", "relative_max_distance")
+        _positive(self, p, "final_logit_softcap", "attention_softcap")
         # llama3 RoPE scaling divides by each of these (framework/models/positions.py: _llama3_scale)
         _positive(self, p, "rope_original_max_seq_len", "rope_low_freq_factor", "rope_high_freq_factor")
         _fraction(self, p, "dropout", "attention_dropout")
@@ -380,8 +400,37 @@ class ModelConfig:
             "chooses which layers model.bias applies to, but model.bias is false",
             "set model.bias: true (Qwen2: biases on q/k/v only), or remove model.bias_scope",
         )
+        _require(
+            not self.norm_weight_offset or self.norm == "rmsnorm",
+            "model.norm_weight_offset",
+            self.norm_weight_offset,
+            "is a form of RMSNorm's gain",
+            "set model.norm: rmsnorm, or remove model.norm_weight_offset",
+        )
+        _require(
+            not self.sandwich_norm or self.norm_position == "pre",
+            "model.sandwich_norm",
+            self.sandwich_norm,
+            "adds a norm after each branch of a pre-norm block",
+            "set model.norm_position: pre, or remove model.sandwich_norm",
+        )
+        if self.full_attention_layers is not None:
+            self._validate_full_attention_layers(self.full_attention_layers)
         if self.moe is not None:
             self._validate_moe(self.moe)
+
+    def _validate_full_attention_layers(self, layers: list[int]) -> None:
+        key = "model.full_attention_layers"
+        _require(
+            self.sliding_window is not None and self.family == "decoder", key, layers,
+            "exempts blocks from model.sliding_window, so it needs a window (family decoder)",
+            "set model.sliding_window, or remove model.full_attention_layers",
+        )  # fmt: skip
+        _require(
+            all(0 <= i < self.n_layers for i in layers) and layers == sorted(set(layers)), key, layers,
+            f"must list block indices 0 .. {self.n_layers - 1} in increasing order, each once",
+            "list each full-attention block once, in order",
+        )  # fmt: skip
 
     def _validate_bounds(self) -> None:
         p = "model"

@@ -26,6 +26,10 @@ def te_refusals(recipe: Recipe) -> list[tuple[str, object, str]]:
         refused.append(("model.position", m.position, "TE attention takes no Loom score bias"))
     if m.soft_distance_bias:
         refused.append(("model.soft_distance_bias", True, "TE attention takes no Loom score bias"))
+    if m.attention_softcap is not None:
+        refused.append(
+            ("model.attention_softcap", m.attention_softcap, "TE attention has no score soft-capping")
+        )
     if recipe.data.objective == "prefix":
         refused.append(("data.objective", "prefix", "prefix-LM masks are not mapped to TE"))
     if m.family == "encoder_decoder" and recipe.data.document_masking:

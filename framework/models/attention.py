@@ -2,12 +2,13 @@
 
 Scores, per head h, query i, key j (every backend computes exactly this):
 
-    logit = (scale * q_i . k_j + bias_h(i, j)) / T_h,   masked logits = -inf,   p = softmax_j(logit)
+    logit = (cap(scale * q_i . k_j) + bias_h(i, j)) / T_h,   masked logits = -inf,   p = softmax_j(logit)
 
 bias_h(i, j) = T5 relative bias[h, bucket(p_j - p_i)] - (alibi_slope_h + w_h) * |p_i - p_j|, where p are the
 position ids, w_h the learned soft distance weight and T_h the fixed or learned (exp(log_temperature))
-temperature. Heads are indexed globally from `head_offset` so a tensor- or context-parallel block of heads keeps
-its heads' slopes.
+temperature. cap(s) = c * tanh(s / c) with c = model.attention_softcap (Gemma 2), the identity without one.
+Heads are indexed globally from `head_offset` so a tensor- or context-parallel block of heads keeps its heads'
+slopes.
 """
 
 from __future__ import annotations
@@ -89,6 +90,12 @@ def softmax_scale(cfg: ModelConfig) -> float:
     return float(cfg.softmax_scale)
 
 
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap): x squashed smoothly into (-cap, cap), about x where |x| << cap (Gemma 2's attention
+    and final-logit soft-capping); x itself when cap is None."""
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     """[B, Hkv, S, D] -> [B, Hkv * groups, S, D]: kv head g serves query heads g*groups .. g*groups+groups-1."""
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
@@ -104,11 +111,12 @@ def naive_attention(
     bias: torch.Tensor | None = None,
     inv_temperature: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    cap: float | None = None,
 ) -> torch.Tensor:
     """Reference attention over q [B, H, Sq, D], k/v [B, Hkv, Sk, D]; materialises the scores."""
     groups = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) * scale
+    scores = softcap(torch.einsum("bhqd,bhkd->bhqk", q, k) * scale, cap)
     if bias is not None:
         scores = scores + bias
     if inv_temperature is not None:
@@ -152,10 +160,20 @@ AttentionPath = Literal["naive", "sdpa", "sdpa_repeat_kv", "flex", "flex_compile
 
 
 def attention_path(
-    backend: str, device_type: str, *, fused_sdpa: bool, dropout: bool, gqa: bool, half: bool
+    backend: str,
+    device_type: str,
+    *,
+    fused_sdpa: bool,
+    dropout: bool,
+    gqa: bool,
+    half: bool,
+    capped: bool = False,
 ) -> AttentionPath:
     """Which kernel one attention call runs (docs/kernels.md). `fused_sdpa`: no bias and either no mask or a plain
-    causal one, the only calls torch's flash kernel takes (with is_causal, and GQA); `half`: q is fp16 / bf16.
+    causal one, the only calls torch's flash kernel takes (with is_causal, and GQA); `half`: q is fp16 / bf16;
+    `capped`: the scores are soft-capped (model.attention_softcap), which no SDPA kernel can do, so such calls run
+    compiled FlexAttention (a score_mod) on CUDA and the naive reference where Flex cannot: on CPU (eager Flex
+    has no backward there) and with attention dropout.
 
     On CUDA (torch 2.11) SDPA falls to the math kernel, which materialises fp32 scores [B, H, Sq, Sk], whenever
     neither fused kernel takes the call: flash takes no mask, no bias and no fp32; the memory-efficient kernel
@@ -168,6 +186,8 @@ def attention_path(
         return "naive"
     if backend == "flex":
         return "flex" if device_type == "cpu" else "flex_compiled"
+    if capped:
+        return "flex_compiled" if device_type == "cuda" and not dropout else "naive"
     if device_type != "cuda":
         return "sdpa"
     if fused_sdpa:
@@ -216,6 +236,7 @@ class Attention(nn.Module):
         self.scale = softmax_scale(cfg)
         self.temperature = cfg.attention_temperature
         self.dropout_p = cfg.attention_dropout
+        self.softcap = cfg.attention_softcap
         self.alibi = alibi_table(cfg.n_heads) if cfg.position == "alibi" and not cross else None
         """The global heads' ALiBi slopes, kept per device (None without ALiBi)."""
         self.wq = nn.Linear(cfg.d_model, heads * head_dim, bias=cfg.bias)
@@ -255,6 +276,8 @@ class Attention(nn.Module):
         if self.kernel is not None:
             if bias_fn is not None:
                 raise NotImplementedError("an injected kernel takes no score bias (ALiBi, T5, distance)")
+            if self.softcap is not None:
+                raise NotImplementedError("an injected kernel takes no attention_softcap")
             return self.kernel(q, k, v, ctx, KernelCall(self.scale, dropout_p, inv_temperature))
         causal = ctx.mask.is_plain_causal and q_len == k_len
         path = attention_path(
@@ -264,6 +287,7 @@ class Attention(nn.Module):
             dropout=dropout_p > 0,
             gqa=k.shape[1] != heads,
             half=q.dtype in (torch.float16, torch.bfloat16),
+            capped=self.softcap is not None,
         )
         if path in ("flex", "flex_compiled"):
             block_mask = ctx.block_mask(batch, q_len, k_len, q.device)
@@ -279,7 +303,7 @@ class Attention(nn.Module):
             return sdpa_attention(q, k, v, is_causal=True, **kwargs)  # no mask built: it would be S^2
         mask = ctx.dense_mask(batch, q_len, k_len, q.device)
         if path == "naive":
-            return naive_attention(q, k, v, mask=mask, **kwargs)
+            return naive_attention(q, k, v, mask=mask, cap=self.softcap, **kwargs)
         return sdpa_attention(q, k, v, mask=mask, **kwargs)
 
     def _flex(
@@ -296,9 +320,11 @@ class Attention(nn.Module):
         if dropout_p > 0:
             raise NotImplementedError("FlexAttention has no attention dropout; use attention_backend sdpa")
         score_mod = None
-        if bias_fn is not None or inv_temperature is not None:
+        cap = self.softcap
+        if bias_fn is not None or inv_temperature is not None or cap is not None:
 
             def score_mod(score, b, h, q_idx, k_idx):  # noqa: ANN001, ANN202 (flex callback)
+                score = softcap(score, cap)  # flex has already multiplied by scale
                 if bias_fn is not None:
                     score = score + bias_fn(b, h, q_idx, k_idx)
                 return score if inv_temperature is None else score * inv_temperature[h]

@@ -9,7 +9,8 @@ Conventions (see docs/flops.md for the derivation and a worked example):
   (also when it is tied to the token embedding: the lookup is free, the head matmul is not).
 * Attention scores (q.k) and values (p.v) add 2 x 2 x n_heads x head_dim x (mean keys attended per query) per
   layer (PaLM appendix B, with the mask's real key count instead of the full sequence):
-  bidirectional = seq_len, causal = (seq_len + 1) / 2, causal sliding window W = mean over i of min(i + 1, W).
+  bidirectional = seq_len, causal = (seq_len + 1) / 2, causal sliding window W = mean over i of min(i + 1, W)
+  (blocks in full_attention_layers: causal).
   GQA shrinks the k/v projections, not this term (every query head still scores every key it sees).
 * Training = 3 x forward (the backward pass costs two forwards: input grads and weight grads; Kaplan et al. 2020,
   section 2.1; Chinchilla appendix F).
@@ -90,8 +91,10 @@ def _ffn_params(cfg: ModelConfig, layer: int, *, active: bool = False) -> int:
 
 
 def _block_params(cfg: ModelConfig, *, cross_attention: bool = False, layer: int = 0) -> int:
-    """attention_norm + attention + ffn_norm + feed_forward (+ cross_attention_norm + cross_attention)."""
-    total = 2 * _norm_params(cfg, cfg.d_model) + _attention_params(cfg) + _ffn_params(cfg, layer)
+    """attention_norm + attention + ffn_norm + feed_forward (+ cross_attention_norm + cross_attention), and the
+    sandwich norms after both branches (Gemma 2)."""
+    norms = 4 if cfg.sandwich_norm else 2
+    total = norms * _norm_params(cfg, cfg.d_model) + _attention_params(cfg) + _ffn_params(cfg, layer)
     if cross_attention:
         total += _norm_params(cfg, cfg.d_model) + _attention_params(cfg, cross=True)
     return total
@@ -225,10 +228,13 @@ def _cross_attention_matmul_flops(cfg: ModelConfig, enc_len: int, dec_len: int) 
 
 
 def _single_stack_flops(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
-    """decoder (causal, optional sliding window) or encoder (bidirectional): one stack and the head."""
-    keys = mean_keys_attended(seq_len, causal=cfg.causal, window=cfg.sliding_window)
+    """decoder (causal, optional sliding window, whose full_attention_layers see every earlier key) or encoder
+    (bidirectional): one stack and the head."""
+    full = len(cfg.full_attention_layers or ())
+    keys = (cfg.n_layers - full) * mean_keys_attended(seq_len, causal=cfg.causal, window=cfg.sliding_window)
+    keys += full * mean_keys_attended(seq_len, causal=cfg.causal, window=None)
     matmul = 2.0 * seq_len * (_stack_matmul_params(cfg, active=True) + _head_matmul_params(cfg))
-    return {"matmul": matmul, "attention": cfg.n_layers * seq_len * attention_flops_per_query(cfg, keys)}
+    return {"matmul": matmul, "attention": seq_len * attention_flops_per_query(cfg, keys)}
 
 
 def _encoder_decoder_flops(cfg: ModelConfig, enc_len: int, dec_len: int) -> dict[str, float]:

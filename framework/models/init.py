@@ -18,7 +18,7 @@ from torch import nn
 from framework.config.schema import ModelConfig
 from framework.models.attention import Attention
 from framework.models.moe import GroupedExperts
-from framework.models.norms import RMSNorm
+from framework.models.norms import OffsetRMSNorm, RMSNorm
 
 # prefixes that torch wrappers (compile, activation checkpointing, FSDP1) insert into parameter names
 _WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
@@ -48,6 +48,8 @@ def stable_seed(seed: int, name: str) -> int:
 def _group_of(cfg: ModelConfig, module_name: str, module: nn.Module, param_name: str) -> str:
     if param_name in ("bias", "output_bias"):
         return "biases"
+    if isinstance(module, OffsetRMSNorm):
+        return "offset_norms"
     if isinstance(module, RMSNorm | nn.LayerNorm):
         return "norms"
     if isinstance(module, nn.Embedding):
@@ -74,6 +76,7 @@ def _group_specs(cfg: ModelConfig) -> dict[str, _Group]:
         "output_projections": _Group([], out_std(cfg.n_layers)),
         "decoder_output_projections": _Group([], out_std(cfg.decoder_layers)),
         "norms": _Group([], 0.0, fill=1.0),
+        "offset_norms": _Group([], 0.0, fill=0.0),  # gain 1 + w = 1 (Gemma's RMSNorm)
         "biases": _Group([], 0.0, fill=0.0),
         "temperatures": _Group([], 0.0, fill=math.log(cfg.attention_temperature)),
         "distance_weights": _Group([], 0.0, fill=0.0),
@@ -90,7 +93,7 @@ def _groups(model: nn.Module, cfg: ModelConfig) -> dict[str, _Group]:
 
 
 def init_groups(model: nn.Module, cfg: ModelConfig) -> dict[str, tuple[list[str], float]]:
-    """Group name -> (parameter names, std). Constant groups (norms 1, biases 0, temperatures
+    """Group name -> (parameter names, std). Constant groups (norms 1, offset norms 0, biases 0, temperatures
     log(attention_temperature) as they are stored as log_temperature, distance weights 0) have std 0."""
     return {name: (group.names, group.std) for name, group in _groups(model, cfg).items()}
 

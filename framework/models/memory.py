@@ -29,13 +29,16 @@ Activation Recomputation in Large Transformer Models", section 4), but every ter
   dropped probabilities), and wo keeps a copy of the output. The naive backend keeps copies of q, k, v, the fp32
   softmax and its low-precision copy, the boolean mask, and wo's input copy. GQA keys and values are repeated to
   all heads wherever the kernel repeats them (math, naive), and kept at kv_heads by the fused kernels.
+  Soft-capped scores (model.attention_softcap) take no SDPA kernel: compiled Flex on CUDA (fused, as above), the
+  naive path on CPU or with attention dropout, which also keeps tanh's output.
 * RoPE keeps only the shared cos / sin tables (its rotations multiply by constants); the learned temperature keeps
   q (q * exp(-log_t)); the soft distance bias keeps |i - j| per layer; T5 keeps the bucket ids per stack.
 * MLPs: SwiGLU / GeGLU keep the gate input, the activation output, the up projection and their product (w2's
   input); GELU keeps its input and output; ReLU only its output (which is also w2's input).
 * Dropout (p > 0): on CPU the noise tensor in the input's dtype, on CUDA a bool mask (native_dropout).
 * Embeddings keep their index tensors; cross-entropy keeps the fp32 log-softmax [tokens, vocab] and the labels;
-  the z-loss also keeps the fp32 logits.
+  the z-loss also keeps the fp32 logits, final-logit soft-capping tanh's output. Sandwich norms (Gemma 2) add
+  two norms per block over the branch outputs; Gemma's (1 + w) RMSNorm keeps its normed tensor in fp32.
 
 Parallel layouts are taken into account where the division is obvious; the engine issue will verify these:
 FSDP / HSDP shard parameters, gradients and optimizer state over dp_shard (gradients: FSDP2 reduce-scatters after
@@ -146,7 +149,9 @@ def _norm_bytes(cfg: ModelConfig, s: _Sizes, rows: int, dim: int, input_bytes: i
     (`normed.type_as(x)` is what the gain multiplies). LayerNorm: input, mean, rstd; CUDA autocast runs it in
     fp32 (an fp32 copy of a low-precision input), CPU autocast in the input dtype."""
     if cfg.norm == "rmsnorm":
-        return rows * dim * (FP32 + input_bytes) + rows * FP32
+        # Gemma's (1 + w) gain multiplies the fp32 normed tensor and casts afterwards (norms.OffsetRMSNorm)
+        normed = FP32 if cfg.norm_weight_offset else input_bytes
+        return rows * dim * (FP32 + normed) + rows * FP32
     saved_input = input_bytes if s.cpu else FP32
     return rows * dim * saved_input + 2 * rows * FP32
 
@@ -163,6 +168,8 @@ def _sdpa_path(cfg: ModelConfig, s: _Sizes, *, has_bias: bool) -> str:
         return "naive"
     if cfg.attention_backend == "flex":
         return "fused"  # q, k, v, out, logsumexp; block masks and score mods keep no dense tensor
+    if cfg.attention_softcap is not None:  # no SDPA kernel caps scores: compiled Flex on CUDA, else naive
+        return "naive" if s.cpu or cfg.attention_dropout > 0 else "fused"
     bias_has_grad = has_bias and (
         cfg.position == "relative_bias" or cfg.soft_distance_bias or cfg.learned_temperature
     )
@@ -209,6 +216,8 @@ def _attention_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape, k_len: int, *, 
         return total + (q_elems + 2 * repeated) * FP32 + _probs_bytes(cfg, b * h * sq * k_len, FP32, FP32)
     total += b * sq * k_len * int(dense)  # bool ~mask of masked_fill on the scores
     total += (q_elems + 2 * repeated) * s.compute  # q, k, v copies for the einsums
+    if cfg.attention_softcap is not None:
+        total += b * h * sq * k_len * s.compute  # tanh's output (the soft-capped scores)
     return total + _probs_bytes(cfg, b * h * sq * k_len, s.compute, FP32)
 
 
@@ -296,6 +305,8 @@ def _block_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape, memory_len: int | N
     branches = 2 if memory_len is None else 3
     split = _attention_bytes(cfg, s, shape, shape.seq) + _ffn_bytes(cfg, s, tokens)
     sequence = branches * _norm_bytes(cfg, s, tokens, d, FP32)
+    if cfg.sandwich_norm:  # the norms of the attention and MLP outputs, which are in the compute dtype
+        sequence += 2 * _norm_bytes(cfg, s, tokens, d, s.compute)
     sequence += _linear_input_bytes(s, tokens, d, 3) + _linear_input_bytes(s, tokens, d, _mlp_readers(cfg))
     if cfg.dropout > 0:
         sequence += branches * tokens * d * s.dropout_bytes(s.compute)
@@ -307,6 +318,18 @@ def _block_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape, memory_len: int | N
     return {"split": split, "sequence": sequence}
 
 
+def _mean_block_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape, memory_len: int | None) -> dict[str, float]:
+    """_block_bytes averaged over a decoder's windowed blocks and its full_attention_layers (which SDPA runs as
+    plain causal, without a dense mask)."""
+    block = _block_bytes(cfg, s, shape, memory_len)
+    full = len(cfg.full_attention_layers or ())
+    if not full:
+        return block
+    unwindowed = dataclasses.replace(cfg, sliding_window=None, full_attention_layers=None)
+    other = _block_bytes(unwindowed, s, shape, memory_len)
+    return {k: (block[k] * (cfg.n_layers - full) + other[k] * full) / cfg.n_layers for k in block}
+
+
 def _checkpointed_layers(recipe: Recipe, n_layers: int) -> int:
     """Blocks whose activations are recomputed: all (full), every other one (selective), none."""
     mode = recipe.parallel.activation_checkpointing
@@ -316,7 +339,7 @@ def _checkpointed_layers(recipe: Recipe, n_layers: int) -> int:
 def _stack_bytes(recipe: Recipe, s: _Sizes, shape: _Shape, n_layers: int, memory_len: int | None) -> int:
     """The blocks of one stack on one rank, plus the tables every block shares (RoPE cos/sin, T5 buckets)."""
     cfg, p = recipe.model, recipe.parallel
-    block = _block_bytes(cfg, s, shape, memory_len)
+    block = _mean_block_bytes(cfg, s, shape, memory_len)
     per_block = block["split"] / p.tp + block["sequence"] / (p.tp if p.sequence_parallel else 1)
     stored = n_layers - _checkpointed_layers(recipe, n_layers)
     boundary = shape.tokens * cfg.d_model * FP32  # a checkpointed block keeps its input only
@@ -357,6 +380,8 @@ def _head_bytes(recipe: Recipe, s: _Sizes, tokens: int) -> int:
         activation = tokens * d * s.compute  # the activation's input (ReLU: its output)
         total += activation + _norm_bytes(cfg, s, tokens, d, s.compute) + _linear_input_bytes(s, tokens, d, 1)
     total += tokens * vocab * FP32 + tokens * INDEX  # log-softmax, labels
+    if cfg.final_logit_softcap is not None:
+        total += tokens * vocab * s.compute  # tanh's output (the capped logits)
     if recipe.train.z_loss > 0:
         total += tokens * vocab * FP32  # fp32 logits kept by logsumexp and gather
     return total

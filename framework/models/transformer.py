@@ -9,6 +9,7 @@ time, so a pipeline stage may delete them: without `tok_embeddings` the input is
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from framework.config.schema import ModelConfig
-from framework.models.attention import Attention, AttentionContext
+from framework.models.attention import Attention, AttentionContext, softcap
 from framework.models.masks import AttentionMask
 from framework.models.mlp import FeedForward, activation
 from framework.models.moe import MoE
@@ -32,7 +33,8 @@ from framework.models.positions import (
 
 class TransformerBlock(nn.Module):
     """Self-attention, optional cross-attention (T5 decoder), feed-forward; each a residual branch.
-    pre-norm: x + f(norm(x)) (GPT-2, Llama, T5); post-norm: norm(x + f(x)) (Vaswani et al., BERT)."""
+    pre-norm: x + f(norm(x)) (GPT-2, Llama, T5); post-norm: norm(x + f(x)) (Vaswani et al., BERT); sandwich:
+    x + post_norm(f(norm(x))) (Gemma 2; self-attention and feed-forward only, as `*_post_norm`)."""
 
     def __init__(self, cfg: ModelConfig, *, cross_attention: bool = False, index: int = 0) -> None:
         """index: the block's position in its stack (decides whether its feed-forward is MoE)."""
@@ -40,11 +42,15 @@ class TransformerBlock(nn.Module):
         self.pre_norm = cfg.norm_position == "pre"
         self.attention_norm = build_norm(cfg)
         self.attention = Attention(cfg)
+        if cfg.sandwich_norm:
+            self.attention_post_norm = build_norm(cfg)
         if cross_attention:
             self.cross_attention_norm = build_norm(cfg)
             self.cross_attention = Attention(cfg, cross=True)
         self.ffn_norm = build_norm(cfg)
         self.feed_forward = MoE(cfg) if cfg.is_moe_layer(index) else FeedForward(cfg)
+        if cfg.sandwich_norm:
+            self.ffn_post_norm = build_norm(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(
@@ -54,17 +60,24 @@ class TransformerBlock(nn.Module):
         memory: torch.Tensor | None = None,
         memory_ctx: AttentionContext | None = None,
     ) -> torch.Tensor:
-        x = self._residual(x, self.attention_norm, lambda h: self.attention(h, ctx))
+        attention_post = _optional(self, "attention_post_norm")
+        x = self._residual(x, self.attention_norm, lambda h: self.attention(h, ctx), attention_post)
         if hasattr(self, "cross_attention"):
             if memory is None or memory_ctx is None:
                 raise ValueError("a block with cross-attention needs the encoder output (memory)")
             attend = self.cross_attention
             x = self._residual(x, self.cross_attention_norm, lambda h: attend(h, memory_ctx, memory))
-        return self._residual(x, self.ffn_norm, self.feed_forward)
+        return self._residual(x, self.ffn_norm, self.feed_forward, _optional(self, "ffn_post_norm"))
 
     def _residual(
-        self, x: torch.Tensor, norm: nn.Module, branch: Callable[[torch.Tensor], torch.Tensor]
+        self,
+        x: torch.Tensor,
+        norm: nn.Module,
+        branch: Callable[[torch.Tensor], torch.Tensor],
+        post_norm: nn.Module | None = None,
     ) -> torch.Tensor:
+        if post_norm is not None:
+            return x + self.dropout(post_norm(branch(norm(x))))
         if self.pre_norm:
             return x + self.dropout(branch(norm(x)))
         return norm(x + self.dropout(branch(x)))
@@ -115,6 +128,10 @@ def embed(
     if tokens is None or x.is_floating_point():
         return x
     h = tokens(x)
+    if model.cfg.embedding_scale == "sqrt_d_model":
+        # the factor is rounded to h's dtype first, as Gemma does (sqrt(3072) = 55.43 becomes 55.5 in bf16);
+        # rounded on the host, so no tensor is copied to the device per forward
+        h = h * torch.tensor(model.cfg.d_model**0.5, dtype=h.dtype).item()
     pos = _optional(model, "pos_embeddings")
     if pos is not None:
         h = h + pos(positions).to(h.dtype)
@@ -147,10 +164,11 @@ def lm_head(model: nn.Module, h: torch.Tensor, holds_last_layer: bool) -> torch.
         h = transform(h)
     output = _optional(model, "output")
     if output is not None:
-        return output(h)
+        return softcap(output(h), model.cfg.final_logit_softcap)
     embeddings = _optional(model, "tok_embeddings")
     if model.cfg.tie_embeddings and embeddings is not None and holds_last_layer:
-        return F.linear(h, embeddings.weight, _optional(model, "output_bias"))
+        logits = F.linear(h, embeddings.weight, _optional(model, "output_bias"))
+        return softcap(logits, model.cfg.final_logit_softcap)
     return h
 
 
@@ -179,6 +197,8 @@ class Transformer(nn.Module):
         self.n_layers = n_layers
         self.whole = whole
         self.rope_table = rope_table(cfg)
+        self.full_attention = {str(i) for i in cfg.full_attention_layers or ()}
+        """Names of the blocks exempt from the sliding window (model.full_attention_layers)."""
         """RoPE frequencies kept per device: a forward after the first copies nothing host-to-device."""
         if whole:
             _add_embeddings(self, cfg)
@@ -215,8 +235,9 @@ class Transformer(nn.Module):
         h = embed(self, input_ids, positions, token_type_ids) if self.whole else input_ids
         ctx = self._context(positions, document_ids, prefix_lengths)
         memory_ctx = AttentionContext() if memory is not None else None
-        for layer in self.layers.values():
-            h = layer(h, ctx, memory, memory_ctx)
+        full_ctx = self._full_attention_context(ctx)
+        for name, layer in self.layers.items():
+            h = layer(h, full_ctx if name in self.full_attention else ctx, memory, memory_ctx)
         norm = _optional(self, "norm")
         if norm is not None:
             h = norm(h)
@@ -237,6 +258,14 @@ class Transformer(nn.Module):
         return AttentionContext(
             mask, positions=positions, rope=rope, position_bias=self._relative_bias(positions)
         )
+
+    def _full_attention_context(self, ctx: AttentionContext) -> AttentionContext | None:
+        """ctx without the window, for the blocks in model.full_attention_layers (its masks are built once
+        per forward too); None when every block is windowed alike."""
+        if not self.full_attention or ctx.mask.window is None:
+            return None
+        mask = dataclasses.replace(ctx.mask, window=None)
+        return AttentionContext(mask, positions=ctx.positions, rope=ctx.rope, position_bias=ctx.position_bias)
 
     def _relative_bias(self, positions: torch.Tensor) -> torch.Tensor | None:
         """T5 bias computed once per forward and shared by all blocks of this stack."""

@@ -87,8 +87,9 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool, 
             _shard_heads(module, ("weight",), 1, tp_mesh)
         elif name.rsplit(".", 1)[-1] == "feed_forward":
             plan |= _feed_forward_plan(name, module, sequence_parallel)
-        elif sequence_parallel and name.endswith(("attention_norm", ".ffn_norm")):
-            # Per-token norms on the local sequence shard; their Replicate weights get summed gradients.
+        elif sequence_parallel and name.endswith(("attention_norm", ".ffn_norm", "_post_norm")):
+            # Per-token norms on the local sequence shard (the sandwich norms of Gemma 2 on the branch outputs'
+            # reduce-scattered shards); their Replicate weights get summed gradients.
             plan[name] = SequenceParallel(use_local_output=True)
     if vocab:
         plan |= _vocab_plan(model)

@@ -71,6 +71,8 @@ def size_overrides(recipe_path: Path, data_dir: Path, run_dir: Path) -> list[str
         sets.append("model.head_dim=8")
     if recipe.model.n_decoder_layers is not None:
         sets.append("model.n_decoder_layers=2")
+    if recipe.model.full_attention_layers is not None:
+        sets.append("model.full_attention_layers=[1]")  # of the 2 blocks left
     if recipe.model.moe is not None:
         sets += moe_size_overrides(recipe.model.moe)
     sets += [f"data.tokenizer={data_dir / 'tokenizer.model'}", f"data.train={data_dir}"]

@@ -13,8 +13,8 @@ from framework.config.schema import ModelConfig
 
 
 def hf_family(cfg: ModelConfig) -> str:
-    """llama | mistral | qwen3 | qwen2 | phi3 | gpt2 | bloom | bert | t5 | mixtral | qwen3_moe, from the
-    architecture fields (phi3 only when model.hf_architecture names it: its weights are Llama's)."""
+    """llama | mistral | qwen3 | qwen2 | phi3 | gpt2 | bloom | bert | t5 | mixtral | qwen3_moe | gemma | gemma2,
+    from the architecture fields (phi3 only when model.hf_architecture names it: its weights are Llama's)."""
     if cfg.moe is not None and cfg.family == "decoder":
         return "qwen3_moe" if cfg.qk_norm else "mixtral"
     if cfg.family == "encoder":
@@ -23,6 +23,10 @@ def hf_family(cfg: ModelConfig) -> str:
         return "t5"
     if cfg.hf_architecture != "auto":
         return cfg.hf_architecture
+    if cfg.sandwich_norm or cfg.final_logit_softcap is not None or cfg.attention_softcap is not None:
+        return "gemma2"
+    if cfg.embedding_scale != "none" or cfg.norm_weight_offset:
+        return "gemma"
     if cfg.position == "alibi":
         return "bloom"
     if cfg.position == "learned":
@@ -77,6 +81,21 @@ _REQUIRED: dict[str, dict[str, Any]] = {
     },
     "t5": {"position": "relative_bias", "norm": "rmsnorm", "norm_position": "pre", "bias": False},
 }
+# Gemma: GeGLU with tanh GELU, (1 + w) RMSNorm gains, embeddings times sqrt(d_model), no biases in the MLP (and
+# Loom's one bias switch covers both); Gemma 2 adds the sandwich norms
+_REQUIRED["gemma"] = {
+    "position": "rope",
+    "norm": "rmsnorm",
+    "norm_position": "pre",
+    "mlp": "geglu",
+    "gelu_approximate": "tanh",
+    "qk_norm": False,
+    "bias": False,
+    "norm_weight_offset": True,
+    "embedding_scale": "sqrt_d_model",
+    "sandwich_norm": False,
+}
+_REQUIRED["gemma2"] = _REQUIRED["gemma"] | {"sandwich_norm": True}
 # transformers' Mixtral has no attention or MLP bias switch (Llama has one)
 _REQUIRED["mixtral"] = _REQUIRED["llama"] | {"bias": False}
 _REQUIRED["qwen3_moe"] = _REQUIRED["qwen3"]
@@ -142,6 +161,9 @@ def check_representable(cfg: ModelConfig) -> str:
 
 # Weight-layout fields of the other families that these families have no tensor or switch for.
 _ABSENT = {"embedding_norm": False, "mlm_head_transform": False, "output_bias": False, "type_vocab_size": 0}
+# Gemma 2's fields beyond Gemma's, and Gemma's, which no other family has a tensor or switch for
+_GEMMA2_ONLY = {"final_logit_softcap": None, "attention_softcap": None, "full_attention_layers": None}
+_GEMMA_ONLY = {"norm_weight_offset": False, "sandwich_norm": False, "embedding_scale": "none"} | _GEMMA2_ONLY
 _EXTRA: dict[str, dict[str, Any]] = {
     "llama": _ABSENT | {"softmax_scale": "inv_sqrt_dk"},
     "mistral": _ABSENT | {"softmax_scale": "inv_sqrt_dk"},
@@ -161,16 +183,17 @@ _EXTRA: dict[str, dict[str, Any]] = {
     # Phi-3's RoPE is default or longrope (no linear or llama3 scaling); its window is uniform, as Loom's
     "phi3": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "rope_scaling": "none"},
     "gpt2": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None},
+    "gemma": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None} | _GEMMA2_ONLY,
+    "gemma2": _ABSENT,
 }
 
 
 def _derived_rules(cfg: ModelConfig, family: str) -> list[str]:
     """Rules beyond fixed field values: head shapes the family hard-codes, MLP width, token types, gelu form."""
-    wrong = [
-        f"model.{k}={getattr(cfg, k)!r} (needs {v!r})"
-        for k, v in _EXTRA.get(family, {}).items()
-        if getattr(cfg, k) != v
-    ]
+    extra = _EXTRA.get(family, {}) | ({} if family.startswith("gemma") else _GEMMA_ONLY)
+    wrong = [f"model.{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in extra.items() if getattr(cfg, k) != v]
+    if family == "gemma2":
+        wrong += _gemma2_rules(cfg)
     if family in ("bloom", "bert", "t5", "gpt2") and cfg.resolved_kv_heads != cfg.n_heads:
         wrong.append(
             f"model.kv_heads={cfg.kv_heads!r} (needs n_heads={cfg.n_heads}: no grouped-query attention)"
@@ -186,6 +209,24 @@ def _derived_rules(cfg: ModelConfig, family: str) -> list[str]:
     if getattr(cfg, "moe", None) is not None and family in _EXTRA and family not in _MOE_REQUIRED:
         wrong.append(f"model.moe (family {family} is dense)")
     return wrong
+
+
+def _gemma2_rules(cfg: ModelConfig) -> list[str]:
+    """Gemma 2's scale is query_pre_attn_scalar ** -0.5 for an integer scalar, and its config needs whole
+    heads in the hidden size (Gemma2Config.validate_architecture)."""
+    wrong = []
+    scale = cfg.softmax_scale
+    if scale == "none" or (isinstance(scale, float) and round(scale**-2) ** -0.5 != scale):
+        wrong.append(f"model.softmax_scale={scale!r} (needs inv_sqrt_dk or n ** -0.5 for an integer n)")
+    if cfg.d_model % cfg.n_heads:
+        wrong.append(f"model.d_model={cfg.d_model} (needs a multiple of n_heads={cfg.n_heads})")
+    return wrong
+
+
+def query_pre_attn_scalar(cfg: ModelConfig) -> int:
+    """Gemma 2's softmax scale as the integer n of n ** -0.5."""
+    scale = cfg.softmax_scale
+    return cfg.resolved_head_dim if scale == "inv_sqrt_dk" else round(float(scale) ** -2)
 
 
 def hf_config(cfg: ModelConfig) -> tuple[str, Any]:
@@ -205,6 +246,8 @@ def hf_config(cfg: ModelConfig) -> tuple[str, Any]:
         "qwen2": _qwen2,
         "phi3": _phi3,
         "gpt2": _gpt2,
+        "gemma": _gemma,
+        "gemma2": _gemma2,
     }[family]
     class_name, config_name, kwargs = builder(cfg)
     config = getattr(transformers, config_name)(**kwargs)
@@ -297,6 +340,26 @@ def _gpt2(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
         "attn_pdrop": cfg.attention_dropout,
     }
     return "GPT2LMHeadModel", "GPT2Config", kwargs
+
+
+def _gemma(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
+    kwargs = _decoder_common(cfg) | {"attention_bias": False, "hidden_act": "gelu_pytorch_tanh"}
+    return "GemmaForCausalLM", "GemmaConfig", kwargs
+
+
+def _gemma2(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
+    kwargs = _decoder_common(cfg) | {"attention_bias": False, "hidden_activation": "gelu_pytorch_tanh"}
+    del kwargs["hidden_act"]
+    window, full = cfg.sliding_window, set(cfg.full_attention_layers or ())
+    sliding = [window is not None and i not in full for i in range(cfg.n_layers)]
+    kwargs |= {
+        "query_pre_attn_scalar": query_pre_attn_scalar(cfg),
+        "final_logit_softcapping": cfg.final_logit_softcap,
+        "attn_logit_softcapping": cfg.attention_softcap,
+        "sliding_window": cfg.max_seq_len if window is None else window,
+        "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+    }
+    return "Gemma2ForCausalLM", "Gemma2Config", kwargs
 
 
 def _bloom(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:

@@ -16,7 +16,21 @@ import torch
 
 from framework.config.errors import ConfigError
 from framework.config.schema import ModelConfig, Recipe
-from framework.convert.hf import bert, bloom, gpt2, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe, t5
+from framework.convert.hf import (
+    bert,
+    bloom,
+    gemma,
+    gemma2,
+    gpt2,
+    llama,
+    mistral,
+    mixtral,
+    phi3,
+    qwen2,
+    qwen3,
+    qwen3_moe,
+    t5,
+)
 from framework.convert.hf.configs import check_representable, hf_config
 from framework.convert.hf.mapping import check_shapes, from_hf_state, to_hf_state
 from framework.convert.hf.weights import DEFAULT_SHARD_BYTES, save_weights
@@ -35,6 +49,8 @@ FAMILIES: dict[str, ModuleType] = {
     "qwen2": qwen2,
     "phi3": phi3,
     "gpt2": gpt2,
+    "gemma": gemma,
+    "gemma2": gemma2,
 }
 
 

@@ -231,6 +231,7 @@ _NOT_EXPORTABLE: dict[str, tuple[Any, str]] = {
     "family": ("decoder", "megatron-core's GPTModel is a causal decoder"),
     "norm_position": ("pre", "GPTModel normalises before each branch"),
     "sliding_window": (None, "the local layer spec has no sliding-window attention"),
+    "full_attention_layers": (None, "the local layer spec has no sliding-window attention"),
     "embedding_norm": (False, "GPTModel has no embedding norm"),
     "type_vocab_size": (0, "GPTModel has no token-type embeddings"),
     "mlm_head_transform": (False, "GPTModel has no masked-LM head"),
@@ -243,6 +244,11 @@ _NOT_EXPORTABLE: dict[str, tuple[Any, str]] = {
     "rope_high_freq_factor": (4.0, "megatron-core fixes the llama3 RoPE factors (1, 4, 8192)"),
     "rope_original_max_seq_len": (8192, "megatron-core fixes the llama3 RoPE factors (1, 4, 8192)"),
     "bias_scope": ("all", "Loom's megatron mapping has biases in all linear layers or in none"),
+    "norm_weight_offset": (False, "not mapped to megatron-core's zero-centred gamma"),
+    "sandwich_norm": (False, "GPTModel has no norms after the branches"),
+    "embedding_scale": ("none", "GPTModel does not scale its embeddings"),
+    "final_logit_softcap": (None, "GPTModel does not soft-cap its logits"),
+    "attention_softcap": (None, "megatron-core's local attention does not soft-cap its scores"),
 }
 
 

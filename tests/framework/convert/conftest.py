@@ -20,6 +20,10 @@ SEQ = 16
 
 _DECODER = dict(family="decoder", vocab_size=VOCAB, d_model=48, n_layers=2, n_heads=6, kv_heads=2, head_dim=12,
                 ffn_hidden=72, max_seq_len=64, norm_eps=1e-6)  # fmt: skip
+_GEMMA = _DECODER | dict(mlp="geglu", gelu_approximate="tanh", norm_weight_offset=True,
+                         embedding_scale="sqrt_d_model")  # fmt: skip
+_GEMMA2 = _GEMMA | dict(sandwich_norm=True, final_logit_softcap=4.0, attention_softcap=1.5,
+                        softmax_scale=20**-0.5)  # fmt: skip
 CONFIGS: dict[str, ModelConfig] = {
     "llama": ModelConfig(**_DECODER, bias=True),
     "llama_tied": ModelConfig(**_DECODER, tie_embeddings=True, rope_theta=500.0),
@@ -93,6 +97,15 @@ CONFIGS: dict[str, ModelConfig] = {
         **_DECODER | {"n_layers": 3},
         qk_norm=True,
         moe=MoEConfig(n_experts=5, top_k=3, expert_hidden=16, every=2),
+    ),
+    "gemma": ModelConfig(**_GEMMA, tie_embeddings=True),
+    # Gemma 2: sandwich norms, caps that bind (tanh far from linear), query_pre_attn_scalar 20 != head_dim 12;
+    # the windowed one has every layer sliding (Loom's uniform window), untied
+    "gemma2": ModelConfig(**_GEMMA2, tie_embeddings=True),
+    "gemma2_window_untied": ModelConfig(**_GEMMA2 | {"n_layers": 3}, sliding_window=5),
+    # transformers' default layer_types: sliding, full, sliding (a window the sequence exceeds)
+    "gemma2_alternating": ModelConfig(
+        **_GEMMA2 | {"n_layers": 3}, sliding_window=5, full_attention_layers=[1]
     ),
     "t5": ModelConfig(
         family="encoder_decoder",

@@ -403,14 +403,11 @@ def test_import_refuses_tensors_loom_lacks(world: dict[str, Any], tmp_path: Path
 
 @pytest.mark.parametrize(
     "field,value",
-    [
-        ("sliding_window", 4),
-        ("position", "alibi"),
-        ("norm_position", "post"),
-        ("gelu_approximate", "tanh"),
-        ("bias_scope", "qkv"),  # Qwen2's q/k/v-only biases (with bias: true)
-    ],
-)
+    [("sliding_window", 4), ("position", "alibi"), ("norm_position", "post"), ("gelu_approximate", "tanh"),
+     ("bias_scope", "qkv"),  # Qwen2's q/k/v-only biases (with bias: true)
+     ("norm_weight_offset", True), ("sandwich_norm", True), ("embedding_scale", "sqrt_d_model"),
+     ("final_logit_softcap", 30.0), ("attention_softcap", 50.0)],
+)  # fmt: skip
 def test_export_refuses_what_megatron_cannot_hold(field: str, value: Any) -> None:
     cfg = ModelConfig(**_LOOM | {field: value, "bias": field == "bias_scope"})
     cfg.validate()

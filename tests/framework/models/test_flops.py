@@ -53,6 +53,16 @@ VARIANTS = {
     "gelu_post_norm": dict(mlp="gelu", norm_position="post"),
     "geglu_bias": dict(mlp="geglu", bias=True),
     "sliding_window": dict(sliding_window=4),
+    "gemma2": dict(
+        mlp="geglu",
+        sandwich_norm=True,
+        norm_weight_offset=True,
+        embedding_scale="sqrt_d_model",
+        final_logit_softcap=30.0,
+        attention_softcap=50.0,
+        tie_embeddings=True,
+        head_dim=12,
+    ),
     "embedding_norm_types": dict(embedding_norm=True, type_vocab_size=3),
     "bert": BERT,
     "bert_untied_no_bias": {**BERT, "tie_embeddings": False, "bias": False, "norm": "rmsnorm"},
@@ -132,7 +142,7 @@ def _dense_pairs(cfg: ModelConfig, seq: int, dec: int) -> int:
 
 
 COUNTER_CASES = ["llama", "gqa", "mqa_head_dim", "tied", "bias", "relu", "bert", "t5", "t5_everything",
-                 "sliding_window", "soft_masking", "alibi"]  # fmt: skip
+                 "sliding_window", "soft_masking", "alibi", "gemma2"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", COUNTER_CASES)
@@ -261,3 +271,12 @@ def test_param_counts_split() -> None:
     counts = param_counts(cfg)
     assert counts["embedding"] == 100 * 16 + cfg.max_seq_len * 16
     assert counts["total"] == counts["embedding"] + counts["non_embedding"] == counts["active"]
+
+
+def test_full_attention_layers_count_causal_keys() -> None:
+    """Blocks exempt from the window attend (seq + 1) / 2 keys per query, the others the window's mean."""
+    seq = 16
+    windowed = forward_flops_breakdown(_cfg("sliding_window"), seq)["attention"]
+    causal = forward_flops_breakdown(_cfg("llama"), seq)["attention"]
+    mixed = forward_flops_breakdown(_cfg("sliding_window", full_attention_layers=[1]), seq)["attention"]
+    assert mixed == pytest.approx((windowed + causal) / 2) and windowed < mixed < causal

@@ -36,9 +36,25 @@ CASES = {
     ),
     "attention_dropout_math_kernel": (dict(attention_dropout=0.1, kv_heads=2), {}),
     "sliding_window_documents": (dict(sliding_window=5), dict(document_masking=True)),
+    "alternating_windows": (dict(sliding_window=5, full_attention_layers=[1]), {}),
     "prefix_lm_alibi": (dict(position="alibi"), dict(objective="prefix")),
     "soft_masking": (dict(soft_distance_bias=True, learned_temperature=True), {}),
     "naive_backend": (dict(attention_backend="naive", kv_heads=2, attention_dropout=0.1), {}),
+    # Gemma 2: sandwich norms, (1 + w) norms, soft-capped scores (the naive kernel on CPU) and logits
+    "gemma2": (
+        dict(
+            mlp="geglu",
+            gelu_approximate="tanh",
+            norm_weight_offset=True,
+            sandwich_norm=True,
+            kv_heads=2,
+            embedding_scale="sqrt_d_model",
+            final_logit_softcap=30.0,
+            attention_softcap=50.0,
+            tie_embeddings=True,
+        ),
+        {},
+    ),  # fmt: skip
     "bert": (
         dict(
             family="encoder",
@@ -171,7 +187,9 @@ def test_estimate_within_20_percent_of_measured(name: str, dtype: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("name", ["llama", "bert", "t5", "soft_masking", "naive_backend"])
+@pytest.mark.parametrize(
+    "name", ["llama", "bert", "t5", "soft_masking", "naive_backend", "gemma2", "alternating_windows"]
+)
 def test_activation_term_is_exact_up_to_scalars(name: str, dtype: str) -> None:
     """The per-op derivation matches what autograd keeps to within 1.5% (the rest: a few index tensors and
     scalars not worth a term)."""

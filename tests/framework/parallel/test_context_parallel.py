@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from dist_cases import GLOBAL_BATCH, tiny_recipe
-from test_tensor_parallel import ALIBI, BERT, GQA, MOE
+from test_tensor_parallel import ALIBI, BERT, GEMMA2, GQA, MOE
 
 from framework.config import ConfigError
 from framework.config.schema import MoEConfig
@@ -51,6 +51,8 @@ CASES: dict[str, tuple[int, dict[str, Any], dict[str, Any], str, float]] = {
     # per-micro-batch and per-sequence router statistics: choice counts and tokens summed over the cp shards
     "cp2_moe_micro_batch": (2, CP2, MOE, "documents", 0.0),
     "cp2xfsdp2_moe_sequence": (4, CP2 | {"data_parallel": "fsdp"}, MOE_SEQUENCE, "documents", 0.0),
+    # Gemma 2: soft-capped scores on the gathered sequence, a windowed and a full-attention block, documents
+    "cp2_gemma2_documents": (2, CP2, GEMMA2, "documents", 0.0),
 }
 
 

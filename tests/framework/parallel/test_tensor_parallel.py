@@ -59,6 +59,12 @@ T5 = {
 }
 # tests/test_demo_moe.py's router (softmax top-2, aux + router z-loss), 4 small experts, a dense first layer
 MOE = {"mlp": "swiglu", "moe": MoEConfig(n_experts=4, top_k=2, expert_hidden=16, first_dense=1, z_loss=1e-3)}
+# Gemma 2: sandwich norms (the post-branch norms run on sequence shards too), (1 + w) norms, soft caps, a
+# windowed and a full-attention block
+GEMMA2 = {"mlp": "geglu", "gelu_approximate": "tanh", "kv_heads": 2, "norm_weight_offset": True,
+          "sandwich_norm": True, "embedding_scale": "sqrt_d_model", "final_logit_softcap": 3.0,
+          "attention_softcap": 2.0, "tie_embeddings": True, "sliding_window": 5,
+          "full_attention_layers": [1]}  # fmt: skip
 TP2, SP = {"tp": 2}, {"tp": 2, "sequence_parallel": True}
 
 # name: (world, parallel, model, batch kind, z-loss)
@@ -82,6 +88,8 @@ CASES: dict[str, tuple[int, dict[str, Any], dict[str, Any], str, float]] = {
     "tp2_moe": (2, TP2, MOE, "causal", 0.0),
     "tp2_sp_moe": (2, SP, MOE, "causal", 0.0),
     "fsdp2xtp2_sp_gqa": (4, SP | {"data_parallel": "fsdp"}, GQA, "causal", 1e-3),
+    "tp2_sp_gemma2": (2, SP, GEMMA2, "causal", 0.0),
+    "tp2_gemma2_untied": (2, TP2, GEMMA2 | {"tie_embeddings": False}, "causal", 0.0),
 }
 
 
