@@ -210,10 +210,15 @@ class ModelConfig:
     """Normalisation layer type."""
     norm_eps: float = 1e-5
     """Epsilon added to the variance in every norm."""
-    norm_position: Literal["pre", "post"] = "pre"
-    """pre: x + f(norm(x)) with a final norm (GPT-2/Llama); post: norm(x + f(x)) (original Transformer, BERT)."""
+    norm_position: Literal["pre", "post", "reordered"] = "pre"
+    """pre: x + f(norm(x)) with a final norm (GPT-2/Llama); post: norm(x + f(x)) (original Transformer, BERT);
+    reordered: x + norm(f(x)) with a final norm, each branch's output normalised instead of its input (OLMo 2)."""
     qk_norm: bool = False
-    """Normalise queries and keys per head before attention (Qwen3, OLMo2)."""
+    """Normalise queries and keys before attention (Qwen3 per head, OLMo 2 over the whole projection)."""
+    qk_norm_scope: Literal["head", "projection"] = "head"
+    """qk_norm over each head's head_dim channels, one gain shared by the heads (Qwen3), or over the whole q and
+    k projections, n_heads x head_dim and kv_heads x head_dim gains (OLMo 2; not with parallel.tp > 1, where
+    the projections are split by heads)."""
     norm_weight_offset: bool = False
     """RMSNorm stores its gain as an offset from 1: y = x_hat * (1 + w), with w initialised to 0, and the product
     taken in float32 before the cast back to the input dtype (Gemma). false: y = x_hat * w, w initialised to 1."""
@@ -312,6 +317,11 @@ class ModelConfig:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
 
     @property
+    def has_final_norm(self) -> bool:
+        """A norm after the last block: pre-norm and reordered stacks end on an un-normalised residual stream."""
+        return self.norm_position in ("pre", "reordered")
+
+    @property
     def dense_bias(self) -> bool:
         """Biases on the attention output and feed-forward layers (bias_scope all); q/k/v follow `bias` alone."""
         return self.bias and self.bias_scope == "all"
@@ -406,6 +416,13 @@ class ModelConfig:
             self.norm_weight_offset,
             "is a form of RMSNorm's gain",
             "set model.norm: rmsnorm, or remove model.norm_weight_offset",
+        )
+        _require(
+            self.qk_norm or self.qk_norm_scope == "head",
+            "model.qk_norm_scope",
+            self.qk_norm_scope,
+            "says where qk_norm applies, but model.qk_norm is false",
+            "set model.qk_norm: true, or remove model.qk_norm_scope",
         )
         _require(
             not self.sandwich_norm or self.norm_position == "pre",

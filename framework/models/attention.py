@@ -243,8 +243,13 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, kv_heads * head_dim, bias=cfg.bias)
         self.wv = nn.Linear(cfg.d_model, kv_heads * head_dim, bias=cfg.bias)
         self.wo = nn.Linear(heads * head_dim, cfg.d_model, bias=cfg.dense_bias)  # none in Qwen2 (bias_scope)
-        self.q_norm = build_norm(cfg, head_dim) if cfg.qk_norm else None
-        self.k_norm = build_norm(cfg, head_dim) if cfg.qk_norm else None
+        # qk_norm_scope projection (OLMo 2): one norm over all heads' channels, applied before the head split
+        self.qk_norm_whole = cfg.qk_norm_scope == "projection"
+        q_width, k_width = (
+            (heads * head_dim, kv_heads * head_dim) if self.qk_norm_whole else (head_dim, head_dim)
+        )
+        self.q_norm = build_norm(cfg, q_width) if cfg.qk_norm else None
+        self.k_norm = build_norm(cfg, k_width) if cfg.qk_norm else None
         if cfg.learned_temperature:
             self.log_temperature = nn.Parameter(torch.full((heads,), math.log(cfg.attention_temperature)))
         if cfg.soft_distance_bias and not cross:
@@ -255,10 +260,12 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x [B, S, D] -> [B, S, D]; keys and values come from `memory` [B, Sk, D] for cross-attention."""
         source = x if memory is None else memory
-        q = self.wq(x).unflatten(-1, (-1, self.head_dim))
-        k = self.wk(source).unflatten(-1, (-1, self.head_dim))
+        q, k = self.wq(x), self.wk(source)
+        if self.qk_norm_whole and self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.unflatten(-1, (-1, self.head_dim)), k.unflatten(-1, (-1, self.head_dim))
         v = self.wv(source).unflatten(-1, (-1, self.head_dim))
-        if self.q_norm is not None and self.k_norm is not None:
+        if not self.qk_norm_whole and self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if ctx.rope is not None:
             q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)

@@ -57,7 +57,11 @@ def _attention_params(cfg: ModelConfig, *, cross: bool = False) -> int:
         total += heads * hd + 2 * kv * hd
     if cfg.dense_bias:
         total += cfg.d_model  # wo's bias (absent with bias_scope qkv)
-    if cfg.qk_norm:
+    if cfg.qk_norm and cfg.qk_norm_scope == "projection":
+        total += _norm_params(cfg, heads * hd) + _norm_params(
+            cfg, kv * hd
+        )  # over the whole projections (OLMo 2)
+    elif cfg.qk_norm:
         total += 2 * _norm_params(cfg, hd)  # q_norm and k_norm act per head, shared by the heads
     total += heads * int(cfg.learned_temperature)
     return total + heads * int(cfg.soft_distance_bias and not cross)
@@ -122,7 +126,7 @@ def _stack_params(cfg: ModelConfig, n_layers: int, *, cross_attention: bool = Fa
     the blocks and the final norm of pre-norm stacks."""
     total = cfg.relative_buckets * cfg.n_heads if cfg.position == "relative_bias" else 0
     total += sum(_block_params(cfg, cross_attention=cross_attention, layer=i) for i in range(n_layers))
-    return total + (_norm_params(cfg, cfg.d_model) if cfg.norm_position == "pre" else 0)
+    return total + (_norm_params(cfg, cfg.d_model) if cfg.has_final_norm else 0)
 
 
 def _head_params(cfg: ModelConfig) -> int:

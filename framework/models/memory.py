@@ -259,6 +259,9 @@ def _qk_norm_bytes(cfg: ModelConfig, s: _Sizes, q_tokens: int, k_tokens: int) ->
     if not cfg.qk_norm:
         return 0
     hd = cfg.resolved_head_dim
+    if cfg.qk_norm_scope == "projection":  # one row per token, all heads' channels (OLMo 2)
+        q_bytes = _norm_bytes(cfg, s, q_tokens, cfg.n_heads * hd, s.compute)
+        return q_bytes + _norm_bytes(cfg, s, k_tokens, cfg.resolved_kv_heads * hd, s.compute)
     q_rows, k_rows = q_tokens * cfg.n_heads, k_tokens * cfg.resolved_kv_heads
     return _norm_bytes(cfg, s, q_rows, hd, s.compute) + _norm_bytes(cfg, s, k_rows, hd, s.compute)
 
@@ -374,7 +377,7 @@ def _head_bytes(recipe: Recipe, s: _Sizes, tokens: int) -> int:
     """Final norm, BERT head transform, output projection input, cross-entropy (and z-loss)."""
     cfg = recipe.model
     d, vocab = cfg.d_model, cfg.vocab_size
-    total = _norm_bytes(cfg, s, tokens, d, FP32) if cfg.norm_position == "pre" else 0
+    total = _norm_bytes(cfg, s, tokens, d, FP32) if cfg.has_final_norm else 0
     total += _linear_input_bytes(s, tokens, d, 1)
     if cfg.mlm_head_transform:
         activation = tokens * d * s.compute  # the activation's input (ReLU: its output)
@@ -404,7 +407,7 @@ def _encoder_decoder_extra(recipe: Recipe, s: _Sizes, encoder: _Shape, dec_len: 
     decoder = _Shape(encoder.batch, dec_len // p.cp, causal=True)
     embeddings = _embedding_bytes(cfg, s, decoder, token_types=False)
     layers = _stack_bytes(recipe, s, decoder, math.ceil(cfg.decoder_layers / p.pp), encoder.seq)
-    if cfg.norm_position == "pre":
+    if cfg.has_final_norm:
         layers += _norm_bytes(cfg, s, encoder.tokens, cfg.d_model, FP32)
     return embeddings, layers, decoder.tokens
 

@@ -33,13 +33,15 @@ from framework.models.positions import (
 
 class TransformerBlock(nn.Module):
     """Self-attention, optional cross-attention (T5 decoder), feed-forward; each a residual branch.
-    pre-norm: x + f(norm(x)) (GPT-2, Llama, T5); post-norm: norm(x + f(x)) (Vaswani et al., BERT); sandwich:
+    pre-norm: x + f(norm(x)) (GPT-2, Llama, T5); post-norm: norm(x + f(x)) (Vaswani et al., BERT); reordered:
+    x + norm(f(x)) (OLMo 2); sandwich:
     x + post_norm(f(norm(x))) (Gemma 2; self-attention and feed-forward only, as `*_post_norm`)."""
 
     def __init__(self, cfg: ModelConfig, *, cross_attention: bool = False, index: int = 0) -> None:
         """index: the block's position in its stack (decides whether its feed-forward is MoE)."""
         super().__init__()
         self.pre_norm = cfg.norm_position == "pre"
+        self.reordered = cfg.norm_position == "reordered"
         self.attention_norm = build_norm(cfg)
         self.attention = Attention(cfg)
         if cfg.sandwich_norm:
@@ -80,6 +82,8 @@ class TransformerBlock(nn.Module):
             return x + self.dropout(post_norm(branch(norm(x))))
         if self.pre_norm:
             return x + self.dropout(branch(norm(x)))
+        if self.reordered:  # OLMo 2: the branch's output is normalised, its input is the raw residual stream
+            return x + self.dropout(norm(branch(x)))
         return norm(x + self.dropout(branch(x)))
 
 
@@ -208,7 +212,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict(
             {str(i): TransformerBlock(cfg, cross_attention=cross_attention, index=i) for i in range(n_layers)}
         )
-        if cfg.norm_position == "pre":
+        if cfg.has_final_norm:
             self.norm = build_norm(cfg)
         if whole:
             _add_head(self, cfg)

@@ -240,6 +240,10 @@ def _check_tp(dims: ParallelDims, recipe: Recipe) -> None:
         raise _error(
             "model.ffn_hidden", m.ffn_hidden, f"must be divisible by parallel.tp={dims.tp}", "change tp"
         )
+    if m.qk_norm and m.qk_norm_scope == "projection":
+        # the norm's statistic spans every head, and tp splits the projection by heads
+        raise _error("model.qk_norm_scope", "projection", f"normalises across heads that parallel.tp={dims.tp} splits",
+                     "use parallel.tp: 1 (FSDP2, PP and CP take OLMo 2's layout)")  # fmt: skip
     if dims.sequence_parallel and recipe.data.seq_len % dims.tp:
         raise _error(
             "data.seq_len",

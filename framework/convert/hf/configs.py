@@ -13,7 +13,8 @@ from framework.config.schema import ModelConfig
 
 
 def hf_family(cfg: ModelConfig) -> str:
-    """llama | mistral | qwen3 | qwen2 | phi3 | gpt2 | bloom | bert | t5 | mixtral | qwen3_moe | gemma | gemma2,
+    """llama | mistral | qwen3 | qwen2 | phi3 | gpt2 | bloom | bert | t5 | mixtral | qwen3_moe | gemma | gemma2 |
+    olmo2 | olmo3,
     from the architecture fields (phi3 only when model.hf_architecture names it: its weights are Llama's)."""
     if cfg.moe is not None and cfg.family == "decoder":
         return "qwen3_moe" if cfg.qk_norm else "mixtral"
@@ -23,6 +24,8 @@ def hf_family(cfg: ModelConfig) -> str:
         return "t5"
     if cfg.hf_architecture != "auto":
         return cfg.hf_architecture
+    if cfg.norm_position == "reordered":  # OLMo 2; OLMo 3 adds per-layer sliding windows
+        return "olmo3" if cfg.sliding_window is not None else "olmo2"
     if cfg.sandwich_norm or cfg.final_logit_softcap is not None or cfg.attention_softcap is not None:
         return "gemma2"
     if cfg.embedding_scale != "none" or cfg.norm_weight_offset:
@@ -96,6 +99,10 @@ _REQUIRED["gemma"] = {
     "sandwich_norm": False,
 }
 _REQUIRED["gemma2"] = _REQUIRED["gemma"] | {"sandwich_norm": True}
+# OLMo 2: Llama's layers with x + norm(f(x)) blocks and QK-norm over the whole projections; no biases
+_REQUIRED["olmo2"] = _REQUIRED["llama"] | {"norm_position": "reordered", "qk_norm": True,
+                                          "qk_norm_scope": "projection", "bias": False}  # fmt: skip
+_REQUIRED["olmo3"] = _REQUIRED["olmo2"]
 # transformers' Mixtral has no attention or MLP bias switch (Llama has one)
 _REQUIRED["mixtral"] = _REQUIRED["llama"] | {"bias": False}
 _REQUIRED["qwen3_moe"] = _REQUIRED["qwen3"]
@@ -133,7 +140,7 @@ def _moe_rules(cfg: ModelConfig, family: str) -> list[str]:
 
 _NEVER = {"learned_temperature": False, "soft_distance_bias": False, "attention_temperature": 1.0}
 # Defaults every family needs unless its _REQUIRED entry says otherwise (Qwen2's bias_scope, Phi-3's name).
-_DEFAULTS = {"bias_scope": "all", "hf_architecture": "auto"}
+_DEFAULTS = {"bias_scope": "all", "hf_architecture": "auto", "qk_norm_scope": "head"}
 
 
 def check_representable(cfg: ModelConfig) -> str:
@@ -185,12 +192,19 @@ _EXTRA: dict[str, dict[str, Any]] = {
     "gpt2": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None},
     "gemma": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None} | _GEMMA2_ONLY,
     "gemma2": _ABSENT,
+    "olmo2": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None},
+    "olmo3": _ABSENT | {"softmax_scale": "inv_sqrt_dk"},
 }
+_LAYER_PATTERN = {"gemma2", "olmo3"}
+"""Families whose transformers config has per-layer `layer_types`: Loom's full_attention_layers maps onto it."""
 
 
 def _derived_rules(cfg: ModelConfig, family: str) -> list[str]:
     """Rules beyond fixed field values: head shapes the family hard-codes, MLP width, token types, gelu form."""
-    extra = _EXTRA.get(family, {}) | ({} if family.startswith("gemma") else _GEMMA_ONLY)
+    only = {} if family.startswith("gemma") else dict(_GEMMA_ONLY)
+    if family in _LAYER_PATTERN:
+        only.pop("full_attention_layers", None)
+    extra = _EXTRA.get(family, {}) | only
     wrong = [f"model.{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in extra.items() if getattr(cfg, k) != v]
     if family == "gemma2":
         wrong += _gemma2_rules(cfg)
@@ -248,12 +262,33 @@ def hf_config(cfg: ModelConfig) -> tuple[str, Any]:
         "gpt2": _gpt2,
         "gemma": _gemma,
         "gemma2": _gemma2,
+        "olmo2": _olmo2,
+        "olmo3": _olmo3,
     }[family]
     class_name, config_name, kwargs = builder(cfg)
     config = getattr(transformers, config_name)(**kwargs)
     # Some configs (T5 in transformers 5) reset tie_word_embeddings in __init__; the recipe decides.
     config.tie_word_embeddings = cfg.tie_embeddings
     return class_name, config
+
+
+def _olmo2(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
+    # head_dim is not in Olmo2Config's signature but is kept as an attribute, which the model reads; its default
+    # pad / eos ids (1, 50279) belong to OLMo's own vocabulary
+    kwargs = _decoder_common(cfg) | {"attention_bias": False, "pad_token_id": None, "eos_token_id": None}
+    return "Olmo2ForCausalLM", "Olmo2Config", kwargs
+
+
+def _olmo3(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
+    _, _, kwargs = _olmo2(cfg)
+    full = set(cfg.full_attention_layers or ())
+    kwargs |= {
+        "sliding_window": cfg.sliding_window,
+        "layer_types": ["full_attention" if i in full else "sliding_attention" for i in range(cfg.n_layers)],
+        # Olmo3Config keeps RoPE per layer kind; Loom's one table serves both
+        "rope_parameters": {kind: _rope_parameters(cfg) for kind in ("full_attention", "sliding_attention")},
+    }
+    return "Olmo3ForCausalLM", "Olmo3Config", kwargs
 
 
 def _decoder_common(cfg: ModelConfig) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from framework.convert.hf import (
     llama,
     mistral,
     mixtral,
+    olmo2,
     phi3,
     qwen2,
     qwen3,
@@ -51,6 +52,8 @@ FAMILIES: dict[str, ModuleType] = {
     "gpt2": gpt2,
     "gemma": gemma,
     "gemma2": gemma2,
+    "olmo2": olmo2,
+    "olmo3": olmo2,  # OLMo 3 is OLMo 2 with per-layer windows (layer_types)
 }
 
 

@@ -230,6 +230,7 @@ def _groups(tc: dict[str, Any], score: str) -> dict[str, int]:
 _NOT_EXPORTABLE: dict[str, tuple[Any, str]] = {
     "family": ("decoder", "megatron-core's GPTModel is a causal decoder"),
     "norm_position": ("pre", "GPTModel normalises before each branch"),
+    "qk_norm_scope": ("head", "megatron-core's qk_layernorm normalises each head"),
     "sliding_window": (None, "the local layer spec has no sliding-window attention"),
     "full_attention_layers": (None, "the local layer spec has no sliding-window attention"),
     "embedding_norm": (False, "GPTModel has no embedding norm"),

@@ -29,6 +29,23 @@ CONFIGS: dict[str, ModelConfig] = {
     "llama_tied": ModelConfig(**_DECODER, tie_embeddings=True, rope_theta=500.0),
     "mistral": ModelConfig(**_DECODER, sliding_window=5),  # SEQ and the 20 generated tokens exceed it
     "qwen3": ModelConfig(**_DECODER, qk_norm=True, tie_embeddings=True),
+    # OLMo 2: x + norm(f(x)) blocks, QK-norm over the whole q / k projections (GQA: k's is narrower), odd theta
+    "olmo2": ModelConfig(
+        **_DECODER | {"kv_heads": 2, "norm_eps": 2e-6},
+        norm_position="reordered",
+        qk_norm=True,
+        qk_norm_scope="projection",
+        rope_theta=4000.0,
+    ),
+    # OLMo 3: OLMo 2 with a window on every layer but one (layer_types); the 20 generated tokens exceed it
+    "olmo3": ModelConfig(
+        **_DECODER | {"n_layers": 3},
+        norm_position="reordered",
+        qk_norm=True,
+        qk_norm_scope="projection",
+        sliding_window=5,
+        full_attention_layers=[2],
+    ),
     # q/k/v biases only; 5 query heads over one kv head (multi-query), odd eps and theta
     "qwen2": ModelConfig(
         **_DECODER | {"n_heads": 5, "kv_heads": 1, "norm_eps": 3e-5},

@@ -406,10 +406,12 @@ def test_import_refuses_tensors_loom_lacks(world: dict[str, Any], tmp_path: Path
     [("sliding_window", 4), ("position", "alibi"), ("norm_position", "post"), ("gelu_approximate", "tanh"),
      ("bias_scope", "qkv"),  # Qwen2's q/k/v-only biases (with bias: true)
      ("norm_weight_offset", True), ("sandwich_norm", True), ("embedding_scale", "sqrt_d_model"),
-     ("final_logit_softcap", 30.0), ("attention_softcap", 50.0)],
+     ("final_logit_softcap", 30.0), ("attention_softcap", 50.0), ("norm_position", "reordered"),
+     ("qk_norm_scope", "projection")],  # OLMo 2's norms
 )  # fmt: skip
 def test_export_refuses_what_megatron_cannot_hold(field: str, value: Any) -> None:
-    cfg = ModelConfig(**_LOOM | {field: value, "bias": field == "bias_scope"})
+    extra = {"qk_norm": True} if field == "qk_norm_scope" else {}
+    cfg = ModelConfig(**_LOOM | {field: value, "bias": field == "bias_scope"} | extra)
     cfg.validate()
     with pytest.raises(ConfigError, match=f"model.{field}"):
         mconfig.megatron_args(cfg)

@@ -171,3 +171,12 @@ def test_sequence_parallel_accepted_for_every_family(family: str) -> None:
     recipe.data.seq_len = 15
     with pytest.raises(ConfigError, match="data.seq_len.*sequence parallel"):
         ParallelDims.from_recipe(recipe, 2)
+
+
+def test_qk_norm_over_the_whole_projection_refuses_tp() -> None:
+    """OLMo 2's QK-norm takes one statistic over every head; tp splits the projections by heads."""
+    recipe = tiny_recipe({"norm_position": "reordered", "qk_norm": True, "qk_norm_scope": "projection"}, tp=2)
+    with pytest.raises(ConfigError, match="model.qk_norm_scope.*parallel.tp=2"):
+        ParallelDims.from_recipe(recipe, 2)
+    recipe.parallel.tp = 1
+    ParallelDims.from_recipe(recipe, 1)
