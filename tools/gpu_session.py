@@ -42,6 +42,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from framework.outputs import mark_owned, owned_kind  # noqa: E402
+
 DEFAULT_BUDGET_S = 530  # the device tool's run takes timeout_s <= 600; 540 leaves time to bring files back
 WARMUP_STEPS = 3  # first steps left out of the medians: allocator warm-up, autotuning, compilation
 MFU_TARGET = 0.50
@@ -205,10 +208,21 @@ def _log(path: Path, line: str) -> None:
     print(line, flush=True)
 
 
+SCRATCH_KIND = "gpu-session"
+
+
 def scratch() -> Path:
-    """Runs, checkpoints and exports: outside $OUT (only results travel back), removed at the machine's end."""
+    """Runs, checkpoints and exports: outside $OUT (only results travel back), removed at the machine's end.
+    The folder carries Loom's owner marker (framework/outputs.py); one that exists without it and is not empty is
+    refused, so emptying its subfolders (_fresh) never deletes anything this script did not create."""
     path = Path(os.environ.get("LOOM_GPU_SCRATCH", Path(tempfile.gettempdir()) / "loom-gpu-session"))
     path.mkdir(parents=True, exist_ok=True)
+    if owned_kind(path) != SCRATCH_KIND:
+        if any(path.iterdir()):
+            raise SystemExit(
+                f"{path}: not a tools/gpu_session scratch folder (no marker); set LOOM_GPU_SCRATCH to a new one"
+            )
+        mark_owned(path, SCRATCH_KIND)
     return path
 
 
@@ -283,7 +297,7 @@ DRY_SMOKE = ["train.steps=10", "model.d_model=64", "model.n_layers=2", "model.n_
 
 
 def _fresh(path: Path) -> Path:
-    """`path`, emptied: a scratch folder this session alone writes (under scratch())."""
+    """`path` (a subfolder of scratch(), whose marker says this script made it), emptied."""
     if path.exists():
         shutil.rmtree(path)
     return path
@@ -590,5 +604,4 @@ PHASE_FUNCTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     raise SystemExit(main())

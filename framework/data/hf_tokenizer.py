@@ -115,7 +115,7 @@ class HFTokenizer(Tokenizer):
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
         # the library parallelises a batch itself (its own thread pool); ids do not depend on it
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        return _HFEncoder(self._tok).encode_batch(texts)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`, special tokens (pad, bos, eos, ...) dropped."""
@@ -202,14 +202,13 @@ def train_bpe_on_files(
     """`loom data tokenizer --type bpe`: train_bpe on the documents of the inputs (validation documents, held out
     with the same `val_fraction` as `loom data prepare`, are skipped) into the new folder `out`, which appears
     whole (a temporary sibling renamed) or not at all. Returns the loaded tokenizer."""
-    from framework.data.documents import expand_inputs, is_validation, iter_documents
+    from framework.data.documents import expand_inputs
+    from framework.data.tokenizer import training_texts
     from framework.outputs import atomic_dir, check_output
 
     paths = expand_inputs(inputs)
     out = check_output(out, inputs=[*inputs, *paths], overwrite=overwrite, key="--out")
-    texts = [
-        doc.text for doc, _ in iter_documents(paths, text_field) if not is_validation(doc.text, val_fraction)
-    ]
+    texts = training_texts(paths, text_field, val_fraction)
     with atomic_dir(out, "tokenizer", overwrite=overwrite) as tmp:
         train_bpe(texts, tmp, vocab_size, num_sentinels)
     return Tokenizer(out)

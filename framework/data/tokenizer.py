@@ -298,8 +298,14 @@ def train_tokenizer_on_files(
     `out_path` must not be (or lie inside) an input, checked before anything is read."""
     paths = expand_inputs(inputs)
     check_model_out(out_path, [*inputs, *paths], overwrite)
-    # Read once up front: a bad line raises its ConfigError here rather than from inside sentencepiece's C++.
-    texts = [
+    texts = training_texts(paths, text_field, val_fraction)
+    return train_tokenizer(texts, out_path, vocab_size, overwrite=overwrite, **options)
+
+
+def training_texts(paths: Sequence[Path], text_field: str, val_fraction: float) -> list[str]:
+    """The documents a tokenizer trains on: every input's, less those `loom data prepare` holds out with the
+    same `val_fraction`. Read once up front, so a bad line raises its ConfigError here rather than from inside
+    a trainer's native code."""
+    return [
         doc.text for doc, _ in iter_documents(paths, text_field) if not is_validation(doc.text, val_fraction)
     ]
-    return train_tokenizer(texts, out_path, vocab_size, overwrite=overwrite, **options)

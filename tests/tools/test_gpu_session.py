@@ -155,3 +155,17 @@ def test_a_phase_keeps_its_deadline_and_one_past_it_is_stopped(tmp_path, demo_da
     stopped = session._run_phase_child(session.Phase("env", 0.5, 0), tmp_path, True, 0.5, log, grace=0.0)
     assert stopped["status"] == "timeout" and "limit" in stopped["reason"]
     assert _phase(tmp_path, "env")["status"] == "timeout"
+
+
+def test_scratch_is_marked_and_a_foreign_folder_is_refused(tmp_path, monkeypatch) -> None:
+    """_fresh empties subfolders of the scratch folder: only one this script marked as its own."""
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    monkeypatch.setenv("LOOM_GPU_SCRATCH", str(foreign))
+    with pytest.raises(SystemExit, match="not a tools/gpu_session scratch folder"):
+        session.scratch()
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    monkeypatch.setenv("LOOM_GPU_SCRATCH", str(tmp_path / "new"))
+    made = session.scratch()
+    assert session.owned_kind(made) == session.SCRATCH_KIND and session.scratch() == made
