@@ -180,6 +180,113 @@ class MoEConfig:
         )
 
 
+MixerName = Literal["attention", "attention_local", "gdn", "mamba2"]
+"""A block's sequence mixer (framework/models/mixers.py holds the registry)."""
+
+
+@dataclass
+class GDNConfig:
+    """Gated DeltaNet layers (Yang et al. 2024; Qwen3-Next's linear attention), `model.gdn`. Each value head
+    keeps a key_head_dim x value_head_dim state updated by the gated delta rule
+    S_t = exp(g_t) S_{t-1} (I - beta_t k_t k_t^T) + beta_t k_t v_t^T, read out as o_t = S_t^T q_t."""
+
+    heads: int = 8
+    """Value heads (Qwen3-Next linear_num_value_heads); each has its own state, decay and beta."""
+    key_heads: int | None = None
+    """Query/key heads, each shared by heads / key_heads value heads; null = heads."""
+    key_head_dim: int = 64
+    """Width of one query/key head (linear_key_head_dim)."""
+    value_head_dim: int = 64
+    """Width of one value head (linear_value_head_dim)."""
+    conv_kernel: int = 4
+    """Taps of the causal depthwise convolution over q, k and v (linear_conv_kernel_dim)."""
+    chunk_size: int = 64
+    """Tokens per chunk of the chunked (WY) training form; the state is carried between chunks."""
+
+    @property
+    def resolved_key_heads(self) -> int:
+        return self.key_heads if self.key_heads is not None else self.heads
+
+    def validate(self) -> None:
+        p = "model.gdn"
+        _positive(
+            self, p, "heads", "key_heads", "key_head_dim", "value_head_dim", "conv_kernel", "chunk_size"
+        )
+        _at_most(self, p, MAX_HEADS, "heads", "key_heads")
+        _at_most(self, p, MAX_WIDTH, "key_head_dim", "value_head_dim", "conv_kernel", "chunk_size")
+        _require(
+            self.heads % self.resolved_key_heads == 0, f"{p}.key_heads", self.key_heads,
+            f"model.gdn.heads={self.heads} must be divisible by key_heads (each key head serves a group)",
+            f"use a divisor of {self.heads}, e.g. {_divisors(self.heads)}",
+        )  # fmt: skip
+
+
+@dataclass
+class Mamba2Config:
+    """Mamba-2 layers (Dao & Gu 2024, SSD), `model.mamba2`. Each head keeps a head_dim x state_dim state with a
+    scalar decay per token: h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = h_t C_t + D x_t."""
+
+    heads: int = 8
+    """SSM heads (num_heads); the inner width is heads x head_dim (expand x d_model in Mamba's terms)."""
+    head_dim: int = 64
+    """Channels per head (head_dim)."""
+    state_dim: int = 64
+    """SSM state size N per head (d_state / ssm_state_size)."""
+    groups: int = 1
+    """B/C groups (n_groups), each shared by heads / groups heads, as GQA shares keys."""
+    conv_kernel: int = 4
+    """Taps of the causal depthwise convolution over x, B and C (d_conv)."""
+    conv_bias: bool = True
+    """Bias on the depthwise convolution (Mamba-2's default)."""
+    chunk_size: int = 64
+    """Tokens per chunk of the chunked SSD form."""
+    dt_min: float = 0.001
+    """Initial dt is log-uniform in [dt_min, dt_max] (through dt_bias = softplus^-1(dt))."""
+    dt_max: float = 0.1
+    """See dt_min."""
+
+    @property
+    def inner(self) -> int:
+        return self.heads * self.head_dim
+
+    def validate(self) -> None:
+        p = "model.mamba2"
+        _positive(self, p, "heads", "head_dim", "state_dim", "groups", "conv_kernel", "chunk_size")
+        _positive(self, p, "dt_min", "dt_max")
+        _at_most(self, p, MAX_HEADS, "heads", "groups")
+        _at_most(self, p, MAX_WIDTH, "head_dim", "state_dim", "conv_kernel", "chunk_size")
+        _require(
+            self.heads % self.groups == 0, f"{p}.groups", self.groups,
+            f"model.mamba2.heads={self.heads} must be divisible by groups (each group serves a block of heads)",
+            f"use a divisor of {self.heads}, e.g. {_divisors(self.heads)}",
+        )  # fmt: skip
+        _require(
+            self.dt_min <= self.dt_max, f"{p}.dt_min", self.dt_min,
+            f"must not exceed model.mamba2.dt_max={self.dt_max}", "swap dt_min and dt_max",
+        )  # fmt: skip
+
+
+@dataclass
+class LayersConfig:
+    """Per-layer structure of a decoder (`model.layers`): which sequence mixer each block runs."""
+
+    pattern: list[MixerName] = field(default_factory=lambda: ["attention"])
+    """Sequence mixers of blocks 0, 1, 2, ..., repeated from the start until model.n_layers blocks are named
+    (a full list of n_layers names is also accepted, e.g. Gemma 3's). attention: the model's attention (window
+    model.sliding_window unless the block is in full_attention_layers); attention_local: attention with
+    local_window and local_rope_theta (Gemma 3's local layers); gdn: Gated DeltaNet (model.gdn); mamba2: a
+    Mamba-2 SSD layer (model.mamba2). [gdn, gdn, gdn, attention] is Qwen3-Next's 3:1 hybrid."""
+    local_window: int | None = None
+    """attention_local's sliding window (keys a query sees, itself included); null = model.sliding_window."""
+    local_rope_theta: float | None = None
+    """attention_local's RoPE base frequency, without rope scaling (Gemma 3: 10000); null = model.rope_theta."""
+    feed_forward: bool = True
+    """false: blocks hold only their mixer, no feed-forward branch (plain Mamba-2)."""
+
+    def mixer(self, index: int) -> MixerName:
+        return self.pattern[index % len(self.pattern)]
+
+
 @dataclass
 class ModelConfig:
     """The architecture. Everything here is a property of the weights, not of how they are trained."""
@@ -303,6 +410,18 @@ class ModelConfig:
     """Std of the embedding init; null = init_std. Small values give the small-init embeddings of Nguyen & Salazar."""
     moe: MoEConfig | None = None
     """Mixture-of-Experts layers (see MoEConfig); null = every feed-forward block is a dense MLP."""
+    layers: LayersConfig | None = None
+    """Per-layer sequence mixers (see LayersConfig); null = every block is attention."""
+    gdn: GDNConfig | None = None
+    """Gated DeltaNet settings, for the gdn blocks of model.layers.pattern."""
+    mamba2: Mamba2Config | None = None
+    """Mamba-2 settings, for the mamba2 blocks of model.layers.pattern."""
+    attention_gate: bool = False
+    """Gated attention output (Qwen3-Next): the attention output is multiplied by sigmoid(x W_g), one gate per
+    output channel of every head, before the output projection."""
+    rope_fraction: float = 1.0
+    """Share of each head's channels that RoPE rotates (the first rope_fraction x head_dim; the rest pass
+    unchanged): partial rotary, 0.25 in Qwen3-Next, 0.5 in Bamba."""
     hf_architecture: Literal["auto", "phi3"] = "auto"
     """Hugging Face family `loom convert --to hf` writes: auto (the one the fields above pick: Llama for a plain
     RoPE decoder) or phi3 (the same Llama weights as Phi3ForCausalLM's fused qkv_proj and gate_up_proj). Only the
@@ -338,6 +457,15 @@ class ModelConfig:
         """Whether block `index` of a stack has an MoE feed-forward (see MoEConfig)."""
         m = self.moe
         return m is not None and index >= m.first_dense and (index - m.first_dense) % m.every == 0
+
+    def mixer(self, index: int) -> MixerName:
+        """The sequence mixer of block `index` (model.layers.pattern; attention without one)."""
+        return "attention" if self.layers is None else self.layers.mixer(index)
+
+    @property
+    def mixers(self) -> list[MixerName]:
+        """The sequence mixer of every block of the (decoder) stack."""
+        return [self.mixer(i) for i in range(self.n_layers)]
 
     @property
     def moe_layers(self) -> list[int]:
@@ -435,6 +563,54 @@ class ModelConfig:
             self._validate_full_attention_layers(self.full_attention_layers)
         if self.moe is not None:
             self._validate_moe(self.moe)
+        _require(
+            0 < self.rope_fraction <= 1, "model.rope_fraction", self.rope_fraction,
+            "is the share of head_dim that RoPE rotates", "use a number in (0, 1]",
+        )  # fmt: skip
+        _require(
+            (self.resolved_head_dim * self.rope_fraction) % 2 == 0, "model.rope_fraction", self.rope_fraction,
+            f"must rotate an even number of channels of head_dim {self.resolved_head_dim}",
+            "pick a fraction that gives an even channel count (e.g. 0.25, 0.5)",
+        )  # fmt: skip
+        if self.layers is not None:
+            self._validate_layers(self.layers)
+
+    def _validate_layers(self, layers: LayersConfig) -> None:
+        key = "model.layers.pattern"
+        _require(
+            self.family == "decoder" or set(layers.pattern) == {"attention"}, key, layers.pattern,
+            "mixers other than attention are causal, for family decoder only",
+            "use pattern [attention], or set model.family: decoder",
+        )  # fmt: skip
+        _require(
+            0 < len(layers.pattern) <= self.n_layers, key, layers.pattern,
+            f"needs 1 to model.n_layers={self.n_layers} names (it repeats to fill the stack)",
+            "list the mixers of one period, e.g. [gdn, gdn, gdn, attention]",
+        )  # fmt: skip
+        _positive(layers, "model.layers", "local_window", "local_rope_theta")
+        _at_most(layers, "model.layers", MAX_TOKENS, "local_window")
+        for name, section in (("gdn", self.gdn), ("mamba2", self.mamba2)):
+            if name in layers.pattern:
+                index = layers.pattern.index(name)
+                _require(
+                    section is not None, f"{key}[{index}]", name,
+                    f"a {name} block needs the model.{name} section (its heads and widths)",
+                    f"add model.{name}: {{heads: ...}}, or use another mixer at index {index}",
+                )  # fmt: skip
+                section.validate()
+        if "attention_local" in layers.pattern:
+            index = layers.pattern.index("attention_local")
+            _require(
+                layers.local_window is not None or self.sliding_window is not None,
+                f"{key}[{index}]", "attention_local",
+                "a local attention block needs a window",
+                "set model.layers.local_window (or model.sliding_window)",
+            )  # fmt: skip
+        _require(
+            layers.feed_forward or self.moe is None, "model.layers.feed_forward", layers.feed_forward,
+            "false removes every feed-forward branch, so model.moe has no layer to replace",
+            "remove model.moe, or set model.layers.feed_forward: true",
+        )  # fmt: skip
 
     def _validate_full_attention_layers(self, layers: list[int]) -> None:
         key = "model.full_attention_layers"
