@@ -243,6 +243,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, kv_heads * head_dim, bias=cfg.bias)
         self.wv = nn.Linear(cfg.d_model, kv_heads * head_dim, bias=cfg.bias)
         self.wo = nn.Linear(heads * head_dim, cfg.d_model, bias=cfg.dense_bias)  # none in Qwen2 (bias_scope)
+        if cfg.attention_gate and not cross:
+            # gated attention output (Qwen3-Next): out * sigmoid(x W_g), one gate per channel of every head
+            self.wg = nn.Linear(cfg.d_model, heads * head_dim, bias=False)
         # qk_norm_scope projection (OLMo 2): one norm over all heads' channels, applied before the head split
         self.qk_norm_whole = cfg.qk_norm_scope == "projection"
         q_width, k_width = (
@@ -270,7 +273,11 @@ class Attention(nn.Module):
         if ctx.rope is not None:
             q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
         out = self.attend_hook(self._attend, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx)
-        return self.wo(out.transpose(1, 2).flatten(-2))
+        out = out.transpose(1, 2).flatten(-2)
+        gate = getattr(self, "wg", None)
+        if gate is not None:
+            out = out * torch.sigmoid(gate(x))
+        return self.wo(out)
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext

@@ -26,6 +26,7 @@ a decoder is always counted as causal, so packed documents make the real work sl
 from __future__ import annotations
 
 from framework.config.schema import ModelConfig
+from framework.models import mixers
 
 GATED_MLPS = ("swiglu", "geglu")
 
@@ -42,13 +43,10 @@ def _mlp_matrices(cfg: ModelConfig) -> int:
 
 
 def _attention_matrix_params(cfg: ModelConfig) -> int:
-    """wq, wk, wv, wo weights: GQA shrinks wk and wv to kv_heads x head_dim columns."""
-    d, q_width = cfg.d_model, cfg.n_heads * cfg.resolved_head_dim
-    kv_width = cfg.resolved_kv_heads * cfg.resolved_head_dim
-    return 2 * d * q_width + 2 * d * kv_width
+    return mixers.attention_matrix_params(cfg)
 
 
-def _attention_params(cfg: ModelConfig, *, cross: bool = False) -> int:
+def attention_params(cfg: ModelConfig, *, cross: bool = False) -> int:
     """One attention module: projections, their biases, qk-norm and the soft-masking scalars per head
     (the soft distance weight exists in self-attention only)."""
     hd, heads, kv = cfg.resolved_head_dim, cfg.n_heads, cfg.resolved_kv_heads
@@ -94,13 +92,21 @@ def _ffn_params(cfg: ModelConfig, layer: int, *, active: bool = False) -> int:
     return cfg.d_model * moe.n_experts + (experts + moe.n_shared_experts) * _expert_matrix_params(cfg)
 
 
+def _has_ffn(cfg: ModelConfig) -> bool:
+    return cfg.layers is None or cfg.layers.feed_forward
+
+
 def _block_params(cfg: ModelConfig, *, cross_attention: bool = False, layer: int = 0) -> int:
-    """attention_norm + attention + ffn_norm + feed_forward (+ cross_attention_norm + cross_attention), and the
-    sandwich norms after both branches (Gemma 2)."""
-    norms = 4 if cfg.sandwich_norm else 2
-    total = norms * _norm_params(cfg, cfg.d_model) + _attention_params(cfg) + _ffn_params(cfg, layer)
+    """attention_norm + the block's mixer (model.layers.pattern) + ffn_norm + feed_forward (+ cross_attention_norm
+    + cross_attention), and the sandwich norms after both branches (Gemma 2); mixer-only blocks (layers
+    feed_forward false) have neither ffn_norm nor feed_forward."""
+    branches = 2 if _has_ffn(cfg) else 1
+    norms = branches * (2 if cfg.sandwich_norm else 1)
+    mixer = attention_params(cfg) if cross_attention else mixers.mixer_of(cfg, layer).params(cfg)
+    ffn = _ffn_params(cfg, layer) if _has_ffn(cfg) else 0
+    total = norms * _norm_params(cfg, cfg.d_model) + mixer + ffn
     if cross_attention:
-        total += _norm_params(cfg, cfg.d_model) + _attention_params(cfg, cross=True)
+        total += _norm_params(cfg, cfg.d_model) + attention_params(cfg, cross=True)
     return total
 
 
@@ -202,10 +208,12 @@ def _layer_matmul_params(cfg: ModelConfig) -> int:
 def _stack_matmul_params(cfg: ModelConfig, *, active: bool) -> int:
     """Weight-matrix parameters of the n_layers blocks; MoE layers count the router, the shared experts and all
     experts (active=False) or the top_k experts one token passes through (active=True: FLOPs per token)."""
+    mixing = sum(mixers.mixer_of(cfg, i).matmul_params(cfg) for i in range(cfg.n_layers))
+    if not _has_ffn(cfg):
+        return mixing
     if cfg.moe is None:
-        return cfg.n_layers * _layer_matmul_params(cfg)
-    attention = cfg.n_layers * _attention_matrix_params(cfg)
-    return attention + sum(_ffn_params(cfg, i, active=active) for i in range(cfg.n_layers))
+        return mixing + cfg.n_layers * _mlp_matrix_params(cfg)
+    return mixing + sum(_ffn_params(cfg, i, active=active) for i in range(cfg.n_layers))
 
 
 def _head_matmul_params(cfg: ModelConfig) -> int:
@@ -232,13 +240,15 @@ def _cross_attention_matmul_flops(cfg: ModelConfig, enc_len: int, dec_len: int) 
 
 
 def _single_stack_flops(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
-    """decoder (causal, optional sliding window, whose full_attention_layers see every earlier key) or encoder
-    (bidirectional): one stack and the head."""
-    full = len(cfg.full_attention_layers or ())
-    keys = (cfg.n_layers - full) * mean_keys_attended(seq_len, causal=cfg.causal, window=cfg.sliding_window)
-    keys += full * mean_keys_attended(seq_len, causal=cfg.causal, window=None)
+    """decoder (causal, optional sliding window, whose full_attention_layers see every earlier key; each block's
+    mixer from model.layers.pattern) or encoder (bidirectional): one stack and the head. `attention` holds the
+    token-mixing term of every mixer (attention's q.k and p.v, the linear mixers' chunked state products)."""
+    mixing = sum(
+        mixers.mixer_of(cfg, i).mixing_flops(cfg, seq_len, mixers.layer_window(cfg, i))
+        for i in range(cfg.n_layers)
+    )
     matmul = 2.0 * seq_len * (_stack_matmul_params(cfg, active=True) + _head_matmul_params(cfg))
-    return {"matmul": matmul, "attention": seq_len * attention_flops_per_query(cfg, keys)}
+    return {"matmul": matmul, "attention": seq_len * mixing}
 
 
 def _encoder_decoder_flops(cfg: ModelConfig, enc_len: int, dec_len: int) -> dict[str, float]:

@@ -60,10 +60,12 @@ def default_positions(
 
 
 def rope_inv_freq(cfg: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
-    """theta^(-2i/d) for i < d/2 (Su et al. 2021), with cfg.rope_scaling applied; float32 [head_dim // 2].
+    """theta^(-2i/d) for i < d/2 (Su et al. 2021), with cfg.rope_scaling applied; float32 [d // 2], where d is the
+    rotated width rope_fraction x head_dim (partial rotary: the frequencies span the rotated channels only, as
+    in GPT-NeoX and HF's partial_rotary_factor).
 
     Computed in float64 on the CPU and then moved, so every device rotates by exactly the same angles."""
-    dim = cfg.resolved_head_dim
+    dim = rotary_dim(cfg)
     inv_freq = cfg.rope_theta ** -(torch.arange(0, dim, 2, dtype=torch.float64) / dim)
     if cfg.rope_scaling == "linear":
         # position interpolation (Chen et al. 2023): angle(p) = p / factor * freq
@@ -85,6 +87,11 @@ def _llama3_scale(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return torch.where(wavelen < old_len / high, inv_freq, scaled)
 
 
+def rotary_dim(cfg: ModelConfig) -> int:
+    """Channels of each head that RoPE rotates: the first rope_fraction x head_dim (even by validation)."""
+    return round(cfg.resolved_head_dim * cfg.rope_fraction)
+
+
 def rope_table(cfg: ModelConfig) -> DeviceTable:
     """rope_inv_freq(cfg) kept per device (the model builds it once; see DeviceTable)."""
     return DeviceTable(functools.partial(rope_inv_freq, cfg))
@@ -102,7 +109,12 @@ def rope_angles(
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs (x[2i], x[2i+1]) of x [B, S, H, D] by the angle of pair i, i.e. multiply the complex
-    number x[2i] + j x[2i+1] by exp(j * angle) (Meta Llama layout; HF's rotate_half layout is a permutation)."""
+    number x[2i] + j x[2i+1] by exp(j * angle) (Meta Llama layout; HF's rotate_half layout is a permutation).
+    With fewer angles than pairs (partial rotary) only the first 2 x angles channels turn; the rest pass."""
+    rotated_width = 2 * cos.shape[-1]
+    if rotated_width < x.shape[-1]:
+        head, rest = x[..., :rotated_width], x[..., rotated_width:]
+        return torch.cat((apply_rope(head, cos, sin), rest), dim=-1)
     pairs = x.float().unflatten(-1, (-1, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)

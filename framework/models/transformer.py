@@ -19,6 +19,7 @@ from torch import nn
 from framework.config.schema import ModelConfig
 from framework.models.attention import Attention, AttentionContext, softcap
 from framework.models.masks import AttentionMask
+from framework.models.mixers import local_config, mixer_of
 from framework.models.mlp import FeedForward, activation
 from framework.models.moe import MoE
 from framework.models.norms import build_norm
@@ -38,22 +39,32 @@ class TransformerBlock(nn.Module):
     x + post_norm(f(norm(x))) (Gemma 2; self-attention and feed-forward only, as `*_post_norm`)."""
 
     def __init__(self, cfg: ModelConfig, *, cross_attention: bool = False, index: int = 0) -> None:
-        """index: the block's position in its stack (decides whether its feed-forward is MoE)."""
+        """index: the block's position in its stack (decides its mixer and whether its feed-forward is MoE)."""
         super().__init__()
         self.pre_norm = cfg.norm_position == "pre"
         self.reordered = cfg.norm_position == "reordered"
+        mixer = mixer_of(cfg, index) if not cross_attention else mixer_of(cfg, 0)
+        self.mixer_attr = mixer.attr
+        """The attribute holding this block's sequence mixer (framework/models/mixers.py)."""
+        self.context_kind = mixer.context
         self.attention_norm = build_norm(cfg)
-        self.attention = Attention(cfg)
+        setattr(self, mixer.attr, mixer.build(local_config(cfg) if mixer.context == "local" else cfg))
         if cfg.sandwich_norm:
             self.attention_post_norm = build_norm(cfg)
         if cross_attention:
             self.cross_attention_norm = build_norm(cfg)
             self.cross_attention = Attention(cfg, cross=True)
-        self.ffn_norm = build_norm(cfg)
-        self.feed_forward = MoE(cfg) if cfg.is_moe_layer(index) else FeedForward(cfg)
-        if cfg.sandwich_norm:
-            self.ffn_post_norm = build_norm(cfg)
+        if cfg.layers is None or cfg.layers.feed_forward:
+            self.ffn_norm = build_norm(cfg)
+            self.feed_forward = MoE(cfg) if cfg.is_moe_layer(index) else FeedForward(cfg)
+            if cfg.sandwich_norm:
+                self.ffn_post_norm = build_norm(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
+
+    @property
+    def mixer(self) -> nn.Module:
+        """This block's sequence mixer (attention, gdn or mamba, by model.layers.pattern)."""
+        return getattr(self, self.mixer_attr)
 
     def forward(
         self,
@@ -63,12 +74,15 @@ class TransformerBlock(nn.Module):
         memory_ctx: AttentionContext | None = None,
     ) -> torch.Tensor:
         attention_post = _optional(self, "attention_post_norm")
-        x = self._residual(x, self.attention_norm, lambda h: self.attention(h, ctx), attention_post)
+        mixer = self.mixer
+        x = self._residual(x, self.attention_norm, lambda h: mixer(h, ctx), attention_post)
         if hasattr(self, "cross_attention"):
             if memory is None or memory_ctx is None:
                 raise ValueError("a block with cross-attention needs the encoder output (memory)")
             attend = self.cross_attention
             x = self._residual(x, self.cross_attention_norm, lambda h: attend(h, memory_ctx, memory))
+        if not hasattr(self, "feed_forward"):
+            return x
         return self._residual(x, self.ffn_norm, self.feed_forward, _optional(self, "ffn_post_norm"))
 
     def _residual(
@@ -201,9 +215,12 @@ class Transformer(nn.Module):
         self.n_layers = n_layers
         self.whole = whole
         self.rope_table = rope_table(cfg)
+        """RoPE frequencies kept per device: a forward after the first copies nothing host-to-device."""
+        self.local_cfg = local_config(cfg)
+        self.local_rope_table = rope_table(self.local_cfg)
+        """attention_local blocks' frequencies (model.layers.local_rope_theta)."""
         self.full_attention = {str(i) for i in cfg.full_attention_layers or ()}
         """Names of the blocks exempt from the sliding window (model.full_attention_layers)."""
-        """RoPE frequencies kept per device: a forward after the first copies nothing host-to-device."""
         if whole:
             _add_embeddings(self, cfg)
         if cfg.position == "relative_bias":
@@ -239,18 +256,27 @@ class Transformer(nn.Module):
         h = embed(self, input_ids, positions, token_type_ids) if self.whole else input_ids
         ctx = self._context(positions, document_ids, prefix_lengths)
         memory_ctx = AttentionContext() if memory is not None else None
-        full_ctx = self._full_attention_context(ctx)
+        contexts = {"global": ctx, "full": self._full_attention_context(ctx) or ctx}
+        if any(layer.context_kind == "local" for layer in self.layers.values()):
+            contexts["local"] = self._context(positions, document_ids, prefix_lengths, local=True)
         for name, layer in self.layers.items():
-            h = layer(h, full_ctx if name in self.full_attention else ctx, memory, memory_ctx)
+            kind = "full" if name in self.full_attention else layer.context_kind
+            h = layer(h, contexts[kind], memory, memory_ctx)
         norm = _optional(self, "norm")
         if norm is not None:
             h = norm(h)
         return lm_head(self, h, str(self.n_layers - 1) in self.layers) if self.whole else h
 
     def _context(
-        self, positions: torch.Tensor, document_ids: torch.Tensor | None, prefix_lengths: torch.Tensor | None
+        self,
+        positions: torch.Tensor,
+        document_ids: torch.Tensor | None,
+        prefix_lengths: torch.Tensor | None,
+        local: bool = False,
     ) -> AttentionContext:
-        cfg = self.cfg
+        """The stack's context, or with local=True the attention_local blocks' (their window and RoPE)."""
+        cfg = self.local_cfg if local else self.cfg
+        table = self.local_rope_table if local else self.rope_table
         mask = AttentionMask(
             causal=self.causal,
             window=cfg.sliding_window if self.causal else None,
@@ -258,7 +284,7 @@ class Transformer(nn.Module):
             q_documents=document_ids,
             k_documents=document_ids,
         )
-        rope = rope_angles(cfg, positions, self.rope_table) if cfg.position == "rope" else None
+        rope = rope_angles(cfg, positions, table) if cfg.position == "rope" else None
         return AttentionContext(
             mask, positions=positions, rope=rope, position_bias=self._relative_bias(positions)
         )

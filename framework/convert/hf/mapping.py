@@ -45,27 +45,35 @@ def duplicate(loom: str, hf: str) -> Rename:
     return Rename((loom,), hf, export_only=True)
 
 
-def interleaved_to_halves(x: Tensor, heads: int) -> Tensor:
+def interleaved_to_halves(x: Tensor, heads: int, rotated: int | None = None) -> Tensor:
     """Per head, rows (0, 1, 2, 3, ..., d-1) in Loom's pair order -> (0, 2, 4, ..., 1, 3, 5, ...): channel
-    pair i = (2i, 2i+1) becomes HF's (i, i + d/2). Works on weights [H*d, in], biases [H*d] and norms [d]."""
-    per_head = x.shape[0] // heads
-    return x.unflatten(0, (heads, per_head // 2, 2)).transpose(1, 2).flatten(0, 2).contiguous()
+    pair i = (2i, 2i+1) becomes HF's (i, i + d/2). Works on weights [H*d, in], biases [H*d] and norms [d].
+    rotated: with partial rotary, only each head's first `rotated` rows are permuted (d = rotated)."""
+    return _permute_heads(x, heads, rotated, (-1, 2))
 
 
-def halves_to_interleaved(x: Tensor, heads: int) -> Tensor:
+def halves_to_interleaved(x: Tensor, heads: int, rotated: int | None = None) -> Tensor:
     """Inverse of interleaved_to_halves."""
+    return _permute_heads(x, heads, rotated, (2, -1))
+
+
+def _permute_heads(x: Tensor, heads: int, rotated: int | None, pairs: tuple[int, int]) -> Tensor:
+    """Per head, the first `rotated` rows viewed as `pairs` and transposed (the rest unchanged)."""
     per_head = x.shape[0] // heads
-    return x.unflatten(0, (heads, 2, per_head // 2)).transpose(1, 2).flatten(0, 2).contiguous()
+    rotated = per_head if rotated is None else rotated
+    by_head = x.unflatten(0, (heads, per_head))
+    turned = by_head[:, :rotated].unflatten(1, pairs).transpose(1, 2).flatten(1, 2)
+    return torch.cat((turned, by_head[:, rotated:]), dim=1).flatten(0, 1).contiguous()
 
 
-def rope(loom: str, hf: str, heads: int) -> Rename:
+def rope(loom: str, hf: str, heads: int, rotated: int | None = None) -> Rename:
     """A tensor whose leading dimension holds `heads` RoPE-rotated heads (q/k projections, their biases,
-    QK-norm weights with heads=1)."""
+    QK-norm weights with heads=1); `rotated`: the rotated rows per head under partial rotary."""
     return Rename(
         (loom,),
         hf,
-        lambda t: interleaved_to_halves(t[0], heads),
-        lambda t: [halves_to_interleaved(t, heads)],
+        lambda t: interleaved_to_halves(t[0], heads, rotated),
+        lambda t: [halves_to_interleaved(t, heads, rotated)],
     )
 
 

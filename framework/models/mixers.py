@@ -1,0 +1,197 @@
+"""The registry of sequence mixers: what each name of `model.layers.pattern` builds, where its parameters live,
+which context it reads, and its parameter, FLOP and parallelism facts.
+
+A block holds exactly one mixer, under the attribute its entry names (`attention`, `gdn`, `mamba`), so
+parameter names are stable per layer index (`layers.3.gdn.wq.weight`) and pipeline stages can still drop
+layers. Adding a mixer is one module file, one `Mixer` entry here and its formulas (docs/architecture.md):
+nothing else compares mixer names. Formulas follow docs/flops.md: matmul FLOPs are 2 x the weight-matrix
+parameters a token touches (counted from `matmul_params`); `mixing_flops` is the rest of the mixer's matmul work
+per token at a sequence length (attention's q.k and p.v; the linear mixers' state and chunk products).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from framework.config.schema import GDNConfig, Mamba2Config, MixerName, ModelConfig
+
+ContextKind = Literal["global", "local"]
+"""Which AttentionContext of the stack a mixer reads: the model's (window model.sliding_window, RoPE
+model.rope_theta) or the local one (model.layers.local_window and local_rope_theta)."""
+
+
+@dataclass(frozen=True)
+class Mixer:
+    """One registry entry."""
+
+    name: MixerName
+    attr: str
+    """The block attribute that holds the module (part of every parameter name)."""
+    build: Callable[[ModelConfig], nn.Module]
+    context: ContextKind
+    params: Callable[[ModelConfig], int]
+    """Parameters of one module."""
+    matmul_params: Callable[[ModelConfig], int]
+    """Weight-matrix parameters a token multiplies with (2 FLOPs each per token, forward)."""
+    mixing_flops: Callable[[ModelConfig, int, int | None], float]
+    """Forward FLOPs per token of the token mixing itself at (seq_len, window); linear mixers ignore window."""
+    recurrent: bool
+    """A linear recurrence (state carried along the sequence): context parallelism passes its state between
+    ranks instead of Ulysses' head exchange."""
+
+
+def _build_attention(cfg: ModelConfig) -> nn.Module:
+    from framework.models.attention import Attention
+
+    return Attention(cfg)
+
+
+def _build_gdn(cfg: ModelConfig) -> nn.Module:
+    from framework.models.gdn import GatedDeltaNet
+
+    return GatedDeltaNet(cfg)
+
+
+def _build_mamba2(cfg: ModelConfig) -> nn.Module:
+    from framework.models.mamba2 import Mamba2
+
+    return Mamba2(cfg)
+
+
+# ------------------------------------------------------------------------------------------- attention facts
+def attention_matrix_params(cfg: ModelConfig) -> int:
+    """wq, wk, wv, wo weights (GQA shrinks wk and wv to kv_heads x head_dim columns), and wg for gated
+    attention output (d_model x n_heads x head_dim, as wq)."""
+    d, q_width = cfg.d_model, cfg.n_heads * cfg.resolved_head_dim
+    kv_width = cfg.resolved_kv_heads * cfg.resolved_head_dim
+    return (2 + int(cfg.attention_gate)) * d * q_width + 2 * d * kv_width
+
+
+def _attention_params(cfg: ModelConfig) -> int:
+    from framework.models.flops import attention_params
+
+    return attention_params(cfg)
+
+
+def _attention_mixing(cfg: ModelConfig, seq_len: int, window: int | None) -> float:
+    from framework.models.flops import attention_flops_per_query, mean_keys_attended
+
+    return attention_flops_per_query(cfg, mean_keys_attended(seq_len, causal=cfg.causal, window=window))
+
+
+# --------------------------------------------------------------------------------------------- GDN facts
+def _gdn(cfg: ModelConfig) -> GDNConfig:
+    if cfg.gdn is None:
+        raise ValueError("a gdn block needs model.gdn")
+    return cfg.gdn
+
+
+def _gdn_matrix_params(cfg: ModelConfig) -> int:
+    """wq, wk (key_heads x dk), wv, wz (heads x dv), wb, wa (heads) and wo (heads x dv -> d)."""
+    g, d = _gdn(cfg), cfg.d_model
+    keys, values = g.resolved_key_heads * g.key_head_dim, g.heads * g.value_head_dim
+    return d * (2 * keys + 2 * values + 2 * g.heads) + values * d
+
+
+def _gdn_params(cfg: ModelConfig) -> int:
+    """Matrices, the depthwise conv taps over q, k, v, A_log and dt_bias per head, the gated norm's gain."""
+    g = _gdn(cfg)
+    conv_channels = 2 * g.resolved_key_heads * g.key_head_dim + g.heads * g.value_head_dim
+    return _gdn_matrix_params(cfg) + conv_channels * g.conv_kernel + 2 * g.heads + g.value_head_dim
+
+
+def _gdn_mixing(cfg: ModelConfig, seq_len: int, window: int | None) -> float:
+    """Chunked delta rule per token and value head (chunk C = min(chunk_size, seq_len)): the state reads for
+    the pseudo-values and the outputs and the state update, 3 x 2 dk dv, plus the intra-chunk products
+    K K^T, Q K^T (2 C dk each) and the chunk attention times values (2 C dv). Linear in seq_len per sequence."""
+    g = _gdn(cfg)
+    chunk = min(g.chunk_size, seq_len)
+    dk, dv = g.key_head_dim, g.value_head_dim
+    return g.heads * (6.0 * dk * dv + 2.0 * chunk * (2 * dk + dv))
+
+
+# ------------------------------------------------------------------------------------------ Mamba-2 facts
+def _mamba(cfg: ModelConfig) -> Mamba2Config:
+    if cfg.mamba2 is None:
+        raise ValueError("a mamba2 block needs model.mamba2")
+    return cfg.mamba2
+
+
+def _mamba_matrix_params(cfg: ModelConfig) -> int:
+    """in_z, in_x (inner), in_B, in_C (groups x state), in_dt (heads), out_proj (inner -> d)."""
+    m, d = _mamba(cfg), cfg.d_model
+    return d * (2 * m.inner + 2 * m.groups * m.state_dim + m.heads) + m.inner * d
+
+
+def _mamba_params(cfg: ModelConfig) -> int:
+    """Matrices, conv taps (and biases) over x, B, C, dt_bias, A_log and D per head, the gated norm's gain."""
+    m = _mamba(cfg)
+    conv_channels = m.inner + 2 * m.groups * m.state_dim
+    conv = conv_channels * (m.conv_kernel + int(m.conv_bias))
+    return _mamba_matrix_params(cfg) + conv + 3 * m.heads + m.inner
+
+
+def _mamba_mixing(cfg: ModelConfig, seq_len: int, window: int | None) -> float:
+    """Chunked SSD per token and head (chunk C = min(chunk_size, seq_len)): intra-chunk C B^T (2 C N) and its
+    product with x (2 C P), the chunk state x B^T (2 P N) and the carried state's readout h C (2 P N)."""
+    m = _mamba(cfg)
+    chunk = min(m.chunk_size, seq_len)
+    p, n = m.head_dim, m.state_dim
+    return m.heads * (2.0 * chunk * (n + p) + 4.0 * p * n)
+
+
+_ATTENTION = Mixer(
+    "attention", "attention", _build_attention, "global", _attention_params, attention_matrix_params,
+    _attention_mixing, recurrent=False,
+)  # fmt: skip
+MIXERS: dict[str, Mixer] = {
+    "attention": _ATTENTION,
+    "attention_local": dataclasses.replace(_ATTENTION, name="attention_local", context="local"),
+    "gdn": Mixer(
+        "gdn", "gdn", _build_gdn, "global", _gdn_params, _gdn_matrix_params, _gdn_mixing, recurrent=True
+    ),
+    "mamba2": Mixer(
+        "mamba2",
+        "mamba",
+        _build_mamba2,
+        "global",
+        _mamba_params,
+        _mamba_matrix_params,
+        _mamba_mixing,
+        recurrent=True,
+    ),  # fmt: skip
+}
+
+
+def mixer_of(cfg: ModelConfig, index: int) -> Mixer:
+    """The registry entry of block `index`."""
+    return MIXERS[cfg.mixer(index)]
+
+
+def local_config(cfg: ModelConfig) -> ModelConfig:
+    """cfg as attention_local blocks see it: window layers.local_window (else sliding_window), RoPE base
+    layers.local_rope_theta (else rope_theta) and no rope scaling when a local theta is set (Gemma 3)."""
+    layers = cfg.layers
+    if layers is None:
+        return cfg
+    window = layers.local_window if layers.local_window is not None else cfg.sliding_window
+    if layers.local_rope_theta is None:
+        return dataclasses.replace(cfg, sliding_window=window)
+    return dataclasses.replace(
+        cfg, sliding_window=window, rope_theta=layers.local_rope_theta, rope_scaling="none"
+    )
+
+
+def layer_window(cfg: ModelConfig, index: int) -> int | None:
+    """The sliding window block `index` attends with (None: every earlier key), for attention mixers."""
+    entry = mixer_of(cfg, index)
+    if entry.context == "local":
+        return local_config(cfg).sliding_window
+    if index in (cfg.full_attention_layers or ()):
+        return None
+    return cfg.sliding_window
