@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from framework.config.schema import ModelConfig
+from framework.config.schema import GDNConfig, ModelConfig
 from framework.models.attention import AttentionContext
 
 ScanFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -268,25 +268,26 @@ def document_starts(documents: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' Qwen3NextRMSNormGated: weight * (x / rms(x) in fp32, back to x.dtype) * silu(gate in fp32)."""
-    dtype = x.dtype
-    xf = x.float()
+    """transformers' Qwen3NextRMSNormGated: weight * (x / rms(x) in fp32, back to x.dtype) * silu(gate in fp32)
+    (float64 stays float64)."""
+    dtype, wide = x.dtype, torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(wide)
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight * xf.to(dtype) * F.silu(gate.float())).to(dtype)
+    return (weight * xf.to(dtype) * F.silu(gate.to(wide))).to(dtype)
 
 
 class GatedDeltaNet(nn.Module):
     """Gated DeltaNet sequence mixer (Qwen3-Next linear attention), `model.gdn`.
 
     x -> q, k (key heads), v, z (value heads), b, a (one per value head); q, k, v pass a causal depthwise conv and
-    SiLU; beta = sigmoid(b), g = -exp(A_log) softplus(a + dt_bias); the gated delta rule per value head (key heads
+    SiLU; model.gdn null = GDNConfig's defaults; beta = sigmoid(b), g = -exp(A_log) softplus(a + dt_bias); the gated delta rule per value head (key heads
     repeated to value heads); gated RMSNorm with z per value head; wo. Hooks: `scan_hook(scan_fn, q, k, v, g, beta,
     starts) -> o` and `conv_hook(conv_fn, x, weight, starts) -> y` (context parallelism replaces them);
     `kernel` = a scan_fn for CUDA tensors (e.g. framework/kernels/fla.py), None = the PyTorch chunked op."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        gdn, d = cfg.gdn, cfg.d_model
+        gdn, d = cfg.gdn if cfg.gdn is not None else GDNConfig(), cfg.d_model
         self.heads, self.key_heads = gdn.heads, gdn.resolved_key_heads
         self.dk, self.dv, self.chunk_size, self.eps = (
             gdn.key_head_dim,
@@ -329,7 +330,8 @@ class GatedDeltaNet(nn.Module):
         k = k.reshape(b, s, self.key_heads, self.dk).repeat_interleave(self.heads // self.key_heads, dim=2)
         v = v.reshape(b, s, self.heads, self.dv)
         beta = self.wb(x).sigmoid()
-        g = -self.A_log.float().exp() * F.softplus(self.wa(x).float() + self.dt_bias)
+        wide = torch.promote_types(x.dtype, torch.float32)  # fp32 decays even in bf16 (HF: A might be -inf)
+        g = -self.A_log.to(wide).exp() * F.softplus(self.wa(x).to(wide) + self.dt_bias)
         o = self.scan_hook(self.scan_fn(q), q, k, v, g, beta, starts)
         z = self.wz(x).reshape(b, s, self.heads, self.dv)
         return self.wo(gated_rms_norm(o, z, self.norm_weight, self.eps).reshape(b, s, -1))
