@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,9 @@ from torch import nn
 
 from framework.config.schema import GDNConfig, ModelConfig
 from framework.models.attention import AttentionContext
+from framework.models.recurrence import RecurrentMixer, causal_depthwise_conv, document_starts
+
+__all__ = ["GatedDeltaNet", "causal_depthwise_conv", "document_starts"]
 
 ScanFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 ConvFn = Callable[..., torch.Tensor]
@@ -219,58 +222,8 @@ def chunk_state_transition(
 # Causal depthwise convolution
 
 
-def causal_depthwise_conv(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    starts: torch.Tensor | None = None,
-    initial: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """y_t = sum_{s<K} weight[:, K-1-s] * x_{t-s} over x [B, S, C], weight [C, K] (nn.Conv1d(groups=C,
-    padding=K-1)[..., :S]). Taps reaching before the token's document (starts [B, S] bool) or before position 0
-    contribute zero, as varlen kernels do; `initial` [B, K-1, C] are the K-1 tokens before position 0 (context
-    parallelism), belonging to the document of the rows' first token unless that token starts one."""
-    b, s, c = x.shape
-    taps = weight.shape[1]
-    prev = x.new_zeros(b, taps - 1, c) if initial is None else initial.to(x.dtype)
-    xp = torch.cat([prev, x], 1)  # xp[:, t + K-1] = x_t
-    seg = None
-    if starts is not None:
-        seg = starts.long().cumsum(1)
-        seg = torch.cat([seg.new_zeros(b, taps - 1), seg], 1)  # the previous tokens are document 0
-    y = 0
-    for shift in range(taps):
-        tap = xp[:, taps - 1 - shift : taps - 1 - shift + s]  # x_{t - shift}
-        if seg is not None:
-            same = seg[:, taps - 1 - shift : taps - 1 - shift + s] == seg[:, taps - 1 :]
-            tap = tap * same[..., None].to(x.dtype)
-        y = y + tap * weight[:, taps - 1 - shift].to(x.dtype)
-    return y
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The module
-
-
-class ScanHook(Protocol):
-    def __call__(self, scan_fn: ScanFn, q, k, v, g, beta, starts) -> torch.Tensor: ...
-
-
-def default_scan_hook(scan_fn: ScanFn, q, k, v, g, beta, starts) -> torch.Tensor:
-    """Single device: the whole sequence in one call from a zero state; the output only."""
-    return scan_fn(q, k, v, g, beta, starts=starts)[0]
-
-
-def default_conv_hook(conv_fn: ConvFn, x, weight, starts) -> torch.Tensor:
-    """Single device: no previous tokens."""
-    return conv_fn(x, weight, starts=starts)
-
-
-def document_starts(documents: torch.Tensor | None) -> torch.Tensor | None:
-    """[B, S] document ids -> [B, S] bool, True where a document starts (position 0 and wherever the id changes)."""
-    if documents is None:
-        return None
-    change = documents[:, 1:] != documents[:, :-1]
-    return torch.cat([torch.ones_like(documents[:, :1], dtype=torch.bool), change], 1)
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -282,14 +235,19 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
     return (weight * xf.to(dtype) * F.silu(gate.to(wide))).to(dtype)
 
 
-class GatedDeltaNet(nn.Module):
+class GatedDeltaNet(RecurrentMixer):
     """Gated DeltaNet sequence mixer (Qwen3-Next linear attention), `model.gdn`.
 
     x -> q, k (key heads), v, z (value heads), b, a (one per value head); q, k, v pass a causal depthwise conv and
     SiLU; beta = sigmoid(b), g = -exp(A_log) softplus(a + dt_bias); the gated delta rule per value head (key heads
-    repeated to value heads); model.gdn null means GDNConfig's defaults; gated RMSNorm with z per value head; wo. Hooks: `scan_hook(scan_fn, q, k, v, g, beta,
-    starts) -> o` and `conv_hook(conv_fn, x, weight, starts) -> y` (context parallelism replaces them);
-    `kernel` = a scan_fn for CUDA tensors (e.g. framework/kernels/fla.py), None = the PyTorch chunked op."""
+    repeated to value heads); gated RMSNorm with z per value head; wo. model.gdn null means GDNConfig's defaults.
+    Head counts are read from the tensors, so a tensor-parallel shard (fewer heads) runs the same code. Hooks: see
+    framework/models/recurrence.py; `kernel` = a scan for CUDA tensors (framework/kernels/fla.py), None = the
+    PyTorch chunked op."""
+
+    tp_columns = ("wq", "wk", "wv", "wz", "wb", "wa")
+    tp_per_channel = ("q_conv", "k_conv", "v_conv", "A_log", "dt_bias")
+    tp_row = "wo"
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -315,8 +273,6 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(self.heads))
         self.norm_weight = nn.Parameter(torch.ones(self.dv))
         self.wo = nn.Linear(value_dim, d, bias=False)
-        self.scan_hook: ScanHook = default_scan_hook
-        self.conv_hook = default_conv_hook
         self.kernel: ScanFn | None = None
         with torch.no_grad():
             for name, param in self.named_parameters(recurse=False):
@@ -330,24 +286,39 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         b, s, _ = x.shape
-        starts = document_starts(ctx.mask.q_documents)
+        starts = self.starts_hook(ctx)
         q, k, v = self._conv_qkv(x, starts)
-        q = q.reshape(b, s, self.key_heads, self.dk).repeat_interleave(self.heads // self.key_heads, dim=2)
-        k = k.reshape(b, s, self.key_heads, self.dk).repeat_interleave(self.heads // self.key_heads, dim=2)
-        v = v.reshape(b, s, self.heads, self.dv)
+        groups = self.heads // self.key_heads  # value heads per key head (the same on every tp shard)
+        q = q.reshape(b, s, -1, self.dk).repeat_interleave(groups, dim=2)
+        k = k.reshape(b, s, -1, self.dk).repeat_interleave(groups, dim=2)
+        v = v.reshape(b, s, -1, self.dv)
         beta = self.wb(x).sigmoid()
         wide = torch.promote_types(x.dtype, torch.float32)  # fp32 decays even in bf16 (HF: A might be -inf)
-        g = -self.A_log.to(wide).exp() * F.softplus(self.wa(x).to(wide) + self.dt_bias)
-        o = self.scan_hook(self.scan_fn(q), q, k, v, g, beta, starts)
-        z = self.wz(x).reshape(b, s, self.heads, self.dv)
-        return self.wo(gated_rms_norm(o, z, self.norm_weight, self.eps).reshape(b, s, -1))
+        a_log, dt_bias = self.local_view(self.A_log), self.local_view(self.dt_bias)
+        g = -a_log.to(wide).exp() * F.softplus(self.wa(x).to(wide) + dt_bias)
+        o = self.scan_hook(self.scan_fn(q), q, k, v, g, beta, starts=starts)
+        z = self.wz(x).reshape(b, s, -1, self.dv)
+        return self.wo(gated_rms_norm(o, z, self.shared_view(self.norm_weight), self.eps).reshape(b, s, -1))
 
-    def _conv_qkv(self, x: torch.Tensor, starts: torch.Tensor | None):
+    def _conv_qkv(self, x: torch.Tensor, starts: object) -> tuple[torch.Tensor, ...]:
         """One depthwise conv over the concatenated q, k, v channels (as transformers), then SiLU."""
-        qkv = torch.cat([self.wq(x), self.wk(x), self.wv(x)], -1)
-        weight = torch.cat([self.q_conv, self.k_conv, self.v_conv], 0)
-        qkv = F.silu(self.conv_hook(causal_depthwise_conv, qkv, weight, starts))
-        return qkv.split([self.wq.out_features, self.wk.out_features, self.wv.out_features], -1)
+        parts = [self.wq(x), self.wk(x), self.wv(x)]
+        weight = torch.cat([self.local_view(w) for w in (self.q_conv, self.k_conv, self.v_conv)], 0)
+        conv = functools.partial(_conv, weight)
+        qkv = F.silu(self.conv_hook(conv, torch.cat(parts, -1), weight.shape[1] - 1, starts))
+        return qkv.split([p.shape[-1] for p in parts], -1)
+
+    def transition(self, q, k, v, g, beta, *, starts: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
+        """M [B, H, dk, dk]: final(S0) = M @ S0 + final(0) (q and v do not enter the linear part)."""
+        return chunk_state_transition(k, g, beta, starts, chunk_size=self.chunk_size)
+
+    @staticmethod
+    def apply_transition(transition: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        return transition @ state.to(transition.dtype)
+
+
+def _conv(weight: torch.Tensor, x: torch.Tensor, starts: torch.Tensor | None) -> torch.Tensor:
+    return causal_depthwise_conv(x, weight, None, starts)
 
 
 # ----------------------------------------------------------------------------------------------------------------

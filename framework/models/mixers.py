@@ -43,6 +43,9 @@ class Mixer:
     recurrent: bool
     """A linear recurrence (state carried along the sequence): context parallelism passes its state between
     ranks instead of Ulysses' head exchange."""
+    head_counts: Callable[[ModelConfig], dict[str, int]]
+    """Recipe key -> count that tensor parallelism splits (and, for attention, Ulysses with it): each must be
+    divisible by tp (attention: by cp x tp)."""
 
 
 def _build_attention(cfg: ModelConfig) -> nn.Module:
@@ -84,6 +87,10 @@ def _attention_mixing(cfg: ModelConfig, seq_len: int, window: int | None) -> flo
     return attention_flops_per_query(cfg, mean_keys_attended(seq_len, causal=cfg.causal, window=window))
 
 
+def _attention_heads(cfg: ModelConfig) -> dict[str, int]:
+    return {"model.n_heads": cfg.n_heads, "model.kv_heads": cfg.resolved_kv_heads}
+
+
 # --------------------------------------------------------------------------------------------- GDN facts
 def _gdn(cfg: ModelConfig) -> GDNConfig:
     if cfg.gdn is None:
@@ -113,6 +120,11 @@ def _gdn_mixing(cfg: ModelConfig, seq_len: int, window: int | None) -> float:
     chunk = min(g.chunk_size, seq_len)
     dk, dv = g.key_head_dim, g.value_head_dim
     return g.heads * (6.0 * dk * dv + 2.0 * chunk * (2 * dk + dv))
+
+
+def _gdn_heads(cfg: ModelConfig) -> dict[str, int]:
+    g = _gdn(cfg)
+    return {"model.gdn.heads": g.heads, "model.gdn.key_heads": g.resolved_key_heads}
 
 
 # ------------------------------------------------------------------------------------------ Mamba-2 facts
@@ -145,16 +157,30 @@ def _mamba_mixing(cfg: ModelConfig, seq_len: int, window: int | None) -> float:
     return m.heads * (2.0 * chunk * (n + p) + 4.0 * p * n)
 
 
+def _mamba_heads(cfg: ModelConfig) -> dict[str, int]:
+    """Heads, and the B/C groups: the gated norm normalises over a group, so a group must not span ranks."""
+    m = _mamba(cfg)
+    return {"model.mamba2.heads": m.heads, "model.mamba2.groups": m.groups}
+
+
 _ATTENTION = Mixer(
     "attention", "attention", _build_attention, "global", _attention_params, attention_matrix_params,
-    _attention_mixing, recurrent=False,
+    _attention_mixing, recurrent=False, head_counts=_attention_heads,
 )  # fmt: skip
 MIXERS: dict[str, Mixer] = {
     "attention": _ATTENTION,
     "attention_local": dataclasses.replace(_ATTENTION, name="attention_local", context="local"),
     "gdn": Mixer(
-        "gdn", "gdn", _build_gdn, "global", _gdn_params, _gdn_matrix_params, _gdn_mixing, recurrent=True
-    ),
+        "gdn",
+        "gdn",
+        _build_gdn,
+        "global",
+        _gdn_params,
+        _gdn_matrix_params,
+        _gdn_mixing,
+        recurrent=True,
+        head_counts=_gdn_heads,
+    ),  # fmt: skip
     "mamba2": Mixer(
         "mamba2",
         "mamba",
@@ -164,8 +190,14 @@ MIXERS: dict[str, Mixer] = {
         _mamba_matrix_params,
         _mamba_mixing,
         recurrent=True,
+        head_counts=_mamba_heads,
     ),  # fmt: skip
 }
+
+
+def mixers_used(cfg: ModelConfig) -> list[Mixer]:
+    """The distinct registry entries of the decoder's blocks, in first-use order."""
+    return [MIXERS[name] for name in dict.fromkeys(cfg.mixers)]
 
 
 def mixer_of(cfg: ModelConfig, index: int) -> Mixer:

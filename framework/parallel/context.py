@@ -42,7 +42,9 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from framework.models.attention import AttendFn, Attention, AttentionContext
 from framework.models.positions import RelativePositionBias, default_positions
+from framework.models.recurrence import RecurrentMixer
 from framework.parallel.dims import ParallelDims
+from framework.parallel.recurrent import install_recurrent_cp
 
 PER_TOKEN = ("input_ids", "labels", "positions", "document_ids", "token_type_ids")
 """Batch entries [B, S, ...] that are sliced along the sequence (everything else, e.g. prefix_lengths, is whole)."""
@@ -115,6 +117,8 @@ def install_sequence_parallel(
             module.attend_hook = functools.partial(exchange, group=group)
         elif isinstance(module, RelativePositionBias):
             module.bias = functools.partial(_whole_sequence_bias, module.bias, group=group)
+        elif isinstance(module, RecurrentMixer):
+            install_recurrent_cp(module, group)  # state passing, no head exchange (recurrent.py)
 
 
 def _narrow_heads(

@@ -45,6 +45,8 @@ from dataclasses import dataclass
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from framework.config import ConfigError, Recipe
+from framework.config.schema import ModelConfig
+from framework.models.mixers import MIXERS, mixers_used
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 """Outer to inner: tp innermost keeps its (most frequent) collectives between neighbouring ranks (one node)."""
@@ -232,8 +234,7 @@ def _check_tp(dims: ParallelDims, recipe: Recipe) -> None:
     if dims.tp == 1:
         return
     m = recipe.model
-    heads = {"model.n_heads": m.n_heads, "model.kv_heads": m.kv_heads or m.n_heads}
-    for key, count in heads.items():
+    for key, count in _split_counts(m, recurrent=True).items():
         if count % dims.tp:
             raise _error(key, count, f"must be divisible by parallel.tp={dims.tp}", "change tp or the heads")
     if m.ffn_hidden % dims.tp:
@@ -254,14 +255,23 @@ def _check_tp(dims: ParallelDims, recipe: Recipe) -> None:
     _check_tp_vocab(dims, recipe)
 
 
+def _split_counts(m: ModelConfig, *, recurrent: bool) -> dict[str, int]:
+    """The head counts the blocks' mixers split (framework/models/mixers.py); recurrent=False: only those of
+    the attention mixers, which Ulysses splits over cp as well (a recurrent mixer passes state instead)."""
+    counts: dict[str, int] = {}
+    for mixer in mixers_used(m) if m.family == "decoder" else [MIXERS["attention"]]:
+        if recurrent or not mixer.recurrent:
+            counts |= mixer.head_counts(m)
+    return counts
+
+
 def _check_cp(dims: ParallelDims, recipe: Recipe) -> None:
     """Ulysses: each cp rank holds seq_len / cp tokens (of those, 1 / tp with sequence parallel) and attends with
     heads / (tp x cp) heads over the whole sequence."""
     if dims.cp == 1:
         return
     m, split = recipe.model, dims.cp * dims.tp
-    heads = {"model.n_heads": m.n_heads, "model.kv_heads": m.kv_heads or m.n_heads}
-    for key, count in heads.items():
+    for key, count in _split_counts(m, recurrent=False).items():
         if count % split:
             raise _error(
                 key,

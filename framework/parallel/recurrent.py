@@ -36,10 +36,9 @@ from torch.distributed.tensor.parallel import (
 )
 
 from framework.models.attention import AttentionContext
-from framework.models.gdn import GatedDeltaNet
-from framework.models.mamba2 import Mamba2
+from framework.models.recurrence import RecurrentMixer, document_starts
 
-RECURRENT = (GatedDeltaNet, Mamba2)
+__all__ = ["RecurrentMixer", "install_recurrent_cp", "recurrent_tp_plan"]
 
 
 # ------------------------------------------------------------------------------------------- tensor parallel
@@ -79,7 +78,9 @@ def recurrent_tp_plan(
         output_layouts=seq_layout if sequence_parallel else Replicate()
     )
     if sequence_parallel:
-        plan[name] = PrepareModuleInput(input_layouts=(seq_layout, None), desired_input_layouts=(Replicate(), None))
+        plan[name] = PrepareModuleInput(
+            input_layouts=(seq_layout, None), desired_input_layouts=(Replicate(), None)
+        )
     return plan
 
 
@@ -114,10 +115,11 @@ def install_recurrent_cp(module: nn.Module, group: dist.ProcessGroup) -> None:
     module.scan_hook = functools.partial(_state_passing_scan, module, group=group)
 
 
-def _global_starts(ctx: AttentionContext, *, group: dist.ProcessGroup) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _global_starts(
+    ctx: AttentionContext, *, group: dist.ProcessGroup
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(this shard's document starts [B, s], the starts of the whole sequence [B, S]) from the gathered ids: a
     shard's first token starts a document only where its id differs from the previous shard's last."""
-    from framework.models.gdn import document_starts
     from framework.parallel.context import whole_sequence_context
 
     documents = whole_sequence_context(ctx, group).mask.q_documents
@@ -132,28 +134,31 @@ def _global_starts(ctx: AttentionContext, *, group: dist.ProcessGroup) -> tuple[
 def _halo_conv(
     conv: Callable[..., torch.Tensor],
     x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
+    halo: int,
     starts: tuple[torch.Tensor, torch.Tensor] | None,
     *,
     group: dist.ProcessGroup,
 ) -> torch.Tensor:
-    """conv over [previous shard's last K-1 tokens, this shard] (zeros before the first shard), first K-1 outputs
-    dropped; the halo's document starts come from the whole sequence."""
-    rank, halo = dist.get_rank(group), weight.shape[-1] - 1
+    """conv over [previous shard's last `halo` tokens, this shard] (zeros before the first shard), the first
+    `halo` outputs dropped; the halo's document starts come from the whole sequence."""
+    rank = dist.get_rank(group)
     if halo == 0:
-        return conv(x, weight, bias, None if starts is None else starts[0])
+        return conv(x, None if starts is None else starts[0])
+    if x.shape[1] < halo:
+        raise ValueError(
+            f"a context-parallel shard of {x.shape[1]} tokens is shorter than the conv's {halo}-token halo"
+        )
     tails = gather_stack(x[:, -halo:], group)
     before = tails[rank - 1] if rank > 0 else torch.zeros_like(tails[0])
-    extended_starts = None
+    extended = None
     if starts is not None:
         local, whole = starts
         begin = rank * local.shape[1]
         if rank > 0:
-            extended_starts = whole[:, begin - halo : begin + local.shape[1]]
-        else:
-            extended_starts = torch.cat((torch.ones_like(local[:, :halo]), local), dim=1)
-    return conv(torch.cat((before, x), dim=1), weight, bias, extended_starts)[:, halo:]
+            extended = whole[:, begin - halo : begin + local.shape[1]]
+        else:  # the zero halo is its own document: nothing of it reaches the first token
+            extended = torch.cat((torch.ones_like(local[:, :halo]), local), dim=1)
+    return conv(torch.cat((before, x), dim=1), extended)[:, halo:]
 
 
 def _state_passing_scan(

@@ -57,7 +57,9 @@ from framework.models.attention import Attention
 from framework.models.mlp import FeedForward
 from framework.models.moe import MoE
 from framework.models.positions import RelativePositionBias
+from framework.models.recurrence import RecurrentMixer
 from framework.parallel.dims import ParallelDims
+from framework.parallel.recurrent import recurrent_tp_plan
 
 SEQ = Shard(1)
 """Sequence dimension of [B, S, D] activations."""
@@ -83,6 +85,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool, 
     for name, module in model.named_modules():
         if isinstance(module, Attention):
             plan |= _attention_plan(name, module, tp_mesh, sequence_parallel)
+        elif isinstance(module, RecurrentMixer):
+            plan |= recurrent_tp_plan(name, module, tp_mesh, sequence_parallel, SEQ)
         elif isinstance(module, RelativePositionBias):
             _shard_heads(module, ("weight",), 1, tp_mesh)
         elif name.rsplit(".", 1)[-1] == "feed_forward":

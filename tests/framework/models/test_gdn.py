@@ -169,7 +169,7 @@ def test_conv_equals_conv1d_without_documents() -> None:
 def test_conv_documents_equal_separate_runs_and_initial() -> None:
     x, w = torch.randn(2, 12, 5, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
     starts = starts_at([5, 6], [10], seq=12)
-    y = causal_depthwise_conv(x, w, starts)
+    y = causal_depthwise_conv(x, w, starts=starts)
     for b, bounds in enumerate([(0, 5, 6, 12), (0, 10, 12)]):
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             torch.testing.assert_close(y[b, lo:hi], causal_depthwise_conv(x[b : b + 1, lo:hi], w)[0])
@@ -179,7 +179,7 @@ def test_conv_documents_equal_separate_runs_and_initial() -> None:
     torch.testing.assert_close(tail, whole[:, 7:], atol=1e-12, rtol=0)
     reset = torch.zeros(2, 5, dtype=torch.bool)
     reset[0, 0] = True
-    tail = causal_depthwise_conv(x[:, 7:], w, reset, initial=x[:, 4:7])
+    tail = causal_depthwise_conv(x[:, 7:], w, starts=reset, initial=x[:, 4:7])
     torch.testing.assert_close(tail[0], causal_depthwise_conv(x[:1, 7:], w)[0], atol=1e-12, rtol=0)
     torch.testing.assert_close(tail[1], whole[1, 7:], atol=1e-12, rtol=0)
 
@@ -251,14 +251,14 @@ def test_module_hooks_are_called() -> None:
         seen.append(("scan", q.shape, g.shape))
         return scan_fn(q, k, v, g, beta, starts=starts)[0]
 
-    def conv_hook(conv_fn, x, weight, starts):
-        seen.append(("conv", x.shape, weight.shape))
-        return conv_fn(x, weight, starts=starts)
+    def conv_hook(conv_fn, x, halo, starts):
+        seen.append(("conv", x.shape, halo))
+        return conv_fn(x, starts)
 
     ours.scan_hook, ours.conv_hook = scan_hook, conv_hook
     ours(torch.randn(1, 5, 48), AttentionContext())
     assert seen == [
-        ("conv", torch.Size([1, 5, 2 * 24 + 72]), torch.Size([2 * 24 + 72, 4])),
+        ("conv", torch.Size([1, 5, 2 * 24 + 72]), 3),
         ("scan", torch.Size([1, 5, 6, 8]), torch.Size([1, 5, 6])),
     ]
 
