@@ -278,6 +278,12 @@ class GatedDeltaNet(RecurrentMixer):
             for name, param in self.named_parameters(recurse=False):
                 param.copy_(initial_value(name, param.shape, torch.Generator().manual_seed(0)))
 
+    own_init = frozenset(("A_log", "dt_bias", "q_conv", "k_conv", "v_conv", "norm_weight"))
+    """Direct parameters drawn by `initial_value` (framework/models/init.py asks the module)."""
+
+    def initial_value(self, name: str, generator: torch.Generator) -> torch.Tensor:
+        return initial_value(name, getattr(self, name).shape, generator)
+
     def scan_fn(self, q: torch.Tensor) -> ScanFn:
         """The chunked op, or `kernel` when one is installed and the tensors are on CUDA."""
         if self.kernel is not None and q.is_cuda:

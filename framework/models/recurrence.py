@@ -45,6 +45,11 @@ def causal_depthwise_conv(
     to the document of the rows' first token unless that token starts one."""
     b, s, c = x.shape
     taps = weight.shape[1]
+    if starts is None and initial is None:  # one fused op
+        out = torch.nn.functional.conv1d(
+            x.transpose(1, 2), weight[:, None, :], bias, padding=taps - 1, groups=c
+        )
+        return out[..., :s].transpose(1, 2)
     prev = x.new_zeros(b, taps - 1, c) if initial is None else initial.to(x.dtype)
     xp = torch.cat([prev, x], 1)  # xp[:, t + K-1] = x_t
     seg = None

@@ -267,10 +267,16 @@ def test_init_weights_draws_gdn_parameters() -> None:
     cfg = model_config()
     model = nn.ModuleDict({"mixer": GatedDeltaNet(cfg)})
     groups = init_groups(model, cfg)
-    assert groups["gdn_decays"][0] == ["mixer.A_log"]
-    assert groups["gdn_time_steps"][0] == ["mixer.dt_bias"]
-    assert set(groups["gdn_convs"][0]) == {"mixer.q_conv", "mixer.k_conv", "mixer.v_conv"}
-    assert "mixer.norm_weight" in groups["norms"][0] and "mixer.wo.weight" in groups["output_projections"][0]
+    drawn = {
+        "mixer.A_log",
+        "mixer.dt_bias",
+        "mixer.q_conv",
+        "mixer.k_conv",
+        "mixer.v_conv",
+        "mixer.norm_weight",
+    }
+    assert set(groups["module_drawn"][0]) == drawn
+    assert "mixer.wo.weight" in groups["output_projections"][0]
     init_weights(model, cfg, seed=3)
     m = model["mixer"]
     a = m.A_log.exp()
