@@ -149,7 +149,9 @@ def _halo_conv(
             f"a context-parallel shard of {x.shape[1]} tokens is shorter than the conv's {halo}-token halo"
         )
     tails = gather_stack(x[:, -halo:], group)
-    before = tails[rank - 1] if rank > 0 else torch.zeros_like(tails[0])
+    # every rank indexes the same shifted stack, so every rank's backward runs the gather's all-reduce (a rank
+    # that skipped the gathered tensor would leave its peers waiting in a collective)
+    before = torch.cat((torch.zeros_like(tails[:1]), tails[:-1]))[rank]
     extended = None
     if starts is not None:
         local, whole = starts
@@ -174,8 +176,11 @@ def _state_passing_scan(
     _, final = scan(*inputs, starts=local_starts, initial_state=None)
     transition = module.transition(*inputs, starts=local_starts)
     transitions, finals = gather_stack(transition, group), gather_stack(final, group)
-    state = torch.zeros_like(final)
-    for j in range(dist.get_rank(group)):
-        state = module.apply_transition(transitions[j], state) + finals[j]
+    # every rank's initial state, folded in rank order: state_0 = 0, state_{j+1} = T_j(state_j) + final_j. All
+    # of them on every rank (cp - 1 small products), so every rank's graph uses both gathers alike (see above)
+    states = [torch.zeros_like(final)]
+    for j in range(dist.get_world_size(group) - 1):
+        states.append(module.apply_transition(transitions[j], states[-1]) + finals[j])
+    state = torch.stack(states)[dist.get_rank(group)]
     out, _ = scan(*inputs, starts=local_starts, initial_state=state)
     return out

@@ -39,8 +39,6 @@ CASES: dict[str, tuple[int, dict[str, Any], dict[str, Any]]] = {
     "cp2_gdn": (2, {"cp": 2}, GDN_HYBRID),
     "cp2_mamba2": (2, {"cp": 2}, MAMBA_HYBRID),
     "cp2_local_global": (2, {"cp": 2}, LOCAL_GLOBAL),
-    "pp2_gdn": (2, {"pp": 2, "data_parallel": "fsdp"}, GDN_HYBRID),
-    "pp2_mamba2": (2, {"pp": 2, "data_parallel": "fsdp"}, MAMBA_HYBRID),
     # EP over dp_shard x cp for the hybrid's MoE layers, with state passing in the same model
     "cp2xep2_gdn_moe": (2, {"cp": 2, "ep": 2}, GDN_MOE),
 }
@@ -58,6 +56,26 @@ def test_hybrid_matches_one_process(dist_pool, case: str) -> None:
         assert result["eval_rel"] <= 1e-5 and result["eval_count_equal"], result
         assert result["param_rel"] <= 1e-4, result
         assert result["buffer_rel"] <= 1e-5 and all(v <= 1e-5 for v in result["moe_rel"].values()), result
+
+
+# pipeline layouts (dist_cases_pp's harness: 4 blocks, micro-batches of 2, two documents per sample), the
+# pattern repeated over the 4 blocks so each stage holds a recurrent and an attention block
+PP_CASES: dict[str, tuple[int, dict[str, Any], dict[str, Any]]] = {
+    "pp2_1f1b_gdn": (2, {"pp": 2, "pp_schedule": "1f1b"}, GDN_HYBRID),
+    "pp2xfsdp2_mamba2": (4, {"pp": 2, "data_parallel": "fsdp"}, MAMBA_HYBRID),
+}
+
+
+@pytest.mark.parametrize("case", list(PP_CASES))
+def test_hybrid_pipeline_matches_one_process(dist_pool, case: str) -> None:
+    world, parallel, model = PP_CASES[case]
+    for result in dist_pool(world).run("dist_cases_pp:pp_parity", STEPS, parallel, model, 2, True):
+        print(case, result)
+        assert result["names_subset"]
+        assert max(result["loss_rel"]) <= 1e-5, result
+        assert max(result["norm_rel"]) <= 1e-5, result
+        assert result["param_rel"] <= 1e-4, result
+        assert result["eval_rel"] <= 1e-5 and result["eval_tokens_equal"], result
 
 
 @pytest.mark.parametrize(
