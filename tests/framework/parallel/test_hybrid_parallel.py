@@ -63,6 +63,10 @@ def test_hybrid_matches_one_process(dist_pool, case: str) -> None:
 PP_CASES: dict[str, tuple[int, dict[str, Any], dict[str, Any]]] = {
     "pp2_1f1b_gdn": (2, {"pp": 2, "pp_schedule": "1f1b"}, GDN_HYBRID),
     "pp2xfsdp2_mamba2": (4, {"pp": 2, "data_parallel": "fsdp"}, MAMBA_HYBRID),
+    # the 8-process layouts: a hybrid MoE model (gdn + gated attention + MoE) on TP2 x PP2 x FSDP2, and
+    # on TP2 x PP2 x CP2 (state passing and Ulysses in one model, inside pipeline stages)
+    "tp2xpp2xfsdp2_gdn_moe": (8, {"tp": 2, "pp": 2, "data_parallel": "fsdp"}, GDN_MOE),
+    "tp2xpp2xcp2_gdn_moe": (8, {"tp": 2, "pp": 2, "cp": 2}, GDN_MOE | {"kv_heads": 4}),
 }
 
 
