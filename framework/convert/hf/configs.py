@@ -195,8 +195,10 @@ _EXTRA: dict[str, dict[str, Any]] = {
     "gpt2": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None},
     "gemma": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None} | _GEMMA2_ONLY,
     "gemma2": _ABSENT,
-    # Gemma 3's windows are its local layers' (model.layers.local_window); its global layers have none
-    "gemma3_text": _ABSENT | {"sliding_window": None, "full_attention_layers": None},
+    # Gemma 3's windows are its local layers' (model.layers.local_window), its global layers have none; its
+    # attention never applies attn_logit_softcapping (transformers 5.24)
+    "gemma3_text": _ABSENT
+    | {"sliding_window": None, "full_attention_layers": None, "attention_softcap": None},
     "olmo2": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None},
     "olmo3": _ABSENT | {"softmax_scale": "inv_sqrt_dk"},
 }

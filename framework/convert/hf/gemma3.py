@@ -4,7 +4,9 @@
 transformers' `layer_types` are model.layers.pattern in full: a sliding_attention block is attention_local
 (window layers.local_window = sliding_window, RoPE base layers.local_rope_theta, never scaled) and a
 full_attention block is attention (no window; rope_theta and the scaling of rope_parameters.full_attention).
-Soft-capping is off by default and kept when set, as in Gemma 2.
+Soft-capping is off by default; a final logit cap is kept when set, as in Gemma 2. transformers' Gemma 3
+(5.24) stores attn_logit_softcapping but never applies it, so it imports as no cap (what transformers computes)
+and Loom's attention_softcap is refused on export.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ def model_config(hf: Any) -> dict[str, Any]:
     types = list(hf.layer_types)
     return fields | {
         "qk_norm": True,
+        "attention_softcap": None,  # not applied by Gemma3Attention (see above)
         "sliding_window": None,
         "full_attention_layers": None,
         "layers": LayersConfig(
