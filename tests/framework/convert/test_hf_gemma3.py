@@ -172,3 +172,25 @@ def test_unrepresentable_configs_are_refused_naming_the_field(name: str) -> None
     fields, key = REFUSED[name]
     with pytest.raises(ConfigError, match=key):
         check_representable(ModelConfig(**fields))
+
+
+def test_loom_convert_cli_round_trip(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, demo_data: Path
+) -> None:
+    """`loom convert CKPT --to hf` then `--from hf`: transformers' logits, and model.layers through the
+    checkpoint's recipe and the written YAML (the full per-layer pattern an import writes) come back."""
+    from framework.config.loader import load_recipe
+    from tests.framework.convert.test_convert_cli import run, write_checkpoint
+
+    cfg = dataclasses.replace(CONFIGS["gemma3"], vocab_size=4100)  # the demo tokenizer
+    model = write_checkpoint(cfg, tmp_path / "ckpt", demo_data / "tokenizer.model")
+    code, _, err = run(capsys, "convert", tmp_path / "ckpt", "--to", "hf", tmp_path / "hf")
+    assert code == 0, err
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == "Gemma3ForCausalLM"
+    ids = torch.randint(0, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max() <= TOL
+    code, _, err = run(capsys, "convert", tmp_path / "hf", "--from", "hf", tmp_path / "back")
+    assert code == 0, err
+    assert load_recipe(tmp_path / "back" / "recipe.yaml").model == cfg
