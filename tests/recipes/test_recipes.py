@@ -75,6 +75,12 @@ def size_overrides(recipe_path: Path, data_dir: Path, run_dir: Path) -> list[str
         sets.append("model.full_attention_layers=[1]")  # of the 2 blocks left
     if recipe.model.moe is not None:
         sets += moe_size_overrides(recipe.model.moe)
+    if recipe.model.layers is not None and len(recipe.model.layers.pattern) > 2:
+        # its first two kinds of mixer, one block each (Gemma 3: a local block, then a global one)
+        kinds = list(dict.fromkeys(recipe.model.layers.pattern))[:2]
+        sets.append(f"model.layers.pattern=[{','.join(kinds)}]")
+    if recipe.model.layers is not None and recipe.model.layers.local_window is not None:
+        sets.append("model.layers.local_window=16")  # shorter than data.seq_len, so local masks still bind
     sets += [f"data.tokenizer={data_dir / 'tokenizer.model'}", f"data.train={data_dir}"]
     sets += [
         f"data.validation={data_dir}",

@@ -9,12 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from framework.config.errors import ConfigError
-from framework.config.schema import ModelConfig
+from framework.config.schema import LayersConfig, ModelConfig
 
 
 def hf_family(cfg: ModelConfig) -> str:
     """llama | mistral | qwen3 | qwen2 | phi3 | gpt2 | bloom | bert | t5 | mixtral | qwen3_moe | gemma | gemma2 |
-    olmo2 | olmo3,
+    gemma3_text | olmo2 | olmo3,
     from the architecture fields (phi3 only when model.hf_architecture names it: its weights are Llama's)."""
     if cfg.moe is not None and cfg.family == "decoder":
         return "qwen3_moe" if cfg.qk_norm else "mixtral"
@@ -27,7 +27,8 @@ def hf_family(cfg: ModelConfig) -> str:
     if cfg.norm_position == "reordered":  # OLMo 2; OLMo 3 adds per-layer sliding windows
         return "olmo3" if cfg.sliding_window is not None else "olmo2"
     if cfg.sandwich_norm or cfg.final_logit_softcap is not None or cfg.attention_softcap is not None:
-        return "gemma2"
+        # Gemma 3 adds QK-norm and local layers with their own RoPE (model.layers' attention_local)
+        return "gemma3_text" if cfg.qk_norm or "attention_local" in cfg.mixers else "gemma2"
     if cfg.embedding_scale != "none" or cfg.norm_weight_offset:
         return "gemma"
     if cfg.position == "alibi":
@@ -99,6 +100,7 @@ _REQUIRED["gemma"] = {
     "sandwich_norm": False,
 }
 _REQUIRED["gemma2"] = _REQUIRED["gemma"] | {"sandwich_norm": True}
+_REQUIRED["gemma3_text"] = _REQUIRED["gemma2"] | {"qk_norm": True}  # per head (qk_norm_scope head)
 # OLMo 2: Llama's layers with x + norm(f(x)) blocks and QK-norm over the whole projections; no biases
 _REQUIRED["olmo2"] = _REQUIRED["llama"] | {"norm_position": "reordered", "qk_norm": True,
                                           "qk_norm_scope": "projection", "bias": False}  # fmt: skip
@@ -140,7 +142,8 @@ def _moe_rules(cfg: ModelConfig, family: str) -> list[str]:
 
 _NEVER = {"learned_temperature": False, "soft_distance_bias": False, "attention_temperature": 1.0}
 # Defaults every family needs unless its _REQUIRED entry says otherwise (Qwen2's bias_scope, Phi-3's name).
-_DEFAULTS = {"bias_scope": "all", "hf_architecture": "auto", "qk_norm_scope": "head"}
+_DEFAULTS = {"bias_scope": "all", "hf_architecture": "auto", "qk_norm_scope": "head", "attention_gate": False,
+             "rope_fraction": 1.0}  # fmt: skip
 
 
 def check_representable(cfg: ModelConfig) -> str:
@@ -192,6 +195,10 @@ _EXTRA: dict[str, dict[str, Any]] = {
     "gpt2": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None},
     "gemma": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None} | _GEMMA2_ONLY,
     "gemma2": _ABSENT,
+    # Gemma 3's windows are its local layers' (model.layers.local_window), its global layers have none; its
+    # attention never applies attn_logit_softcapping (transformers 5.24)
+    "gemma3_text": _ABSENT
+    | {"sliding_window": None, "full_attention_layers": None, "attention_softcap": None},
     "olmo2": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None},
     "olmo3": _ABSENT | {"softmax_scale": "inv_sqrt_dk"},
 }
@@ -206,8 +213,9 @@ def _derived_rules(cfg: ModelConfig, family: str) -> list[str]:
         only.pop("full_attention_layers", None)
     extra = _EXTRA.get(family, {}) | only
     wrong = [f"model.{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in extra.items() if getattr(cfg, k) != v]
-    if family == "gemma2":
+    if family in ("gemma2", "gemma3_text"):
         wrong += _gemma2_rules(cfg)
+    wrong += _mixer_rules(cfg, family)
     if family in ("bloom", "bert", "t5", "gpt2") and cfg.resolved_kv_heads != cfg.n_heads:
         wrong.append(
             f"model.kv_heads={cfg.kv_heads!r} (needs n_heads={cfg.n_heads}: no grouped-query attention)"
@@ -222,6 +230,18 @@ def _derived_rules(cfg: ModelConfig, family: str) -> list[str]:
         wrong.append(f"model.gelu_approximate={cfg.gelu_approximate!r} (needs 'tanh' for gated-gelu)")
     if getattr(cfg, "moe", None) is not None and family in _EXTRA and family not in _MOE_REQUIRED:
         wrong.append(f"model.moe (family {family} is dense)")
+    return wrong
+
+
+def _mixer_rules(cfg: ModelConfig, family: str) -> list[str]:
+    """Every family runs attention with a feed-forward in each block; Gemma 3 also its local attention."""
+    layers = cfg.layers or LayersConfig()
+    allowed = {"attention", "attention_local"} if family == "gemma3_text" else {"attention"}
+    wrong = []
+    if not set(cfg.mixers) <= allowed:
+        wrong.append(f"model.layers.pattern={layers.pattern!r} (needs only {' / '.join(sorted(allowed))})")
+    if not layers.feed_forward:
+        wrong.append("model.layers.feed_forward=False (needs true)")
     return wrong
 
 
@@ -262,6 +282,7 @@ def hf_config(cfg: ModelConfig) -> tuple[str, Any]:
         "gpt2": _gpt2,
         "gemma": _gemma,
         "gemma2": _gemma2,
+        "gemma3_text": _gemma3,
         "olmo2": _olmo2,
         "olmo3": _olmo3,
     }[family]
@@ -395,6 +416,23 @@ def _gemma2(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
         "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
     }
     return "Gemma2ForCausalLM", "Gemma2Config", kwargs
+
+
+def _gemma3(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
+    _, _, kwargs = _gemma2(cfg)
+    layers = cfg.layers or LayersConfig()
+    # local layers: their own RoPE base without scaling, or the global RoPE when local_rope_theta is unset
+    local = _rope_parameters(cfg)
+    if layers.local_rope_theta is not None:
+        local = {"rope_type": "default", "rope_theta": layers.local_rope_theta}
+    kwargs |= {
+        "sliding_window": layers.local_window or cfg.max_seq_len,
+        "layer_types": [
+            "sliding_attention" if m == "attention_local" else "full_attention" for m in cfg.mixers
+        ],
+        "rope_parameters": {"full_attention": _rope_parameters(cfg), "sliding_attention": local},
+    }
+    return "Gemma3ForCausalLM", "Gemma3TextConfig", kwargs
 
 
 def _bloom(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:

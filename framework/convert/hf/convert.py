@@ -21,6 +21,7 @@ from framework.convert.hf import (
     bloom,
     gemma,
     gemma2,
+    gemma3,
     gpt2,
     llama,
     mistral,
@@ -52,6 +53,7 @@ FAMILIES: dict[str, ModuleType] = {
     "gpt2": gpt2,
     "gemma": gemma,
     "gemma2": gemma2,
+    "gemma3_text": gemma3,
     "olmo2": olmo2,
     "olmo3": olmo2,  # OLMo 3 is OLMo 2 with per-layer windows (layer_types)
 }

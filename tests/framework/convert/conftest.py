@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from framework.config.schema import ModelConfig, MoEConfig
+from framework.config.schema import LayersConfig, ModelConfig, MoEConfig
 from framework.models.moe import Router, Routing
 from framework.run import materialize_model
 
@@ -123,6 +123,19 @@ CONFIGS: dict[str, ModelConfig] = {
     # transformers' default layer_types: sliding, full, sliding (a window the sequence exceeds)
     "gemma2_alternating": ModelConfig(
         **_GEMMA2 | {"n_layers": 3}, sliding_window=5, full_attention_layers=[1]
+    ),
+    # Gemma 3: QK-norm, local layers 0 and 1 (window 5 the sequence exceeds, their own RoPE base) around a global
+    # one with linear-scaled RoPE; no caps, query_pre_attn_scalar 20 != head_dim 12
+    "gemma3": ModelConfig(
+        **_GEMMA2 | {"n_layers": 3, "final_logit_softcap": None, "attention_softcap": None},
+        qk_norm=True,
+        rope_theta=1e6,
+        rope_scaling="linear",
+        rope_scaling_factor=2.0,
+        layers=LayersConfig(
+            pattern=["attention_local", "attention_local", "attention"], local_window=5, local_rope_theta=1e4
+        ),
+        tie_embeddings=True,
     ),
     "t5": ModelConfig(
         family="encoder_decoder",
