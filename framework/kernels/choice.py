@@ -71,10 +71,34 @@ def resolve_kernels(
 
 
 def use_kernels(model: nn.Module, kernels: Kernels) -> nn.Module:
-    """Route `model`'s attention through the chosen library (torch: unchanged)."""
+    """Route `model`'s attention through the chosen library (torch: unchanged), and its recurrent mixers through
+    their kernel libraries where installed (`use_mixer_kernels`)."""
     if kernels == "te":
         from framework.kernels.te import install_te_attention
 
         layers = install_te_attention(model)
         log.info("kernels te: %d attention layers on transformer_engine DotProductAttention", layers)
+    use_mixer_kernels(model)
     return model
+
+
+def use_mixer_kernels(model: nn.Module) -> dict[str, int]:
+    """Gated DeltaNet on flash-linear-attention and Mamba-2 on mamba_ssm, each when it imports here and the
+    model has such layers. The modules call a kernel only for CUDA tensors (else their exact PyTorch chunked
+    form), so installing on a CPU run changes nothing; a missing library is not an error."""
+    from framework.kernels import fla, mamba_ssm
+    from framework.models.gdn import GatedDeltaNet
+    from framework.models.mamba2 import Mamba2
+
+    counts = {"fla": 0, "mamba_ssm": 0}
+    gdn = [m for m in model.modules() if isinstance(m, GatedDeltaNet)]
+    if gdn and fla.available():
+        for module in gdn:
+            module.kernel = fla.fla_gated_delta_rule
+        counts["fla"] = len(gdn)
+    if any(isinstance(m, Mamba2) for m in model.modules()) and mamba_ssm.available():
+        counts["mamba_ssm"] = mamba_ssm.install_mamba_ssm(model)
+    for library, layers in counts.items():
+        if layers:
+            log.info("kernels %s: %d recurrent layers on CUDA", library, layers)
+    return counts
