@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from framework.config.schema import ModelConfig
+from framework.models import gdn
 from framework.models.attention import Attention
 from framework.models.moe import GroupedExperts
 from framework.models.norms import OffsetRMSNorm, RMSNorm
@@ -30,6 +31,8 @@ class _Group:
     std: float
     fill: float | None = None
     """Constant value instead of a normal draw (std is then 0)."""
+    draw: Callable[[str, torch.Size, torch.Generator], torch.Tensor] | None = None
+    """Custom draw (parameter's own name, shape, its generator) instead of a normal one (std is then 0)."""
 
 
 def canonical_name(name: str) -> str:
@@ -54,6 +57,10 @@ def _group_of(cfg: ModelConfig, module_name: str, module: nn.Module, param_name:
         return "norms"
     if isinstance(module, nn.Embedding):
         return "embeddings"
+    if isinstance(module, gdn.GatedDeltaNet) and param_name in gdn.PARAMETER_INITS:
+        return {"A_log": "gdn_decays", "dt_bias": "gdn_time_steps", "norm_weight": "norms"}.get(
+            param_name, "gdn_convs"
+        )
     if isinstance(module, Attention):
         return {"log_temperature": "temperatures", "distance_weight": "distance_weights"}[param_name]
     if module_name.endswith((".wo", ".w2")) or (isinstance(module, GroupedExperts) and param_name == "w2"):
@@ -80,6 +87,10 @@ def _group_specs(cfg: ModelConfig) -> dict[str, _Group]:
         "biases": _Group([], 0.0, fill=0.0),
         "temperatures": _Group([], 0.0, fill=math.log(cfg.attention_temperature)),
         "distance_weights": _Group([], 0.0, fill=0.0),
+        # Gated DeltaNet: A_log = log U(1, 16), dt_bias = softplus^-1(log-uniform dt), convs U(+-1/sqrt(K))
+        "gdn_decays": _Group([], 0.0, draw=gdn.initial_value),
+        "gdn_time_steps": _Group([], 0.0, draw=gdn.initial_value),
+        "gdn_convs": _Group([], 0.0, draw=gdn.initial_value),
     }
 
 
@@ -94,7 +105,7 @@ def _groups(model: nn.Module, cfg: ModelConfig) -> dict[str, _Group]:
 
 def init_groups(model: nn.Module, cfg: ModelConfig) -> dict[str, tuple[list[str], float]]:
     """Group name -> (parameter names, std). Constant groups (norms 1, offset norms 0, biases 0, temperatures
-    log(attention_temperature) as they are stored as log_temperature, distance weights 0) have std 0."""
+    log(attention_temperature) as they are stored as log_temperature, distance weights 0) and the Gated DeltaNet draws (A_log, dt_bias, conv weights: framework/models/gdn.py) have std 0."""
     return {name: (group.names, group.std) for name, group in _groups(model, cfg).items()}
 
 
@@ -132,6 +143,9 @@ def _initial_value(
     if group.fill is not None:
         # In the parameter's own dtype, so copying it in equals fill_ (no detour through fp32 rounding).
         return torch.full(param.shape, group.fill, dtype=param.dtype)
+    if group.draw is not None:
+        generator = torch.Generator().manual_seed(stable_seed(seed, name))
+        return group.draw(name.rsplit(".", 1)[-1], param.shape, generator)
     if stacked:
         return torch.stack(
             [_normal(param.shape[1:], group.std, seed, f"{name}.{e}") for e in range(param.shape[0])]

@@ -1,0 +1,374 @@
+"""Gated DeltaNet (Yang, Kautz & Hatamizadeh 2024, "Gated Delta Networks"), the linear-attention mixer of
+Qwen3-Next, as single-device PyTorch.
+
+Each value head h keeps a state S in R^{dk x dv}. Per token t (q, k l2-normalised, q scaled by dk^-1/2):
+
+    S'    = exp(g_t) S_{t-1}                  g_t <= 0: log decay
+    u_t   = beta_t (v_t - S'^T k_t)           the delta rule's correction of what S' recalls for k_t
+    S_t   = S' + k_t u_t^T
+    o_t   = S_t^T q_t
+
+Documents packed into one row are independent: the state is zeroed before each document's first token
+(`starts`). `naive_gated_delta_rule` runs the recurrence token by token (the reference); `chunked_gated_delta_rule`
+is the chunked WY form used for training (same numbers, matmuls instead of a Python loop over tokens).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from framework.config.schema import GDNConfig, ModelConfig
+from framework.models.attention import AttentionContext
+
+ScanFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+ConvFn = Callable[..., torch.Tensor]
+
+L2_EPS = 1e-6
+"""As transformers' / FLA's l2norm: x * rsqrt(sum x^2 + eps)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The recurrence, token by token (reference)
+
+
+def l2norm(x: torch.Tensor, eps: float = L2_EPS) -> torch.Tensor:
+    """x / sqrt(|x|^2 + eps) over the last dim (FLA's and transformers' l2norm)."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def _prepare(q, k, v, g, beta, use_qk_l2norm):
+    """float32 (float64 stays) copies in [B, H, S, D] layout, q and k normalised, q scaled by dk^-1/2."""
+    dtype = torch.promote_types(v.dtype, torch.float32)
+    q, k, v = (x.transpose(1, 2).to(dtype) for x in (q, k, v))
+    g, beta = (x.transpose(1, 2).to(dtype) for x in (g, beta))
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    return q * q.shape[-1] ** -0.5, k, v, g, beta
+
+
+def _initial(initial_state, q, k, v):
+    b, h, _, dk = k.shape
+    if initial_state is None:
+        return torch.zeros(b, h, dk, v.shape[-1], dtype=v.dtype, device=v.device)
+    return initial_state.to(v.dtype)
+
+
+def naive_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    starts: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    use_qk_l2norm: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-by-token gated delta rule (transformers' torch_recurrent_gated_delta_rule plus document resets).
+
+    q, k [B, S, H, dk] (already repeated to the value heads), v [B, S, H, dv], g, beta [B, S, H]; starts [B, S]
+    bool: the state is zeroed before every True token (so initial_state is used only by rows whose first token is
+    not a start). Returns o [B, S, H, dv] in v.dtype and the final state [B, H, dk, dv] in float32."""
+    out_dtype = v.dtype
+    q, k, v, g, beta = _prepare(q, k, v, g, beta, use_qk_l2norm)
+    state, outs = _initial(initial_state, q, k, v), []
+    for t in range(q.shape[2]):
+        if starts is not None:
+            state = state * (~starts[:, t]).to(state.dtype)[:, None, None, None]
+        state = state * g[:, :, t].exp()[..., None, None]
+        kv_mem = (state * k[:, :, t, :, None]).sum(-2)  # S'^T k_t
+        delta = (v[:, :, t] - kv_mem) * beta[:, :, t, None]
+        state = state + k[:, :, t, :, None] * delta[:, :, None, :]
+        outs.append((state * q[:, :, t, :, None]).sum(-2))  # S_t^T q_t
+    return torch.stack(outs, 1).to(out_dtype), state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The chunked WY form
+#
+# Inside a chunk of C tokens with cumulative log decay G_t = g_0 + ... + g_t and carried-in state S_0, unrolling the
+# recurrence gives, with D_tj = exp(G_t - G_j) when t, j are in the same document (0 otherwise) and c_t = 1 when no
+# document starts at or before t in the chunk (the carried state still reaches t):
+#
+#   S'_t = c_t exp(G_t) S_0 + sum_{j<t} D_tj k_j u_j^T
+#   u_t  = beta_t v_t - beta_t c_t exp(G_t) S_0^T k_t - sum_{j<t} beta_t D_tj (k_t.k_j) u_j
+#
+# so (I + A) U = beta V - diag(beta c exp(G)) K S_0 with A_tj = beta_t D_tj k_t.k_j strictly lower triangular, i.e.
+#   U = Uv - W S_0,   Uv = (I + A)^-1 (beta V),   W = (I + A)^-1 diag(beta c exp(G)) K          (WY form)
+#   O = diag(c exp(G)) Q S_0 + (D o Q K^T)_{j<=t} U
+#   S_end = c_last exp(G_last) S_0 + sum_{j in last document} exp(G_last - G_j) k_j u_j^T
+# All exponents are <= 0 where kept; masked entries are zeroed before exp, so nothing overflows or becomes NaN.
+
+
+def _pad_chunks(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """[B, H, S, ...] -> [B, H, N, C, ...], zero-padded at the end (pad tokens: k = v = beta = g = 0, no-ops)."""
+    s = x.shape[2]
+    n = -(-s // chunk)
+    pad = [0, 0] * (x.dim() - 3) + [0, n * chunk - s]
+    return F.pad(x, pad).reshape(*x.shape[:2], n, chunk, *x.shape[3:])
+
+
+def _chunk_starts(starts: torch.Tensor | None, b: int, s: int, chunk: int, device) -> torch.Tensor:
+    """starts [B, S] -> [B, 1, N, C] bool (broadcast over heads); pad tokens never start a document."""
+    if starts is None:
+        starts = torch.zeros(b, s, dtype=torch.bool, device=device)
+    return _pad_chunks(starts[:, None].float(), chunk) > 0.5
+
+
+def _chunk_terms(k, g, beta, starts, chunk):
+    """Per-chunk quantities shared by outputs and state: G, masks, (I + A)^-1 and W, Kd, end decay.
+
+    Returns dict with G [.., C], same [.., C, C] (same document), carry [.., C] (c_t), T-solver inputs."""
+    b, h, s, _ = k.shape
+    kc, gc, bc = _pad_chunks(k, chunk), _pad_chunks(g, chunk), _pad_chunks(beta, chunk)
+    st = _chunk_starts(starts, b, s, chunk, k.device)
+    seg = st.long().cumsum(-1)  # document index inside the chunk; 0 = the carried-in document
+    carry = (seg == 0).to(k.dtype)
+    same = seg[..., :, None] == seg[..., None, :]
+    G = gc.cumsum(-1)
+    lower = torch.ones(chunk, chunk, dtype=torch.bool, device=k.device).tril()
+    keep = same & lower  # j <= t in the same document
+    # D_tj = exp(G_t - G_j) on kept entries; the exponent is zeroed first so masked (t < j) entries cannot overflow
+    decay = torch.where(keep, G[..., :, None] - G[..., None, :], 0.0).exp() * keep
+    eye = torch.eye(chunk, dtype=k.dtype, device=k.device)
+    a = (bc[..., :, None] * decay * (kc @ kc.transpose(-1, -2))) * (1 - eye)  # strictly lower A
+    i_plus_a = eye + a
+    w = _solve(i_plus_a, (bc * carry * G.exp())[..., None] * kc)
+    last_doc = (seg == seg[..., -1:]).to(k.dtype)
+    kd = (torch.where(last_doc > 0, G[..., -1:] - G, 0.0).exp() * last_doc)[..., None] * kc
+    end_decay = carry[..., -1] * G[..., -1].exp()  # c_last exp(G_last): how much of S_0 survives the chunk
+    return dict(
+        kc=kc, bc=bc, G=G, carry=carry, decay=decay, i_plus_a=i_plus_a, w=w, kd=kd, end_decay=end_decay
+    )
+
+
+def _solve(unit_lower: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """(I + A)^-1 rhs by forward substitution (differentiable)."""
+    return torch.linalg.solve_triangular(unit_lower, rhs, upper=False, unitriangular=True)
+
+
+def chunked_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    starts: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    use_qk_l2norm: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule in chunks of chunk_size tokens (WY form, see the formulas above); same arguments and
+    results as `naive_gated_delta_rule`. Any sequence length (padded internally); documents may start anywhere."""
+    out_dtype, s = v.dtype, q.shape[1]
+    q, k, v, g, beta = _prepare(q, k, v, g, beta, use_qk_l2norm)
+    t = _chunk_terms(k, g, beta, starts, chunk_size)
+    qc, vc = _pad_chunks(q, chunk_size), _pad_chunks(v, chunk_size)
+    uv = _solve(t["i_plus_a"], t["bc"][..., None] * vc)
+    qg = (t["carry"] * t["G"].exp())[..., None] * qc  # diag(c exp(G)) Q
+    attn = t["decay"] * (qc @ t["kc"].transpose(-1, -2))  # (D o Q K^T), j <= t
+    state, outs = _initial(initial_state, q, k, v), []
+    for n in range(qc.shape[2]):
+        u = uv[:, :, n] - t["w"][:, :, n] @ state
+        outs.append(qg[:, :, n] @ state + attn[:, :, n] @ u)
+        state = t["end_decay"][:, :, n, None, None] * state + t["kd"][:, :, n].transpose(-1, -2) @ u
+    o = torch.cat(outs, 2)[:, :, :s]
+    return o.transpose(1, 2).to(out_dtype), state
+
+
+def chunk_state_transition(
+    k: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    starts: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    use_qk_l2norm: bool = True,
+) -> torch.Tensor:
+    """M [B, H, dk, dk] with final_state(S_0) = M @ S_0 + final_state(0) over the whole sequence.
+
+    The state update is affine in S_0; per chunk S_end = (c_last exp(G_last) I - Kd^T W) S_0 + Kd^T Uv, so M is the
+    product of the chunks' linear parts, last chunk leftmost (context parallelism chains ranks with it)."""
+    dtype = torch.promote_types(k.dtype, torch.float32)
+    k, g, beta = (x.transpose(1, 2).to(dtype) for x in (k, g, beta))
+    if use_qk_l2norm:
+        k = l2norm(k)
+    t = _chunk_terms(k, g, beta, starts, chunk_size)
+    eye = torch.eye(k.shape[-1], dtype=dtype, device=k.device)
+    m = eye.expand(*k.shape[:2], -1, -1)
+    for n in range(t["kc"].shape[2]):
+        step = (
+            t["end_decay"][:, :, n, None, None] * eye - t["kd"][:, :, n].transpose(-1, -2) @ t["w"][:, :, n]
+        )
+        m = step @ m
+    return m
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Causal depthwise convolution
+
+
+def causal_depthwise_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    starts: torch.Tensor | None = None,
+    initial: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y_t = sum_{s<K} weight[:, K-1-s] * x_{t-s} over x [B, S, C], weight [C, K] (nn.Conv1d(groups=C,
+    padding=K-1)[..., :S]). Taps reaching before the token's document (starts [B, S] bool) or before position 0
+    contribute zero, as varlen kernels do; `initial` [B, K-1, C] are the K-1 tokens before position 0 (context
+    parallelism), belonging to the document of the rows' first token unless that token starts one."""
+    b, s, c = x.shape
+    taps = weight.shape[1]
+    prev = x.new_zeros(b, taps - 1, c) if initial is None else initial.to(x.dtype)
+    xp = torch.cat([prev, x], 1)  # xp[:, t + K-1] = x_t
+    seg = None
+    if starts is not None:
+        seg = starts.long().cumsum(1)
+        seg = torch.cat([seg.new_zeros(b, taps - 1), seg], 1)  # the previous tokens are document 0
+    y = 0
+    for shift in range(taps):
+        tap = xp[:, taps - 1 - shift : taps - 1 - shift + s]  # x_{t - shift}
+        if seg is not None:
+            same = seg[:, taps - 1 - shift : taps - 1 - shift + s] == seg[:, taps - 1 :]
+            tap = tap * same[..., None].to(x.dtype)
+        y = y + tap * weight[:, taps - 1 - shift].to(x.dtype)
+    return y
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The module
+
+
+class ScanHook(Protocol):
+    def __call__(self, scan_fn: ScanFn, q, k, v, g, beta, starts) -> torch.Tensor: ...
+
+
+def default_scan_hook(scan_fn: ScanFn, q, k, v, g, beta, starts) -> torch.Tensor:
+    """Single device: the whole sequence in one call from a zero state; the output only."""
+    return scan_fn(q, k, v, g, beta, starts=starts)[0]
+
+
+def default_conv_hook(conv_fn: ConvFn, x, weight, starts) -> torch.Tensor:
+    """Single device: no previous tokens."""
+    return conv_fn(x, weight, starts=starts)
+
+
+def document_starts(documents: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, S] document ids -> [B, S] bool, True where a document starts (position 0 and wherever the id changes)."""
+    if documents is None:
+        return None
+    change = documents[:, 1:] != documents[:, :-1]
+    return torch.cat([torch.ones_like(documents[:, :1], dtype=torch.bool), change], 1)
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Qwen3NextRMSNormGated: weight * (x / rms(x) in fp32, back to x.dtype) * silu(gate in fp32)
+    (float64 stays float64)."""
+    dtype, wide = x.dtype, torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(wide)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * xf.to(dtype) * F.silu(gate.to(wide))).to(dtype)
+
+
+class GatedDeltaNet(nn.Module):
+    """Gated DeltaNet sequence mixer (Qwen3-Next linear attention), `model.gdn`.
+
+    x -> q, k (key heads), v, z (value heads), b, a (one per value head); q, k, v pass a causal depthwise conv and
+    SiLU; model.gdn null = GDNConfig's defaults; beta = sigmoid(b), g = -exp(A_log) softplus(a + dt_bias); the gated delta rule per value head (key heads
+    repeated to value heads); gated RMSNorm with z per value head; wo. Hooks: `scan_hook(scan_fn, q, k, v, g, beta,
+    starts) -> o` and `conv_hook(conv_fn, x, weight, starts) -> y` (context parallelism replaces them);
+    `kernel` = a scan_fn for CUDA tensors (e.g. framework/kernels/fla.py), None = the PyTorch chunked op."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        gdn, d = cfg.gdn if cfg.gdn is not None else GDNConfig(), cfg.d_model
+        self.heads, self.key_heads = gdn.heads, gdn.resolved_key_heads
+        self.dk, self.dv, self.chunk_size, self.eps = (
+            gdn.key_head_dim,
+            gdn.value_head_dim,
+            gdn.chunk_size,
+            cfg.norm_eps,
+        )
+        key_dim, value_dim = self.key_heads * self.dk, self.heads * self.dv
+        self.wq = nn.Linear(d, key_dim, bias=False)
+        self.wk = nn.Linear(d, key_dim, bias=False)
+        self.wv = nn.Linear(d, value_dim, bias=False)
+        self.wz = nn.Linear(d, value_dim, bias=False)
+        self.wb = nn.Linear(d, self.heads, bias=False)
+        self.wa = nn.Linear(d, self.heads, bias=False)
+        self.q_conv = nn.Parameter(torch.empty(key_dim, gdn.conv_kernel))
+        self.k_conv = nn.Parameter(torch.empty(key_dim, gdn.conv_kernel))
+        self.v_conv = nn.Parameter(torch.empty(value_dim, gdn.conv_kernel))
+        self.A_log = nn.Parameter(torch.empty(self.heads))
+        self.dt_bias = nn.Parameter(torch.empty(self.heads))
+        self.norm_weight = nn.Parameter(torch.ones(self.dv))
+        self.wo = nn.Linear(value_dim, d, bias=False)
+        self.scan_hook: ScanHook = default_scan_hook
+        self.conv_hook = default_conv_hook
+        self.kernel: ScanFn | None = None
+        with torch.no_grad():
+            for name, param in self.named_parameters(recurse=False):
+                param.copy_(initial_value(name, param.shape, torch.Generator().manual_seed(0)))
+
+    def scan_fn(self, q: torch.Tensor) -> ScanFn:
+        """The chunked op, or `kernel` when one is installed and the tensors are on CUDA."""
+        if self.kernel is not None and q.is_cuda:
+            return self.kernel
+        return functools.partial(chunked_gated_delta_rule, chunk_size=self.chunk_size)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        b, s, _ = x.shape
+        starts = document_starts(ctx.mask.q_documents)
+        q, k, v = self._conv_qkv(x, starts)
+        q = q.reshape(b, s, self.key_heads, self.dk).repeat_interleave(self.heads // self.key_heads, dim=2)
+        k = k.reshape(b, s, self.key_heads, self.dk).repeat_interleave(self.heads // self.key_heads, dim=2)
+        v = v.reshape(b, s, self.heads, self.dv)
+        beta = self.wb(x).sigmoid()
+        wide = torch.promote_types(x.dtype, torch.float32)  # fp32 decays even in bf16 (HF: A might be -inf)
+        g = -self.A_log.to(wide).exp() * F.softplus(self.wa(x).to(wide) + self.dt_bias)
+        o = self.scan_hook(self.scan_fn(q), q, k, v, g, beta, starts)
+        z = self.wz(x).reshape(b, s, self.heads, self.dv)
+        return self.wo(gated_rms_norm(o, z, self.norm_weight, self.eps).reshape(b, s, -1))
+
+    def _conv_qkv(self, x: torch.Tensor, starts: torch.Tensor | None):
+        """One depthwise conv over the concatenated q, k, v channels (as transformers), then SiLU."""
+        qkv = torch.cat([self.wq(x), self.wk(x), self.wv(x)], -1)
+        weight = torch.cat([self.q_conv, self.k_conv, self.v_conv], 0)
+        qkv = F.silu(self.conv_hook(causal_depthwise_conv, qkv, weight, starts))
+        return qkv.split([self.wq.out_features, self.wk.out_features, self.wv.out_features], -1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Initial values of the parameters that are not plain matrices (framework/models/init.py draws them by name)
+
+DT_MIN, DT_MAX, A_MIN, A_MAX = 1e-3, 1e-1, 1.0, 16.0
+
+
+def initial_value(param_name: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """Initial value of GatedDeltaNet parameter `param_name` (its own name, no module prefix), float32 CPU.
+
+    A_log = log A, A ~ U(1, 16) (FLA / Mamba-2); dt_bias = softplus^-1(dt), log dt ~ U(log 1e-3, log 1e-1), so
+    softplus(a + dt_bias) starts as a typical step size; conv weights ~ U(+-1/sqrt(K)) (nn.Conv1d's default for a
+    depthwise conv, fan_in = K); norm_weight = 1; projections N(0, 0.02) (init.py overrides them by group)."""
+    u = torch.rand(shape, generator=generator)
+    if param_name == "A_log":
+        return (A_MIN + (A_MAX - A_MIN) * u).log()
+    if param_name == "dt_bias":
+        dt = (math.log(DT_MIN) + (math.log(DT_MAX) - math.log(DT_MIN)) * u).exp()
+        return dt + torch.log(-torch.expm1(-dt))  # softplus^-1(dt) = log(exp(dt) - 1)
+    if param_name.endswith("_conv"):
+        bound = 1.0 / math.sqrt(shape[-1])
+        return (2 * u - 1) * bound
+    if param_name == "norm_weight":
+        return torch.ones(shape)
+    raise KeyError(f"no GatedDeltaNet initial value for {param_name!r}")
+
+
+PARAMETER_INITS = ("A_log", "dt_bias", "q_conv", "k_conv", "v_conv", "norm_weight")
+"""GatedDeltaNet's own parameters that `initial_value` draws (the Linears' weights are matrices)."""
