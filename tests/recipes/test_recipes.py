@@ -37,7 +37,7 @@ def test_the_zoo_is_shipped() -> None:
     names = {p.stem for p in RECIPES}
     assert {"debug", "llama-125m", "llama-1b", "llama-8b", "mistral-7b", "qwen3-0.6b"} <= names
     assert {"bert-base", "t5-base", "alibi-560m"} <= names
-    assert {"mixtral-8x7b", "qwen3-moe-30b-a3b", "deepseek-v3-style-16b"} <= names
+    assert {"mixtral-8x7b", "qwen3-moe-30b-a3b", "deepseek-v3-style-16b", "qwen3-next-style"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -75,6 +75,16 @@ def size_overrides(recipe_path: Path, data_dir: Path, run_dir: Path) -> list[str
         sets.append("model.full_attention_layers=[1]")  # of the 2 blocks left
     if recipe.model.moe is not None:
         sets += moe_size_overrides(recipe.model.moe)
+    if recipe.model.layers is not None:
+        # one block per pattern entry, so every mixer of a hybrid (Qwen3-Next's gdn, gdn, gdn, attention) trains
+        sets[0] = f"model.n_layers={max(2, len(recipe.model.layers.pattern))}"
+    if recipe.model.gdn is not None:
+        sets += [
+            "model.gdn.heads=4",
+            "model.gdn.key_heads=2",
+            "model.gdn.key_head_dim=8",
+            "model.gdn.value_head_dim=8",
+        ]
     sets += [f"data.tokenizer={data_dir / 'tokenizer.model'}", f"data.train={data_dir}"]
     sets += [
         f"data.validation={data_dir}",
@@ -90,6 +100,8 @@ def moe_size_overrides(moe: MoEConfig) -> list[str]:
     sets.append(f"model.moe.top_k={min(moe.top_k, 2)}")
     if moe.n_groups > 1:
         sets += ["model.moe.n_groups=4", "model.moe.topk_groups=2"]
+    if moe.shared_expert_hidden is not None:
+        sets.append("model.moe.shared_expert_hidden=24")
     return sets
 
 
