@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,7 @@ def l2norm(x: torch.Tensor, eps: float = L2_EPS) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
-def _prepare(q, k, v, g, beta, use_qk_l2norm):
+def _prepare(q, k, v, g, beta, use_qk_l2norm: bool):
     """float32 (float64 stays) copies in [B, H, S, D] layout, q and k normalised, q scaled by dk^-1/2."""
     dtype = torch.promote_types(v.dtype, torch.float32)
     q, k, v = (x.transpose(1, 2).to(dtype) for x in (q, k, v))
@@ -53,7 +53,8 @@ def _prepare(q, k, v, g, beta, use_qk_l2norm):
     return q * q.shape[-1] ** -0.5, k, v, g, beta
 
 
-def _initial(initial_state, q, k, v):
+def _initial(initial_state: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The state before the first token, [B, H, dk, dv] in the compute dtype (zeros when none is given)."""
     b, h, _, dk = k.shape
     if initial_state is None:
         return torch.zeros(b, h, dk, v.shape[-1], dtype=v.dtype, device=v.device)
@@ -77,7 +78,7 @@ def naive_gated_delta_rule(
     not a start). Returns o [B, S, H, dv] in v.dtype and the final state [B, H, dk, dv] in float32."""
     out_dtype = v.dtype
     q, k, v, g, beta = _prepare(q, k, v, g, beta, use_qk_l2norm)
-    state, outs = _initial(initial_state, q, k, v), []
+    state, outs = _initial(initial_state, k, v), []
     for t in range(q.shape[2]):
         if starts is not None:
             state = state * (~starts[:, t]).to(state.dtype)[:, None, None, None]
@@ -121,31 +122,38 @@ def _chunk_starts(starts: torch.Tensor | None, b: int, s: int, chunk: int, devic
     return _pad_chunks(starts[:, None].float(), chunk) > 0.5
 
 
-def _chunk_terms(k, g, beta, starts, chunk):
-    """Per-chunk quantities shared by outputs and state: G, masks, (I + A)^-1 and W, Kd, end decay.
+class _ChunkTerms(NamedTuple):
+    """What the outputs and the state pass share, per chunk ([B, H, N, C, ...]; N chunks of C tokens)."""
 
-    Returns dict with G [.., C], same [.., C, C] (same document), carry [.., C] (c_t), T-solver inputs."""
-    b, h, s, _ = k.shape
+    kc: torch.Tensor  # K, chunked
+    bc: torch.Tensor  # beta
+    G: torch.Tensor  # cumulative log decay inside the chunk
+    carry: torch.Tensor  # c_t: 1 while the carried-in state still reaches token t
+    decay: torch.Tensor  # D [.., C, C], zero across documents and above the diagonal
+    i_plus_a: torch.Tensor  # I + A, unit lower triangular
+    w: torch.Tensor  # W = (I + A)^-1 diag(beta c exp(G)) K
+    kd: torch.Tensor  # rows exp(G_last - G_j) k_j for j in the chunk's last document, else 0
+    end_decay: torch.Tensor  # c_last exp(G_last): how much of S_0 survives the chunk [B, H, N]
+
+
+def _chunk_terms(k, g, beta, starts, chunk: int) -> _ChunkTerms:
+    """The per-chunk terms of the WY form (formulas above) from k, g, beta in [B, H, S, ...] layout."""
+    b, _, s, _ = k.shape
     kc, gc, bc = _pad_chunks(k, chunk), _pad_chunks(g, chunk), _pad_chunks(beta, chunk)
-    st = _chunk_starts(starts, b, s, chunk, k.device)
-    seg = st.long().cumsum(-1)  # document index inside the chunk; 0 = the carried-in document
+    seg = _chunk_starts(starts, b, s, chunk, k.device).long().cumsum(-1)  # document index; 0 = carried-in one
     carry = (seg == 0).to(k.dtype)
-    same = seg[..., :, None] == seg[..., None, :]
-    G = gc.cumsum(-1)
     lower = torch.ones(chunk, chunk, dtype=torch.bool, device=k.device).tril()
-    keep = same & lower  # j <= t in the same document
+    keep = (seg[..., :, None] == seg[..., None, :]) & lower  # j <= t in the same document
+    G = gc.cumsum(-1)
     # D_tj = exp(G_t - G_j) on kept entries; the exponent is zeroed first so masked (t < j) entries cannot overflow
     decay = torch.where(keep, G[..., :, None] - G[..., None, :], 0.0).exp() * keep
     eye = torch.eye(chunk, dtype=k.dtype, device=k.device)
-    a = (bc[..., :, None] * decay * (kc @ kc.transpose(-1, -2))) * (1 - eye)  # strictly lower A
-    i_plus_a = eye + a
+    i_plus_a = eye + bc[..., :, None] * decay * (kc @ kc.transpose(-1, -2)) * (1 - eye)  # A strictly lower
     w = _solve(i_plus_a, (bc * carry * G.exp())[..., None] * kc)
-    last_doc = (seg == seg[..., -1:]).to(k.dtype)
-    kd = (torch.where(last_doc > 0, G[..., -1:] - G, 0.0).exp() * last_doc)[..., None] * kc
-    end_decay = carry[..., -1] * G[..., -1].exp()  # c_last exp(G_last): how much of S_0 survives the chunk
-    return dict(
-        kc=kc, bc=bc, G=G, carry=carry, decay=decay, i_plus_a=i_plus_a, w=w, kd=kd, end_decay=end_decay
-    )
+    last_doc = seg == seg[..., -1:]
+    kd = (torch.where(last_doc, G[..., -1:] - G, 0.0).exp() * last_doc)[..., None] * kc
+    end_decay = carry[..., -1] * G[..., -1].exp()
+    return _ChunkTerms(kc, bc, G, carry, decay, i_plus_a, w, kd, end_decay)
 
 
 def _solve(unit_lower: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -170,14 +178,14 @@ def chunked_gated_delta_rule(
     q, k, v, g, beta = _prepare(q, k, v, g, beta, use_qk_l2norm)
     t = _chunk_terms(k, g, beta, starts, chunk_size)
     qc, vc = _pad_chunks(q, chunk_size), _pad_chunks(v, chunk_size)
-    uv = _solve(t["i_plus_a"], t["bc"][..., None] * vc)
-    qg = (t["carry"] * t["G"].exp())[..., None] * qc  # diag(c exp(G)) Q
-    attn = t["decay"] * (qc @ t["kc"].transpose(-1, -2))  # (D o Q K^T), j <= t
-    state, outs = _initial(initial_state, q, k, v), []
+    uv = _solve(t.i_plus_a, t.bc[..., None] * vc)
+    qg = (t.carry * t.G.exp())[..., None] * qc  # diag(c exp(G)) Q
+    attn = t.decay * (qc @ t.kc.transpose(-1, -2))  # (D o Q K^T), j <= t
+    state, outs = _initial(initial_state, k, v), []
     for n in range(qc.shape[2]):
-        u = uv[:, :, n] - t["w"][:, :, n] @ state
+        u = uv[:, :, n] - t.w[:, :, n] @ state
         outs.append(qg[:, :, n] @ state + attn[:, :, n] @ u)
-        state = t["end_decay"][:, :, n, None, None] * state + t["kd"][:, :, n].transpose(-1, -2) @ u
+        state = t.end_decay[:, :, n, None, None] * state + t.kd[:, :, n].transpose(-1, -2) @ u
     o = torch.cat(outs, 2)[:, :, :s]
     return o.transpose(1, 2).to(out_dtype), state
 
@@ -201,10 +209,8 @@ def chunk_state_transition(
     t = _chunk_terms(k, g, beta, starts, chunk_size)
     eye = torch.eye(k.shape[-1], dtype=dtype, device=k.device)
     m = eye.expand(*k.shape[:2], -1, -1)
-    for n in range(t["kc"].shape[2]):
-        step = (
-            t["end_decay"][:, :, n, None, None] * eye - t["kd"][:, :, n].transpose(-1, -2) @ t["w"][:, :, n]
-        )
+    for n in range(t.kc.shape[2]):
+        step = t.end_decay[:, :, n, None, None] * eye - t.kd[:, :, n].transpose(-1, -2) @ t.w[:, :, n]
         m = step @ m
     return m
 
@@ -280,8 +286,8 @@ class GatedDeltaNet(nn.Module):
     """Gated DeltaNet sequence mixer (Qwen3-Next linear attention), `model.gdn`.
 
     x -> q, k (key heads), v, z (value heads), b, a (one per value head); q, k, v pass a causal depthwise conv and
-    SiLU; model.gdn null = GDNConfig's defaults; beta = sigmoid(b), g = -exp(A_log) softplus(a + dt_bias); the gated delta rule per value head (key heads
-    repeated to value heads); gated RMSNorm with z per value head; wo. Hooks: `scan_hook(scan_fn, q, k, v, g, beta,
+    SiLU; beta = sigmoid(b), g = -exp(A_log) softplus(a + dt_bias); the gated delta rule per value head (key heads
+    repeated to value heads); model.gdn null means GDNConfig's defaults; gated RMSNorm with z per value head; wo. Hooks: `scan_hook(scan_fn, q, k, v, g, beta,
     starts) -> o` and `conv_hook(conv_fn, x, weight, starts) -> y` (context parallelism replaces them);
     `kernel` = a scan_fn for CUDA tensors (e.g. framework/kernels/fla.py), None = the PyTorch chunked op."""
 
