@@ -36,7 +36,12 @@ KINDS = {"gdn": "linear_attention", "attention": "full_attention"}
 GDN_NAMES = ("wq.weight", "wk.weight", "wv.weight", "wz.weight", "wb.weight", "wa.weight", "q_conv", "k_conv",
              "v_conv", "A_log", "dt_bias", "norm_weight", "wo.weight")  # fmt: skip
 """Loom GatedDeltaNet parameters (renamed onto linear_attn.<name>, then fused by gdn_weights)."""
-optional = llama.optional
+
+
+def optional(name: str) -> bool:
+    """Llama's optional tensors, and the Hub checkpoint's multi-token-prediction head (`mtp.*`), which
+    transformers does not load either (_keys_to_ignore_on_load_unexpected) and Loom has no module for."""
+    return llama.optional(name) or name.startswith("mtp.")
 
 
 def _fuse_query_gate(heads: int, head_dim: int, rotated: int):

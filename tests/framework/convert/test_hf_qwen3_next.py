@@ -236,9 +236,14 @@ def test_settings_transformers_does_not_compute_are_refused(cfg: ModelConfig, fi
     assert all(f in refusal.value.rule for f in fields), refusal.value.rule
 
 
-def test_missing_linear_attention_tensor_is_named(tmp_path: Path) -> None:
+def test_mtp_weights_are_skipped_and_a_missing_linear_attention_tensor_is_named(tmp_path: Path) -> None:
     save_hf(CFG, random_model(CFG).state_dict(), tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
+    save_file(weights | {"mtp.fc.weight": torch.ones(48, 96)}, tmp_path / "model.safetensors")
+    cfg, state = read_hf(
+        tmp_path
+    )  # the Hub checkpoint's multi-token-prediction head is skipped, as transformers does
+    assert cfg == CFG and not any(k.startswith("mtp") for k in state)
     del weights["model.layers.1.linear_attn.conv1d.weight"]
     save_file(weights, tmp_path / "model.safetensors")
     with pytest.raises(ConfigError, match=r"model\.layers\.1\.linear_attn\.conv1d\.weight"):
