@@ -15,6 +15,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from framework.config.errors import ConfigError
+from framework.config.loader import load_recipe
 from framework.config.schema import GDNConfig, LayersConfig, ModelConfig, MoEConfig
 from framework.convert.hf.configs import build_hf_model, check_representable, hf_family
 from framework.convert.hf.convert import config_from_hf, save_hf
@@ -24,6 +25,7 @@ from framework.models.flops import param_counts
 from framework.models.generate import greedy_decode
 from framework.train.loss import compute_loss
 from tests.framework.convert.conftest import VOCAB, random_model, routing_margins
+from tests.framework.convert.test_convert_cli import run, write_checkpoint
 
 SEQ, TOL, ROUTING_MARGIN = 13, 1e-4, 1e-4
 CFG = ModelConfig(
@@ -248,3 +250,21 @@ def test_mtp_weights_are_skipped_and_a_missing_linear_attention_tensor_is_named(
     save_file(weights, tmp_path / "model.safetensors")
     with pytest.raises(ConfigError, match=r"model\.layers\.1\.linear_attn\.conv1d\.weight"):
         read_hf(tmp_path)
+
+
+def test_cli_export_import_round_trip(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, demo_data: Path
+) -> None:
+    """`loom convert` both ways from a training checkpoint: the recipe's model section (layers, gdn, gated shared
+    expert) survives meta.json -> config.json -> recipe.yaml, and the exported folder reads back bit for bit."""
+    cfg = dataclasses.replace(CFG, vocab_size=4100)  # covers the demo tokenizer
+    model = write_checkpoint(cfg, tmp_path / "ckpt", demo_data / "tokenizer.model", seed=1)
+    code, _, err = run(capsys, "convert", tmp_path / "ckpt", "--to", "hf", tmp_path / "hf")
+    assert code == 0, err
+    ids = torch.randint(0, 4100, (2, SEQ), generator=torch.Generator().manual_seed(6))
+    assert (_ours(model, ids) - _theirs(_load(tmp_path / "hf"), ids).logits).abs().max() <= TOL
+    code, _, err = run(capsys, "convert", tmp_path / "hf", "--from", "hf", tmp_path / "back")
+    assert code == 0, err
+    assert load_recipe(tmp_path / "back" / "recipe.yaml").model == cfg
+    _, state = read_hf(tmp_path / "hf")
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
