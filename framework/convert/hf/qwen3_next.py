@@ -16,7 +16,6 @@ experts are split per expert by experts.to_files.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -120,30 +119,34 @@ def to_files(cfg: ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
     return experts.to_files(out, FILES)
 
 
-HF_GDN = re.compile(r"^(?P<base>model\.layers\.(?P<i>\d+)\.linear_attn\.)(?P<name>.+)$")
+_HF_GDN_NAMES = ("in_proj_qkvz.weight", "in_proj_ba.weight", "conv1d.weight", "A_log", "dt_bias", "norm.weight",
+                 "out_proj.weight")  # fmt: skip
+"""transformers' Qwen3NextGatedDeltaNet tensors (gdn_weights reads exactly these)."""
 
 
 def from_files(cfg: ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Either expert layout and HF's fused Gated DeltaNet tensors -> the names `renames` uses."""
+    """Either expert layout and HF's fused Gated DeltaNet tensors -> the names `renames` uses; anything else
+    stays for the name-by-name check (which reports it as unexpected)."""
     out = experts.from_files(state, FILES, cfg) if cfg.moe is not None else dict(state)
     for i in _gdn_layers(cfg):
         base = LAYER.format(i=i) + "linear_attn."
-        theirs = {m["name"]: out.pop(k) for k in list(out) if (m := HF_GDN.match(k)) and m["base"] == base}
-        try:
-            out |= {base + name: t for name, t in from_hf_gdn_state(theirs, cfg).items()}
-        except KeyError as missing:
+        missing = [base + name for name in _HF_GDN_NAMES if base + name not in out]
+        if missing:
             raise ConfigError(
-                None, "Hugging Face weights", f"{base}{missing.args[0]}", "is missing (a linear_attention layer)",
+                None, "Hugging Face weights", missing[0], "is missing (a linear_attention layer's tensor)",
                 "convert a complete checkpoint whose config.json has these layer_types",
+            )  # fmt: skip
+        theirs = {name: out.pop(base + name) for name in _HF_GDN_NAMES}
+        try:
+            ours = from_hf_gdn_state(theirs, cfg)
+        except RuntimeError:  # a reshape to the config's head layout failed
+            shapes = {name: tuple(t.shape) for name, t in theirs.items()}
+            raise ConfigError(
+                None, "Hugging Face weights", base + "in_proj_qkvz.weight",
+                f"do not have the shapes model.gdn describes ({shapes})", "check that config.json belongs to these weights",
             ) from None  # fmt: skip
-        out |= {
-            base + name: t for name, t in theirs.items() if name not in _HF_GDN_NAMES
-        }  # reported as unexpected
+        out |= {base + name: t for name, t in ours.items()}
     return out
-
-
-_HF_GDN_NAMES = {"in_proj_qkvz.weight", "in_proj_ba.weight", "conv1d.weight", "A_log", "dt_bias", "norm.weight",
-                 "out_proj.weight"}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------ config
@@ -192,7 +195,10 @@ def model_config(hf: Any) -> dict[str, Any]:
         "qk_norm": True,
         "norm_weight_offset": True,
         "attention_gate": True,
-        "rope_fraction": float(params.get("partial_rotary_factor", 1.0)),
+        # transformers 5 keeps it in rope_parameters; older config.json files have it at the top level
+        "rope_fraction": float(
+            params.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", 1.0))
+        ),
         # all full_attention: a plain attention model, as Loom writes it (no model.layers)
         "layers": None if mixers == ["attention"] else LayersConfig(pattern=mixers),  # type: ignore[arg-type]
         "gdn": gdn_cfg if "gdn" in mixers else None,

@@ -268,3 +268,13 @@ def test_cli_export_import_round_trip(
     assert load_recipe(tmp_path / "back" / "recipe.yaml").model == cfg
     _, state = read_hf(tmp_path / "hf")
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_weights_of_another_gdn_layout_are_refused(tmp_path: Path) -> None:
+    save_hf(CFG, random_model(CFG).state_dict(), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"linear_num_key_heads": 2}))
+    with pytest.raises(
+        ConfigError, match=r"model\.layers\.0\.linear_attn\.in_proj_qkvz\.weight.*shapes model\.gdn"
+    ):
+        read_hf(tmp_path)
