@@ -224,8 +224,14 @@ def test_gated_shared_expert_parameters_are_counted() -> None:
     ].feed_forward.shared_expert_gate.weight.shape == (1, 16)
     counts = param_counts(cfg)
     assert counts["total"] == sum(p.numel() for p in model.parameters())
-    plain = param_counts(config(n_shared_experts=1))
-    assert counts["total"] - plain["total"] == 2 * (3 * 16 * (12 - 8) + 16)  # 2 MoE layers
+    plain_cfg = config(n_shared_experts=1)
+    extra = (
+        3 * 16 * (12 - 8) + 16
+    )  # per MoE layer: the wider shared MLP and the gate row, both used by every token
+    assert counts["total"] - param_counts(plain_cfg)["total"] == 2 * extra
+    assert counts["active"] - param_counts(plain_cfg)["active"] == 2 * extra
+    gained = flops_per_token(cfg, 8, training=False) - flops_per_token(plain_cfg, 8, training=False)
+    assert gained == pytest.approx(2 * 2 * extra)  # 2 FLOPs per multiply-add, 2 MoE layers
 
 
 def test_init_is_by_seed_and_name_per_expert() -> None:
