@@ -94,6 +94,12 @@ class MoEConfig:
     experts (DeepSeekMoE, Qwen3-MoE) use a width much smaller than a dense MLP's."""
     n_shared_experts: int = 0
     """Always-on shared experts (DeepSeekMoE), run as one MLP of width n_shared_experts x expert_hidden."""
+    shared_expert_hidden: int | None = None
+    """Width of that one shared MLP when it is not n_shared_experts x expert_hidden (Qwen3-Next's
+    shared_expert_intermediate_size); needs n_shared_experts > 0; null = n_shared_experts x expert_hidden."""
+    shared_expert_gate: bool = False
+    """Scale the shared experts' output per token by sigmoid(x w_g), w_g a learned d_model vector (Qwen2-MoE and
+    Qwen3-Next's shared_expert_gate); needs n_shared_experts > 0."""
     every: int = 1
     """Every this many layers (counted from first_dense) is an MoE layer; the others are dense."""
     first_dense: int = 0
@@ -129,6 +135,12 @@ class MoEConfig:
     def resolved_expert_hidden(self, ffn_hidden: int) -> int:
         return self.expert_hidden if self.expert_hidden is not None else ffn_hidden
 
+    def resolved_shared_hidden(self, ffn_hidden: int) -> int:
+        """Width of the shared experts' MLP (0 without shared experts)."""
+        if self.shared_expert_hidden is not None and self.n_shared_experts > 0:
+            return self.shared_expert_hidden
+        return self.n_shared_experts * self.resolved_expert_hidden(ffn_hidden)
+
     def validate(self, n_layers: int) -> None:
         p = "model.moe"
         _positive(self, p, "n_experts", "top_k", "expert_hidden", "every", "n_groups", "topk_groups")
@@ -137,6 +149,7 @@ class MoEConfig:
         _fraction(self, p, "jitter")
         _at_most(self, p, MAX_HEADS, "n_experts", "n_shared_experts", "n_groups", "topk_groups")
         _at_most(self, p, MAX_WIDTH, "expert_hidden")
+        self._validate_shared()
         _at_most(self, p, MAX_LAYERS, "every", "first_dense")
         _require(
             self.top_k <= self.n_experts,
@@ -153,6 +166,18 @@ class MoEConfig:
             f"use a first_dense below {n_layers}, or remove model.moe for a dense model",
         )
         self._validate_groups()
+
+    def _validate_shared(self) -> None:
+        p = "model.moe"
+        _positive(self, p, "shared_expert_hidden")
+        _at_most(self, p, MAX_WIDTH, "shared_expert_hidden")
+        for key in ("shared_expert_hidden", "shared_expert_gate"):
+            value = getattr(self, key)
+            _require(
+                self.n_shared_experts > 0 or value in (None, False), f"{p}.{key}", value,
+                "describes the shared experts, but model.moe.n_shared_experts is 0",
+                f"set model.moe.n_shared_experts (e.g. 1) or remove model.moe.{key}",
+            )  # fmt: skip
 
     def _validate_groups(self) -> None:
         p = "model.moe"

@@ -89,7 +89,9 @@ def _ffn_params(cfg: ModelConfig, layer: int, *, active: bool = False) -> int:
     if moe is None or not cfg.is_moe_layer(layer):
         return _mlp_params(cfg)
     experts = moe.top_k if active else moe.n_experts
-    return cfg.d_model * moe.n_experts + (experts + moe.n_shared_experts) * _expert_matrix_params(cfg)
+    router = cfg.d_model * (moe.n_experts + int(moe.shared_expert_gate))  # the shared gate is one more row
+    shared = _mlp_matrices(cfg) * cfg.d_model * moe.resolved_shared_hidden(cfg.ffn_hidden)
+    return router + experts * _expert_matrix_params(cfg) + shared
 
 
 def _has_ffn(cfg: ModelConfig) -> bool:

@@ -283,7 +283,10 @@ def _moe_bytes(cfg: ModelConfig, s: _Sizes, tokens: int) -> int:
     router = tokens * cfg.d_model * FP32 + 2 * tokens * moe.n_experts * FP32
     routed = _linear_input_bytes(s, assignments, cfg.d_model, _mlp_readers(cfg))
     routed += _mlp_bytes(cfg, s, assignments, hidden) + assignments * cfg.d_model * s.compute
-    shared = _mlp_bytes(cfg, s, tokens, moe.n_shared_experts * hidden) if moe.n_shared_experts else 0
+    width = moe.resolved_shared_hidden(cfg.ffn_hidden)
+    shared = _mlp_bytes(cfg, s, tokens, width) if moe.n_shared_experts else 0
+    if moe.shared_expert_gate:  # the gate logit, and the ungated shared output kept for the product
+        shared += tokens * (1 + cfg.d_model) * s.compute
     return router + routed + shared
 
 

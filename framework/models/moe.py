@@ -12,7 +12,8 @@ One MoE layer (`MoE`, the block's `feed_forward` in MoE layers) maps tokens [B, 
    per token. Expert parallelism (framework/parallel/expert.py) installs `MoE.run_experts`: it sends the sorted
    tokens to the ranks owning their experts (all_to_all_single), runs the local experts and sends the outputs back,
    so `dispatch`/`combine` (the local gather and weighted sum) are the same code in every layout.
-4. Shared experts (DeepSeekMoE) run on every token and are added.
+4. Shared experts (DeepSeekMoE) run on every token and are added, optionally scaled per token by a sigmoid gate
+   (moe.shared_expert_gate: Qwen2-MoE, Qwen3-Next).
 
 Drop policy (capacity_factor set): C = ceil(capacity_factor x N x top_k / n_experts) for N tokens of the
 micro-batch. Assignments are ranked per expert in the order (choice rank k, token index t): every token's first
@@ -313,7 +314,10 @@ class MoE(nn.Module):
         self.router = Router(cfg, moe)
         self.experts = GroupedExperts(cfg, moe.n_experts, hidden)
         if moe.n_shared_experts > 0:
-            self.shared_experts = FeedForward(cfg, hidden=moe.n_shared_experts * hidden)
+            self.shared_experts = FeedForward(cfg, hidden=moe.resolved_shared_hidden(cfg.ffn_hidden))
+        if moe.shared_expert_gate:
+            # Qwen2-MoE / Qwen3-Next: a per-token scalar gate sigmoid(x w_g) on the shared experts' output
+            self.shared_expert_gate = nn.Linear(cfg.d_model, 1, bias=False)
         self.last_routing: RoutingRecord | None = None
         # Expert parallelism replaces this with the all-to-all exchange (framework/parallel/expert.py).
         self.run_experts: RunExperts = run_local_experts
@@ -327,9 +331,15 @@ class MoE(nn.Module):
         out = combine(self.run_experts(self.experts, routed, plan.counts), plan, tokens.shape[0])
         shared = getattr(self, "shared_experts", None)
         if shared is not None:
-            out = out + shared(tokens)
+            out = out + self._shared(shared, tokens)
         self.last_routing = routing_record(routing, keep, shape[0])
         return out.view(shape)
+
+    def _shared(self, shared: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """The shared experts on every token, times sigmoid(shared_expert_gate(x)) when gated."""
+        out = shared(tokens)
+        gate = getattr(self, "shared_expert_gate", None)
+        return out if gate is None else out * torch.sigmoid(gate(tokens))
 
     def _keep(self, routing: Routing, n_tokens: int) -> torch.Tensor | None:
         if self.moe.capacity_factor is None:

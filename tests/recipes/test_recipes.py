@@ -37,7 +37,7 @@ def test_the_zoo_is_shipped() -> None:
     names = {p.stem for p in RECIPES}
     assert {"debug", "llama-125m", "llama-1b", "llama-8b", "mistral-7b", "qwen3-0.6b"} <= names
     assert {"bert-base", "t5-base", "alibi-560m"} <= names
-    assert {"mixtral-8x7b", "qwen3-moe-30b-a3b", "deepseek-v3-style-16b"} <= names
+    assert {"mixtral-8x7b", "qwen3-moe-30b-a3b", "deepseek-v3-style-16b", "qwen3-next-style"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -75,12 +75,21 @@ def size_overrides(recipe_path: Path, data_dir: Path, run_dir: Path) -> list[str
         sets.append("model.full_attention_layers=[1]")  # of the 2 blocks left
     if recipe.model.moe is not None:
         sets += moe_size_overrides(recipe.model.moe)
-    if recipe.model.layers is not None and len(recipe.model.layers.pattern) > 2:
-        # its first two kinds of mixer, one block each (Gemma 3: a local block, then a global one)
-        kinds = list(dict.fromkeys(recipe.model.layers.pattern))[:2]
+    if recipe.model.layers is not None:
+        # each kind of mixer once, in pattern order, one block each (Gemma 3: a local then a global block;
+        # Qwen3-Next: a gdn then an attention block), so every mixer of a hybrid trains
+        kinds = list(dict.fromkeys(recipe.model.layers.pattern))
+        sets[0] = f"model.n_layers={max(2, len(kinds))}"
         sets.append(f"model.layers.pattern=[{','.join(kinds)}]")
     if recipe.model.layers is not None and recipe.model.layers.local_window is not None:
         sets.append("model.layers.local_window=16")  # shorter than data.seq_len, so local masks still bind
+    if recipe.model.gdn is not None:
+        sets += [
+            "model.gdn.heads=4",
+            "model.gdn.key_heads=2",
+            "model.gdn.key_head_dim=8",
+            "model.gdn.value_head_dim=8",
+        ]
     sets += [f"data.tokenizer={data_dir / 'tokenizer.model'}", f"data.train={data_dir}"]
     sets += [
         f"data.validation={data_dir}",
@@ -96,6 +105,8 @@ def moe_size_overrides(moe: MoEConfig) -> list[str]:
     sets.append(f"model.moe.top_k={min(moe.top_k, 2)}")
     if moe.n_groups > 1:
         sets += ["model.moe.n_groups=4", "model.moe.topk_groups=2"]
+    if moe.shared_expert_hidden is not None:
+        sets.append("model.moe.shared_expert_hidden=24")
     return sets
 
 

@@ -13,9 +13,12 @@ from framework.config.schema import LayersConfig, ModelConfig
 
 
 def hf_family(cfg: ModelConfig) -> str:
-    """llama | mistral | qwen3 | qwen2 | phi3 | gpt2 | bloom | bert | t5 | mixtral | qwen3_moe | gemma | gemma2 |
-    gemma3_text | olmo2 | olmo3,
-    from the architecture fields (phi3 only when model.hf_architecture names it: its weights are Llama's)."""
+    """llama | mistral | qwen3 | qwen2 | phi3 | gpt2 | bloom | bert | t5 | mixtral | qwen3_moe | qwen3_next |
+    gemma | gemma2 | gemma3_text | olmo2 | olmo3,
+    from the architecture fields (phi3 only when model.hf_architecture names it: its weights are Llama's).
+    Gated DeltaNet blocks or a gated attention output are Qwen3-Next's alone."""
+    if cfg.family == "decoder" and ("gdn" in cfg.mixers or cfg.attention_gate):
+        return "qwen3_next"
     if cfg.moe is not None and cfg.family == "decoder":
         return "qwen3_moe" if cfg.qk_norm else "mixtral"
     if cfg.family == "encoder":
@@ -108,6 +111,9 @@ _REQUIRED["olmo3"] = _REQUIRED["olmo2"]
 # transformers' Mixtral has no attention or MLP bias switch (Llama has one)
 _REQUIRED["mixtral"] = _REQUIRED["llama"] | {"bias": False}
 _REQUIRED["qwen3_moe"] = _REQUIRED["qwen3"]
+# Qwen3-Next: per-head QK-norm, every RMSNorm but the Gated DeltaNet's zero-centred ((1 + w)), gated attention
+_REQUIRED["qwen3_next"] = _REQUIRED["qwen3"] | {"qk_norm": True, "qk_norm_scope": "head",
+                                                "norm_weight_offset": True, "attention_gate": True}  # fmt: skip
 # Qwen2: Llama with biases on q/k/v only; Phi-3: Llama without biases, chosen by name (hf_architecture)
 _REQUIRED["qwen2"] = _REQUIRED["llama"] | {"bias": True, "bias_scope": "qkv"}
 _REQUIRED["phi3"] = _REQUIRED["llama"] | {"bias": False, "hf_architecture": "phi3"}
@@ -127,6 +133,10 @@ _MOE_REQUIRED: dict[str, dict[str, Any]] = {
     "mixtral": {"first_dense": 0, "every": 1, "renormalize": True},
 }
 _MOE_REQUIRED["mixtral"] |= _MOE_REQUIRED["qwen3_moe"]
+_MOE_REQUIRED["qwen3_moe"] |= {"shared_expert_gate": False}
+_MOE_REQUIRED["mixtral"] |= {"shared_expert_gate": False}
+# Qwen3-Next: Qwen3-MoE's routing plus exactly one shared expert (any width) behind a sigmoid gate
+_MOE_REQUIRED["qwen3_next"] = _MOE_REQUIRED["qwen3_moe"] | {"n_shared_experts": 1, "shared_expert_gate": True}
 
 
 def _moe_rules(cfg: ModelConfig, family: str) -> list[str]:
@@ -141,9 +151,10 @@ def _moe_rules(cfg: ModelConfig, family: str) -> list[str]:
 
 
 _NEVER = {"learned_temperature": False, "soft_distance_bias": False, "attention_temperature": 1.0}
+# Qwen3-Next's fields, which no other family has a tensor or switch for
+_QWEN3_NEXT_ONLY = {"attention_gate": False, "rope_fraction": 1.0}
 # Defaults every family needs unless its _REQUIRED entry says otherwise (Qwen2's bias_scope, Phi-3's name).
-_DEFAULTS = {"bias_scope": "all", "hf_architecture": "auto", "qk_norm_scope": "head", "attention_gate": False,
-             "rope_fraction": 1.0}  # fmt: skip
+_DEFAULTS = {"bias_scope": "all", "hf_architecture": "auto", "qk_norm_scope": "head"}
 
 
 def check_representable(cfg: ModelConfig) -> str:
@@ -189,6 +200,14 @@ _EXTRA: dict[str, dict[str, Any]] = {
     "t5": _ABSENT | {"softmax_scale": "none"},
     "mixtral": _ABSENT | {"softmax_scale": "inv_sqrt_dk"},
     "qwen3_moe": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None},
+    "qwen3_next": _ABSENT
+    | {
+        "softmax_scale": "inv_sqrt_dk",
+        "sliding_window": None,
+        "embedding_scale": "none",
+        "sandwich_norm": False,
+    }
+    | _GEMMA2_ONLY,  # fmt: skip
     "qwen2": _ABSENT | {"softmax_scale": "inv_sqrt_dk"},
     # Phi-3's RoPE is default or longrope (no linear or llama3 scaling); its window is uniform, as Loom's
     "phi3": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "rope_scaling": "none"},
@@ -208,7 +227,9 @@ _LAYER_PATTERN = {"gemma2", "olmo3"}
 
 def _derived_rules(cfg: ModelConfig, family: str) -> list[str]:
     """Rules beyond fixed field values: head shapes the family hard-codes, MLP width, token types, gelu form."""
-    only = {} if family.startswith("gemma") else dict(_GEMMA_ONLY)
+    only = {} if family.startswith("gemma") or family == "qwen3_next" else dict(_GEMMA_ONLY)
+    if family != "qwen3_next":
+        only |= _QWEN3_NEXT_ONLY
     if family in _LAYER_PATTERN:
         only.pop("full_attention_layers", None)
     extra = _EXTRA.get(family, {}) | only
@@ -233,15 +254,20 @@ def _derived_rules(cfg: ModelConfig, family: str) -> list[str]:
     return wrong
 
 
+_MIXERS_ALLOWED = {"gemma3_text": {"attention", "attention_local"}, "qwen3_next": {"gdn", "attention"}}
+"""Block mixers (model.layers.pattern) a family's layer kinds name; every other family has attention only."""
+
+
 def _mixer_rules(cfg: ModelConfig, family: str) -> list[str]:
-    """Every family runs attention with a feed-forward in each block; Gemma 3 also its local attention."""
+    """model.layers: the mixers the family's layers can be, each block with a feed-forward (every HF family
+    here has one per block)."""
     layers = cfg.layers or LayersConfig()
-    allowed = {"attention", "attention_local"} if family == "gemma3_text" else {"attention"}
+    allowed = _MIXERS_ALLOWED.get(family, {"attention"})
     wrong = []
     if not set(cfg.mixers) <= allowed:
         wrong.append(f"model.layers.pattern={layers.pattern!r} (needs only {' / '.join(sorted(allowed))})")
     if not layers.feed_forward:
-        wrong.append("model.layers.feed_forward=False (needs true)")
+        wrong.append("model.layers.feed_forward=False (needs true: every block has a feed-forward)")
     return wrong
 
 
@@ -277,6 +303,7 @@ def hf_config(cfg: ModelConfig) -> tuple[str, Any]:
         "t5": _t5,
         "mixtral": _mixtral,
         "qwen3_moe": _qwen3_moe,
+        "qwen3_next": _qwen3_next,
         "qwen2": _qwen2,
         "phi3": _phi3,
         "gpt2": _gpt2,
@@ -522,6 +549,35 @@ def _qwen3_moe(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
         "use_sliding_window": False,
     }
     return "Qwen3MoeForCausalLM", "Qwen3MoeConfig", kwargs
+
+
+def _qwen3_next(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
+    from framework.config.schema import GDNConfig
+
+    kwargs = _decoder_common(cfg) | {"attention_bias": False}
+    kwargs["rope_parameters"] |= {"partial_rotary_factor": cfg.rope_fraction}
+    g = cfg.gdn if cfg.gdn is not None else GDNConfig()  # unused without gdn blocks, but always in the config
+    kwargs |= {
+        "layer_types": [{"gdn": "linear_attention"}.get(m, "full_attention") for m in cfg.mixers],
+        "linear_num_value_heads": g.heads,
+        "linear_num_key_heads": g.resolved_key_heads,
+        "linear_key_head_dim": g.key_head_dim,
+        "linear_value_head_dim": g.value_head_dim,
+        "linear_conv_kernel_dim": g.conv_kernel,
+    }
+    if cfg.moe is None:
+        return "Qwen3NextForCausalLM", "Qwen3NextConfig", kwargs | {"num_experts": 0}
+    kwargs |= _moe_common(cfg)
+    del kwargs["router_jitter_noise"]  # Qwen3-Next has no router jitter
+    kwargs |= {
+        "moe_intermediate_size": cfg.moe.resolved_expert_hidden(cfg.ffn_hidden),
+        "shared_expert_intermediate_size": cfg.moe.resolved_shared_hidden(cfg.ffn_hidden),
+        "num_experts": cfg.moe.n_experts,
+        "norm_topk_prob": cfg.moe.renormalize,
+        "decoder_sparse_step": 1,  # with the dense layers listed: any first_dense / every placement
+        "mlp_only_layers": [i for i in range(cfg.n_layers) if not cfg.is_moe_layer(i)],
+    }
+    return "Qwen3NextForCausalLM", "Qwen3NextConfig", kwargs
 
 
 def build_hf_model(cfg: ModelConfig) -> Any:

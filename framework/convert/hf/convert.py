@@ -31,6 +31,7 @@ from framework.convert.hf import (
     qwen2,
     qwen3,
     qwen3_moe,
+    qwen3_next,
     t5,
 )
 from framework.convert.hf.configs import check_representable, hf_config
@@ -48,6 +49,7 @@ FAMILIES: dict[str, ModuleType] = {
     "t5": t5,
     "mixtral": mixtral,
     "qwen3_moe": qwen3_moe,
+    "qwen3_next": qwen3_next,
     "qwen2": qwen2,
     "phi3": phi3,
     "gpt2": gpt2,

@@ -320,6 +320,9 @@ def _moe_args(cfg: ModelConfig) -> dict[str, Any]:
     if m.n_groups > 1 and (m.top_k != 2 * m.topk_groups or (m.router == "softmax" and m.renormalize)):
         raise _not_exportable("model.moe.n_groups", m.n_groups,
                               "megatron ranks groups by top_k / group_topk experts (Loom by 2), on scores")  # fmt: skip
+    if m.shared_expert_gate:
+        raise _not_exportable("model.moe.shared_expert_gate", True,
+                              "Loom's megatron mapping has no shared-expert gate")  # fmt: skip
     layers = set(cfg.moe_layers)
     freq: int | list[int] = (
         1 if len(layers) == cfg.n_layers else [int(i in layers) for i in range(cfg.n_layers)]
@@ -334,7 +337,7 @@ def _moe_args(cfg: ModelConfig) -> dict[str, Any]:
         "moe_input_jitter_eps": m.jitter or None,
     }  # fmt: skip
     if m.n_shared_experts:
-        args["moe_shared_expert_intermediate_size"] = m.n_shared_experts * args["moe_ffn_hidden_size"]
+        args["moe_shared_expert_intermediate_size"] = m.resolved_shared_hidden(cfg.ffn_hidden)
     if m.n_groups > 1:
         args |= {"moe_router_num_groups": m.n_groups, "moe_router_group_topk": m.topk_groups}
     if m.bias_update_rate > 0:

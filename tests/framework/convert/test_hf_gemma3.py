@@ -162,7 +162,8 @@ REFUSED = {
         dict(layers=LayersConfig(pattern=["attention_local"], local_window=4)),
         "model.layers.pattern",
     ),  # fmt: skip
-    "gated_output": (GEMMA3 | {"attention_gate": True}, "model.attention_gate"),
+    # a gated attention output is Qwen3-Next's alone, and Qwen3-Next has none of Gemma's sandwich norms
+    "gated_output": (GEMMA3 | {"attention_gate": True}, "model.sandwich_norm"),
     "attention_cap": (GEMMA3 | {"attention_softcap": 50.0}, "model.attention_softcap"),
 }
 

@@ -54,7 +54,11 @@ def naive_moe(layer: MoE, x: torch.Tensor, keep: torch.Tensor | None = None) -> 
             out[t] += routing.weights[t, k] * (w2[e] @ hidden)
     shared = getattr(layer, "shared_experts", None)
     if shared is not None:
-        out = out + shared(tokens)
+        gate = getattr(layer, "shared_expert_gate", None)
+        scale = (
+            torch.ones(tokens.shape[0]) if gate is None else 1 / (1 + torch.exp(-(tokens @ gate.weight[0])))
+        )
+        out = out + scale[:, None] * shared(tokens)
     return out.view(x.shape)
 
 
@@ -63,6 +67,8 @@ def naive_moe(layer: MoE, x: torch.Tensor, keep: torch.Tensor | None = None) -> 
     [
         {},
         {"router": "sigmoid", "n_shared_experts": 1, "route_scale": 2.5},
+        # Qwen3-Next: one shared expert of its own width behind a per-token sigmoid gate
+        {"n_shared_experts": 1, "shared_expert_hidden": 12, "shared_expert_gate": True},
         {"n_experts": 8, "top_k": 3, "n_groups": 4, "topk_groups": 2, "renormalize": False},
     ],
 )
@@ -208,6 +214,26 @@ def test_layer_pattern_counts_and_active_parameters() -> None:
     )
 
 
+def test_gated_shared_expert_parameters_are_counted() -> None:
+    """The shared MLP at shared_expert_hidden (not n_shared_experts x expert_hidden) and the d_model gate row."""
+    cfg = config(n_shared_experts=1, shared_expert_hidden=12, shared_expert_gate=True)
+    model = build_model(cfg)
+    shared = model.layers["0"].feed_forward.shared_experts
+    assert shared.w1.weight.shape == (12, 16) and model.layers[
+        "0"
+    ].feed_forward.shared_expert_gate.weight.shape == (1, 16)
+    counts = param_counts(cfg)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    plain_cfg = config(n_shared_experts=1)
+    extra = (
+        3 * 16 * (12 - 8) + 16
+    )  # per MoE layer: the wider shared MLP and the gate row, both used by every token
+    assert counts["total"] - param_counts(plain_cfg)["total"] == 2 * extra
+    assert counts["active"] - param_counts(plain_cfg)["active"] == 2 * extra
+    gained = flops_per_token(cfg, 8, training=False) - flops_per_token(plain_cfg, 8, training=False)
+    assert gained == pytest.approx(2 * 2 * extra)  # 2 FLOPs per multiply-add, 2 MoE layers
+
+
 def test_init_is_by_seed_and_name_per_expert() -> None:
     cfg = moe_model_config()
     a, b = build_model(cfg), build_model(cfg)
@@ -236,6 +262,9 @@ def test_init_is_by_seed_and_name_per_expert() -> None:
         ({"every": 0}, "model.moe.every"),
         ({"capacity_factor": 0.0}, "model.moe.capacity_factor"),
         ({"jitter": 1.5}, "model.moe.jitter"),
+        ({"shared_expert_gate": True}, "model.moe.shared_expert_gate"),
+        ({"shared_expert_hidden": 12}, "model.moe.shared_expert_hidden"),
+        ({"n_shared_experts": 1, "shared_expert_hidden": 0}, "model.moe.shared_expert_hidden"),
     ],
 )
 def test_moe_mistakes_are_config_errors(moe: dict, key: str) -> None:
