@@ -14,8 +14,10 @@ from framework.config.schema import ModelConfig
 
 def hf_family(cfg: ModelConfig) -> str:
     """llama | mistral | qwen3 | qwen2 | phi3 | gpt2 | bloom | bert | t5 | mixtral | qwen3_moe | gemma | gemma2 |
-    olmo2 | olmo3,
+    olmo2 | olmo3 | mamba2 | bamba,
     from the architecture fields (phi3 only when model.hf_architecture names it: its weights are Llama's)."""
+    if "mamba2" in cfg.mixers:  # Mamba-2 blocks alone (no MLP), or a hybrid with an MLP in every block
+        return "mamba2" if cfg.layers is not None and not cfg.layers.feed_forward else "bamba"
     if cfg.moe is not None and cfg.family == "decoder":
         return "qwen3_moe" if cfg.qk_norm else "mixtral"
     if cfg.family == "encoder":
@@ -109,6 +111,10 @@ _REQUIRED["qwen3_moe"] = _REQUIRED["qwen3"]
 # Qwen2: Llama with biases on q/k/v only; Phi-3: Llama without biases, chosen by name (hf_architecture)
 _REQUIRED["qwen2"] = _REQUIRED["llama"] | {"bias": True, "bias_scope": "qkv"}
 _REQUIRED["phi3"] = _REQUIRED["llama"] | {"bias": False, "hf_architecture": "phi3"}
+# Mamba-2: RMSNorm pre-norm blocks around the mixer alone (no attention, no MLP, no biases); Bamba: Llama's
+# attention and MLP beside Mamba-2 mixers, its RoPE hard-coded to half of each head (partial_rotary_factor 0.5)
+_REQUIRED["mamba2"] = {"norm": "rmsnorm", "norm_position": "pre", "qk_norm": False, "bias": False}
+_REQUIRED["bamba"] = _REQUIRED["llama"] | {"rope_fraction": 0.5}
 # MoE fields each MoE family fixes: both route with a softmax over all experts and top-k, have no shared experts,
 # no expert groups, no selection bias and no weight scale, and are dropless (transformers runs every chosen
 # expert; Loom's capacity dropping applies in eval too, so a capped model would compute something else).
@@ -140,7 +146,8 @@ def _moe_rules(cfg: ModelConfig, family: str) -> list[str]:
 
 _NEVER = {"learned_temperature": False, "soft_distance_bias": False, "attention_temperature": 1.0}
 # Defaults every family needs unless its _REQUIRED entry says otherwise (Qwen2's bias_scope, Phi-3's name).
-_DEFAULTS = {"bias_scope": "all", "hf_architecture": "auto", "qk_norm_scope": "head"}
+_DEFAULTS = {"bias_scope": "all", "hf_architecture": "auto", "qk_norm_scope": "head", "rope_fraction": 1.0,
+             "attention_gate": False}  # fmt: skip
 
 
 def check_representable(cfg: ModelConfig) -> str:
@@ -194,7 +201,11 @@ _EXTRA: dict[str, dict[str, Any]] = {
     "gemma2": _ABSENT,
     "olmo2": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None},
     "olmo3": _ABSENT | {"softmax_scale": "inv_sqrt_dk"},
+    "mamba2": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None},
+    "bamba": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None, "rope_scaling": "none"},
 }
+_MIXERS = {"mamba2": {"mamba2"}, "bamba": {"mamba2", "attention"}}
+"""The block mixers (model.layers.pattern) each Mamba family has a layer kind for."""
 _LAYER_PATTERN = {"gemma2", "olmo3"}
 """Families whose transformers config has per-layer `layer_types`: Loom's full_attention_layers maps onto it."""
 
@@ -222,6 +233,26 @@ def _derived_rules(cfg: ModelConfig, family: str) -> list[str]:
         wrong.append(f"model.gelu_approximate={cfg.gelu_approximate!r} (needs 'tanh' for gated-gelu)")
     if getattr(cfg, "moe", None) is not None and family in _EXTRA and family not in _MOE_REQUIRED:
         wrong.append(f"model.moe (family {family} is dense)")
+    if family in _MIXERS:
+        wrong += _mamba_rules(cfg, family)
+    return wrong
+
+
+def _mamba_rules(cfg: ModelConfig, family: str) -> list[str]:
+    """Mamba2Config / BambaConfig size the mixer as an integer `expand` x hidden_size; their block kinds; Mamba-2
+    blocks have no MLP and (without attention) no positions, Bamba's always have an MLP."""
+    wrong = []
+    extra = sorted(set(cfg.mixers) - _MIXERS[family])
+    if extra:
+        wrong.append(f"model.layers.pattern={cfg.layers.pattern!r} (no {family} layer for {', '.join(extra)})")
+    m = cfg.mamba2
+    if m is not None and m.inner % cfg.d_model:
+        wrong.append(
+            f"model.mamba2.heads={m.heads} (heads x head_dim = {m.inner} must be a multiple of d_model "
+            f"{cfg.d_model}: transformers' integer expand)"
+        )
+    if family == "mamba2" and cfg.position not in ("rope", "none"):
+        wrong.append(f"model.position={cfg.position!r} (needs 'none' or 'rope': Mamba-2 has no position weights)")
     return wrong
 
 
@@ -264,6 +295,8 @@ def hf_config(cfg: ModelConfig) -> tuple[str, Any]:
         "gemma2": _gemma2,
         "olmo2": _olmo2,
         "olmo3": _olmo3,
+        "mamba2": _mamba2,
+        "bamba": _bamba,
     }[family]
     class_name, config_name, kwargs = builder(cfg)
     config = getattr(transformers, config_name)(**kwargs)
@@ -289,6 +322,63 @@ def _olmo3(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
         "rope_parameters": {kind: _rope_parameters(cfg) for kind in ("full_attention", "sliding_attention")},
     }
     return "Olmo3ForCausalLM", "Olmo3Config", kwargs
+
+
+def _mamba2(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
+    m = cfg.mamba2
+    assert m is not None
+    kwargs = {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_heads": m.heads,
+        "head_dim": m.head_dim,
+        "state_size": m.state_dim,
+        "n_groups": m.groups,
+        "conv_kernel": m.conv_kernel,
+        "use_conv_bias": m.conv_bias,
+        "use_bias": False,
+        "chunk_size": m.chunk_size,
+        "expand": m.inner // cfg.d_model,
+        "layer_norm_epsilon": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        # Loom adds every branch onto an fp32 residual stream (fp32 master weights, autocast compute)
+        "residual_in_fp32": True,
+        "time_step_min": m.dt_min,
+        "time_step_max": m.dt_max,
+        # its defaults (pad 1, bos 0, eos 2) belong to another vocabulary; an export sets the tokenizer's
+        "pad_token_id": None,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    }
+    return "Mamba2ForCausalLM", "Mamba2Config", kwargs
+
+
+def _bamba(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
+    m = cfg.mamba2
+    assert m is not None
+    kwargs = _decoder_common(cfg) | {
+        "attention_bias": cfg.bias,
+        "mlp_bias": cfg.bias,
+        "attention_dropout": cfg.attention_dropout,
+        # BambaConfig forces partial_rotary_factor 0.5 (the required rope_fraction)
+        "rope_parameters": _rope_parameters(cfg) | {"partial_rotary_factor": cfg.rope_fraction},
+        "attn_layer_indices": [i for i, name in enumerate(cfg.mixers) if name == "attention"],
+        "mamba_n_heads": m.heads,
+        "mamba_d_head": m.head_dim,
+        "mamba_n_groups": m.groups,
+        "mamba_d_state": m.state_dim,
+        "mamba_d_conv": m.conv_kernel,
+        "mamba_expand": m.inner // cfg.d_model,
+        "mamba_chunk_size": m.chunk_size,
+        "mamba_conv_bias": m.conv_bias,
+        "mamba_proj_bias": False,
+        "pad_token_id": None,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    }
+    return "BambaForCausalLM", "BambaConfig", kwargs
 
 
 def _decoder_common(cfg: ModelConfig) -> dict[str, Any]:

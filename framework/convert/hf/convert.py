@@ -17,12 +17,14 @@ import torch
 from framework.config.errors import ConfigError
 from framework.config.schema import ModelConfig, Recipe
 from framework.convert.hf import (
+    bamba,
     bert,
     bloom,
     gemma,
     gemma2,
     gpt2,
     llama,
+    mamba2,
     mistral,
     mixtral,
     olmo2,
@@ -54,6 +56,8 @@ FAMILIES: dict[str, ModuleType] = {
     "gemma2": gemma2,
     "olmo2": olmo2,
     "olmo3": olmo2,  # OLMo 3 is OLMo 2 with per-layer windows (layer_types)
+    "mamba2": mamba2,
+    "bamba": bamba,
 }
 
 
