@@ -7,10 +7,11 @@ and whether the model was built directly or on the meta device and materialised 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -30,6 +31,8 @@ class _Group:
     std: float
     fill: float | None = None
     """Constant value instead of a normal draw (std is then 0)."""
+    draws: dict[str, Callable[[torch.Generator], torch.Tensor]] = field(default_factory=dict)
+    """module_drawn only: name -> the owning module's `initial_value(param_name, generator)` (std is then 0)."""
 
 
 def canonical_name(name: str) -> str:
@@ -46,6 +49,8 @@ def stable_seed(seed: int, name: str) -> int:
 
 
 def _group_of(cfg: ModelConfig, module_name: str, module: nn.Module, param_name: str) -> str:
+    if param_name in getattr(module, "own_init", ()):
+        return "module_drawn"  # e.g. Mamba2's A_log / dt_bias: distributions no std expresses
     if param_name in ("bias", "output_bias"):
         return "biases"
     if isinstance(module, OffsetRMSNorm):
@@ -56,7 +61,9 @@ def _group_of(cfg: ModelConfig, module_name: str, module: nn.Module, param_name:
         return "embeddings"
     if isinstance(module, Attention):
         return {"log_temperature": "temperatures", "distance_weight": "distance_weights"}[param_name]
-    if module_name.endswith((".wo", ".w2")) or (isinstance(module, GroupedExperts) and param_name == "w2"):
+    if module_name.endswith((".wo", ".w2", ".out_proj")) or (
+        isinstance(module, GroupedExperts) and param_name == "w2"
+    ):
         in_decoder = cfg.family == "encoder_decoder" and module_name.startswith("decoder.")
         return "decoder_output_projections" if in_decoder else "output_projections"
     return "matrices"
@@ -80,6 +87,7 @@ def _group_specs(cfg: ModelConfig) -> dict[str, _Group]:
         "biases": _Group([], 0.0, fill=0.0),
         "temperatures": _Group([], 0.0, fill=math.log(cfg.attention_temperature)),
         "distance_weights": _Group([], 0.0, fill=0.0),
+        "module_drawn": _Group([], 0.0),
     }
 
 
@@ -88,13 +96,17 @@ def _groups(model: nn.Module, cfg: ModelConfig) -> dict[str, _Group]:
     for module_name, module in model.named_modules():
         for param_name, _ in module.named_parameters(recurse=False):
             full = canonical_name(f"{module_name}.{param_name}" if module_name else param_name)
-            groups[_group_of(cfg, module_name, module, param_name)].names.append(full)
+            group = groups[_group_of(cfg, module_name, module, param_name)]
+            group.names.append(full)
+            if group is groups["module_drawn"]:
+                group.draws[full] = functools.partial(module.initial_value, param_name)
     return {name: group for name, group in groups.items() if group.names}
 
 
 def init_groups(model: nn.Module, cfg: ModelConfig) -> dict[str, tuple[list[str], float]]:
     """Group name -> (parameter names, std). Constant groups (norms 1, offset norms 0, biases 0, temperatures
-    log(attention_temperature) as they are stored as log_temperature, distance weights 0) have std 0."""
+    log(attention_temperature) as they are stored as log_temperature, distance weights 0) and module_drawn
+    (parameters whose module draws them itself through `initial_value`, as Mamba2's A_log) have std 0."""
     return {name: (group.names, group.std) for name, group in _groups(model, cfg).items()}
 
 
@@ -129,6 +141,8 @@ def initial_values(
 def _initial_value(
     param: torch.Tensor, group: _Group, seed: int, name: str, *, stacked: bool
 ) -> torch.Tensor:
+    if name in group.draws:
+        return group.draws[name](torch.Generator().manual_seed(stable_seed(seed, name)))
     if group.fill is not None:
         # In the parameter's own dtype, so copying it in equals fill_ (no detour through fp32 rounding).
         return torch.full(param.shape, group.fill, dtype=param.dtype)
