@@ -32,7 +32,10 @@ def feed_forward(cfg: ModelConfig, i: int) -> list[Rename]:
 
 
 def renames(cfg: ModelConfig) -> list[Rename]:
-    out = [copy("tok_embeddings.weight", "model.embed_tokens.weight"), copy("norm.weight", "model.final_layernorm.weight")]
+    out = [
+        copy("tok_embeddings.weight", "model.embed_tokens.weight"),
+        copy("norm.weight", "model.final_layernorm.weight"),
+    ]
     for i in range(cfg.n_layers):
         layer = LAYER.format(i=i)
         out.append(copy(f"layers.{i}.attention_norm.weight", f"{layer}input_layernorm.weight"))
@@ -68,7 +71,9 @@ def model_config(hf: Any) -> dict[str, Any]:
     kinds = list(hf.layers_block_type)
     pattern = ["attention" if kind == "full_attention" else "mamba2" for kind in kinds]
     params = dict(hf.rope_parameters or {})
-    llama._require(hf, "rope_parameters.rope_type", params.get("rope_type", "default") == "default", "default")
+    llama._require(
+        hf, "rope_parameters.rope_type", params.get("rope_type", "default") == "default", "default"
+    )
     fraction = float(params.get("partial_rotary_factor", ROPE_FRACTION))
     llama._require(hf, "partial_rotary_factor", fraction == ROPE_FRACTION, str(ROPE_FRACTION))
     heads = hf.num_attention_heads

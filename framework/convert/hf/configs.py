@@ -244,7 +244,9 @@ def _mamba_rules(cfg: ModelConfig, family: str) -> list[str]:
     wrong = []
     extra = sorted(set(cfg.mixers) - _MIXERS[family])
     if extra:
-        wrong.append(f"model.layers.pattern={cfg.layers.pattern!r} (no {family} layer for {', '.join(extra)})")
+        wrong.append(
+            f"model.layers.pattern={cfg.layers.pattern!r} (no {family} layer for {', '.join(extra)})"
+        )
     m = cfg.mamba2
     if m is not None and m.inner % cfg.d_model:
         wrong.append(
@@ -252,7 +254,9 @@ def _mamba_rules(cfg: ModelConfig, family: str) -> list[str]:
             f"{cfg.d_model}: transformers' integer expand)"
         )
     if family == "mamba2" and cfg.position not in ("rope", "none"):
-        wrong.append(f"model.position={cfg.position!r} (needs 'none' or 'rope': Mamba-2 has no position weights)")
+        wrong.append(
+            f"model.position={cfg.position!r} (needs 'none' or 'rope': Mamba-2 has no position weights)"
+        )
     return wrong
 
 

@@ -55,7 +55,11 @@ def mixer(cfg: ModelConfig, src: str, dst: str) -> list[Rename]:
     assert m is not None
     gn = m.groups * m.state_dim
     parts = ["in_z", "in_x", "in_B", "in_C", "in_dt"]
-    out = [_fused([f"{src}{p}.weight" for p in parts], f"{dst}in_proj.weight", [m.inner, m.inner, gn, gn, m.heads])]
+    out = [
+        _fused(
+            [f"{src}{p}.weight" for p in parts], f"{dst}in_proj.weight", [m.inner, m.inner, gn, gn, m.heads]
+        )
+    ]
     conv = [m.inner, gn, gn]
     out.append(_conv_weight([f"{src}{n}_conv" for n in "xBC"], f"{dst}conv1d.weight", conv))
     if m.conv_bias:
@@ -66,7 +70,10 @@ def mixer(cfg: ModelConfig, src: str, dst: str) -> list[Rename]:
 
 
 def renames(cfg: ModelConfig) -> list[Rename]:
-    out = [copy("tok_embeddings.weight", "backbone.embeddings.weight"), copy("norm.weight", "backbone.norm_f.weight")]
+    out = [
+        copy("tok_embeddings.weight", "backbone.embeddings.weight"),
+        copy("norm.weight", "backbone.norm_f.weight"),
+    ]
     for i in range(cfg.n_layers):
         layer = LAYER.format(i=i)
         out.append(copy(f"layers.{i}.attention_norm.weight", f"{layer}norm.weight"))
@@ -120,8 +127,10 @@ def model_config(hf: Any) -> dict[str, Any]:
         "max_seq_len": int(getattr(hf, "n_positions", None) or 4096),
         "tie_embeddings": bool(hf.tie_word_embeddings),
         "layers": LayersConfig(pattern=["mamba2"], feed_forward=False),
-        "mamba2": mamba2_section(hf, ("num_heads", "head_dim", "state_size", "n_groups", "conv_kernel",
-                                          "use_conv_bias", "chunk_size")),  # fmt: skip
+        "mamba2": mamba2_section(
+            hf,
+            ("num_heads", "head_dim", "state_size", "n_groups", "conv_kernel", "use_conv_bias", "chunk_size"),
+        ),  # fmt: skip
     }
 
 
