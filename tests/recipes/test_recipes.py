@@ -38,6 +38,7 @@ def test_the_zoo_is_shipped() -> None:
     assert {"debug", "llama-125m", "llama-1b", "llama-8b", "mistral-7b", "qwen3-0.6b"} <= names
     assert {"bert-base", "t5-base", "alibi-560m"} <= names
     assert {"mixtral-8x7b", "qwen3-moe-30b-a3b", "deepseek-v3-style-16b"} <= names
+    assert "mamba2-hybrid-style" in names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -75,12 +76,26 @@ def size_overrides(recipe_path: Path, data_dir: Path, run_dir: Path) -> list[str
         sets.append("model.full_attention_layers=[1]")  # of the 2 blocks left
     if recipe.model.moe is not None:
         sets += moe_size_overrides(recipe.model.moe)
+    if recipe.model.layers is not None:
+        sets += mixer_size_overrides(recipe.model.layers.pattern)
     sets += [f"data.tokenizer={data_dir / 'tokenizer.model'}", f"data.train={data_dir}"]
     sets += [
         f"data.validation={data_dir}",
         f"logging.run_dir={run_dir}",
         "logging.progress_bar=false",
     ]
+    return sets
+
+
+def mixer_size_overrides(pattern: list[str]) -> list[str]:
+    """Each mixer of the recipe's pattern once, in order of first use (of the 2 blocks left), Mamba-2 mixers
+    of 4 heads x 16 (expand 1 of d_model 64), state 16, chunk 16 (several chunks of the 64 tokens)."""
+    kinds = list(dict.fromkeys(pattern))
+    assert len(kinds) <= 2, f"shrink {kinds} to 2 blocks by hand"
+    sets = [f"model.layers.pattern=[{','.join(kinds)}]"]
+    if "mamba2" in kinds:
+        sets += ["model.mamba2.heads=4", "model.mamba2.head_dim=16", "model.mamba2.state_dim=16"]
+        sets += ["model.mamba2.groups=1", "model.mamba2.chunk_size=16"]
     return sets
 
 
