@@ -112,16 +112,26 @@ def test_greedy_decode_matches_transformers(name: str, tmp_path: Path) -> None:
     assert torch.equal(ours, generated[:, -20:])
 
 
-def test_bamba_attention_layers_map_to_the_pattern(tmp_path: Path) -> None:
-    """attn_layer_indices <-> model.layers.pattern, repeated from the start (the Nemotron-H-like period)."""
-    config = transformers.BambaConfig(**_hf_bamba(), num_hidden_layers=6, attn_layer_indices=[2, 5])
+@pytest.mark.parametrize(
+    ("layers", "indices", "pattern"),
+    [
+        (6, [2, 5], ["mamba2", "mamba2", "attention"]),  # a period, repeated from the start
+        (5, [0], ["attention", "mamba2", "mamba2", "mamba2", "mamba2"]),  # nothing shorter repeats
+        (3, None, ["mamba2"]),  # no attention at all, still an MLP in every block
+    ],
+)
+def test_bamba_attention_layers_map_to_the_pattern(
+    layers: int, indices: list | None, pattern: list, tmp_path: Path
+) -> None:
+    """attn_layer_indices <-> model.layers.pattern (Loom's repeats from the start) and back."""
+    config = transformers.BambaConfig(**_hf_bamba(), num_hidden_layers=layers, attn_layer_indices=indices)
     transformers.BambaForCausalLM(config).save_pretrained(tmp_path)
     cfg = read_hf(tmp_path)[0]
-    assert cfg.layers.pattern == ["mamba2", "mamba2", "attention"] and cfg.layers.feed_forward
-    assert cfg.mixers == ["mamba2", "mamba2", "attention"] * 2
+    assert cfg.layers.pattern == pattern and cfg.layers.feed_forward
+    expected = ["attention" if kind == "full_attention" else "mamba2" for kind in config.layers_block_type]
+    assert cfg.mixers == expected
     assert (cfg.rope_fraction, cfg.n_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim) == (0.5, 3, 1, 16)
     assert hf_config(cfg)[1].layers_block_type == config.layers_block_type
-    assert hf_config(dataclasses.replace(cfg, n_layers=4))[1].attn_layer_indices == [2]
 
 
 def _hf_bamba() -> dict:
