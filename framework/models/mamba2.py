@@ -210,12 +210,12 @@ def causal_depthwise_conv(
 
 
 def gated_rms_norm(
-    y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, groups: int, eps: float
+    y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float
 ) -> torch.Tensor:
-    """Mamba-2's gated RMSNorm (norm_before_gate False): y * silu(z), normalised over each of `groups` equal
-    slices of the channels, times weight. Float32 inside, cast to y's dtype before the gain (HF's order)."""
+    """Mamba-2's gated RMSNorm (norm_before_gate False): y * silu(z), normalised over each slice of `group_size`
+    channels (inner / groups), times weight. Float32 inside, cast to y's dtype before the gain (HF's order)."""
     g = y.float() * F.silu(z.float())
-    grouped = g.unflatten(-1, (groups, -1))
+    grouped = g.unflatten(-1, (-1, group_size))
     grouped = grouped * torch.rsqrt(grouped.pow(2).mean(dim=-1, keepdim=True) + eps)
     return weight * grouped.flatten(-2).to(y.dtype)
 
@@ -258,6 +258,7 @@ class Mamba2(nn.Module):
         m, d = cfg.mamba2 if cfg.mamba2 is not None else Mamba2Config(), cfg.d_model
         self.heads, self.head_dim, self.state_dim, self.groups = m.heads, m.head_dim, m.state_dim, m.groups
         self.chunk_size, self.eps = m.chunk_size, cfg.norm_eps
+        self.norm_group_size = m.inner // m.groups  # a group's channels; a TP shard holds whole groups
         self.dt_range = (m.dt_min, m.dt_max)
         inner, gn = m.inner, m.groups * m.state_dim
         self.in_z, self.in_x = nn.Linear(d, inner, bias=False), nn.Linear(d, inner, bias=False)
@@ -307,18 +308,16 @@ class Mamba2(nn.Module):
         return (2 * u - 1) * bound
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        b, s, _ = x.shape
+        # Head and group counts come from the widths (unflatten -1), so a tensor-parallel shard's local heads work.
         starts = document_starts(ctx.mask.q_documents)
         xs, Bm, Cm = (self._conv(name, proj(x), starts) for name, proj in self._conv_inputs())
         dt = F.softplus(self.in_dt(x).float() + self.dt_bias.float())  # [B, S, H], > 0
         A = -torch.exp(self.A_log.float())
-        xh = xs.view(b, s, self.heads, self.head_dim)
-        y = self.scan_hook(
-            self._scan, xh, dt, A, Bm.unflatten(-1, (self.groups, -1)), Cm.unflatten(-1, (self.groups, -1)),
-            starts,
-        )  # fmt: skip
+        xh = xs.unflatten(-1, (-1, self.head_dim))
+        Bm, Cm = Bm.unflatten(-1, (-1, self.state_dim)), Cm.unflatten(-1, (-1, self.state_dim))
+        y = self.scan_hook(self._scan, xh, dt, A, Bm, Cm, starts)
         y = y.float() + self.D.float()[:, None] * xh.float()  # the D skip, on the conv output as in HF
-        y = gated_rms_norm(y.flatten(-2), self.in_z(x), self.norm_weight, self.groups, self.eps)
+        y = gated_rms_norm(y.flatten(-2), self.in_z(x), self.norm_weight, self.norm_group_size, self.eps)
         return self.out_proj(y.to(x.dtype))
 
     def _conv_inputs(self) -> tuple[tuple[str, nn.Linear], ...]:

@@ -242,3 +242,30 @@ def test_kernel_is_used_on_cuda_only() -> None:
     expected = layer(x, AttentionContext())
     layer.kernel = Refuse()
     torch.testing.assert_close(layer(x, AttentionContext()), expected)
+
+
+def test_meta_build_then_init_equals_direct_build() -> None:
+    cfg = _cfg()
+    direct = nn.ModuleDict({"mixer": Mamba2(cfg)})
+    init_weights(direct, cfg, seed=5)
+    with torch.device("meta"):
+        meta = nn.ModuleDict({"mixer": Mamba2(cfg)})
+    meta.to_empty(device="cpu")
+    init_weights(meta, cfg, seed=5)
+    for (name, a), b in zip(direct.named_parameters(), meta.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_bf16_layer_stays_close_to_fp32() -> None:
+    """bf16 weights and activations: the scan runs in fp32 inside and returns bf16, near the fp32 layer."""
+    cfg = _cfg(chunk=4)
+    layer = Mamba2(cfg)
+    init_weights(nn.ModuleDict({"mixer": layer}), cfg, seed=0)
+    x = torch.randn(2, 11, 48)
+    expected = layer(x, AttentionContext())
+    got = layer.to(torch.bfloat16)(x.bfloat16(), AttentionContext())
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - expected).abs().max() <= 0.05 * expected.abs().max()
+    inp = {k: v.bfloat16() for k, v in _inputs(9, 2).items()}
+    y, h = chunked_ssd(**inp, chunk_size=4)
+    assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
