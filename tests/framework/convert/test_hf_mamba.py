@@ -227,3 +227,25 @@ def test_partial_rotary_is_not_full_rotary(tmp_path: Path) -> None:
     with torch.no_grad():
         wrong = (full.eval()(_ids(1)) - hf(_ids(1)).logits).abs().max().item()
     assert wrong > 0.01
+
+
+@pytest.mark.parametrize("name", ["mamba2", "bamba"])
+def test_loom_convert_cli_round_trip(
+    name: str, capsys: pytest.CaptureFixture[str], tmp_path: Path, demo_data: Path
+) -> None:
+    """`loom convert CKPT --to hf` then `--from hf`: transformers' logits, and the recipe's model.layers and
+    model.mamba2 sections back through the checkpoint's metadata and the written recipe.yaml."""
+    from framework.config.loader import load_recipe
+    from tests.framework.convert.test_convert_cli import run, write_checkpoint
+
+    cfg = dataclasses.replace(CONFIGS[name], vocab_size=4100)  # the demo tokenizer
+    model = write_checkpoint(cfg, tmp_path / "ckpt", demo_data / "tokenizer.model")
+    code, _, err = run(capsys, "convert", tmp_path / "ckpt", "--to", "hf", tmp_path / "hf")
+    assert code == 0, err
+    hf = _load_hf(tmp_path / "hf")
+    ids = torch.randint(0, cfg.vocab_size, (1, SEQ), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max() <= TOL
+    code, _, err = run(capsys, "convert", tmp_path / "hf", "--from", "hf", tmp_path / "back")
+    assert code == 0, err
+    assert load_recipe(tmp_path / "back" / "recipe.yaml").model == cfg
