@@ -249,3 +249,13 @@ def test_loom_convert_cli_round_trip(
     code, _, err = run(capsys, "convert", tmp_path / "hf", "--from", "hf", tmp_path / "back")
     assert code == 0, err
     assert load_recipe(tmp_path / "back" / "recipe.yaml").model == cfg
+
+
+@pytest.mark.parametrize(("field", "value"), [("rope_fraction", 0.5), ("attention_gate", True)])
+def test_attention_families_refuse_partial_rotary_and_gated_output(field: str, value: object) -> None:
+    """Llama and the others rotate whole heads and have no output gate: exporting such a model as one of them would
+    silently compute something else."""
+    cfg = ModelConfig(**_COMMON | dict(n_layers=2, n_heads=3, head_dim=16, ffn_hidden=72), **{field: value})
+    with pytest.raises(ConfigError) as error:
+        check_representable(cfg)
+    assert f"model.{field}=" in error.value.rule
