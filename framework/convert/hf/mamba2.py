@@ -83,6 +83,13 @@ def renames(cfg: ModelConfig) -> list[Rename]:
     return out
 
 
+def from_files(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Older Mamba-2 files name the embedding `backbone.embedding.weight`; Mamba2Model's load_state_dict hook
+    renames it to `embeddings`, and so does the import."""
+    old, new = "backbone.embedding.weight", "backbone.embeddings.weight"
+    return {new if k == old and new not in state else k: v for k, v in state.items()}
+
+
 def optional(name: str) -> bool:
     """A tied lm_head may be stored beside the embedding."""
     return name == "lm_head.weight"

@@ -259,3 +259,19 @@ def test_attention_families_refuse_partial_rotary_and_gated_output(field: str, v
     with pytest.raises(ConfigError) as error:
         check_representable(cfg)
     assert f"model.{field}=" in error.value.rule
+
+
+def test_older_embedding_name_imports(tmp_path: Path) -> None:
+    """`backbone.embedding.weight` (older Mamba-2 files, which Mamba2Model's load_state_dict hook renames)
+    imports as well."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = CONFIGS["mamba2"]
+    model = random_model(cfg)
+    save_hf(cfg, model.state_dict(), tmp_path)
+    (weights,) = tmp_path.glob("*.safetensors")
+    tensors = load_file(weights)
+    tensors["backbone.embedding.weight"] = tensors.pop("backbone.embeddings.weight")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    state = read_hf(tmp_path)[1]
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
