@@ -347,7 +347,7 @@ def _mamba2(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
         "layer_norm_epsilon": cfg.norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings,
         "hidden_act": "silu",
-        # Loom adds every branch onto an fp32 residual stream (fp32 master weights, autocast compute)
+        # numerics of a half-precision HF model only (transformers' default); no weight depends on it
         "residual_in_fp32": True,
         "time_step_min": m.dt_min,
         "time_step_max": m.dt_max,

@@ -8,9 +8,10 @@ input projection and convolution; Loom splits them by logical part (framework/mo
 `mixer` is shared with Bamba, whose Mamba layers are the same module under another prefix.
 
 HF switches Loom has no equivalent for are refused on import: use_bias (biases on in_proj / out_proj) and a
-time_step_limit other than (0, inf) (a clamp of dt). residual_in_fp32 is accepted either way: Loom keeps fp32
-master weights and adds every branch onto an fp32 residual stream, which is residual_in_fp32=True; False differs
-only in a half-precision HF model's rounding. time_step_min / time_step_max set model.mamba2.dt_min / dt_max (init
+time_step_limit other than (0, inf) (a clamp of dt). residual_in_fp32 is accepted either way and exported true
+(transformers' default): it is the dtype of a half-precision HF model's residual adds, not a weight; Loom's
+residual stream follows its own precision setup (fp32 in fp32 runs and under single-device autocast, where the
+weights stay fp32; the compute dtype under FSDP2's mixed precision). time_step_min / time_step_max set model.mamba2.dt_min / dt_max (init
 only); time_step_floor, time_step_rank, rescale_prenorm_residual and initializer_range are init-only too.
 """
 
