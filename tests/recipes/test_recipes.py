@@ -37,7 +37,8 @@ def test_the_zoo_is_shipped() -> None:
     names = {p.stem for p in RECIPES}
     assert {"debug", "llama-125m", "llama-1b", "llama-8b", "mistral-7b", "qwen3-0.6b"} <= names
     assert {"bert-base", "t5-base", "alibi-560m"} <= names
-    assert {"mixtral-8x7b", "qwen3-moe-30b-a3b", "deepseek-v3-style-16b", "qwen3-next-style"} <= names
+    assert {"mixtral-8x7b", "qwen3-moe-30b-a3b", "deepseek-v3-style-16b"} <= names
+    assert {"qwen3-next-style", "mamba2-hybrid-style", "gemma3-style"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -76,26 +77,32 @@ def size_overrides(recipe_path: Path, data_dir: Path, run_dir: Path) -> list[str
     if recipe.model.moe is not None:
         sets += moe_size_overrides(recipe.model.moe)
     if recipe.model.layers is not None:
-        # each kind of mixer once, in pattern order, one block each (Gemma 3: a local then a global block;
-        # Qwen3-Next: a gdn then an attention block), so every mixer of a hybrid trains
-        kinds = list(dict.fromkeys(recipe.model.layers.pattern))
-        sets[0] = f"model.n_layers={max(2, len(kinds))}"
-        sets.append(f"model.layers.pattern=[{','.join(kinds)}]")
+        sets[0] = f"model.n_layers={max(2, len(set(recipe.model.layers.pattern)))}"
+        sets += mixer_size_overrides(recipe.model.layers.pattern)
     if recipe.model.layers is not None and recipe.model.layers.local_window is not None:
         sets.append("model.layers.local_window=16")  # shorter than data.seq_len, so local masks still bind
-    if recipe.model.gdn is not None:
-        sets += [
-            "model.gdn.heads=4",
-            "model.gdn.key_heads=2",
-            "model.gdn.key_head_dim=8",
-            "model.gdn.value_head_dim=8",
-        ]
     sets += [f"data.tokenizer={data_dir / 'tokenizer.model'}", f"data.train={data_dir}"]
     sets += [
         f"data.validation={data_dir}",
         f"logging.run_dir={run_dir}",
         "logging.progress_bar=false",
     ]
+    return sets
+
+
+def mixer_size_overrides(pattern: list[str]) -> list[str]:
+    """Each mixer of the recipe's pattern once, in order of first use, one block each (Gemma 3: a local then a
+    global block; Qwen3-Next: gdn then attention), so every mixer of a hybrid trains; Mamba-2 mixers of 4 heads
+    x 16 (expand 1 of d_model 64), state 16, chunk 16 (several chunks of the 64 tokens); GDN of 4 value heads
+    over 2 key heads of 8."""
+    kinds = list(dict.fromkeys(pattern))
+    sets = [f"model.layers.pattern=[{','.join(kinds)}]"]
+    if "gdn" in kinds:
+        sets += ["model.gdn.heads=4", "model.gdn.key_heads=2", "model.gdn.key_head_dim=8"]
+        sets += ["model.gdn.value_head_dim=8"]
+    if "mamba2" in kinds:
+        sets += ["model.mamba2.heads=4", "model.mamba2.head_dim=16", "model.mamba2.state_dim=16"]
+        sets += ["model.mamba2.groups=1", "model.mamba2.chunk_size=16"]
     return sets
 
 

@@ -14,11 +14,13 @@ from framework.config.schema import LayersConfig, ModelConfig
 
 def hf_family(cfg: ModelConfig) -> str:
     """llama | mistral | qwen3 | qwen2 | phi3 | gpt2 | bloom | bert | t5 | mixtral | qwen3_moe | qwen3_next |
-    gemma | gemma2 | gemma3_text | olmo2 | olmo3,
+    gemma | gemma2 | gemma3_text | olmo2 | olmo3 | mamba2 | bamba,
     from the architecture fields (phi3 only when model.hf_architecture names it: its weights are Llama's).
     Gated DeltaNet blocks or a gated attention output are Qwen3-Next's alone."""
     if cfg.family == "decoder" and ("gdn" in cfg.mixers or cfg.attention_gate):
         return "qwen3_next"
+    if "mamba2" in cfg.mixers:  # Mamba-2 blocks alone (no MLP), or a hybrid with an MLP in every block
+        return "mamba2" if cfg.layers is not None and not cfg.layers.feed_forward else "bamba"
     if cfg.moe is not None and cfg.family == "decoder":
         return "qwen3_moe" if cfg.qk_norm else "mixtral"
     if cfg.family == "encoder":
@@ -117,6 +119,10 @@ _REQUIRED["qwen3_next"] = _REQUIRED["qwen3"] | {"qk_norm": True, "qk_norm_scope"
 # Qwen2: Llama with biases on q/k/v only; Phi-3: Llama without biases, chosen by name (hf_architecture)
 _REQUIRED["qwen2"] = _REQUIRED["llama"] | {"bias": True, "bias_scope": "qkv"}
 _REQUIRED["phi3"] = _REQUIRED["llama"] | {"bias": False, "hf_architecture": "phi3"}
+# Mamba-2: RMSNorm pre-norm blocks around the mixer alone (no attention, no MLP, no biases); Bamba: Llama's
+# attention and MLP beside Mamba-2 mixers, its RoPE hard-coded to half of each head (partial_rotary_factor 0.5)
+_REQUIRED["mamba2"] = {"norm": "rmsnorm", "norm_position": "pre", "qk_norm": False, "bias": False}
+_REQUIRED["bamba"] = _REQUIRED["llama"] | {"rope_fraction": 0.5}
 # MoE fields each MoE family fixes: both route with a softmax over all experts and top-k, have no shared experts,
 # no expert groups, no selection bias and no weight scale, and are dropless (transformers runs every chosen
 # expert; Loom's capacity dropping applies in eval too, so a capped model would compute something else).
@@ -220,7 +226,13 @@ _EXTRA: dict[str, dict[str, Any]] = {
     | {"sliding_window": None, "full_attention_layers": None, "attention_softcap": None},
     "olmo2": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None},
     "olmo3": _ABSENT | {"softmax_scale": "inv_sqrt_dk"},
+    "mamba2": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None},
+    "bamba": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None, "rope_scaling": "none"},
 }
+_MIXERS = {"mamba2": {"mamba2"}, "bamba": {"mamba2", "attention"}}
+"""The block mixers (model.layers.pattern) each Mamba family has a layer kind for."""
+_MIXER_ONLY_BLOCKS = {"mamba2"}
+"""Families whose blocks hold their mixer alone (no feed-forward); every other family has one per block."""
 _LAYER_PATTERN = {"gemma2", "olmo3"}
 """Families whose transformers config has per-layer `layer_types`: Loom's full_attention_layers maps onto it."""
 
@@ -228,8 +240,8 @@ _LAYER_PATTERN = {"gemma2", "olmo3"}
 def _derived_rules(cfg: ModelConfig, family: str) -> list[str]:
     """Rules beyond fixed field values: head shapes the family hard-codes, MLP width, token types, gelu form."""
     only = {} if family.startswith("gemma") or family == "qwen3_next" else dict(_GEMMA_ONLY)
-    if family != "qwen3_next":
-        only |= _QWEN3_NEXT_ONLY
+    if family != "qwen3_next":  # (Bamba's _REQUIRED rope_fraction 0.5 stands)
+        only |= {k: v for k, v in _QWEN3_NEXT_ONLY.items() if k not in _REQUIRED[family]}
     if family in _LAYER_PATTERN:
         only.pop("full_attention_layers", None)
     extra = _EXTRA.get(family, {}) | only
@@ -251,10 +263,32 @@ def _derived_rules(cfg: ModelConfig, family: str) -> list[str]:
         wrong.append(f"model.gelu_approximate={cfg.gelu_approximate!r} (needs 'tanh' for gated-gelu)")
     if getattr(cfg, "moe", None) is not None and family in _EXTRA and family not in _MOE_REQUIRED:
         wrong.append(f"model.moe (family {family} is dense)")
+    if family in _MIXERS:
+        wrong += _mamba_rules(cfg, family)
     return wrong
 
 
-_MIXERS_ALLOWED = {"gemma3_text": {"attention", "attention_local"}, "qwen3_next": {"gdn", "attention"}}
+def _mamba_rules(cfg: ModelConfig, family: str) -> list[str]:
+    """Mamba2Config / BambaConfig size the mixer as an integer `expand` x hidden_size; their block kinds; Mamba-2
+    blocks have no MLP and (without attention) no positions, Bamba's always have an MLP."""
+    wrong = []
+    m = cfg.mamba2
+    if m is not None and m.inner % cfg.d_model:
+        wrong.append(
+            f"model.mamba2.heads={m.heads} (heads x head_dim = {m.inner} must be a multiple of d_model "
+            f"{cfg.d_model}: transformers' integer expand)"
+        )
+    if family == "mamba2" and cfg.position not in ("rope", "none"):
+        wrong.append(
+            f"model.position={cfg.position!r} (needs 'none' or 'rope': Mamba-2 has no position weights)"
+        )
+    return wrong
+
+
+_MIXERS_ALLOWED = {
+    "gemma3_text": {"attention", "attention_local"},
+    "qwen3_next": {"gdn", "attention"},
+} | _MIXERS
 """Block mixers (model.layers.pattern) a family's layer kinds name; every other family has attention only."""
 
 
@@ -266,8 +300,10 @@ def _mixer_rules(cfg: ModelConfig, family: str) -> list[str]:
     wrong = []
     if not set(cfg.mixers) <= allowed:
         wrong.append(f"model.layers.pattern={layers.pattern!r} (needs only {' / '.join(sorted(allowed))})")
-    if not layers.feed_forward:
-        wrong.append("model.layers.feed_forward=False (needs true: every block has a feed-forward)")
+    mixer_only = family in _MIXER_ONLY_BLOCKS
+    if layers.feed_forward == mixer_only:
+        need = "false: its blocks have no MLP" if mixer_only else "true: every block has a feed-forward"
+        wrong.append(f"model.layers.feed_forward={layers.feed_forward} (needs {need})")
     return wrong
 
 
@@ -312,6 +348,8 @@ def hf_config(cfg: ModelConfig) -> tuple[str, Any]:
         "gemma3_text": _gemma3,
         "olmo2": _olmo2,
         "olmo3": _olmo3,
+        "mamba2": _mamba2,
+        "bamba": _bamba,
     }[family]
     class_name, config_name, kwargs = builder(cfg)
     config = getattr(transformers, config_name)(**kwargs)
@@ -337,6 +375,63 @@ def _olmo3(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
         "rope_parameters": {kind: _rope_parameters(cfg) for kind in ("full_attention", "sliding_attention")},
     }
     return "Olmo3ForCausalLM", "Olmo3Config", kwargs
+
+
+def _mamba2(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
+    m = cfg.mamba2
+    assert m is not None
+    kwargs = {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_heads": m.heads,
+        "head_dim": m.head_dim,
+        "state_size": m.state_dim,
+        "n_groups": m.groups,
+        "conv_kernel": m.conv_kernel,
+        "use_conv_bias": m.conv_bias,
+        "use_bias": False,
+        "chunk_size": m.chunk_size,
+        "expand": m.inner // cfg.d_model,
+        "layer_norm_epsilon": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        # numerics of a half-precision HF model only (transformers' default); no weight depends on it
+        "residual_in_fp32": True,
+        "time_step_min": m.dt_min,
+        "time_step_max": m.dt_max,
+        # its defaults (pad 1, bos 0, eos 2) belong to another vocabulary; an export sets the tokenizer's
+        "pad_token_id": None,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    }
+    return "Mamba2ForCausalLM", "Mamba2Config", kwargs
+
+
+def _bamba(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
+    m = cfg.mamba2
+    assert m is not None
+    kwargs = _decoder_common(cfg) | {
+        "attention_bias": cfg.bias,
+        "mlp_bias": cfg.bias,
+        "attention_dropout": cfg.attention_dropout,
+        # BambaConfig forces partial_rotary_factor 0.5 (the required rope_fraction)
+        "rope_parameters": _rope_parameters(cfg) | {"partial_rotary_factor": cfg.rope_fraction},
+        "attn_layer_indices": [i for i, name in enumerate(cfg.mixers) if name == "attention"],
+        "mamba_n_heads": m.heads,
+        "mamba_d_head": m.head_dim,
+        "mamba_n_groups": m.groups,
+        "mamba_d_state": m.state_dim,
+        "mamba_d_conv": m.conv_kernel,
+        "mamba_expand": m.inner // cfg.d_model,
+        "mamba_chunk_size": m.chunk_size,
+        "mamba_conv_bias": m.conv_bias,
+        "mamba_proj_bias": False,
+        "pad_token_id": None,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    }
+    return "BambaForCausalLM", "BambaConfig", kwargs
 
 
 def _decoder_common(cfg: ModelConfig) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import torch
 from framework.config.errors import ConfigError
 from framework.config.schema import ModelConfig, Recipe
 from framework.convert.hf import (
+    bamba,
     bert,
     bloom,
     gemma,
@@ -24,6 +25,7 @@ from framework.convert.hf import (
     gemma3,
     gpt2,
     llama,
+    mamba2,
     mistral,
     mixtral,
     olmo2,
@@ -58,6 +60,8 @@ FAMILIES: dict[str, ModuleType] = {
     "gemma3_text": gemma3,
     "olmo2": olmo2,
     "olmo3": olmo2,  # OLMo 3 is OLMo 2 with per-layer windows (layer_types)
+    "mamba2": mamba2,
+    "bamba": bamba,
 }
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from framework.config.errors import ConfigError
 from framework.config.schema import ModelConfig
 from framework.convert.hf.mapping import Rename, copy, rope
+from framework.models.positions import rotary_dim
 
 LAYER = "model.layers.{i}."
 
@@ -17,13 +18,14 @@ def _kinds(bias: bool) -> list[str]:
 
 
 def attention(cfg: ModelConfig, i: int) -> list[Rename]:
-    """q/k rows are permuted into HF's half-rotated RoPE layout; GQA heads keep their order (both sides serve
+    """q/k rows (the rotated ones, rope_fraction of each head) are permuted into HF's half-rotated RoPE layout; GQA heads keep their order (both sides serve
     query head h from kv head h // (n_heads / kv_heads))."""
     src, dst = f"layers.{i}.attention.", LAYER.format(i=i) + "self_attn."
+    rotated = rotary_dim(cfg)  # partial rotary (Bamba): the other channels stay in place
     out = []
     for kind in _kinds(cfg.bias):
-        out += [rope(f"{src}wq.{kind}", f"{dst}q_proj.{kind}", cfg.n_heads)]
-        out += [rope(f"{src}wk.{kind}", f"{dst}k_proj.{kind}", cfg.resolved_kv_heads)]
+        out += [rope(f"{src}wq.{kind}", f"{dst}q_proj.{kind}", cfg.n_heads, rotated)]
+        out += [rope(f"{src}wk.{kind}", f"{dst}k_proj.{kind}", cfg.resolved_kv_heads, rotated)]
         out += [copy(f"{src}wv.{kind}", f"{dst}v_proj.{kind}")]
     # Qwen2 (bias_scope qkv) has no o_proj bias
     out += [copy(f"{src}wo.{k}", f"{dst}o_proj.{k}") for k in _kinds(cfg.dense_bias)]
