@@ -31,6 +31,7 @@ def summary(recipe: Recipe) -> str:
         f"parameters: total {counts['total']:,} ({_human(counts['total'])}), active {counts['active']:,}, "
         f"embedding {counts['embedding']:,}, non-embedding {counts['non_embedding']:,}",
         *_moe_lines(recipe, counts),
+        *_mixer_lines(recipe),
         f"training FLOPs per token (seq_len {recipe.data.seq_len}): {_human(flops)}"
         + (" with active experts only" if recipe.model.moe else "")
         + " (see docs/flops.md)",
@@ -91,6 +92,18 @@ def _fit_line(recipe: Recipe) -> str:
     return (
         f"memory fit on {fit.where}: {verdict} (needs {_gib(fit.need)} for {fit.what}, has {_gib(fit.limit)})"
     )
+
+
+def _mixer_lines(recipe: Recipe) -> list[str]:
+    """The blocks of each sequence mixer of a model.layers pattern, with their token-mixing training FLOPs per
+    token (attention grows with seq_len, the recurrent mixers do not); nothing without a pattern."""
+    from framework.models.flops import mixing_flops_by_mixer
+
+    if recipe.model.layers is None or recipe.model.family != "decoder":
+        return []
+    by_mixer = mixing_flops_by_mixer(recipe.model, recipe.data.seq_len)
+    parts = [f"{blocks} {name} ({_human(3 * flops)})" for name, (blocks, flops) in by_mixer.items()]
+    return ["mixers: " + ", ".join(parts) + " blocks (token-mixing training FLOPs per token)"]
 
 
 def _moe_lines(recipe: Recipe, counts: dict[str, int]) -> list[str]:

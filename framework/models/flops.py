@@ -253,6 +253,17 @@ def _single_stack_flops(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     return {"matmul": matmul, "attention": seq_len * mixing}
 
 
+def mixing_flops_by_mixer(cfg: ModelConfig, seq_len: int) -> dict[str, tuple[int, float]]:
+    """Decoder stack: mixer name -> (blocks, forward token-mixing FLOPs per token summed over those blocks), the
+    `attention` term of forward_flops_breakdown split by mixer (`loom check` lists it)."""
+    out: dict[str, tuple[int, float]] = {}
+    for i in range(cfg.n_layers):
+        entry = mixers.mixer_of(cfg, i)
+        blocks, total = out.get(entry.name, (0, 0.0))
+        out[entry.name] = (blocks + 1, total + entry.mixing_flops(cfg, seq_len, mixers.layer_window(cfg, i)))
+    return out
+
+
 def _encoder_decoder_flops(cfg: ModelConfig, enc_len: int, dec_len: int) -> dict[str, float]:
     """Bidirectional encoder over enc_len tokens; causal decoder over dec_len tokens with cross-attention to
     every encoder position; the head over the decoder tokens."""

@@ -65,3 +65,16 @@ def test_a_one_device_recipe_has_no_cluster_lines(capsys: pytest.CaptureFixture[
     code, out, err = check(capsys, "debug.yaml")
     assert code == 0, err
     assert "layout on" not in out and "launch.gpu" not in out
+
+
+def test_a_hybrid_recipe_lists_its_mixers(capsys: pytest.CaptureFixture[str]) -> None:
+    """Blocks per mixer and their token-mixing FLOPs: the 3:1 Qwen3-Next pattern over 48 blocks, the sums of the
+    registry's formulas (framework/models/mixers.py) times 3 for training."""
+    from framework.models.mixers import MIXERS
+
+    code, out, err = check(capsys, "qwen3-next-style.yaml")
+    assert code == 0, err
+    cfg = load_recipe(RECIPES / "qwen3-next-style.yaml").model
+    gdn = 3 * 36 * MIXERS["gdn"].mixing_flops(cfg, 4096, None) / 1e6
+    line = next(line for line in out.splitlines() if line.startswith("mixers: "))
+    assert line.startswith(f"mixers: 36 gdn ({gdn:.2f}M), 12 attention ("), line

@@ -129,3 +129,30 @@ def test_pattern_mistakes_name_the_key(layers, extra, key):
     with pytest.raises(ConfigError) as err:
         dataclasses.replace(BASE, layers=layers, **extra).validate()
     assert err.value.key == key
+
+
+@pytest.mark.parametrize("seq", [64, 200, 512])
+def test_recurrent_mixing_flops_equal_torch_flop_counter(seq):
+    """The registry's token-mixing formulas against torch's FlopCounterMode on the chunked ops themselves
+    (linear in seq_len: the per-token count does not grow with the sequence once it spans a chunk)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from framework.models.gdn import chunked_gated_delta_rule
+    from framework.models.mamba2 import chunked_ssd
+    from framework.models.mixers import MIXERS
+
+    heads, dk, dv, chunk = 3, 8, 12, 32
+    cfg = dataclasses.replace(
+        BASE, gdn=GDNConfig(heads=heads, key_head_dim=dk, value_head_dim=dv, chunk_size=chunk),
+        mamba2=Mamba2Config(heads=heads, head_dim=dv, state_dim=dk, chunk_size=chunk),
+    )  # fmt: skip
+    q, k, v = torch.randn(1, seq, heads, dk), torch.randn(1, seq, heads, dk), torch.randn(1, seq, heads, dv)
+    g, beta = -torch.rand(1, seq, heads), torch.rand(1, seq, heads)
+    with FlopCounterMode(display=False) as gdn_count:
+        chunked_gated_delta_rule(q, k, v, g, beta, chunk_size=chunk)
+    bm, cm = torch.randn(1, seq, 1, dk), torch.randn(1, seq, 1, dk)
+    with FlopCounterMode(display=False) as mamba_count:
+        chunked_ssd(v, torch.rand(1, seq, heads), -torch.rand(heads), bm, cm, chunk)
+    padded = -(-seq // chunk) * chunk  # the ops compute whole chunks
+    assert gdn_count.get_total_flops() == padded * MIXERS["gdn"].mixing_flops(cfg, padded, None)
+    assert mamba_count.get_total_flops() == padded * MIXERS["mamba2"].mixing_flops(cfg, padded, None)
