@@ -1,14 +1,11 @@
 """Sequence mixers: forward+backward time per token of attention, Gated DeltaNet and Mamba-2 (issue 23).
 
-Each mixer (framework.models.mixers registry: `attention` = full causal SDPA, `gdn`, `mamba2`) is built at the
-same width (d_model, `--heads` heads of `--head-dim` channels: attention's q/k/v heads, GDN's key and value
-heads, Mamba-2's heads with state_dim = head_dim) and timed on one random [1, seq, d_model] input: the median
-wall time of `--repeats` forward+backward passes after one warm-up. Printed per mixer and seq: ms, us per token
-and the ratio to attention at that seq; then, for the linear mixers, time(longest seq) / time(the seq before it)
-against 1.15 x their length ratio (4.6 for 8192 / 2048: within 15% of linear). Then the chunked ops against the
-token-by-token recurrences (gdn.naive_gated_delta_rule, mamba2.naive_ssd) at `--ops-seq`, forward+backward
-(`--ops-forward-only`: forward), target >= 20x. With `--device cuda` also the kernel libraries (FLA,
-mamba_ssm) against the PyTorch chunked ops, forward+backward, when they import.
+Each registry mixer (attention = full causal SDPA, gdn, mamba2) at the same width (`--heads` x `--head-dim`; Mamba-2's
+state_dim = head_dim) on one random [1, seq, d_model] input: median time (`--clock` wall or CPU) of `--repeats`
+passes after a warm-up, per token and against attention; the linear mixers' time(longest seq) / time(the one
+before) against 1.15 x the length ratio (4.6 for 8k / 2k). Then the chunked ops against the token-by-token
+recurrences at `--ops-seq` (target >= 20x), and with `--device cuda` (bf16) the kernel libraries (FLA, mamba_ssm)
+against the PyTorch chunked ops when they import. Results: docs/benchmarks.md, "Sequence mixers (issue 23)".
 
     python benchmarks/mixers.py [--seqs 512,2048,8192] [--repeats 3] [--threads N] [--quick] [--device cuda]
 """
@@ -34,6 +31,7 @@ LINEAR_SLACK = 1.15  # the scaling target: within 15% of linear in seq
 OPS_TARGET = 20.0  # chunked >= 20x the token-by-token recurrence
 QUICK = {"seqs": "64,256", "repeats": 1, "d_model": 64, "heads": 2, "head_dim": 32, "ops_seq": 128}
 """--quick: seconds on a CPU; overheads dominate at these sizes, so its PASS/FAIL lines judge nothing."""
+VERDICT = {True: "PASS", False: "FAIL"}
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
@@ -49,10 +47,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads")
     p.add_argument("--device", default="cpu")
     p.add_argument(
-        "--clock",
-        choices=("wall", "cpu"),
-        default="wall",
-        help="cpu: this process's CPU time (all threads), steadier than wall time on a loaded machine",
+        "--clock", choices=tuple(CLOCKS), default="wall", help="cpu: process CPU time (loaded hosts)"
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, the targets not meaningful")
     args = p.parse_args(argv)
@@ -74,9 +69,7 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     )  # fmt: skip
 
 
-def median_time(
-    step: Callable[[], None], args: argparse.Namespace, repeats: int | None = None, warmup: int = 1
-):
+def median_time(step: Callable[[], None], args: argparse.Namespace, repeats: int | None = None, warmup=1):
     """Median seconds (args.clock) of `step` over `repeats` (args.repeats) calls after `warmup` ones; CUDA is
     synchronised around each call."""
     clock, cuda, times = CLOCKS[args.clock], args.device.startswith("cuda"), []
@@ -120,12 +113,14 @@ def ops_inputs(op: str, seq: int, args: argparse.Namespace) -> tuple[torch.Tenso
     else:  # x, dt > 0, A < 0, B, C (one group)
         raw = (rand(1, seq, h, d), torch.rand(1, seq, h, generator=gen) * 0.1, -torch.rand(h, generator=gen) - 0.5,
                rand(1, seq, 1, d), rand(1, seq, 1, d))  # fmt: skip
-    return tuple(t.to(args.device, args.dtype).requires_grad_() for t in raw)
+    wide = {3} if op == "gdn" else {1, 2}  # g, or dt and A: float32 in any dtype, as the modules pass them
+    dtypes = [torch.float32 if i in wide else args.dtype for i in range(len(raw))]
+    return tuple(t.to(args.device, dt).requires_grad_() for t, dt in zip(raw, dtypes, strict=True))
 
 
-def op_step(
-    fn: Callable[..., tuple[torch.Tensor, torch.Tensor]], inputs, backward: bool
-) -> Callable[[], None]:
+def op_step(fn: Callable[..., tuple[torch.Tensor, ...]], inputs, backward: bool) -> Callable[[], None]:
+    """One call of a scan op (forward, or forward+backward of a scalar of its output)."""
+
     def step() -> None:
         for t in inputs:
             t.grad = None
@@ -158,16 +153,16 @@ def kernel_fn(op: str) -> tuple[Callable | None, str]:
     return (lambda x, dt, A, B, C: (kernel.chunk_scan(x, dt, A, B, C, None, 64), None)), "mamba_ssm"
 
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
+def load_average() -> str:
+    """1, 5 and 15 minute load averages: how shared the machine was while it ran."""
+    return " ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
 
 
 def report_mixers(args: argparse.Namespace) -> None:
     cfg = model_config(args)
     times: dict[tuple[str, int], float] = {}
-    print(
-        "| mixer | seq | ms per fwd+bwd | us per token | ratio to attention |\n| --- | --- | --- | --- | --- |"
-    )
+    print("| mixer | seq | ms per fwd+bwd | us per token | ratio to attention |")
+    print("| --- | --- | --- | --- | --- |")
     for seq in args.seqs:
         for name in MIXER_NAMES:
             times[name, seq] = t = median_time(mixer_step(name, cfg, seq, args), args)
@@ -179,9 +174,8 @@ def report_mixers(args: argparse.Namespace) -> None:
     target = LINEAR_SLACK * long / short
     for name in ("gdn", "mamba2"):
         ratio = times[name, long] / times[name, short]
-        print(
-            f"{name}: time({long}) / time({short}) = {ratio:.2f}, target <= {target:.2f}: {verdict(ratio <= target)}"
-        )
+        print(f"{name}: time({long}) / time({short}) = {ratio:.2f}, "
+              f"target <= {target:.2f}: {VERDICT[ratio <= target]}")  # fmt: skip
 
 
 def report_ops(args: argparse.Namespace) -> None:
@@ -195,7 +189,7 @@ def report_ops(args: argparse.Namespace) -> None:
         naive = median_time(op_step(fns["naive"], inputs, not args.ops_forward_only), args, 1, 0)
         speedup = naive / chunked
         print(f"{op}: chunked {chunked * 1e3:.2f} ms, naive {naive * 1e3:.2f} ms, speedup {speedup:.1f}x, "
-              f"target >= {OPS_TARGET:.0f}x: {verdict(speedup >= OPS_TARGET)}")  # fmt: skip
+              f"target >= {OPS_TARGET:.0f}x: {VERDICT[speedup >= OPS_TARGET]}")  # fmt: skip
 
 
 def report_kernels(args: argparse.Namespace) -> None:
@@ -210,17 +204,15 @@ def report_kernels(args: argparse.Namespace) -> None:
         inputs = ops_inputs(op, seq, args)
         lib = median_time(op_step(fn, inputs, True), args)
         torch_t = median_time(op_step(op_fns(op, 64)["chunked"], inputs, True), args)
-        print(
-            f"{op}: {name} {lib * 1e3:.2f} ms, PyTorch chunked {torch_t * 1e3:.2f} ms, ratio {torch_t / lib:.1f}x"
-        )
+        print(f"{op}: {name} {lib * 1e3:.2f} ms, PyTorch chunked {torch_t * 1e3:.2f} ms, "
+              f"ratio {torch_t / lib:.1f}x")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     torch.set_num_threads(args.threads)
-    load = "n/a" if not hasattr(os, "getloadavg") else " ".join(f"{v:.1f}" for v in os.getloadavg())
     print(f"torch {torch.__version__}, {args.device}, {args.dtype}, threads {args.threads}, {args.clock} clock, "
-          f"load average {load}")  # fmt: skip
+          f"load average {load_average()}")  # fmt: skip
     print(
         f"d_model {args.d_model}, {args.heads} heads x {args.head_dim}, batch 1, repeats {args.repeats} (median)"
     )
@@ -228,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     report_ops(args)
     if args.device.startswith("cuda"):
         report_kernels(args)
-    print(f"load average at the end: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    print(f"load average at the end: {load_average()}")
 
 
 if __name__ == "__main__":
