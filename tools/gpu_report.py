@@ -17,6 +17,7 @@ from typing import Any
 
 BEGIN, END = "<!-- gpu-session:begin -->", "<!-- gpu-session:end -->"
 PHASES = ("env", "smoke", "gpu_tests", "throughput", "fp8", "profile")
+OPTIONAL = ("mixers",)  # phases run only when `--only` names them: reported when their JSON is there
 
 
 def load(folder: Path) -> dict[str, dict[str, Any]]:
@@ -25,6 +26,10 @@ def load(folder: Path) -> dict[str, dict[str, Any]]:
     for name in PHASES:
         path = folder / f"{name}.json"
         out[name] = json.loads(path.read_text()) if path.exists() else {"status": "missing"}
+    for name in OPTIONAL:
+        path = folder / f"{name}.json"
+        if path.exists():
+            out[name] = json.loads(path.read_text())
     return out
 
 
@@ -36,6 +41,7 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         _tests(results["gpu_tests"]),
     ]
     parts += [_throughput(results["throughput"]), _fp8(results["fp8"]), _profile(results["profile"])]
+    parts.append(_mixers(results.get("mixers", {})))
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
@@ -142,6 +148,12 @@ def _profile(profile: dict[str, Any]) -> str:
             "| kernel / op | ms | calls |", "| --- | --- | --- |"]  # fmt: skip
     rows += [f"| `{k['name'][:90]}` | {k['ms']:.2f} | {k['calls']} |" for k in profile["top_kernels"]]
     return "\n".join(rows)
+
+
+def _mixers(mixers: dict[str, Any]) -> str:
+    if not mixers.get("output"):
+        return ""
+    return "\n".join([f"Sequence mixers (`{mixers['command']}`):", "", "```", *mixers["output"], "```"])
 
 
 def update(doc: Path, section: str) -> None:

@@ -12,6 +12,9 @@ less than its minimum is left of the whole budget, and stopped at its budget):
               tokens/s, TFLOP/s and MFU per GPU, peak memory beside the memory model's estimate
   fp8         torchao float8 (tensorwise, rowwise; TE when importable) against bf16 on the same recipe
   profile     one steady step of the fastest configuration: a Chrome trace and the top 15 kernels
+  mixers      (only with --only: the phases above already bring back the device tool's 8 files) benchmarks/
+              mixers.py on CUDA: attention / GDN / Mamba-2 fwd+bwd per token, chunked vs naive ops, and the
+              kernel libraries (FLA, mamba_ssm) vs the PyTorch chunked ops when they import
 
 Every phase writes DIR/<phase>.json ({"status": ok | failed | skipped | timeout, "seconds", "reason", ...});
 the log is DIR/session.log and the trace DIR/trace.json.gz: eight files at most, what the device tool brings
@@ -71,6 +74,9 @@ class Phase:
     name: str
     budget_s: float  # stopped after this long
     min_s: float  # skipped when less than this is left of the session
+    default: bool = (
+        True  # False: runs only when --only names it (the default run's files are at the cap of 8)
+    )
 
 
 PHASES = (
@@ -80,6 +86,7 @@ PHASES = (
     Phase("throughput", 200, 60),
     Phase("fp8", 90, 40),
     Phase("profile", 40, 20),
+    Phase("mixers", 40, 20, default=False),
 )
 
 
@@ -119,7 +126,7 @@ def run_session(out: Path, *, budget: float, dry_run: bool, only: set[str] | Non
     log = out / "session.log"
     statuses = {}
     for phase in PHASES:
-        if only is not None and phase.name not in only:
+        if (phase.name not in only) if only is not None else not phase.default:
             continue
         left = deadline - time.monotonic()
         if left < phase.min_s:
@@ -593,6 +600,40 @@ def phase_profile(ctx: Context) -> dict[str, Any]:
     return result
 
 
+# benchmarks/mixers.py: on CUDA the scaling (2k -> 8k) and kernel comparisons at real sizes (seconds on an H200; 512
+# dropped to keep the phase short); the dry run is its --quick CPU smoke run.
+MIXERS_ARGS = ["--device", "cuda", "--seqs", "2048,8192", "--repeats", "5"]
+DRY_MIXERS_ARGS = ["--quick", "--threads", "1", "--clock", "cpu"]
+
+
+def phase_mixers(ctx: Context) -> dict[str, Any]:
+    """benchmarks/mixers.py in a child process; its output lines (tables, PASS/FAIL) are the result."""
+    args = DRY_MIXERS_ARGS if ctx.dry_run else MIXERS_ARGS
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "mixers.py"), *args]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    result: dict[str, Any] = {"command": "python benchmarks/mixers.py " + " ".join(args)}
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=max(5.0, ctx.left() - 3)
+        )
+    except subprocess.TimeoutExpired as err:  # keep the lines printed so far
+        out = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+        return {
+            **result,
+            "status": "timeout",
+            "reason": "stopped at the phase's limit",
+            "output": out.splitlines(),
+        }
+    result.update(exit_status=proc.returncode, output=proc.stdout.splitlines(), tail=proc.stderr[-2000:])
+    result["verdicts"] = [line for line in result["output"] if line.endswith(("PASS", "FAIL"))]
+    if proc.returncode != 0:
+        result.update(status="failed", reason=f"exit status {proc.returncode} (tail)")
+    return result
+
+
 PHASE_FUNCTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "env": phase_env,
     "smoke": phase_smoke,
@@ -600,6 +641,7 @@ PHASE_FUNCTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "throughput": phase_throughput,
     "fp8": phase_fp8,
     "profile": phase_profile,
+    "mixers": phase_mixers,
 }
 
 

@@ -185,10 +185,13 @@ def chunked_gated_delta_rule(
     qg = (t.carry * t.G.exp())[..., None] * qc  # diag(c exp(G)) Q
     attn = t.decay * (qc @ t.kc.transpose(-1, -2))  # (D o Q K^T), j <= t
     state, outs = _initial(initial_state, k, v), []
-    for n in range(qc.shape[2]):
-        u = uv[:, :, n] - t.w[:, :, n] @ state
-        outs.append(qg[:, :, n] @ state + attn[:, :, n] @ u)
-        state = t.end_decay[:, :, n, None, None] * state + t.kd[:, :, n].transpose(-1, -2) @ u
+    # unbind, not x[:, :, n]: each select's backward writes a zero tensor of the whole input, which made the
+    # backward quadratic in the number of chunks (unbind's backward is one stack)
+    per_chunk = (x.unbind(2) for x in (uv, t.w, qg, attn, t.end_decay, t.kd))
+    for uv_n, w_n, qg_n, attn_n, decay_n, kd_n in zip(*per_chunk, strict=True):
+        u = uv_n - w_n @ state
+        outs.append(qg_n @ state + attn_n @ u)
+        state = decay_n[..., None, None] * state + kd_n.transpose(-1, -2) @ u
     o = torch.cat(outs, 2)[:, :, :s]
     return o.transpose(1, 2).to(out_dtype), state
 
@@ -212,9 +215,8 @@ def chunk_state_transition(
     t = _chunk_terms(k, g, beta, starts, chunk_size)
     eye = torch.eye(k.shape[-1], dtype=dtype, device=k.device)
     m = eye.expand(*k.shape[:2], -1, -1)
-    for n in range(t.kc.shape[2]):
-        step = t.end_decay[:, :, n, None, None] * eye - t.kd[:, :, n].transpose(-1, -2) @ t.w[:, :, n]
-        m = step @ m
+    for decay_n, kd_n, w_n in zip(t.end_decay.unbind(2), t.kd.unbind(2), t.w.unbind(2), strict=True):
+        m = (decay_n[..., None, None] * eye - kd_n.transpose(-1, -2) @ w_n) @ m  # unbind: see above
     return m
 
 

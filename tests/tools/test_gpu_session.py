@@ -61,6 +61,7 @@ def test_every_phase_runs_and_at_most_eight_files_come_back(dry_run) -> None:
         assert result["seconds"] > 0
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8, files  # the device tool brings back 8 files at most
+    assert "mixers.json" not in files  # an opt-in phase (--only): the default run is at the cap
     assert "session.log" in files and "trace.json.gz" in files
 
 
@@ -136,6 +137,17 @@ def test_report_renders_every_phase_and_replaces_only_its_section(dry_run, tmp_p
     head, tail = original.split(report.BEGIN)[0], original.split(report.END)[1]
     new = doc.read_text()
     assert new.startswith(head + report.BEGIN) and new.endswith(report.END + tail) and text in new
+
+
+def test_mixers_phase_runs_when_named_and_is_reported(tmp_path) -> None:
+    assert session.run_session(tmp_path, budget=60, dry_run=True, only={"mixers"}) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mixers.json", "session.log"]
+    mixers = _phase(tmp_path, "mixers")
+    assert mixers["status"] == "ok" and mixers["exit_status"] == 0 and "--quick" in mixers["command"]
+    assert [v.split(":")[0] for v in mixers["verdicts"]] == ["gdn", "mamba2", "gdn", "mamba2"]
+    assert sum(line.startswith(("| attention |", "| gdn |", "| mamba2 |")) for line in mixers["output"]) == 6
+    text = report.render(report.load(tmp_path))
+    assert "Sequence mixers (`python benchmarks/mixers.py --quick" in text and mixers["verdicts"][0] in text
 
 
 def test_a_session_short_of_time_skips_phases_with_the_reason(tmp_path) -> None:
