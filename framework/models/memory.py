@@ -401,12 +401,10 @@ def mamba2_activation_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape) -> int:
     total = _conv_bytes(s, shape, channels, m.conv_kernel, 3, weight_copies=False)  # x, B, C
     total += b * seq * m.heads * FP32 + 2 * m.heads * FP32  # softplus input; A = -exp(A_log) and exp's result
     total += _ssd_bytes(m, s, b, seq)
-    gated_norm = (
-        5 * inner * FP32 + m.groups * FP32
-    )  # y + D x, z, silu(z), their product, normed (fp32); rsqrt
-    return total + b * seq * (
-        inner * FP32 + gated_norm + inner * c
-    )  # and the D skip's fp32 x, out_proj's input
+    # the gated norm: y + D x, z, silu(z), their product and the normed tensor in fp32, rsqrt per group
+    gated_norm = 5 * inner * FP32 + m.groups * FP32
+    skip_and_out = inner * (FP32 + c)  # the D skip's fp32 x; out_proj's input
+    return total + b * seq * (gated_norm + skip_and_out)
 
 
 def _ssd_bytes(m: Mamba2Config, s: _Sizes, b: int, seq: int) -> int:
