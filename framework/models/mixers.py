@@ -1,5 +1,5 @@
 """The registry of sequence mixers: what each name of `model.layers.pattern` builds, where its parameters live,
-which context it reads, and its parameter, FLOP and parallelism facts.
+which context it reads, and its parameter, FLOP, activation-memory and parallelism facts.
 
 A block holds exactly one mixer, under the attribute its entry names (`attention`, `gdn`, `mamba`), so
 parameter names are stable per layer index (`layers.3.gdn.wq.weight`) and pipeline stages can still drop
