@@ -36,6 +36,11 @@ Activation Recomputation in Large Transformer Models", section 4), but every ter
 * MLPs: SwiGLU / GeGLU keep the gate input, the activation output, the up projection and their product (w2's
   input); GELU keeps its input and output; ReLU only its output (which is also w2's input).
 * Dropout (p > 0): on CPU the noise tensor in the input's dtype, on CUDA a bool mask (native_dropout).
+* Recurrent mixers (Gated DeltaNet, Mamba-2; the registry's `activation_bytes`, framework/models/mixers.py): the
+  depthwise conv's input and padded output, the gates, and the PyTorch chunked forms' chunk terms: per chunk and
+  head a few C x C matrices, per chunk boundary one state (GDN dk x dv, Mamba-2 head_dim x state_dim), and the
+  matmul operands they keep (cast copies under autocast). Linear in the sequence length but for Mamba-2's
+  (chunks + 1)^2 decay matrix. Blocks without a feed-forward (model.layers.feed_forward false) keep one norm.
 * Embeddings keep their index tensors; cross-entropy keeps the fp32 log-softmax [tokens, vocab] and the labels;
   the z-loss also keeps the fp32 logits, final-logit soft-capping tanh's output. Sandwich norms (Gemma 2) add
   two norms per block over the branch outputs; Gemma's (1 + w) RMSNorm keeps its normed tensor in fp32.
@@ -55,14 +60,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from framework.config.errors import ConfigError
-from framework.config.schema import ModelConfig, ParallelConfig, Recipe
+from framework.config.schema import GDNConfig, Mamba2Config, ModelConfig, ParallelConfig, Recipe
 from framework.data.objectives import span_corruption_lengths
 from framework.gpus import gpu_named
 from framework.models.flops import GATED_MLPS, block_params, matmul_params, param_counts
+from framework.models.mixers import MIXERS, Mixer, layer_window, local_config, mixer_of
 
 FP32 = 4
 INDEX = 8  # int64 token / position / bucket ids
@@ -221,6 +228,13 @@ def _attention_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape, k_len: int, *, 
     return total + _probs_bytes(cfg, b * h * sq * k_len, s.compute, FP32)
 
 
+def attention_activation_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape) -> int:
+    """Self-attention's entry of the mixer registry: `_attention_bytes` over the block's own sequence, and the
+    output gate (model.attention_gate: out * sigmoid(wg x)) keeps sigmoid's output and the product wo reads."""
+    gate = 2 * shape.tokens * cfg.n_heads * cfg.resolved_head_dim * s.compute if cfg.attention_gate else 0
+    return _attention_bytes(cfg, s, shape, shape.seq) + gate
+
+
 def keeps_score_tensor(cfg: ModelConfig, cpu: bool) -> bool:
     """Whether a fused attention call keeps a dense [B, 1 or H, Sq, Sk] mask or bias for backward. Assumption
     for CUDA (issue 20 item 5, framework/models/attention.py): every masked or biased case (window, documents,
@@ -290,30 +304,176 @@ def _moe_bytes(cfg: ModelConfig, s: _Sizes, tokens: int) -> int:
     return router + routed + shared
 
 
-def _ffn_bytes(cfg: ModelConfig, s: _Sizes, tokens: int) -> int:
-    """Feed-forward bytes of one block, averaged over the stack's dense and MoE blocks."""
-    if cfg.moe is None:
-        return _mlp_bytes(cfg, s, tokens)
-    moe_layers = len(cfg.moe_layers)
-    dense = (cfg.n_layers - moe_layers) * _mlp_bytes(cfg, s, tokens)
-    return (dense + moe_layers * _moe_bytes(cfg, s, tokens)) // cfg.n_layers
-
-
 def _mlp_readers(cfg: ModelConfig) -> int:
     return 2 if cfg.mlp in GATED_MLPS else 1
 
 
+# ------------------------------------------------------------------------------------------ recurrent mixers
+# What the PyTorch chunked paths keep (framework/models/gdn.py chunked_gated_delta_rule, mamba2.py chunked_ssd),
+# one device, no state carried in. Their recurrence runs in fp32 even under autocast, but every matmul there (@,
+# bmm, einsum) casts its operands under autocast: a tensor read only by matmuls is kept in the compute dtype, one
+# also read by an elementwise op is kept in fp32 as well. A CUDA kernel installed as the module's `kernel`
+# (framework/kernels/fla.py, mamba_ssm.py; no run installs one yet) keeps its own, smaller set: not modelled.
+def _conv_bytes(s: _Sizes, shape: _Shape, channels: int, kernel: int, convs: int, weight_copies: bool) -> int:
+    """`convs` causal depthwise convs + SiLU (framework/models/recurrence.py) over `channels` channels in all.
+    Without documents one conv1d keeps its input, and SiLU the conv's output over all S + K - 1 padded positions
+    (the [..., :S] slice is a view). With documents the shifted sum keeps, per tap, the masked tap and the mask
+    cast to the dtype ([B, S] per conv), and SiLU the sum. `weight_copies`: the conv weight is not a parameter
+    (GDN concatenates q, k, v's) or autocast casts it, so [channels, K] is kept in the compute dtype."""
+    b, seq, c = shape.batch, shape.seq, s.compute
+    weight = channels * kernel * c if weight_copies or s.autocast else 0
+    if not shape.documents:
+        return weight + b * seq * channels * c + b * (seq + kernel - 1) * channels * c
+    return weight + kernel * b * seq * (channels + convs) * c + b * seq * channels * c
+
+
+def _padded(seq: int, chunk: int) -> tuple[int, int]:
+    """(chunks, padded length): the chunked forms zero-pad the sequence to whole chunks."""
+    chunks = -(-seq // chunk)
+    return chunks, chunks * chunk
+
+
+def gdn_activation_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape) -> int:
+    """Gated DeltaNet after its six input projections (their input is counted by the block): the conv over q, k,
+    v, the gates, the l2-normalised q and k, the chunked WY form and the gated norm. Value heads H, chunk C,
+    N chunks, P = N C padded tokens; rows = batch x H."""
+    g = cfg.gdn or GDNConfig()
+    b, seq, h = shape.batch, shape.seq, g.heads
+    dk, dv = g.key_head_dim, g.value_head_dim
+    channels = 2 * g.resolved_key_heads * dk + h * dv
+    total = _conv_bytes(s, shape, channels, g.conv_kernel, 1, weight_copies=True)  # one conv over q, k, v
+    # beta = sigmoid(wb x) (compute dtype); softplus's input and output (fp32); exp(A_log) and its negation
+    total += b * seq * h * (s.compute + 2 * FP32) + 2 * h * FP32
+    # l2norm of q and k (repeated to the value heads, fp32): the input and the rsqrt per row
+    total += 2 * b * h * seq * (dk + 1) * FP32
+    return total + _wy_bytes(g, s, b, seq) + _gdn_output_bytes(g, s, b, seq)
+
+
+def _wy_bytes(g: GDNConfig, s: _Sizes, b: int, seq: int) -> int:
+    """chunked_gated_delta_rule: the chunk terms (`_chunk_terms`), the two solves and Q K^T, per (batch, value
+    head) row; then the loop over chunks. C = chunk_size, N chunks, P = N C padded tokens."""
+    dk, dv, chunk, c = g.key_head_dim, g.value_head_dim, g.chunk_size, s.compute
+    chunks, padded = _padded(seq, chunk)
+    # The matmuls' operands Q, K, K^T (twice) are kept as copies: autocast's casts, or in fp32 without padding
+    # the contiguous copies of the [B, S, H, dk]-strided chunks (F.pad pads nothing, so nothing is contiguous)
+    copies = 4 * (s.autocast or seq % chunk == 0)
+    keys = padded * dk * (3 * FP32 + copies * c)  # Q and K chunked, W (fp32), and those copies
+    values = padded * dv * 2 * FP32  # beta V, U_v = (I + A)^-1 beta V
+    # C x C per chunk: exp(G_t - G_j), D, beta D, I + A in fp32; K K^T, Q K^T, D o Q K^T in the compute dtype
+    square = padded * chunk * (4 * FP32 + 3 * c)
+    # one per token: beta, exp(G) twice, c exp(G), beta c, beta c exp(G), exp(G_last - G) and its masked value
+    vectors = 8 * padded * FP32
+    shared = b * padded * (FP32 + 1) + b * chunks * chunk * chunk + chunk * chunk * FP32  # c_t, masks, 1 - I
+    return b * g.heads * (keys + values + square + vectors + _wy_loop_bytes(g, s, chunks)) + shared
+
+
+def _wy_loop_bytes(g: GDNConfig, s: _Sizes, chunks: int) -> int:
+    """The loop over chunks, per row: U_n = U_v - W S_n, O_n = (c e^G Q) S_n + (D o Q K^T) U_n and
+    S_{n+1} = c_last e^G_last S_n + K_d^T U_n. The last chunk's state update feeds only the final state, which the
+    single-device scan drops, so what it alone saved is freed; chunk 0's state (zeros) needs no gradient, so W_0
+    and Q_0 are not kept for it. fp32 keeps whole tensors while any chunk's slice is kept; autocast keeps per
+    chunk the casts of both operands of every product."""
+    dk, dv, chunk, c = g.key_head_dim, g.value_head_dim, g.chunk_size, s.compute
+    state = dk * dv
+    if s.autocast:
+        keys = 3 * (chunks - 1) * chunk * dk * c  # W_n, c e^G Q_n (n > 0), K_d^T (n < N - 1)
+        values = (2 * chunks - 1) * chunk * dv * c  # U_n for (D o Q K^T) U_n, and for K_d^T U_n (n < N - 1)
+        states = (chunks - 1) * state * FP32 + 2 * chunks * state * c  # S_n (fp32, kept by the decay product)
+    else:
+        keys = 2 * chunks * chunk * dk * FP32 if chunks > 1 else 0  # c e^G Q and K_d
+        values, states = chunks * chunk * dv * FP32, chunks * state * FP32  # U_n; S_n
+    vectors = FP32 * chunks * (int(chunks > 1) + int(chunks > 2))  # exp(G_last); c_last exp(G_last)
+    return keys + values + states + vectors
+
+
+def _gdn_output_bytes(g: GDNConfig, s: _Sizes, b: int, seq: int) -> int:
+    """The scan's output o (padded fp32 cat, or its fp32 copy of the bf16 one under autocast) and the gated norm
+    weight * (o / rms(o)) * silu(z): normed (input dtype), weight x normed, silu(z), z in fp32, rsqrt; wo's input."""
+    h, dv, c = g.heads, g.value_head_dim, s.compute
+    _, padded = _padded(seq, g.chunk_size)
+    o = b * h * (seq if s.autocast else padded) * dv * FP32
+    return o + b * seq * h * (dv * (2 * c + 3 * FP32) + FP32)
+
+
+def mamba2_activation_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape) -> int:
+    """Mamba-2 after its five input projections (their input is counted by the block): the convs over x, B, C,
+    dt, the chunked SSD and the gated norm. Heads H, head_dim P, state N, chunk L, n chunks, T = n L padded."""
+    m = cfg.mamba2 or Mamba2Config()
+    b, seq, inner, c = shape.batch, shape.seq, m.inner, s.compute
+    channels = inner + 2 * m.groups * m.state_dim
+    total = _conv_bytes(s, shape, channels, m.conv_kernel, 3, weight_copies=False)  # x, B, C
+    total += b * seq * m.heads * FP32 + 2 * m.heads * FP32  # softplus input; A = -exp(A_log) and exp's result
+    total += _ssd_bytes(m, s, b, seq)
+    # the gated norm: y + D x, z, silu(z), their product and the normed tensor in fp32, rsqrt per group
+    gated_norm = 5 * inner * FP32 + m.groups * FP32
+    skip_and_out = inner * (FP32 + c)  # the D skip's fp32 x; out_proj's input
+    return total + b * seq * (gated_norm + skip_and_out)
+
+
+def _ssd_bytes(m: Mamba2Config, s: _Sizes, b: int, seq: int) -> int:
+    """chunked_ssd: dt x, the group-expanded B and C, the intra-chunk quadratic form, the chunk states and their
+    pass over chunks (einsum operands are kept as permuted copies, cast under autocast)."""
+    h, p, n, chunk, c = m.heads, m.head_dim, m.state_dim, m.chunk_size, s.compute
+    chunks, padded = _padded(seq, chunk)
+    per_token = h * (p * (FP32 + 3 * c) + FP32)  # x (fp32) for x dt; dt x for two einsums; y_off; dt
+    per_token += h * n * (FP32 + 4 * c)  # B (fp32) and its product for the chunk ends, B and C (twice) copies
+    per_token += h * 4 * FP32 + 2  # to_end, from_start: exp and masked (fp32); two bool masks [B, 1, T]
+    square = b * h * chunks * chunk * chunk * (2 * FP32 + 2 * c) + b * chunks * chunk * chunk + chunk * chunk
+    # the decay matrix over [init, chunk 0, ...] (exp in fp32, masked in the compute dtype) and its masks
+    passed = b * h * (chunks + 1) ** 2 * (FP32 + c) + b * (chunks + 1) ** 2 + (chunks + 1) ** 2
+    # [init, chunk ends] for the pass; start states for C . H (one chunk: a view of the pass's [2, ...] result)
+    states = b * (chunks + 1 + max(chunks, 2)) * h * p * n * c
+    # fp32 without padding: x dt multiplies the conv output itself, which the D skip keeps as well
+    shared_x = b * seq * m.inner * FP32 if padded == seq and not s.autocast else 0
+    return b * padded * per_token + square + passed + states - shared_x
+
+
 # --------------------------------------------------------------------------------------------- blocks
-def _block_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape, memory_len: int | None = None) -> dict[str, int]:
+@dataclass(frozen=True)
+class _Layer:
+    """What makes blocks of a stack differ: the mixer, the window it attends with, a MoE feed-forward."""
+
+    name: str
+    window: int | None
+    moe: bool
+
+    @property
+    def mixer(self) -> Mixer:
+        return MIXERS[self.name]
+
+    def config(self, cfg: ModelConfig) -> ModelConfig:
+        """cfg as the block's mixer is built from it (attention_local's), with the block's own window."""
+        base = local_config(cfg) if self.mixer.context == "local" else cfg
+        if self.window == base.sliding_window and not base.full_attention_layers:
+            return base
+        return dataclasses.replace(base, sliding_window=self.window, full_attention_layers=None)
+
+
+def _layer(cfg: ModelConfig, index: int) -> _Layer:
+    return _Layer(mixer_of(cfg, index).name, layer_window(cfg, index), cfg.is_moe_layer(index))
+
+
+def _has_ffn(cfg: ModelConfig) -> bool:
+    return cfg.layers is None or cfg.layers.feed_forward
+
+
+def _block_bytes(
+    cfg: ModelConfig, s: _Sizes, shape: _Shape, layer: _Layer, memory_len: int | None
+) -> dict[str, int]:
     """One block, split into what tensor parallelism always divides (`split`) and the norm / dropout /
-    linear-input part it divides only with sequence parallelism (`sequence`)."""
-    d, tokens = cfg.d_model, shape.tokens
-    branches = 2 if memory_len is None else 3
-    split = _attention_bytes(cfg, s, shape, shape.seq) + _ffn_bytes(cfg, s, tokens)
+    linear-input part it divides only with sequence parallelism (`sequence`). Mixer-only blocks
+    (model.layers.feed_forward false) have no ffn_norm and no feed-forward."""
+    d, tokens, ffn = cfg.d_model, shape.tokens, _has_ffn(cfg)
+    branches = 1 + int(ffn) + int(memory_len is not None)
+    mixer_cfg = layer.config(cfg)
+    split = layer.mixer.activation_bytes(mixer_cfg, s, shape)
     sequence = branches * _norm_bytes(cfg, s, tokens, d, FP32)
-    if cfg.sandwich_norm:  # the norms of the attention and MLP outputs, which are in the compute dtype
-        sequence += 2 * _norm_bytes(cfg, s, tokens, d, s.compute)
-    sequence += _linear_input_bytes(s, tokens, d, 3) + _linear_input_bytes(s, tokens, d, _mlp_readers(cfg))
+    sequence += _linear_input_bytes(s, tokens, d, layer.mixer.input_readers(mixer_cfg))
+    if ffn:
+        split += _moe_bytes(cfg, s, tokens) if layer.moe else _mlp_bytes(cfg, s, tokens)
+        sequence += _linear_input_bytes(s, tokens, d, _mlp_readers(cfg))
+    if cfg.sandwich_norm:  # the norms of the mixer and MLP outputs, which are in the compute dtype
+        sequence += (1 + int(ffn)) * _norm_bytes(cfg, s, tokens, d, s.compute)
     if cfg.dropout > 0:
         sequence += branches * tokens * d * s.dropout_bytes(s.compute)
     if memory_len is not None:
@@ -325,15 +485,23 @@ def _block_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape, memory_len: int | N
 
 
 def _mean_block_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape, memory_len: int | None) -> dict[str, float]:
-    """_block_bytes averaged over a decoder's windowed blocks and its full_attention_layers (which SDPA runs as
-    plain causal, without a dense mask)."""
-    block = _block_bytes(cfg, s, shape, memory_len)
-    full = len(cfg.full_attention_layers or ())
-    if not full:
-        return block
-    unwindowed = dataclasses.replace(cfg, sliding_window=None, full_attention_layers=None)
-    other = _block_bytes(unwindowed, s, shape, memory_len)
-    return {k: (block[k] * (cfg.n_layers - full) + other[k] * full) / cfg.n_layers for k in block}
+    """_block_bytes averaged over the stack's blocks (the decoder stack's with memory_len), which differ in mixer,
+    window (full_attention_layers run plain causal, without a dense mask) and dense or MoE feed-forward."""
+    n_layers = cfg.n_layers if memory_len is None else cfg.decoder_layers
+    kinds = Counter(_layer(cfg, i) for i in range(n_layers))
+    mean = {"split": 0.0, "sequence": 0.0}
+    for layer, count in kinds.items():
+        block = _block_bytes(cfg, s, shape, layer, memory_len)
+        for key in mean:
+            mean[key] += block[key] * count / n_layers
+    return mean
+
+
+def _rope_contexts(cfg: ModelConfig, memory_len: int | None) -> int:
+    """RoPE tables a stack keeps: one per attention context (global, local) its attention blocks read; recurrent
+    mixers read no positions, so a stack of them keeps none."""
+    n_layers = cfg.n_layers if memory_len is None else cfg.decoder_layers
+    return len({m.context for m in (mixer_of(cfg, i) for i in range(n_layers)) if not m.recurrent})
 
 
 def _checkpointed_layers(recipe: Recipe, n_layers: int) -> int:
@@ -351,8 +519,8 @@ def _stack_bytes(recipe: Recipe, s: _Sizes, shape: _Shape, n_layers: int, memory
     boundary = shape.tokens * cfg.d_model * FP32  # a checkpointed block keeps its input only
     layers = stored * per_block + (n_layers - stored) * boundary + (per_block if stored < n_layers else 0)
     shared = 0
-    if cfg.position == "rope":
-        shared += shape.tokens * cfg.resolved_head_dim * FP32  # cos and sin, [B, S, head_dim / 2] each
+    if cfg.position == "rope":  # cos and sin, [B, S, head_dim / 2] each, per attention context
+        shared += _rope_contexts(cfg, memory_len) * shape.tokens * cfg.resolved_head_dim * FP32
     if cfg.position == "relative_bias":
         shared += shape.batch * shape.seq * shape.seq * INDEX  # bucket ids
     if memory_len is not None and not s.autocast:

@@ -1,5 +1,5 @@
 """The registry of sequence mixers: what each name of `model.layers.pattern` builds, where its parameters live,
-which context it reads, and its parameter, FLOP and parallelism facts.
+which context it reads, and its parameter, FLOP, activation-memory and parallelism facts.
 
 A block holds exactly one mixer, under the attribute its entry names (`attention`, `gdn`, `mamba`), so
 parameter names are stable per layer index (`layers.3.gdn.wq.weight`) and pipeline stages can still drop
@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from torch import nn
 
@@ -46,6 +46,11 @@ class Mixer:
     head_counts: Callable[[ModelConfig], dict[str, int]]
     """Recipe key -> count that tensor parallelism splits (and, for attention, Ulysses with it): each must be
     divisible by tp (attention: by cp x tp)."""
+    activation_bytes: Callable[[ModelConfig, Any, Any], int]
+    """(cfg, sizes, shape) -> bytes one module saves for backward over one micro-batch, after its input
+    projections (framework/models/memory.py: `_Sizes` bytes per element, `_Shape` batch and sequence)."""
+    input_readers: Callable[[ModelConfig], int]
+    """Linears that read the block's normed input (autocast keeps one copy of it per linear)."""
 
 
 def _build_attention(cfg: ModelConfig) -> nn.Module:
@@ -87,6 +92,17 @@ def _attention_mixing(cfg: ModelConfig, seq_len: int, window: int | None) -> flo
     return attention_flops_per_query(cfg, mean_keys_attended(seq_len, causal=cfg.causal, window=window))
 
 
+def _attention_activations(cfg: ModelConfig, sizes: Any, shape: Any) -> int:
+    from framework.models.memory import attention_activation_bytes
+
+    return attention_activation_bytes(cfg, sizes, shape)
+
+
+def _attention_readers(cfg: ModelConfig) -> int:
+    """wq, wk, wv, and wg with the output gate."""
+    return 3 + int(cfg.attention_gate)
+
+
 def _attention_heads(cfg: ModelConfig) -> dict[str, int]:
     return {"model.n_heads": cfg.n_heads, "model.kv_heads": cfg.resolved_kv_heads}
 
@@ -120,6 +136,12 @@ def _gdn_mixing(cfg: ModelConfig, seq_len: int, window: int | None) -> float:
     chunk = min(g.chunk_size, seq_len)
     dk, dv = g.key_head_dim, g.value_head_dim
     return g.heads * (6.0 * dk * dv + 2.0 * chunk * (2 * dk + dv))
+
+
+def _gdn_activations(cfg: ModelConfig, sizes: Any, shape: Any) -> int:
+    from framework.models.memory import gdn_activation_bytes
+
+    return gdn_activation_bytes(cfg, sizes, shape)
 
 
 def _gdn_heads(cfg: ModelConfig) -> dict[str, int]:
@@ -157,6 +179,12 @@ def _mamba_mixing(cfg: ModelConfig, seq_len: int, window: int | None) -> float:
     return m.heads * (2.0 * chunk * (n + p) + 4.0 * p * n)
 
 
+def _mamba_activations(cfg: ModelConfig, sizes: Any, shape: Any) -> int:
+    from framework.models.memory import mamba2_activation_bytes
+
+    return mamba2_activation_bytes(cfg, sizes, shape)
+
+
 def _mamba_heads(cfg: ModelConfig) -> dict[str, int]:
     """Heads, and the B/C groups: the gated norm normalises over a group, so a group must not span ranks."""
     m = _mamba(cfg)
@@ -165,7 +193,8 @@ def _mamba_heads(cfg: ModelConfig) -> dict[str, int]:
 
 _ATTENTION = Mixer(
     "attention", "attention", _build_attention, "global", _attention_params, attention_matrix_params,
-    _attention_mixing, recurrent=False, head_counts=_attention_heads,
+    _attention_mixing, recurrent=False, head_counts=_attention_heads, activation_bytes=_attention_activations,
+    input_readers=_attention_readers,
 )  # fmt: skip
 MIXERS: dict[str, Mixer] = {
     "attention": _ATTENTION,
@@ -180,6 +209,8 @@ MIXERS: dict[str, Mixer] = {
         _gdn_mixing,
         recurrent=True,
         head_counts=_gdn_heads,
+        activation_bytes=_gdn_activations,
+        input_readers=lambda cfg: 6,  # wq, wk, wv, wz, wb, wa
     ),  # fmt: skip
     "mamba2": Mixer(
         "mamba2",
@@ -191,6 +222,8 @@ MIXERS: dict[str, Mixer] = {
         _mamba_mixing,
         recurrent=True,
         head_counts=_mamba_heads,
+        activation_bytes=_mamba_activations,
+        input_readers=lambda cfg: 5,  # in_z, in_x, in_B, in_C, in_dt
     ),  # fmt: skip
 }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from dataclasses import dataclass
 
 import pytest
@@ -9,6 +11,9 @@ import torch
 
 from framework.config.schema import (
     DataConfig,
+    GDNConfig,
+    LayersConfig,
+    Mamba2Config,
     ModelConfig,
     ParallelConfig,
     PrecisionConfig,
@@ -80,8 +85,34 @@ CASES = {
 }
 
 
+# Recurrent mixers (framework/models/mixers.py): chunk 5 pads 24 tokens to 25, chunk 8 divides them
+GDN = GDNConfig(heads=4, key_heads=2, key_head_dim=8, value_head_dim=6, chunk_size=5)
+MAMBA = Mamba2Config(heads=4, head_dim=6, state_dim=8, groups=2, chunk_size=5)
+MIXER_CASES = {
+    # Qwen3-Next's shape: a Gated DeltaNet block, a gated-output attention block
+    "gdn_hybrid": (dict(layers=LayersConfig(pattern=["gdn", "attention"]), gdn=GDN, kv_heads=2,
+                        attention_gate=True), {}),
+    "gdn_documents": (dict(layers=LayersConfig(pattern=["gdn", "attention"]), gdn=GDN), dict(document_masking=True)),
+    "mamba2_hybrid": (dict(layers=LayersConfig(pattern=["mamba2", "attention"]), mamba2=MAMBA, kv_heads=2), {}),
+    "mamba2_only": (
+        dict(layers=LayersConfig(pattern=["mamba2"], feed_forward=False),
+             mamba2=Mamba2Config(heads=4, head_dim=8, state_dim=8, conv_bias=False, chunk_size=8)),
+        {},
+    ),
+    # Gemma 3's interleave: a local block (own window and RoPE tables), a global one
+    "local_global": (
+        dict(layers=LayersConfig(pattern=["attention_local", "attention"], local_window=5, local_rope_theta=100.0),
+             kv_heads=2),
+        {},
+    ),
+    "mamba2_documents": (
+        dict(layers=LayersConfig(pattern=["mamba2"], feed_forward=False), mamba2=MAMBA), dict(document_masking=True),
+    ),
+}  # fmt: skip
+
+
 def _recipe(name: str, dtype: str, *, batch: int = 2, seq_len: int = 24, z_loss: float = 0.0) -> Recipe:
-    model_kw, data_kw = CASES[name]
+    model_kw, data_kw = {**CASES, **MIXER_CASES}[name]
     model = ModelConfig(**{**SMALL, **model_kw})
     data = DataConfig(seq_len=seq_len, objective=OBJECTIVE[model.family], noise_density=0.25)
     for key, value in data_kw.items():
@@ -134,16 +165,20 @@ def _nbytes(tensors: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _saved_bytes_of_step(model: torch.nn.Module, recipe: Recipe) -> int:
+def _saved_bytes_of_step(model: torch.nn.Module, recipe: Recipe, *, live: bool = False) -> int:
     """Bytes autograd saves for backward in one forward + loss, deduplicated by untyped storage (a tensor saved
-    twice, or views of one tensor, count once) and excluding the parameters themselves."""
+    twice, or views of one tensor, count once) and excluding the parameters themselves. live: only what is still
+    held when the loss is computed (a recurrent scan's final-state graph is freed as soon as the scan drops it;
+    counting at pack time would include it, or not, as the allocator reuses its addresses)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
+    packed: list[weakref.ref] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         if storage.data_ptr() not in params:
             seen[storage.data_ptr()] = storage.nbytes()
+            packed.append(weakref.ref(t))
         return t
 
     batch = _batch(recipe)
@@ -153,17 +188,21 @@ def _saved_bytes_of_step(model: torch.nn.Module, recipe: Recipe) -> int:
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             logits = model(batch.pop("input_ids"), **batch)
         out = compute_loss(logits, labels, (labels != -100).sum(), recipe.train.z_loss)
+    if live:
+        gc.collect()
+        alive = (ref() for ref in packed)
+        seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive if t is not None}
     out.loss.backward()
     return sum(seen.values())
 
 
-def measure(recipe: Recipe) -> Measured:
+def measure(recipe: Recipe, *, live: bool = False) -> Measured:
     """Parameters, gradients after backward, AdamW state after one step, and activations of one micro-batch."""
     torch.manual_seed(0)
     model = build_model(recipe.model)
     init_weights(model, recipe.model, seed=0)
     model.train()
-    activations = _saved_bytes_of_step(model, recipe)
+    activations = _saved_bytes_of_step(model, recipe, live=live)
     params = list(model.parameters())
     grads = [p.grad for p in params if p.grad is not None]
     optimizer = torch.optim.AdamW(params, lr=1e-3, foreach=False)
@@ -289,3 +328,46 @@ def test_cuda_attention_keeps_no_score_sized_tensor_for_any_mask(change: dict) -
     assert keeps_score_tensor(
         ModelConfig(attention_dropout=0.1), cpu=False
     )  # Flex has no dropout: SDPA + mask
+
+
+# --------------------------------------------------------------------------------------- recurrent mixers
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", sorted(MIXER_CASES))
+def test_mixer_activations_exact(name: str, dtype: str) -> None:
+    """Hybrids and mixer-only stacks: the per-mixer formulas (memory.gdn_activation_bytes,
+    mamba2_activation_bytes) match what the PyTorch chunked paths keep, to the byte but for scalars; the whole
+    estimate within the usual tolerance."""
+    recipe = _recipe(name, dtype)
+    measured, estimate = measure(recipe, live=True), memory_per_rank(recipe)
+    assert estimate["activations"] == pytest.approx(measured.activations, rel=1e-3)
+    _assert_close(estimate, measured)
+
+
+@pytest.mark.parametrize("seq_len", [16, 40])
+def test_mixer_activations_exact_at_other_lengths(seq_len: int) -> None:
+    """Unpadded (16 = 2 chunks of 8) and padded (40 = 5 chunks of 8 and 8 chunks of 5) sequences."""
+    for name in ("mamba2_only", "gdn_hybrid"):
+        recipe = _recipe(name, "bf16", seq_len=seq_len)
+        estimate = memory_per_rank(recipe)["activations"]
+        assert estimate == pytest.approx(measure(recipe, live=True).activations, rel=1e-3), name
+
+
+def _layer_bytes(model: ModelConfig, seq_len: int, device: str = "cuda") -> int:
+    r = Recipe(model=model)
+    r.data.seq_len, r.train.micro_batch_size, r.precision.dtype = seq_len, 1, "bf16"
+    return activation_breakdown(r, device=device)["layers"]
+
+
+@pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
+def test_recurrent_mixers_grow_linearly_in_sequence(mixer: str) -> None:
+    """Twice the tokens, twice the bytes for the recurrent mixers (up to Mamba-2's chunk-pass decay, quadratic in
+    the number of chunks but tiny); attention on CPU keeps an S x S mask and grows faster."""
+    model = ModelConfig(
+        vocab_size=256, d_model=256, n_layers=2, n_heads=4, ffn_hidden=512, max_seq_len=8192,
+        layers=LayersConfig(pattern=[mixer], feed_forward=False),
+        gdn=GDNConfig(heads=4, key_head_dim=64, value_head_dim=64), mamba2=Mamba2Config(heads=8, head_dim=64),
+    )  # fmt: skip
+    assert _layer_bytes(model, 4096) / _layer_bytes(model, 2048) == pytest.approx(2.0, rel=0.01)
+    attention = ModelConfig(vocab_size=256, d_model=256, n_layers=2, n_heads=4, ffn_hidden=512, max_seq_len=8192,
+                            sliding_window=128)  # fmt: skip
+    assert _layer_bytes(attention, 4096, "cpu") / _layer_bytes(attention, 2048, "cpu") > 2.4
