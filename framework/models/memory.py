@@ -419,10 +419,12 @@ def _ssd_bytes(m: Mamba2Config, s: _Sizes, b: int, seq: int) -> int:
     per_token += h * n * (FP32 + 4 * c)  # B (fp32) and its product for the chunk ends, B and C (twice) copies
     per_token += h * 4 * FP32 + 2  # to_end, from_start: exp and masked (fp32); two bool masks [B, 1, T]
     square = b * h * chunks * chunk * chunk * (2 * FP32 + 2 * c) + b * chunks * chunk * chunk + chunk * chunk
-    # the decay matrix over [init, chunk 0, ...] (exp in fp32, masked in the compute dtype) and its masks
-    passed = b * h * (chunks + 1) ** 2 * (FP32 + c) + b * (chunks + 1) ** 2 + (chunks + 1) ** 2
-    # [init, chunk ends] for the pass; start states for C . H (one chunk: a view of the pass's [2, ...] result)
-    states = b * (chunks + 1 + max(chunks, 2)) * h * p * n * c
+    # the pass chunk by chunk: each chunk's total decay (exp and its masked product, fp32) and its reset mask;
+    # the state entering each chunk after the first (fp32, kept by decay x state; measured: the first chunk's
+    # zero state is not kept), and the states as the C . H einsum's copy (compute dtype; one chunk: a view of a
+    # [2, ...] result)
+    passed = 2 * b * h * chunks * FP32 + b * chunks
+    states = b * (chunks - 1) * h * p * n * FP32 + b * max(chunks, 2) * h * p * n * c
     # fp32 without padding: x dt multiplies the conv output itself, which the D skip keeps as well
     shared_x = b * seq * m.inner * FP32 if padded == seq and not s.autocast else 0
     return b * padded * per_token + square + passed + states - shared_x
