@@ -30,9 +30,8 @@ LOCAL_GLOBAL = {"layers": LayersConfig(pattern=["attention_local", "attention"],
                                        local_rope_theta=100.0), "kv_heads": 2}  # fmt: skip
 
 STEPS = 5
-# name: (world, parallel, model)
+# name: (world, parallel, model). GDN under FSDP2 and PP is in the 8-process PP_CASES below.
 CASES: dict[str, tuple[int, dict[str, Any], dict[str, Any]]] = {
-    "fsdp2_gdn": (2, {"data_parallel": "fsdp"}, GDN_HYBRID),
     "hsdp2x2_mamba2": (4, {"data_parallel": "hsdp", "dp_replicate": 2}, MAMBA_HYBRID),
     "tp2_sp_gdn": (2, {"tp": 2, "sequence_parallel": True}, GDN_HYBRID),
     "tp2_mamba2": (2, {"tp": 2}, MAMBA_HYBRID),
@@ -61,7 +60,6 @@ def test_hybrid_matches_one_process(dist_pool, case: str) -> None:
 # pipeline layouts (dist_cases_pp's harness: 4 blocks, micro-batches of 2, two documents per sample), the
 # pattern repeated over the 4 blocks so each stage holds a recurrent and an attention block
 PP_CASES: dict[str, tuple[int, dict[str, Any], dict[str, Any]]] = {
-    "pp2_1f1b_gdn": (2, {"pp": 2, "pp_schedule": "1f1b"}, GDN_HYBRID),
     "pp2xfsdp2_mamba2": (4, {"pp": 2, "data_parallel": "fsdp"}, MAMBA_HYBRID),
     # the 8-process layouts: a hybrid MoE model (gdn + gated attention + MoE) on TP2 x PP2 x FSDP2, and
     # on TP2 x PP2 x CP2 (state passing and Ulysses in one model, inside pipeline stages)
