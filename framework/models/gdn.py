@@ -353,7 +353,3 @@ def initial_value(param_name: str, shape: torch.Size, generator: torch.Generator
     if param_name == "norm_weight":
         return torch.ones(shape)
     raise KeyError(f"no GatedDeltaNet initial value for {param_name!r}")
-
-
-PARAMETER_INITS = ("A_log", "dt_bias", "q_conv", "k_conv", "v_conv", "norm_weight")
-"""GatedDeltaNet's own parameters that `initial_value` draws (the Linears' weights are matrices)."""
