@@ -43,8 +43,14 @@ def feed_forward(cfg: ModelConfig, i: int) -> list[Rename]:
     return [copy(f"{src}{ours}.{k}", f"{dst}{theirs}.{k}") for ours, theirs in names.items() for k in kinds]
 
 
-def renames(cfg: ModelConfig, ffn: Callable[[ModelConfig, int], list[Rename]] = feed_forward) -> list[Rename]:
-    """`ffn` maps layer i's feed-forward (the MoE families swap in their experts)."""
+def renames(
+    cfg: ModelConfig,
+    ffn: Callable[[ModelConfig, int], list[Rename]] = feed_forward,
+    mixer: Callable[[ModelConfig, int], list[Rename]] | None = None,
+) -> list[Rename]:
+    """`ffn` maps layer i's feed-forward (the MoE families swap in their experts); `mixer` its sequence mixer
+    (default: Llama's attention; Qwen3-Next maps its Gated DeltaNet layers too)."""
+    mixer = attention if mixer is None else mixer
     out = [
         copy("tok_embeddings.weight", "model.embed_tokens.weight"),
         copy("norm.weight", "model.norm.weight"),
@@ -53,7 +59,7 @@ def renames(cfg: ModelConfig, ffn: Callable[[ModelConfig, int], list[Rename]] = 
         layer = LAYER.format(i=i)
         out += [copy(f"layers.{i}.attention_norm.weight", f"{layer}input_layernorm.weight")]
         out += [copy(f"layers.{i}.ffn_norm.weight", f"{layer}post_attention_layernorm.weight")]
-        out += attention(cfg, i) + ffn(cfg, i)
+        out += mixer(cfg, i) + ffn(cfg, i)
     if not cfg.tie_embeddings:
         out.append(copy("output.weight", "lm_head.weight"))
     return out

@@ -90,19 +90,12 @@ def feed_forward(cfg: ModelConfig, i: int) -> list[Rename]:
 
 
 def renames(cfg: ModelConfig) -> list[Rename]:
-    out = [
-        copy("tok_embeddings.weight", "model.embed_tokens.weight"),
-        copy("norm.weight", "model.norm.weight"),
-    ]
-    for i in range(cfg.n_layers):
-        layer = LAYER.format(i=i)
-        out += [copy(f"layers.{i}.attention_norm.weight", f"{layer}input_layernorm.weight")]
-        out += [copy(f"layers.{i}.ffn_norm.weight", f"{layer}post_attention_layernorm.weight")]
-        out += gdn(i) if cfg.mixer(i) == "gdn" else attention(cfg, i)
-        out += feed_forward(cfg, i)
-    if not cfg.tie_embeddings:
-        out.append(copy("output.weight", "lm_head.weight"))
-    return out
+    """Llama's layout with each layer's mixer (gated attention or Gated DeltaNet) and its MoE feed-forward."""
+    return llama.renames(cfg, feed_forward, _mixer)
+
+
+def _mixer(cfg: ModelConfig, i: int) -> list[Rename]:
+    return gdn(i) if cfg.mixer(i) == "gdn" else attention(cfg, i)
 
 
 def _gdn_layers(cfg: ModelConfig) -> list[int]:
