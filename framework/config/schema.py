@@ -588,6 +588,10 @@ class ModelConfig:
             self._validate_full_attention_layers(self.full_attention_layers)
         if self.moe is not None:
             self._validate_moe(self.moe)
+        self._validate_mixers()
+
+    def _validate_mixers(self) -> None:
+        """Partial rotary and the per-layer mixer pattern (model.layers with its gdn / mamba2 sections)."""
         _require(
             0 < self.rope_fraction <= 1, "model.rope_fraction", self.rope_fraction,
             "is the share of head_dim that RoPE rotates", "use a number in (0, 1]",
