@@ -100,6 +100,17 @@ def parity(
     }
 
 
+def assert_matches(result: dict[str, Any]) -> None:
+    """The parity rule of `parity`'s report (tolerances: tests/framework/parallel/test_context_parallel.py)."""
+    assert result["names_equal"]
+    assert max(result["loss_rel"]) <= 1e-5, result
+    assert max(result["norm_rel"]) <= 1e-5, result
+    assert result["grad_rel"] <= 1e-5, result
+    assert result["eval_rel"] <= 1e-5 and result["eval_count_equal"], result
+    assert result["param_rel"] <= 1e-4, result
+    assert result["buffer_rel"] <= 1e-5 and all(v <= 1e-5 for v in result["moe_rel"].values()), result
+
+
 def _moe_rel(module: TrainModule, reference: TrainModule) -> dict[str, float]:
     """The last step's router losses and load metrics against one process's (empty for a dense model)."""
     if reference.moe is None or module.moe is None:
