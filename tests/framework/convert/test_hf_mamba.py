@@ -258,7 +258,10 @@ def test_attention_families_refuse_partial_rotary_and_gated_output(field: str, v
     cfg = ModelConfig(**_COMMON | dict(n_layers=2, n_heads=3, head_dim=16, ffn_hidden=72), **{field: value})
     with pytest.raises(ConfigError) as error:
         check_representable(cfg)
-    assert f"model.{field}=" in error.value.rule or error.value.value == "qwen3_next"
+    if field == "attention_gate":  # detected as Qwen3-Next, which has the gate but no plain-Llama layers
+        assert error.value.value == "qwen3_next", error.value
+    else:
+        assert f"model.{field}=" in error.value.rule
 
 
 def test_older_embedding_name_imports(tmp_path: Path) -> None:
