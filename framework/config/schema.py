@@ -128,6 +128,10 @@ class MoEConfig:
     global-batch balancing), or each sequence (DeepSeek-V3's complementary sequence-wise loss)."""
     z_loss: float = 0.0
     """Coefficient of the router z-loss mean(logsumexp(router logits)^2) (ST-MoE uses 0.001); 0 = off."""
+    router_bias: bool = False
+    """A bias on the router's linear layer (gpt-oss)."""
+    expert_linear_bias: bool = False
+    """Biases on every expert's linear layers (gpt-oss), independent of model.bias."""
     bias_update_rate: float = 0.0
     """Auxiliary-loss-free balancing (DeepSeek-V3): after each optimizer step, each expert's selection bias moves
     by this rate towards balance (sign of mean load - its load); 0 = off (no bias)."""
@@ -205,7 +209,7 @@ class MoEConfig:
         )
 
 
-MixerName = Literal["attention", "attention_local", "gdn", "mamba2"]
+MixerName = Literal["attention", "attention_local", "gdn", "mamba2", "mla"]
 """A block's sequence mixer (framework/models/mixers.py holds the registry)."""
 
 
@@ -292,6 +296,59 @@ class Mamba2Config:
 
 
 @dataclass
+class MLAConfig:
+    """Multi-head Latent Attention (DeepSeek-V2 section 2.1), `model.mla`, with model.n_heads heads. Keys and
+    values come from one compressed latent c = norm(x W_dkv) of kv_lora_rank channels; each head's key is its
+    up-projected qk_nope_head_dim channels joined by qk_rope_head_dim RoPE channels shared by all heads (from x
+    directly); values are v_head_dim wide. Queries are compressed the same way when q_lora_rank is set."""
+
+    kv_lora_rank: int = 512
+    """Width of the joint key/value latent (DeepSeek-V3: 512)."""
+    q_lora_rank: int | None = None
+    """Width of the query latent; null = queries projected from x directly (DeepSeek-V2-Lite)."""
+    qk_nope_head_dim: int = 128
+    """Per-head query/key channels without position (up-projected from the latent)."""
+    qk_rope_head_dim: int = 64
+    """Per-head query channels, and the one shared key part, that RoPE rotates (decoupled RoPE)."""
+    v_head_dim: int = 128
+    """Per-head value (and attention output) channels."""
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def validate(self) -> None:
+        p = "model.mla"
+        _positive(
+            self, p, "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"
+        )
+        _at_most(self, p, MAX_WIDTH, "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "v_head_dim")
+        _at_most(self, p, MAX_WIDTH, "qk_rope_head_dim")
+        _require(
+            self.qk_rope_head_dim % 2 == 0, f"{p}.qk_rope_head_dim", self.qk_rope_head_dim,
+            "RoPE rotates pairs of channels", "use an even qk_rope_head_dim",
+        )  # fmt: skip
+
+
+@dataclass
+class MTPConfig:
+    """Multi-token prediction (DeepSeek-V3 section 2.2), `model.mtp`. Depth k (1..depth) predicts the token k+1
+    positions ahead: one block over eh_proj([enorm(embed(t_{i+k})); hnorm(h^{k-1}_i)]), h^0 the main stack's
+    normed output, then its own norm and the shared output head. Loss = main + loss_weight x mean_k loss_k."""
+
+    depth: int = 1
+    """Extra prediction depths D, one block each."""
+    loss_weight: float = 0.3
+    """lambda: weight of the mean MTP loss (DeepSeek-V3: 0.3, later 0.1)."""
+
+    def validate(self) -> None:
+        p = "model.mtp"
+        _positive(self, p, "depth")
+        _at_most(self, p, MAX_LAYERS, "depth")
+        _non_negative(self, p, "loss_weight")
+
+
+@dataclass
 class LayersConfig:
     """Per-layer structure of a decoder (`model.layers`): which sequence mixer each block runs."""
 
@@ -334,7 +391,7 @@ class ModelConfig:
     """Width of one head; null means d_model // n_heads. Set it when it differs (Qwen3, T5)."""
     ffn_hidden: int = 1376
     """Hidden width of the feed-forward block (per branch for gated MLPs)."""
-    mlp: Literal["relu", "gelu", "swiglu", "geglu"] = "swiglu"
+    mlp: Literal["relu", "gelu", "swiglu", "geglu", "clamped_swiglu"] = "swiglu"
     """Feed-forward type: plain ReLU/GELU (2 matrices) or gated SwiGLU/GeGLU (3 matrices)."""
     gelu_approximate: Literal["none", "tanh"] = "none"
     """GELU form for gelu/geglu: exact erf ('none', BERT) or the tanh approximation (T5 v1.1, GPT-2)."""
@@ -366,8 +423,9 @@ class ModelConfig:
     """Position scheme: rotary, ALiBi linear biases, fixed sinusoidal table, learned table, T5 relative bias, none."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
-    rope_scaling: Literal["none", "linear", "llama3"] = "none"
-    """RoPE context extension: none; linear position interpolation; Llama-3.1 frequency-dependent scaling."""
+    rope_scaling: Literal["none", "linear", "llama3", "yarn"] = "none"
+    """RoPE context extension: none; linear position interpolation; Llama-3.1 frequency-dependent scaling; YaRN
+    (Peng et al. 2023: NTK-by-parts interpolation plus an attention temperature; DeepSeek-V3, gpt-oss)."""
     rope_scaling_factor: float = 1.0
     """Scaling factor for rope_scaling (linear: positions divided by it; llama3: long wavelengths divided by it)."""
     rope_low_freq_factor: float = 1.0
@@ -375,7 +433,18 @@ class ModelConfig:
     rope_high_freq_factor: float = 4.0
     """llama3 rope scaling: wavelengths below original_len / high_freq_factor are left unscaled."""
     rope_original_max_seq_len: int = 8192
-    """llama3 rope scaling: context length the model was originally trained with."""
+    """llama3 and yarn rope scaling: context length the model was originally trained with."""
+    rope_yarn_beta_fast: float = 32.0
+    """yarn: rotations over the original context above which a frequency is left unscaled (beta_fast)."""
+    rope_yarn_beta_slow: float = 1.0
+    """yarn: rotations over the original context below which a frequency is fully interpolated (beta_slow)."""
+    rope_yarn_mscale: float | None = None
+    """yarn: DeepSeek's mscale; with rope_yarn_mscale_all_dim it sets the cos/sin factor
+    m(mscale) / m(mscale_all_dim), m(s) = 0.1 s ln(factor) + 1; null (both) = 0.1 ln(factor) + 1."""
+    rope_yarn_mscale_all_dim: float | None = None
+    """yarn: DeepSeek's mscale_all_dim; MLA also multiplies its softmax scale by m(mscale_all_dim)^2."""
+    rope_yarn_truncate: bool = True
+    """yarn: round the correction range to whole dimensions (gpt-oss sets false)."""
     max_seq_len: int = 2048
     """Longest sequence the model accepts (size of learned/sinusoidal tables and of the RoPE cache)."""
     relative_buckets: int = 32
@@ -444,6 +513,17 @@ class ModelConfig:
     attention_gate: bool = False
     """Gated attention output (Qwen3-Next): the attention output is multiplied by sigmoid(x W_g), one gate per
     output channel of every head, before the output projection."""
+    mla: MLAConfig | None = None
+    """Multi-head Latent Attention settings, for the mla blocks of model.layers.pattern (DeepSeek-V2/V3)."""
+    mtp: MTPConfig | None = None
+    """Multi-token prediction heads (DeepSeek-V3); null = next-token prediction only."""
+    attention_sinks: bool = False
+    """A learned logit per attention head that joins every query's softmax denominator with no value (gpt-oss;
+    Xiao et al. 2023): p_ij = exp(s_ij) / (sum_k exp(s_ik) + exp(sink_h))."""
+    swiglu_limit: float = 7.0
+    """clamped_swiglu (gpt-oss): the gate is clamped to at most this, the up projection to [-limit, limit]."""
+    swiglu_alpha: float = 1.702
+    """clamped_swiglu: out = (up + 1) * gate * sigmoid(alpha * gate)."""
     rope_fraction: float = 1.0
     """Share of each head's channels that RoPE rotates (the first rope_fraction x head_dim; the rest pass
     unchanged): partial rotary, 0.25 in Qwen3-Next, 0.5 in Bamba."""
@@ -603,6 +683,8 @@ class ModelConfig:
         )  # fmt: skip
         if self.layers is not None:
             self._validate_layers(self.layers)
+        if self.mtp is not None:
+            self.mtp.validate()
 
     def _validate_layers(self, layers: LayersConfig) -> None:
         key = "model.layers.pattern"
@@ -618,7 +700,7 @@ class ModelConfig:
         )  # fmt: skip
         _positive(layers, "model.layers", "local_window", "local_rope_theta")
         _at_most(layers, "model.layers", MAX_TOKENS, "local_window")
-        for name, section in (("gdn", self.gdn), ("mamba2", self.mamba2)):
+        for name, section in (("gdn", self.gdn), ("mamba2", self.mamba2), ("mla", self.mla)):
             if name in layers.pattern:
                 index = layers.pattern.index(name)
                 _require(
