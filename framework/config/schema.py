@@ -573,6 +573,12 @@ class ModelConfig:
         return [self.mixer(i) for i in range(self.n_layers)]
 
     @property
+    def uses_head_dim(self) -> bool:
+        """Whether head_dim shapes any block: false for a stack of MLA blocks only (model.mla sets their widths;
+        recurrent blocks beside them have their own sections)."""
+        return self.mla is None or any(m in ("attention", "attention_local") for m in self.mixers)
+
+    @property
     def moe_layers(self) -> list[int]:
         """Indices of the MoE blocks (empty for a dense model)."""
         return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
@@ -591,7 +597,7 @@ class ModelConfig:
         _fraction(self, p, "dropout", "attention_dropout")
         _non_negative(self, p, "type_vocab_size")
         self._validate_bounds()
-        if self.head_dim is None:
+        if self.head_dim is None and self.uses_head_dim:
             _require(
                 self.d_model % self.n_heads == 0,
                 "model.d_model",
@@ -606,7 +612,7 @@ class ModelConfig:
             f"model.n_heads={self.n_heads} must be divisible by kv_heads (each kv head serves a group of q heads)",
             f"use a divisor of {self.n_heads}, e.g. {_divisors(self.n_heads)}",
         )
-        if self.position == "rope":
+        if self.position == "rope" and self.uses_head_dim:
             _require(
                 self.resolved_head_dim % 2 == 0,
                 "model.head_dim",
@@ -677,7 +683,8 @@ class ModelConfig:
             "is the share of head_dim that RoPE rotates", "use a number in (0, 1]",
         )  # fmt: skip
         _require(
-            (self.resolved_head_dim * self.rope_fraction) % 2 == 0, "model.rope_fraction", self.rope_fraction,
+            not self.uses_head_dim or (self.resolved_head_dim * self.rope_fraction) % 2 == 0,
+            "model.rope_fraction", self.rope_fraction,
             f"must rotate an even number of channels of head_dim {self.resolved_head_dim}",
             "pick a fraction that gives an even channel count (e.g. 0.25, 0.5)",
         )  # fmt: skip

@@ -235,6 +235,23 @@ def attention_activation_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape) -> in
     return _attention_bytes(cfg, s, shape, shape.seq) + gate
 
 
+def mla_activation_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape) -> int:
+    """MLA's entry of the mixer registry: the attention core as `_attention_bytes` with q/k/v of nope + rope
+    channels per head (v is v_head_dim wide, so this overcounts v by (qk - v) channels per head), plus the latent
+    paths: wkv_a's output and kv_norm's output (wkv_b's input), kv_norm's rstd, the same for the query latent with
+    q_lora_rank, and the fp32 copies apply_rope keeps of the rope channels (q per head, the one shared key)."""
+    m = cfg.mla
+    if m is None:
+        raise ValueError("an mla block needs model.mla")
+    core = dataclasses.replace(cfg, head_dim=m.qk_head_dim, kv_heads=None)
+    tokens = shape.tokens
+    latent = tokens * (2 * m.kv_lora_rank + m.qk_rope_head_dim) * s.compute + tokens * FP32
+    if m.q_lora_rank is not None:
+        latent += tokens * 2 * m.q_lora_rank * s.compute + tokens * FP32
+    rope = tokens * (cfg.n_heads + 1) * m.qk_rope_head_dim * FP32
+    return _attention_bytes(core, s, shape, shape.seq) + latent + rope
+
+
 def keeps_score_tensor(cfg: ModelConfig, cpu: bool) -> bool:
     """Whether a fused attention call keeps a dense [B, 1 or H, Sq, Sk] mask or bias for backward. Assumption
     for CUDA (issue 20 item 5, framework/models/attention.py): every masked or biased case (window, documents,

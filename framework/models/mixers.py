@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from framework.config.schema import GDNConfig, Mamba2Config, MixerName, ModelConfig
+from framework.config.schema import GDNConfig, Mamba2Config, MixerName, MLAConfig, ModelConfig
 
 ContextKind = Literal["global", "local"]
 """Which AttentionContext of the stack a mixer reads: the model's (window model.sliding_window, RoPE
@@ -57,6 +57,12 @@ def _build_attention(cfg: ModelConfig) -> nn.Module:
     from framework.models.attention import Attention
 
     return Attention(cfg)
+
+
+def _build_mla(cfg: ModelConfig) -> nn.Module:
+    from framework.models.mla import MLA
+
+    return MLA(cfg)
 
 
 def _build_gdn(cfg: ModelConfig) -> nn.Module:
@@ -105,6 +111,48 @@ def _attention_readers(cfg: ModelConfig) -> int:
 
 def _attention_heads(cfg: ModelConfig) -> dict[str, int]:
     return {"model.n_heads": cfg.n_heads, "model.kv_heads": cfg.resolved_kv_heads}
+
+
+# ---------------------------------------------------------------------------------------------- MLA facts
+def _mla(cfg: ModelConfig) -> MLAConfig:
+    if cfg.mla is None:
+        raise ValueError("an mla block needs model.mla")
+    return cfg.mla
+
+
+def _mla_matrix_params(cfg: ModelConfig) -> int:
+    """The query path (wq, or wq_a then wq_b), wkv_a (d -> latent + shared rope key), wkv_b (latent -> per-head
+    nope keys and values) and wo (heads x v_head_dim -> d)."""
+    m, d, h = _mla(cfg), cfg.d_model, cfg.n_heads
+    q_out = h * m.qk_head_dim
+    query = d * q_out if m.q_lora_rank is None else m.q_lora_rank * (d + q_out)
+    kv = d * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank * h * (m.qk_nope_head_dim + m.v_head_dim)
+    return query + kv + h * m.v_head_dim * d
+
+
+def _mla_params(cfg: ModelConfig) -> int:
+    """Matrices, the latent norms' gains (kv_norm, and q_norm with q_lora_rank), biases on wq_a / wkv_a (model.bias)
+    and wo (bias_scope all)."""
+    m = _mla(cfg)
+    norms = m.kv_lora_rank + (m.q_lora_rank or 0)
+    biases = (m.kv_lora_rank + m.qk_rope_head_dim + (m.q_lora_rank or 0)) if cfg.bias else 0
+    return _mla_matrix_params(cfg) + norms + biases + (cfg.d_model if cfg.dense_bias else 0)
+
+
+def _mla_mixing(cfg: ModelConfig, seq_len: int, window: int | None) -> float:
+    """q.k over nope + rope channels and p.v over v_head_dim, per head and key attended (the expanded keys and
+    values: the training path does not attend in the latent)."""
+    from framework.models.flops import mean_keys_attended
+
+    m = _mla(cfg)
+    keys = mean_keys_attended(seq_len, causal=cfg.causal, window=window)
+    return 2.0 * cfg.n_heads * (m.qk_head_dim + m.v_head_dim) * keys
+
+
+def _mla_activations(cfg: ModelConfig, sizes: Any, shape: Any) -> int:
+    from framework.models.memory import mla_activation_bytes
+
+    return mla_activation_bytes(cfg, sizes, shape)
 
 
 # --------------------------------------------------------------------------------------------- GDN facts
@@ -199,6 +247,19 @@ _ATTENTION = Mixer(
 MIXERS: dict[str, Mixer] = {
     "attention": _ATTENTION,
     "attention_local": dataclasses.replace(_ATTENTION, name="attention_local", context="local"),
+    "mla": Mixer(
+        "mla",
+        "attention",
+        _build_mla,
+        "global",
+        _mla_params,
+        _mla_matrix_params,
+        _mla_mixing,
+        recurrent=False,
+        head_counts=lambda cfg: {"model.n_heads": cfg.n_heads},
+        activation_bytes=_mla_activations,
+        input_readers=lambda cfg: 2 if cfg.mla is None or cfg.mla.q_lora_rank is None else 2,  # wq(_a), wkv_a
+    ),  # fmt: skip
     "gdn": Mixer(
         "gdn",
         "gdn",

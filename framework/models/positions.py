@@ -72,7 +72,43 @@ def rope_inv_freq(cfg: ModelConfig, device: torch.device | None = None) -> torch
         inv_freq = inv_freq / cfg.rope_scaling_factor
     elif cfg.rope_scaling == "llama3":
         inv_freq = _llama3_scale(inv_freq, cfg)
+    elif cfg.rope_scaling == "yarn":
+        inv_freq = _yarn_scale(inv_freq, cfg, dim)
     return inv_freq.float().to(device)
+
+
+def _yarn_scale(inv_freq: torch.Tensor, cfg: ModelConfig, dim: int) -> torch.Tensor:
+    """YaRN's NTK-by-parts (Peng et al. 2023, as transformers' _compute_yarn_parameters): frequencies that turn
+    more than beta_fast times over the original context keep their value, fewer than beta_slow times are divided by
+    the factor, with a linear ramp over the dimensions between (rounded outward unless rope_yarn_truncate is off)."""
+    base, old_len = cfg.rope_theta, cfg.rope_original_max_seq_len
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(cfg.rope_yarn_beta_fast), correction_dim(cfg.rope_yarn_beta_slow)
+    if cfg.rope_yarn_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high = high + 0.001 if low == high else high  # no division by zero
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # share of the unscaled (extrapolated) frequency
+    return inv_freq / cfg.rope_scaling_factor * (1 - keep) + inv_freq * keep
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """The factor YaRN multiplies cos and sin by (so q.k by its square): m(mscale) / m(mscale_all_dim) with
+    m(s) = 0.1 s ln(factor) + 1 when both are set (DeepSeek), else 0.1 ln(factor) + 1; 1 without yarn."""
+    if cfg.rope_scaling != "yarn":
+        return 1.0
+    factor = cfg.rope_scaling_factor
+
+    def m(scale: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * scale * math.log(factor) + 1.0
+
+    if cfg.rope_yarn_mscale and cfg.rope_yarn_mscale_all_dim:
+        return m(cfg.rope_yarn_mscale) / m(cfg.rope_yarn_mscale_all_dim)
+    return m(1.0)
 
 
 def _llama3_scale(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -88,7 +124,10 @@ def _llama3_scale(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
 
 
 def rotary_dim(cfg: ModelConfig) -> int:
-    """Channels of each head that RoPE rotates: the first rope_fraction x head_dim (even by validation)."""
+    """Channels of each head that RoPE rotates: the first rope_fraction x head_dim (even by validation); with
+    model.mla, MLA's decoupled qk_rope_head_dim (a stack of MLA blocks has no other rotated heads)."""
+    if cfg.mla is not None:
+        return cfg.mla.qk_rope_head_dim
     return round(cfg.resolved_head_dim * cfg.rope_fraction)
 
 
@@ -104,7 +143,9 @@ def rope_angles(
     `table` (from rope_table) holds inv_freq on the device; without it inv_freq is built and copied anew."""
     inv_freq = rope_inv_freq(cfg, positions.device) if table is None else table.get(positions.device)
     angles = positions.float()[..., None] * inv_freq
-    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+    cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+    factor = rope_attention_factor(cfg)
+    return (cos, sin) if factor == 1.0 else (cos * factor, sin * factor)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
