@@ -42,7 +42,8 @@ class MTPLayer(nn.Module):
     def forward(self, embedded: torch.Tensor, previous: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """embedded: Emb(t_{i+k}) [B, S, D]; previous: h^{k-1} [B, S, D] -> h^k (normed) [B, S, D]."""
         x = self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(previous)], dim=-1))
-        return self.norm(self.block(x, ctx))
+        # called with every positional input a main-stack block takes (sequence-parallel plans count them)
+        return self.norm(self.block(x, ctx, None, None))
 
 
 def mtp_block_index(cfg: ModelConfig, depth: int) -> int:
