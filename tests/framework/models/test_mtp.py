@@ -170,3 +170,17 @@ def test_mtp_labels_shift_left() -> None:
 def test_mtp_is_for_decoders_only() -> None:
     with pytest.raises(ConfigError, match="model.mtp"):
         tiny(family="encoder").validate()
+
+
+def test_layouts_without_mtp_support_are_refused_with_a_fix() -> None:
+    from framework.config.schema import ParallelConfig, Recipe
+
+    for parallel, model, needle in (
+        (ParallelConfig(cp=2), {}, "parallel.cp: 1"),
+        (ParallelConfig(engine="deepspeed"), {}, "parallel.engine: native"),
+        (ParallelConfig(tp=2), {"tie_embeddings": True}, "tie_embeddings: false"),
+    ):
+        recipe = Recipe(model=tiny(**model), parallel=parallel)
+        recipe.data.seq_len = 32
+        with pytest.raises(ConfigError, match=needle):
+            recipe.validate()
