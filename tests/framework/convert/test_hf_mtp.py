@@ -124,6 +124,12 @@ def test_depth_matches_transformers_mtp_model_on_glm4_moe() -> None:
     state = model.state_dict()
     mtp_state = {k: v for k, v in state.items() if k.startswith("mtp.")}
     hf = to_hf_state(mtp_renames(cfg, lambda c, i: llama.block(c, i, ffn)), mtp_state)
+    # the per-expert file layout covers the MTP layer (HF layer 2) like a main MoE layer
+    files = experts.FileLayout(block="mlp", gate="gate_proj", up="up_proj", down="down_proj")
+    split = experts.to_files(hf, files)
+    assert "model.layers.2.mlp.experts.3.down_proj.weight" in split
+    fused = experts.from_files(split, files, cfg)
+    assert fused.keys() == hf.keys() and all(torch.equal(fused[k], hf[k]) for k in hf)
     # MtpModel's names: layers.{k}.mtp_block.* for the block, layers.{k}.* for enorm/hnorm/eh_proj, post_norm
     ours = {}
     for name, tensor in hf.items():
