@@ -10,7 +10,8 @@ final norm (transformers' MtpModel takes hidden_states[-1]); the normed h^k feed
 (transformers' MtpLayer post_norm, HF checkpoints' shared_head.norm). The block is built with the index it would
 have after the main stack (n_layers + k - 1), so its mixer (model.layers.pattern) and whether its feed-forward is
 MoE (model.moe.first_dense / every) follow the layer rules. Embedding, head, masks and RoPE are the main model's:
-every depth attends over the same positions as the main stack.
+every depth attends over the same positions as the main stack. Emb is the plain token lookup (no position or type
+tables, embedding scale or embed_norm), as DeepSeek-V3's and transformers' MtpModel's (which strips embed_norm).
 
 Positions i + k past the end of the sequence embed whatever id the roll brings there; their labels (shifted left
 by k, framework/train/mtp_loss.py) are ignored.
