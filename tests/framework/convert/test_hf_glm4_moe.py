@@ -24,7 +24,9 @@ from framework.models import build_model
 from framework.models.flops import param_counts
 from framework.models.generate import greedy_decode
 from framework.models.moe import Router
+from tests.framework.convert import test_convert_cli as convert_cli
 from tests.framework.convert.conftest import VOCAB, random_model
+from tests.framework.convert.test_convert_cli import run, write_checkpoint
 
 SEQ, TOL, ROUTING_MARGIN = 13, 1e-4, 1e-4
 CFG = ModelConfig(
@@ -37,9 +39,9 @@ CFG = ModelConfig(
 RECIPES = Path(__file__).resolve().parents[3] / "recipes"
 
 
-def _model(seed: int = 0) -> torch.nn.Module:
+def _model(seed: int = 0, cfg: ModelConfig = CFG) -> torch.nn.Module:
     """random_model with the selection biases perturbed too (it perturbs parameters only)."""
-    model = random_model(CFG, seed)
+    model = random_model(cfg, seed)
     gen = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
         for name, buffer in model.named_buffers():
@@ -326,3 +328,30 @@ def test_mtp_layers_are_dropped_and_a_missing_tensor_is_named(tmp_path: Path) ->
     save_file(weights, tmp_path / "model.safetensors")
     with pytest.raises(ConfigError, match=r"model\.layers\.2\.mlp\.gate\.e_score_correction_bias"):
         read_hf(tmp_path)
+
+
+def test_cli_export_import_round_trip(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`loom convert` both ways from a training checkpoint whose router balances itself (bias_update_rate): the
+    trained selection bias goes out as e_score_correction_bias and comes back as a fixed buffer (the update
+    rate is a training rule config.json has no field for), every weight bit for bit."""
+    assert CFG.moe is not None
+    moe = dataclasses.replace(CFG.moe, expert_bias=False, bias_update_rate=1e-3)
+    cfg = dataclasses.replace(CFG, vocab_size=4100, moe=moe)  # covers the demo tokenizer
+    monkeypatch.setattr(
+        convert_cli, "random_model", lambda c, seed: _model(seed, c)
+    )  # a trained-looking bias
+    model = write_checkpoint(cfg, tmp_path / "ckpt", demo_data / "tokenizer.model", seed=1)
+    assert model.state_dict()["layers.1.feed_forward.router.expert_bias"].abs().min() > 0
+    code, _, err = run(capsys, "convert", tmp_path / "ckpt", "--to", "hf", tmp_path / "hf")
+    assert code == 0, err
+    ids = torch.randint(0, 4100, (2, SEQ), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert (model(ids) - _logits(_load(tmp_path / "hf"), ids)).abs().max() <= TOL
+    code, _, err = run(capsys, "convert", tmp_path / "hf", "--from", "hf", tmp_path / "back")
+    assert code == 0, err
+    fixed = dataclasses.replace(moe, expert_bias=True, bias_update_rate=0.0)
+    assert load_recipe(tmp_path / "back" / "recipe.yaml").model == dataclasses.replace(cfg, moe=fixed)
+    _, state = read_hf(tmp_path / "hf")
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
