@@ -355,3 +355,29 @@ def test_cli_export_import_round_trip(
     assert load_recipe(tmp_path / "back" / "recipe.yaml").model == dataclasses.replace(cfg, moe=fixed)
     _, state = read_hf(tmp_path / "hf")
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+HUB_AIR = {"architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "attention_bias": True,
+           "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096, "partial_rotary_factor": 0.5,
+           "intermediate_size": 10944, "max_position_embeddings": 131072, "moe_intermediate_size": 1408,
+           "norm_topk_prob": True, "num_attention_heads": 96, "n_group": 1, "topk_group": 1, "n_routed_experts": 128,
+           "n_shared_experts": 1, "routed_scaling_factor": 1.0, "num_experts_per_tok": 8, "first_k_dense_replace": 1,
+           "num_hidden_layers": 46, "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_scaling": None,
+           "rope_theta": 1000000, "num_nextn_predict_layers": 1, "tie_word_embeddings": False, "use_qk_norm": False,
+           "vocab_size": 151552}  # fmt: skip
+"""zai-org/GLM-4.5-Air's config.json (its architecture fields, in the pre-transformers-5 layout: RoPE at the top)."""
+
+
+def test_the_recipe_is_the_hub_config(tmp_path: Path) -> None:
+    """recipes/glm-4.5-air-style.yaml's model is what importing GLM-4.5-Air's config.json gives, but for the
+    balancing rules of training (config.json has none)."""
+    from framework.convert.hf.importer import _hf_config
+
+    (tmp_path / "config.json").write_text(json.dumps(HUB_AIR))
+    imported = config_from_hf(_hf_config(tmp_path / "config.json"))
+    recipe = load_recipe(RECIPES / "glm-4.5-air-style.yaml").model
+    assert recipe.moe is not None and imported.moe is not None
+    rules = {
+        k: getattr(recipe.moe, k) for k in ("aux_loss", "aux_loss_scope", "bias_update_rate", "expert_bias")
+    }
+    assert dataclasses.replace(imported, moe=dataclasses.replace(imported.moe, **rules)) == recipe
