@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from framework.config.errors import ConfigError
 from framework.config.loader import load_recipe
-from framework.config.schema import ModelConfig, MoEConfig
+from framework.config.schema import ModelConfig, MoEConfig, MTPConfig
 from framework.convert.hf.configs import build_hf_model, check_representable, hf_family
 from framework.convert.hf.convert import config_from_hf, save_hf
 from framework.convert.hf.importer import read_hf
@@ -282,6 +282,7 @@ def _moe(**fields: object) -> ModelConfig:
         (_moe(n_groups=6, topk_groups=3), ["model.moe.n_groups=6"]),  # one expert per group
         (dataclasses.replace(CFG, bias_scope="all"), ["model.bias_scope='all'"]),
         (dataclasses.replace(CFG, sliding_window=5), ["model.sliding_window=5"]),
+        (dataclasses.replace(CFG, mtp=MTPConfig()), ["model.mtp=MTPConfig("]),  # MTP layers not mapped yet
         (
             dataclasses.replace(CFG, rope_scaling="linear", rope_scaling_factor=2.0),
             ["model.rope_scaling='linear'"],
@@ -296,6 +297,7 @@ def _moe(**fields: object) -> ModelConfig:
         "groups-of-one",
         "bias-all",
         "window",
+        "mtp",
         "rope-scaling",
     ],  # fmt: skip
 )
