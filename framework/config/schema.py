@@ -134,7 +134,15 @@ class MoEConfig:
     """Biases on every expert's linear layers (gpt-oss), independent of model.bias."""
     bias_update_rate: float = 0.0
     """Auxiliary-loss-free balancing (DeepSeek-V3): after each optimizer step, each expert's selection bias moves
-    by this rate towards balance (sign of mean load - its load); 0 = off (no bias)."""
+    by this rate towards balance (sign of mean load - its load); 0 = off (no bias unless expert_bias)."""
+    expert_bias: bool = False
+    """Keep the per-expert selection bias (the router's `expert_bias` buffer) even when bias_update_rate is 0: a
+    trained router's fixed bias (GLM-4.5 / DeepSeek-V3 e_score_correction_bias), which steers selection only."""
+
+    @property
+    def has_expert_bias(self) -> bool:
+        """Whether the router holds an `expert_bias` buffer (updated only when bias_update_rate > 0)."""
+        return self.expert_bias or self.bias_update_rate > 0
 
     def resolved_expert_hidden(self, ffn_hidden: int) -> int:
         return self.expert_hidden if self.expert_hidden is not None else ffn_hidden
@@ -766,11 +774,12 @@ class ModelConfig:
             "remove model.moe, or set model.family: decoder",
         )
         _require(
-            not self.bias,
+            not self.dense_bias,
             "model.bias",
             self.bias,
-            "experts have no biases (as in Mixtral, Qwen3-MoE, DeepSeek), so MoE models need bias: false",
-            "set model.bias: false",
+            "experts have no biases (as in Mixtral, Qwen3-MoE, DeepSeek), so MoE models need bias: false, or "
+            "biases on q/k/v only (GLM-4.5: bias_scope qkv)",
+            "set model.bias: false, or model.bias_scope: qkv",
         )
 
 

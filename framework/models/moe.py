@@ -78,9 +78,10 @@ class Router(nn.Module):
         super().__init__()
         self.moe = moe
         self.gate = nn.Linear(cfg.d_model, moe.n_experts, bias=False)
-        if moe.bias_update_rate > 0:
+        if moe.has_expert_bias:
             # A buffer, not a parameter: it is updated from the observed load, never by gradients, and it is
-            # in state_dict() so checkpoints restore it (DeepSeek-V3, auxiliary-loss-free balancing).
+            # in state_dict() so checkpoints restore it (DeepSeek-V3, auxiliary-loss-free balancing; fixed when
+            # bias_update_rate is 0, as an imported GLM-4.5 router's e_score_correction_bias).
             self.register_buffer("expert_bias", torch.zeros(moe.n_experts))
 
     def forward(self, x: torch.Tensor) -> Routing:

@@ -14,11 +14,14 @@ from framework.config.schema import LayersConfig, ModelConfig
 
 def hf_family(cfg: ModelConfig) -> str:
     """llama | mistral | qwen3 | qwen2 | phi3 | gpt2 | bloom | bert | t5 | mixtral | qwen3_moe | qwen3_next |
-    gemma | gemma2 | gemma3_text | olmo2 | olmo3 | mamba2 | bamba,
+    glm4_moe | gemma | gemma2 | gemma3_text | olmo2 | olmo3 | mamba2 | bamba,
     from the architecture fields (phi3 only when model.hf_architecture names it: its weights are Llama's).
-    Gated DeltaNet blocks or a gated attention output are Qwen3-Next's alone."""
+    Gated DeltaNet blocks or a gated attention output are Qwen3-Next's alone; a sigmoid router with partial
+    rotary or q/k/v-only biases is GLM-4.5's (DeepSeek-V3 routing on full-rotary, bias-free attention is not)."""
     if cfg.family == "decoder" and ("gdn" in cfg.mixers or cfg.attention_gate):
         return "qwen3_next"
+    if _is_glm4_moe(cfg):
+        return "glm4_moe"
     if "mamba2" in cfg.mixers:  # Mamba-2 blocks alone (no MLP), or a hybrid with an MLP in every block
         return "mamba2" if cfg.layers is not None and not cfg.layers.feed_forward else "bamba"
     if cfg.moe is not None and cfg.family == "decoder":
@@ -47,6 +50,14 @@ def hf_family(cfg: ModelConfig) -> str:
     if cfg.sliding_window is not None:
         return "mistral"
     return "llama"
+
+
+def _is_glm4_moe(cfg: ModelConfig) -> bool:
+    """GLM-4.5's distinguishing fields: sigmoid routing with partial RoPE or q/k/v biases, standard attention
+    blocks (MLA blocks are DeepSeek-V3's)."""
+    glm_attention = cfg.rope_fraction < 1 or (cfg.bias and cfg.bias_scope == "qkv")
+    routed = cfg.moe is not None and cfg.moe.router == "sigmoid"
+    return cfg.family == "decoder" and routed and glm_attention and "mla" not in cfg.mixers
 
 
 # Fields each family fixes; a config that differs cannot be represented by it.
@@ -118,6 +129,11 @@ _REQUIRED["qwen3_next"] = _REQUIRED["qwen3"] | {"qk_norm": True, "qk_norm_scope"
                                                 "norm_weight_offset": True, "attention_gate": True}  # fmt: skip
 # Qwen2: Llama with biases on q/k/v only; Phi-3: Llama without biases, chosen by name (hf_architecture)
 _REQUIRED["qwen2"] = _REQUIRED["llama"] | {"bias": True, "bias_scope": "qkv"}
+# GLM-4.5: Llama's layers with optional per-head QK-norm (use_qk_norm), q/k/v biases or none (attention_bias;
+# never on o_proj or the MLPs: _glm4_moe_rules), any partial rotary (partial_rotary_factor), plain RoPE
+_REQUIRED["glm4_moe"] = {k: v for k, v in _REQUIRED["llama"].items() if k != "qk_norm"} | {
+    "rope_scaling": "none"
+}
 _REQUIRED["phi3"] = _REQUIRED["llama"] | {"bias": False, "hf_architecture": "phi3"}
 # Mamba-2: RMSNorm pre-norm blocks around the mixer alone (no attention, no MLP, no biases); Bamba: Llama's
 # attention and MLP beside Mamba-2 mixers, its RoPE hard-coded to half of each head (partial_rotary_factor 0.5)
@@ -143,32 +159,58 @@ _MOE_REQUIRED["qwen3_moe"] |= {"shared_expert_gate": False}
 _MOE_REQUIRED["mixtral"] |= {"shared_expert_gate": False}
 # Qwen3-Next: Qwen3-MoE's routing plus exactly one shared expert (any width) behind a sigmoid gate
 _MOE_REQUIRED["qwen3_next"] = _MOE_REQUIRED["qwen3_moe"] | {"n_shared_experts": 1, "shared_expert_gate": True}
+# GLM-4.5: sigmoid scores, any groups / renormalisation / scale, a selection bias (e_score_correction_bias; any
+# update rate, a training rule), ungated shared experts n_shared_experts x moe_intermediate_size wide, the first
+# first_k_dense_replace layers dense and every later one sparse; no jitter, no router or expert biases, dropless
+_MOE_REQUIRED["glm4_moe"] = {"router": "sigmoid", "shared_expert_gate": False, "shared_expert_hidden": None,
+                             "every": 1, "jitter": 0.0, "capacity_factor": None, "router_bias": False,
+                             "expert_linear_bias": False}  # fmt: skip
 
 
 def _moe_rules(cfg: ModelConfig, family: str) -> list[str]:
     """MoE fields `family` cannot represent (none for dense families, which refuse model.moe themselves)."""
     if cfg.moe is None or family not in _MOE_REQUIRED:
         return []
-    return [
+    wrong = [
         f"model.moe.{k}={getattr(cfg.moe, k)!r} (needs {v!r})"
         for k, v in _MOE_REQUIRED[family].items()
         if getattr(cfg.moe, k) != v
     ]
+    return wrong + (_glm4_moe_rules(cfg) if family == "glm4_moe" else [])
+
+
+def _glm4_moe_rules(cfg: ModelConfig) -> list[str]:
+    """GLM-4.5 always builds shared experts, scores a group by its two best experts (torch.topk(2): at least two
+    per group) and has no bias outside q/k/v."""
+    moe, wrong = cfg.moe, []
+    assert moe is not None
+    if moe.n_shared_experts < 1:
+        wrong.append("model.moe.n_shared_experts=0 (needs >= 1: every GLM-4.5 MoE layer has shared experts)")
+    if moe.n_experts // moe.n_groups < 2:
+        wrong.append(f"model.moe.n_groups={moe.n_groups} (needs at least 2 experts per group)")
+    if cfg.dense_bias:
+        wrong.append("model.bias_scope='all' (needs 'qkv': no bias on o_proj or the MLPs)")
+    return wrong
 
 
 _NEVER = {"learned_temperature": False, "soft_distance_bias": False, "attention_temperature": 1.0}
 # Qwen3-Next's fields, which no other family has a tensor or switch for
 _QWEN3_NEXT_ONLY = {"attention_gate": False, "rope_fraction": 1.0}
+_PARTIAL_ROTARY = {"qwen3_next", "glm4_moe"}
+"""Families with any partial_rotary_factor (Bamba's is fixed at 0.5 by its _REQUIRED entry)."""
 # Defaults every family needs unless its _REQUIRED entry says otherwise (Qwen2's bias_scope, Phi-3's name).
 _DEFAULTS = {"bias_scope": "all", "hf_architecture": "auto", "qk_norm_scope": "head"}
+_FREE_DEFAULTS = {"glm4_moe": {"bias_scope"}}
+"""Defaults a family does not fix: GLM-4.5 has q/k/v biases or none (bias_scope qkv, or bias false)."""
 
 
 def check_representable(cfg: ModelConfig) -> str:
     """The HF family for `cfg`, or a ConfigError listing every field that family cannot represent."""
     family = hf_family(cfg)
+    defaults = {k: v for k, v in _DEFAULTS.items() if k not in _FREE_DEFAULTS.get(family, ())}
     wrong = [
         f"model.{k}={getattr(cfg, k)!r} (needs {v!r})"
-        for k, v in {**_DEFAULTS, **_REQUIRED[family], **_NEVER}.items()
+        for k, v in {**defaults, **_REQUIRED[family], **_NEVER}.items()
         if getattr(cfg, k) != v
     ]
     if family == "t5" and cfg.mlp not in ("relu", "geglu"):
@@ -206,6 +248,9 @@ _EXTRA: dict[str, dict[str, Any]] = {
     "t5": _ABSENT | {"softmax_scale": "none"},
     "mixtral": _ABSENT | {"softmax_scale": "inv_sqrt_dk"},
     "qwen3_moe": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None},
+    # (its Hub checkpoints' MTP layers are not mapped yet: model.mtp is refused, an export writes none)
+    "glm4_moe": _ABSENT
+    | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None, "attention_sinks": False, "mtp": None},
     "qwen3_next": _ABSENT
     | {
         "softmax_scale": "inv_sqrt_dk",
@@ -241,7 +286,8 @@ def _derived_rules(cfg: ModelConfig, family: str) -> list[str]:
     """Rules beyond fixed field values: head shapes the family hard-codes, MLP width, token types, gelu form."""
     only = {} if family.startswith("gemma") or family == "qwen3_next" else dict(_GEMMA_ONLY)
     if family != "qwen3_next":  # (Bamba's _REQUIRED rope_fraction 0.5 stands)
-        only |= {k: v for k, v in _QWEN3_NEXT_ONLY.items() if k not in _REQUIRED[family]}
+        free = set(_REQUIRED[family]) | ({"rope_fraction"} if family in _PARTIAL_ROTARY else set())
+        only |= {k: v for k, v in _QWEN3_NEXT_ONLY.items() if k not in free}
     if family in _LAYER_PATTERN:
         only.pop("full_attention_layers", None)
     extra = _EXTRA.get(family, {}) | only
@@ -340,6 +386,7 @@ def hf_config(cfg: ModelConfig) -> tuple[str, Any]:
         "mixtral": _mixtral,
         "qwen3_moe": _qwen3_moe,
         "qwen3_next": _qwen3_next,
+        "glm4_moe": _glm4_moe,
         "qwen2": _qwen2,
         "phi3": _phi3,
         "gpt2": _gpt2,
@@ -673,6 +720,29 @@ def _qwen3_next(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
         "mlp_only_layers": [i for i in range(cfg.n_layers) if not cfg.is_moe_layer(i)],
     }
     return "Qwen3NextForCausalLM", "Qwen3NextConfig", kwargs
+
+
+def _glm4_moe(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
+    moe = cfg.moe
+    assert moe is not None
+    kwargs = _decoder_common(cfg) | {"attention_bias": cfg.bias, "use_qk_norm": cfg.qk_norm}
+    # head_dim is not in Glm4MoeConfig's fields but is kept as an attribute, which the attention reads
+    kwargs["rope_parameters"] |= {"partial_rotary_factor": cfg.rope_fraction}
+    kwargs |= {
+        "moe_intermediate_size": moe.resolved_expert_hidden(cfg.ffn_hidden),
+        "n_routed_experts": moe.n_experts,
+        "num_experts_per_tok": moe.top_k,
+        "n_shared_experts": moe.n_shared_experts,
+        "n_group": moe.n_groups,
+        "topk_group": moe.topk_groups,
+        "routed_scaling_factor": moe.route_scale,
+        "norm_topk_prob": moe.renormalize,
+        "first_k_dense_replace": moe.first_dense,
+        "attention_dropout": cfg.attention_dropout,
+        # Loom builds no multi-token-prediction blocks for this family yet: the export has none
+        "num_nextn_predict_layers": 0,
+    }
+    return "Glm4MoeForCausalLM", "Glm4MoeConfig", kwargs
 
 
 def build_hf_model(cfg: ModelConfig) -> Any:

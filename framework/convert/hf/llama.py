@@ -30,9 +30,10 @@ def attention(cfg: ModelConfig, i: int) -> list[Rename]:
     # Qwen2 (bias_scope qkv) has no o_proj bias
     out += [copy(f"{src}wo.{k}", f"{dst}o_proj.{k}") for k in _kinds(cfg.dense_bias)]
     if cfg.qk_norm:
-        # the norm runs per head before RoPE, so its channel weights follow the same permutation
-        out += [rope(f"{src}q_norm.weight", f"{dst}q_norm.weight", 1)]
-        out += [rope(f"{src}k_norm.weight", f"{dst}k_norm.weight", 1)]
+        # the norm runs per head before RoPE, so its channel weights follow the same permutation (GLM-4.5:
+        # of the rotated channels only)
+        out += [rope(f"{src}q_norm.weight", f"{dst}q_norm.weight", 1, rotated)]
+        out += [rope(f"{src}k_norm.weight", f"{dst}k_norm.weight", 1, rotated)]
     return out
 
 

@@ -320,6 +320,9 @@ def _moe_args(cfg: ModelConfig) -> dict[str, Any]:
     if m.n_groups > 1 and (m.top_k != 2 * m.topk_groups or (m.router == "softmax" and m.renormalize)):
         raise _not_exportable("model.moe.n_groups", m.n_groups,
                               "megatron ranks groups by top_k / group_topk experts (Loom by 2), on scores")  # fmt: skip
+    if m.expert_bias and m.bias_update_rate == 0:
+        raise _not_exportable("model.moe.expert_bias", True,
+                              "Loom's megatron mapping carries the expert bias only with bias_update_rate > 0")  # fmt: skip
     if m.shared_expert_gate:
         raise _not_exportable("model.moe.shared_expert_gate", True,
                               "Loom's megatron mapping has no shared-expert gate")  # fmt: skip

@@ -417,6 +417,16 @@ def test_export_refuses_what_megatron_cannot_hold(field: str, value: Any) -> Non
         mconfig.megatron_args(cfg)
 
 
+def test_export_refuses_a_fixed_expert_bias() -> None:
+    """An imported GLM-4.5 router's fixed selection bias (moe.expert_bias, no update rate) has no megatron home
+    in Loom's mapping, which carries megatron's expert bias only with moe_router_bias_update_rate."""
+    moe = MoEConfig(n_experts=4, top_k=2, expert_hidden=16, router="sigmoid", expert_bias=True)
+    cfg = ModelConfig(**_LOOM | {"moe": moe})
+    cfg.validate()
+    with pytest.raises(ConfigError, match="model.moe.expert_bias"):
+        mconfig.megatron_args(cfg)
+
+
 class _Boom:
     def __reduce__(self) -> tuple[Any, ...]:
         return (Path.touch, (Path("/nonexistent-dir-loom/unpickled"),))

@@ -278,6 +278,21 @@ def test_moe_needs_a_decoder_without_biases() -> None:
         ModelConfig(family="encoder", moe=MoEConfig()).validate()
     with pytest.raises(ConfigError, match="model.bias"):
         ModelConfig(bias=True, moe=MoEConfig()).validate()
+    ModelConfig(bias=True, bias_scope="qkv", moe=MoEConfig()).validate()  # GLM-4.5: q/k/v biases only
+
+
+def test_a_fixed_selection_bias_is_a_buffer_that_steers_selection_only() -> None:
+    """moe.expert_bias keeps the buffer without updates (an imported GLM-4.5 router): selection follows
+    scores + bias, weights the scores alone."""
+    assert "expert_bias" not in dict(make_layer(router="sigmoid").router.named_buffers())
+    layer = make_layer(router="sigmoid", expert_bias=True, renormalize=False).eval()
+    assert dict(layer.router.named_buffers())["expert_bias"].abs().sum() == 0
+    x = torch.randn(16, 16)  # d_model 16
+    scores = layer.router.gate(x).sigmoid()
+    layer.router.expert_bias[0] = 10.0  # expert 0 wins every selection
+    routing = layer.router(x)
+    assert (routing.experts == 0).any(dim=-1).all()
+    torch.testing.assert_close(routing.weights, scores.detach().gather(-1, routing.experts))
 
 
 def _run(layer: MoE, x: torch.Tensor, kernel: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
