@@ -32,6 +32,7 @@ def summary(recipe: Recipe) -> str:
         f"embedding {counts['embedding']:,}, non-embedding {counts['non_embedding']:,}",
         *_moe_lines(recipe, counts),
         *_mixer_lines(recipe),
+        *_mtp_lines(recipe, flops),
         f"training FLOPs per token (seq_len {recipe.data.seq_len}): {_human(flops)}"
         + (" with active experts only" if recipe.model.moe else "")
         + " (see docs/flops.md)",
@@ -104,6 +105,22 @@ def _mixer_lines(recipe: Recipe) -> list[str]:
     by_mixer = mixing_flops_by_mixer(recipe.model, recipe.data.seq_len)
     parts = [f"{blocks} {name} ({_human(3 * flops)})" for name, (blocks, flops) in by_mixer.items()]
     return ["mixers: " + ", ".join(parts) + " blocks (token-mixing training FLOPs per token)"]
+
+
+def _mtp_lines(recipe: Recipe, flops: float) -> list[str]:
+    """Multi-token prediction's share of the parameters and of the training FLOPs per token (nothing without)."""
+    import dataclasses
+
+    from framework.models.flops import flops_per_token, mtp_params
+
+    mtp = recipe.model.mtp
+    if mtp is None:
+        return []
+    without = flops_per_token(dataclasses.replace(recipe.model, mtp=None), recipe.data.seq_len, training=True)
+    return [
+        f"mtp: depth {mtp.depth}, loss weight {mtp.loss_weight}; parameters {_human(mtp_params(recipe.model))} "
+        f"(dropped by `loom convert --to hf`), training FLOPs per token +{(flops / without - 1):.1%}"
+    ]
 
 
 def _moe_lines(recipe: Recipe, counts: dict[str, int]) -> list[str]:

@@ -174,10 +174,15 @@ def _body_params(cfg: ModelConfig) -> int:
     """Non-embedding parameters before the head: embed_norm and the stacks (encoder + decoder for T5)."""
     total = _norm_params(cfg, cfg.d_model) if cfg.embedding_norm else 0
     total += _stack_params(cfg, cfg.n_layers)
-    total += sum(_block_params(cfg, layer=i) + _mtp_extra_params(cfg) for i in mtp_layers(cfg))
+    total += mtp_params(cfg)
     if cfg.family == "encoder_decoder":
         total += _stack_params(cfg, cfg.decoder_layers, cross_attention=True)
     return total
+
+
+def mtp_params(cfg: ModelConfig) -> int:
+    """Parameters of the multi-token prediction depths (their blocks, norms and eh_proj; 0 without model.mtp)."""
+    return sum(_block_params(cfg, layer=i) + _mtp_extra_params(cfg) for i in mtp_layers(cfg))
 
 
 def _inactive_expert_params(cfg: ModelConfig) -> int:

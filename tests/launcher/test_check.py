@@ -78,3 +78,35 @@ def test_a_hybrid_recipe_lists_its_mixers(capsys: pytest.CaptureFixture[str]) ->
     gdn = 3 * 36 * MIXERS["gdn"].mixing_flops(cfg, 4096, None) / 1e6
     line = next(line for line in out.splitlines() if line.startswith("mixers: "))
     assert line.startswith(f"mixers: 36 gdn ({gdn:.2f}M), 12 attention ("), line
+
+
+def test_an_mtp_recipe_reports_its_depths(capsys: pytest.CaptureFixture[str]) -> None:
+    """The mtp line: the parameters of the model's `mtp.*` modules (built on the meta device, counted directly)
+    and the extra training FLOPs per token against the same recipe without model.mtp."""
+    import torch
+
+    from framework.models import build_model
+    from framework.models.flops import flops_per_token
+
+    sets = (
+        "model.n_layers=2",
+        "model.d_model=64",
+        "model.n_heads=4",
+        "model.ffn_hidden=96",
+        "model.mtp={depth: 2}",
+    )
+    code, out, err = check(capsys, "debug.yaml", *sets)
+    assert code == 0, err
+    recipe = load_recipe(RECIPES / "debug.yaml", list(sets))
+    with torch.device("meta"):
+        model = build_model(recipe.model)
+    mtp = sum(p.numel() for n, p in model.named_parameters() if n.startswith("mtp."))
+    assert mtp > 0
+    seq = recipe.data.seq_len
+    without = load_recipe(RECIPES / "debug.yaml", list(sets[:-1])).model
+    extra = (
+        flops_per_token(recipe.model, seq, training=True) / flops_per_token(without, seq, training=True) - 1
+    )
+    line = next(line for line in out.splitlines() if line.startswith("mtp: "))
+    assert line.startswith(f"mtp: depth 2, loss weight 0.3; parameters {mtp / 1e3:.2f}K "), (line, mtp)
+    assert line.endswith(f"training FLOPs per token +{extra:.1%}"), line
