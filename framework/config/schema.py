@@ -342,7 +342,9 @@ class MLAConfig:
 class MTPConfig:
     """Multi-token prediction (DeepSeek-V3 section 2.2), `model.mtp`. Depth k (1..depth) predicts the token k+1
     positions ahead: one block over eh_proj([enorm(embed(t_{i+k})); hnorm(h^{k-1}_i)]), h^0 the main stack's
-    normed output, then its own norm and the shared output head. Loss = main + loss_weight x mean_k loss_k."""
+    normed output, then its own norm and the shared output head. Loss = main + loss_weight x mean_k loss_k.
+    Family decoder only; trained by the native engine, not with parallel.cp > 1 (nor a tied head under tp > 1).
+    Evaluation and validation loss use the main next-token head only (framework/models/mtp.py)."""
 
     depth: int = 1
     """Extra prediction depths D, one block each."""
