@@ -693,6 +693,10 @@ class ModelConfig:
             self._validate_layers(self.layers)
         if self.mtp is not None:
             self.mtp.validate()
+            _require(
+                self.family == "decoder", "model.mtp", "set", "predicts further tokens of a causal LM",
+                "remove model.mtp, or set model.family: decoder",
+            )  # fmt: skip
 
     def _validate_layers(self, layers: LayersConfig) -> None:
         key = "model.layers.pattern"
@@ -1393,3 +1397,22 @@ class Recipe:
             f"longer than model.max_seq_len={m.max_seq_len}",
             f"raise model.max_seq_len to at least {d.seq_len} or shorten data.seq_len",
         )
+        if m.mtp is not None:
+            self._validate_mtp_parallel()
+
+    def _validate_mtp_parallel(self) -> None:
+        """model.mtp under the layouts it does not support yet (framework/models/mtp.py)."""
+        p, key = self.parallel, "model.mtp"
+        _require(
+            p.engine == "native", key, "set", "is trained by the native engine only (parallel.engine)",
+            "set parallel.engine: native, or remove model.mtp",
+        )  # fmt: skip
+        _require(
+            p.cp == 1, key, "set", "needs whole sequences: its shifted tokens cross context-parallel shards",
+            "set parallel.cp: 1, or remove model.mtp",
+        )  # fmt: skip
+        _require(
+            p.tp == 1 or not self.model.tie_embeddings, key, "set",
+            "with a tied head is not laid out over tensor parallelism yet",
+            "set model.tie_embeddings: false, or parallel.tp: 1",
+        )  # fmt: skip

@@ -41,7 +41,7 @@ def convert(
         checkpoint = import_megatron(source, out, megatron_config, trust_checkpoint, overwrite=overwrite)
         return _imported(checkpoint, Path(out))
     if to == "hf":
-        from framework.convert.hf.convert import export_checkpoint
+        from framework.convert.hf.convert import export_checkpoint, export_note
         from framework.convert.hf.weights import parse_size
 
         shard_bytes = parse_size(max_shard)
@@ -49,7 +49,7 @@ def convert(
             source, out, tokenizer=tokenizer, max_shard_bytes=shard_bytes, overwrite=overwrite,
             with_tokenizer=with_tokenizer,
         )  # fmt: skip
-        return f"wrote Hugging Face model folder {path}"
+        return f"wrote Hugging Face model folder {path}{export_note(source)}"
     from framework.convert.hf.importer import import_hf
 
     return _imported(import_hf(source, out, overwrite=overwrite), Path(out))

@@ -35,6 +35,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from framework.config import ModelConfig
 from framework.models.moe import MoE, moe_layers
+from framework.models.mtp import mtp_block_index
 from framework.parallel.pipeline import PipelineParts, pp_sum
 from framework.train.moe_loss import MoEBalancer, summarize
 
@@ -77,7 +78,8 @@ class PipelineMoE:
         self.device = device
         self.pp_mesh = pp_mesh
         self.scale_loss = scale_loss
-        self.row_of = {block: row for row, block in enumerate(model.moe_layers)}
+        self.row_of = {block: row for row, block in enumerate(moe_block_indices(model))}
+        self.n_layers = model.n_layers
         self.n_experts = model.moe.n_experts if model.moe is not None else 0
         self._inference: set[int] = set()
         self._hooked: set[int] = set()  # stages of this rank holding MoE layers
@@ -136,12 +138,22 @@ class PipelineMoE:
         counts = torch.zeros(len(self.row_of), self.n_experts, dtype=torch.long, device=self.device)
         if self.balancer is not None and self.balancer.layers:
             names, local_rows, local_counts = self.balancer.layer_stats()
-            index = [self.row_of[block_index(name)] for name in names]
+            index = [self.row_of[block_index(name, self.n_layers)] for name in names]
             rows[index], counts[index] = local_rows.to(rows.dtype), local_counts
         return summarize(pp_sum(rows, self.pp_mesh), pp_sum(counts, self.pp_mesh))
 
 
-def block_index(name: str) -> int:
-    """The block index in a module name such as 'layers.3.feed_forward'."""
+def moe_block_indices(model: ModelConfig) -> list[int]:
+    """Indices of the MoE blocks: the main stack's, then the multi-token prediction depths' (n_layers + k - 1)."""
+    depth = model.mtp.depth if model.mtp is not None else 0
+    extra = [mtp_block_index(model, k) for k in range(1, depth + 1)]
+    return model.moe_layers + [i for i in extra if model.is_moe_layer(i)]
+
+
+def block_index(name: str, n_layers: int) -> int:
+    """The block index in a module name such as 'layers.3.feed_forward' (or 'mtp.0.block.feed_forward': the MTP
+    depth's block index, n_layers + 0)."""
     parts = name.split(".")
+    if parts[0] == "mtp":
+        return n_layers + int(parts[1])
     return int(parts[parts.index("layers") + 1])

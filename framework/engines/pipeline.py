@@ -9,7 +9,12 @@ all stages: each rank's squared norm summed over the pipeline group.
 A tied head (Megatron's "embedding group"): the first stage embeds with `tok_embeddings.weight`, the last stage
 projects with its own copy of it. Before every update the two copies' gradients are summed (an all-reduce between
 each first-stage rank and the last-stage rank of the same data/tensor coordinates), so both apply the same update
-and stay identical; the norm counts the weight once (on the first stage).
+and stay identical; the norm counts the weight once (on the first stage). Multi-token prediction (model.mtp) embeds
+the tokens ahead on the last stage, so the same rule applies to it with an untied head.
+
+Multi-token prediction: its depths live on the last stage, which gets the token ids as the keyword input
+`mtp_input_ids`; the stage stashes each depth's logits in its forward and the loss function, called by the schedule
+right after that forward, reads them (framework/train/mtp_loss.py). Their per-depth sums are logged like the loss.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ from framework.config import Recipe
 from framework.engines.moe_pipeline import PipelineMoE
 from framework.engines.native import DistributedTrainModule, _nonfinite_anywhere, _sum_over
 from framework.parallel.dims import ParallelDims
-from framework.parallel.pipeline import PipelineParts, build_schedule, no_autocast, pp_sum
+from framework.parallel.pipeline import PipelineParts, build_schedule, no_autocast, pp_sum, shares_embedding
 from framework.parallel.tensor import loss_context
 from framework.train.loss import compute_loss, count_labelled, loss_sums
+from framework.train.mtp_loss import mtp_loss, take_mtp_logits
 from framework.train.train_module import Batch
 
 MODEL_INPUTS = ("input_ids", "labels")
@@ -59,6 +65,12 @@ class PipelineTrainModule(DistributedTrainModule):
         # MoE: each stage adds its layers' router losses in its own backward (framework/engines/moe_pipeline.py)
         self._moe = self._pipeline_moe()
         self._trained_last = False  # did the last schedule call train? (else torch re-infers shapes first)
+        mtp = recipe.model.mtp
+        self._mtp_depth = mtp.depth if mtp is not None else 0
+        # the module whose forward stashes the MTP logits: the last stage's (a view when a rank runs two stages)
+        self._last_module = (
+            parts.modules[parts.stage_ids.index(parts.num_stages - 1)] if self.holds_last else None
+        )
 
     def train_batch(self, micro_batches: list[Batch]) -> dict[str, Any]:
         if not micro_batches:
@@ -75,10 +87,11 @@ class PipelineTrainModule(DistributedTrainModule):
         if self._moe is not None:
             self._moe.finish_step()
         self._sync_tied_grads()
-        ce, z = self._last_stage_sums(2)
+        ce, z, *mtp = self._last_stage_sums(2 + self._mtp_depth)
         tokens = sum(b["input_ids"].numel() for b in batches)
         self.counters.tokens += tokens
         self._pending = (self._global_sum(ce), self._global_sum(z), self._total)
+        self._mtp_pending = self._global_sum(torch.stack(mtp)) if mtp else None
         return {"loss": ce, "z_loss": z, "labelled_tokens": self._total, "tokens": tokens}
 
     @torch.no_grad()
@@ -105,7 +118,8 @@ class PipelineTrainModule(DistributedTrainModule):
         losses: list[torch.Tensor] = []
         # Vocab-parallel logits: the loss's forward and backward (inside the schedule) run under loss_parallel.
         with loss_context(self.dims, self.recipe):
-            schedule_call(*self._args(batch), target=self._target(batch), losses=losses, **_kwargs(batch))
+            kwargs = _kwargs(batch, mtp=self._mtp_depth > 0)
+            schedule_call(*self._args(batch), target=self._target(batch), losses=losses, **kwargs)
         self._sums += [self._parts[id(loss)] for loss in losses]
         self._parts.clear()
 
@@ -117,9 +131,14 @@ class PipelineTrainModule(DistributedTrainModule):
                 parts = loss[None]
             else:
                 out = compute_loss(logits, labels, self._total, self.recipe.train.z_loss)
+                parts = torch.stack([out.ce, out.z_loss])
+                mtp_logits = take_mtp_logits(self._last_module) if self._last_module is not None else None
+                if mtp_logits is not None:  # this chunk's stash: its forward just ran (module docstring)
+                    weight = self.recipe.model.mtp.loss_weight
+                    extra = mtp_loss(mtp_logits, labels, self._total, weight)
+                    out.loss, parts = out.loss + extra.loss, torch.cat([parts, extra.depths])
                 # x dp x cp: FSDP/DDP average gradients over those ranks, our loss wants their sum (engine.py).
-                scaled = self.precision.scale(out.loss * self.dims.dp * self.dims.cp)
-                loss, parts = scaled, torch.stack([out.ce, out.z_loss])
+                loss = self.precision.scale(out.loss * self.dims.dp * self.dims.cp)
         self._parts[id(loss)] = parts.detach()
         return loss
 
@@ -174,9 +193,10 @@ class PipelineTrainModule(DistributedTrainModule):
 def _tied_embedding(
     model: nn.Module, recipe: Recipe, mesh: DeviceMesh
 ) -> tuple[torch.Tensor, dist.ProcessGroup] | None:
-    """(the tied weight, the group of its two copies) on first- and last-stage ranks of a tied model, else None.
+    """(the tied weight, the group of its two copies) on first- and last-stage ranks of a tied model (or one with
+    multi-token prediction, whose last stage embeds too), else None.
     Every rank must take part in creating the groups, also those that hold no copy."""
-    if not recipe.model.tie_embeddings or mesh["pp"].size() == 1:
+    if not shares_embedding(recipe) or mesh["pp"].size() == 1:
         return None
     ranks = mesh.mesh  # [pp, dp_replicate, dp_shard, cp, tp] global ranks
     pairs = [
@@ -187,6 +207,10 @@ def _tied_embedding(
     return (embeddings.weight, group) if embeddings is not None and group is not None else None
 
 
-def _kwargs(batch: Batch) -> dict[str, torch.Tensor]:
-    """Keyword inputs every stage's forward takes (chunked along the batch like the ids)."""
-    return {k: v for k, v in batch.items() if k not in MODEL_INPUTS}
+def _kwargs(batch: Batch, mtp: bool = False) -> dict[str, torch.Tensor]:
+    """Keyword inputs every stage's forward takes (chunked along the batch like the ids); with multi-token
+    prediction also the token ids, for the last stage's MTP depths (`mtp_input_ids`)."""
+    kwargs = {k: v for k, v in batch.items() if k not in MODEL_INPUTS}
+    if mtp:
+        kwargs["mtp_input_ids"] = batch["input_ids"]
+    return kwargs

@@ -19,6 +19,10 @@ Conventions (see docs/flops.md for the derivation and a worked example):
   self-attention causal, and cross-attention attends to every encoder position; the cross-attention k/v
   projections run over the encoder tokens once per decoder layer.
 
+Multi-token prediction (model.mtp, DeepSeek-V3): each depth adds its block (index n_layers + k - 1, so its mixer and
+MoE-ness follow the layer rules), eh_proj (2d x d) and one more output-head matmul per token. They run in every
+training forward, so the counts here include them; an evaluation forward skips them (counted all the same).
+
 The count ignores document masking and prefix-LM masks (the formula is a property of the config, not the batch):
 a decoder is always counted as causal, so packed documents make the real work slightly smaller.
 """
@@ -98,6 +102,17 @@ def _has_ffn(cfg: ModelConfig) -> bool:
     return cfg.layers is None or cfg.layers.feed_forward
 
 
+def mtp_layers(cfg: ModelConfig) -> list[int]:
+    """Block indices of the multi-token prediction depths (n_layers .. n_layers + D - 1; none without)."""
+    depth = cfg.mtp.depth if cfg.mtp is not None else 0
+    return list(range(cfg.n_layers, cfg.n_layers + depth))
+
+
+def _mtp_extra_params(cfg: ModelConfig) -> int:
+    """One depth besides its block: enorm, hnorm, its final norm and eh_proj (2d -> d, no bias)."""
+    return 3 * _norm_params(cfg, cfg.d_model) + 2 * cfg.d_model * cfg.d_model
+
+
 def _block_params(cfg: ModelConfig, *, cross_attention: bool = False, layer: int = 0) -> int:
     """attention_norm + the block's mixer (model.layers.pattern) + ffn_norm + feed_forward (+ cross_attention_norm
     + cross_attention), and the sandwich norms after both branches (Gemma 2); mixer-only blocks (layers
@@ -126,7 +141,8 @@ def block_params(cfg: ModelConfig, *, expert_shards: int = 1) -> list[int]:
     out = [block(i, False) for i in range(cfg.n_layers)]
     if cfg.family == "encoder_decoder":
         out += [block(i, True) for i in range(cfg.decoder_layers)]
-    return out
+    # MTP depths: their blocks, each with its norms and eh_proj (an FSDP unit around the block's)
+    return out + [block(i, False) + _mtp_extra_params(cfg) for i in mtp_layers(cfg)]
 
 
 def _stack_params(cfg: ModelConfig, n_layers: int, *, cross_attention: bool = False) -> int:
@@ -158,6 +174,7 @@ def _body_params(cfg: ModelConfig) -> int:
     """Non-embedding parameters before the head: embed_norm and the stacks (encoder + decoder for T5)."""
     total = _norm_params(cfg, cfg.d_model) if cfg.embedding_norm else 0
     total += _stack_params(cfg, cfg.n_layers)
+    total += sum(_block_params(cfg, layer=i) + _mtp_extra_params(cfg) for i in mtp_layers(cfg))
     if cfg.family == "encoder_decoder":
         total += _stack_params(cfg, cfg.decoder_layers, cross_attention=True)
     return total
@@ -167,7 +184,8 @@ def _inactive_expert_params(cfg: ModelConfig) -> int:
     """Parameters a token does not touch: (n_experts - top_k) routed experts in every MoE layer."""
     if cfg.moe is None:
         return 0
-    return len(cfg.moe_layers) * (cfg.moe.n_experts - cfg.moe.top_k) * _expert_matrix_params(cfg)
+    layers = len(cfg.moe_layers) + sum(cfg.is_moe_layer(i) for i in mtp_layers(cfg))
+    return layers * (cfg.moe.n_experts - cfg.moe.top_k) * _expert_matrix_params(cfg)
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
@@ -207,15 +225,24 @@ def _layer_matmul_params(cfg: ModelConfig) -> int:
     return _attention_matrix_params(cfg) + _mlp_matrix_params(cfg)
 
 
-def _stack_matmul_params(cfg: ModelConfig, *, active: bool) -> int:
-    """Weight-matrix parameters of the n_layers blocks; MoE layers count the router, the shared experts and all
-    experts (active=False) or the top_k experts one token passes through (active=True: FLOPs per token)."""
-    mixing = sum(mixers.mixer_of(cfg, i).matmul_params(cfg) for i in range(cfg.n_layers))
+def _stack_matmul_params(cfg: ModelConfig, *, active: bool, layers: list[int] | None = None) -> int:
+    """Weight-matrix parameters of the n_layers blocks (or of the blocks `layers`); MoE layers count the router,
+    the shared experts and all experts (active=False) or the top_k experts one token passes through (active=True:
+    FLOPs per token)."""
+    indices = range(cfg.n_layers) if layers is None else layers
+    mixing = sum(mixers.mixer_of(cfg, i).matmul_params(cfg) for i in indices)
     if not _has_ffn(cfg):
         return mixing
     if cfg.moe is None:
-        return mixing + cfg.n_layers * _mlp_matrix_params(cfg)
-    return mixing + sum(_ffn_params(cfg, i, active=active) for i in range(cfg.n_layers))
+        return mixing + len(indices) * _mlp_matrix_params(cfg)
+    return mixing + sum(_ffn_params(cfg, i, active=active) for i in indices)
+
+
+def _mtp_matmul_params(cfg: ModelConfig, *, active: bool) -> int:
+    """The MTP depths per token: each block, eh_proj (2d x d) and the shared head once more."""
+    depths = mtp_layers(cfg)
+    blocks = _stack_matmul_params(cfg, active=active, layers=depths) if depths else 0
+    return blocks + len(depths) * (2 * cfg.d_model * cfg.d_model + _head_matmul_params(cfg))
 
 
 def _head_matmul_params(cfg: ModelConfig) -> int:
@@ -228,6 +255,7 @@ def matmul_params(cfg: ModelConfig) -> int:
     """Weight-matrix parameters one forward multiplies with, each matrix once: every projection of every stack
     (cross-attention included), the BERT transform dense and the output head (tied or not)."""
     total = _stack_matmul_params(cfg, active=False) + _head_matmul_params(cfg)
+    total += _mtp_matmul_params(cfg, active=False)
     if cfg.family == "encoder_decoder":
         total += cfg.decoder_layers * (_layer_matmul_params(cfg) + _attention_matrix_params(cfg))
     return total
@@ -247,9 +275,14 @@ def _single_stack_flops(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     token-mixing term of every mixer (attention's q.k and p.v, the linear mixers' chunked state products)."""
     mixing = sum(
         mixers.mixer_of(cfg, i).mixing_flops(cfg, seq_len, mixers.layer_window(cfg, i))
-        for i in range(cfg.n_layers)
+        for i in [*range(cfg.n_layers), *mtp_layers(cfg)]
     )
-    matmul = 2.0 * seq_len * (_stack_matmul_params(cfg, active=True) + _head_matmul_params(cfg))
+    params = (
+        _stack_matmul_params(cfg, active=True)
+        + _head_matmul_params(cfg)
+        + _mtp_matmul_params(cfg, active=True)
+    )
+    matmul = 2.0 * seq_len * params
     return {"matmul": matmul, "attention": seq_len * mixing}
 
 

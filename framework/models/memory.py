@@ -607,8 +607,26 @@ def activation_breakdown(recipe: Recipe, *, device: str | None = None) -> dict[s
         "embeddings": embeddings,
         "layers": layers * _pipeline_in_flight(recipe),
         "head_and_loss": _head_bytes(recipe, s, out_tokens),
+        "mtp": _mtp_bytes(recipe, s, first),
         "weight_copies": _weight_copies(recipe, s),
     }
+
+
+def _mtp_bytes(recipe: Recipe, s: _Sizes, shape: _Shape) -> int:
+    """Multi-token prediction (model.mtp), on the last stage: per depth the shifted ids, enorm and hnorm, eh_proj's
+    [tokens, 2d] input, one block (the main stack's mean block, not checkpointed) and a second head and loss.
+    Kept by the last stage for its in-flight micro-batches, which 1F1B bounds at one (its forward is followed by
+    that micro-batch's backward)."""
+    cfg, p = recipe.model, recipe.parallel
+    if cfg.mtp is None:
+        return 0
+    tokens, d = shape.tokens, cfg.d_model
+    block = _mean_block_bytes(cfg, s, shape, None)
+    per_block = block["split"] / p.tp + block["sequence"] / (p.tp if p.sequence_parallel else 1)
+    inputs = (
+        tokens * INDEX + 2 * _norm_bytes(cfg, s, tokens, d, FP32) + _linear_input_bytes(s, tokens, 2 * d, 1)
+    )
+    return int(cfg.mtp.depth * (inputs + per_block + _head_bytes(recipe, s, tokens)))
 
 
 def _fsdp_gathers(recipe: Recipe) -> bool:

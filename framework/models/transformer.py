@@ -22,6 +22,7 @@ from framework.models.masks import AttentionMask
 from framework.models.mixers import local_config, mixer_of
 from framework.models.mlp import FeedForward, activation
 from framework.models.moe import MoE
+from framework.models.mtp import MTPLayer, mtp_block_index, shifted_ids
 from framework.models.norms import build_norm
 from framework.models.positions import (
     RelativePositionBias,
@@ -233,6 +234,14 @@ class Transformer(nn.Module):
             self.norm = build_norm(cfg)
         if whole:
             _add_head(self, cfg)
+        if whole and cfg.mtp is not None:
+            self.mtp = nn.ModuleList(
+                MTPLayer(cfg, k, TransformerBlock(cfg, index=mtp_block_index(cfg, k)))
+                for k in range(1, cfg.mtp.depth + 1)
+            )
+        self.mtp_logits: list[torch.Tensor] | None = None
+        """Training forwards of a model with `mtp`: the logits of each depth (framework/models/mtp.py), read and
+        released by the loss (framework/train/mtp_loss.py); None otherwise."""
 
     def forward(
         self,
@@ -244,9 +253,12 @@ class Transformer(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         decoder_input_ids: torch.Tensor | None = None,
         memory: torch.Tensor | None = None,
+        mtp_input_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids [B, S] (or hidden states [B, S, D]) -> logits [B, S, vocab] (or hidden states).
-        `memory` [B, Sk, D] is the encoder output for a stack with cross-attention."""
+        `memory` [B, Sk, D] is the encoder output for a stack with cross-attention. In training, a model with
+        `mtp` also stashes each depth's logits in `mtp_logits`; their token ids are `mtp_input_ids` (a pipeline's
+        last stage, whose input is hidden states), else input_ids."""
         if decoder_input_ids is not None:
             raise ValueError(f"decoder_input_ids is only for family encoder_decoder, not {self.cfg.family}")
         batch, seq_len = input_ids.shape[:2]
@@ -257,7 +269,7 @@ class Transformer(nn.Module):
         ctx = self._context(positions, document_ids, prefix_lengths)
         memory_ctx = AttentionContext() if memory is not None else None
         contexts = {"global": ctx, "full": self._full_attention_context(ctx) or ctx}
-        if any(layer.context_kind == "local" for layer in self.layers.values()):
+        if any(block.context_kind == "local" for block in self._blocks()):
             contexts["local"] = self._context(positions, document_ids, prefix_lengths, local=True)
         for name, layer in self.layers.items():
             kind = "full" if name in self.full_attention else layer.context_kind
@@ -265,7 +277,34 @@ class Transformer(nn.Module):
         norm = _optional(self, "norm")
         if norm is not None:
             h = norm(h)
-        return lm_head(self, h, str(self.n_layers - 1) in self.layers) if self.whole else h
+        if not self.whole:
+            return h
+        holds_last = str(self.n_layers - 1) in self.layers
+        self.mtp_logits = None
+        if self.training and holds_last and _optional(self, "mtp") is not None:
+            ids = mtp_input_ids if mtp_input_ids is not None else input_ids
+            self.mtp_logits = self._mtp_logits(h, ids, contexts)
+        return lm_head(self, h, holds_last)
+
+    def _blocks(self) -> list[TransformerBlock]:
+        """The main stack's blocks this module holds, then the MTP depths' blocks."""
+        mtp = _optional(self, "mtp")
+        return [*self.layers.values(), *(layer.block for layer in mtp or ())]
+
+    def _mtp_logits(
+        self, h: torch.Tensor, input_ids: torch.Tensor, contexts: dict[str, AttentionContext]
+    ) -> list[torch.Tensor]:
+        """Logits of every MTP depth from h^0 = the main stack's normed output (framework/models/mtp.py)."""
+        if input_ids.is_floating_point():
+            raise ValueError("multi-token prediction needs token ids: pass mtp_input_ids to this stage")
+        embeddings = _optional(self, "tok_embeddings")
+        if embeddings is None:
+            raise RuntimeError("multi-token prediction needs tok_embeddings on the module holding `mtp`")
+        logits = []
+        for layer in self.mtp:
+            h = layer(embeddings(shifted_ids(input_ids, layer.depth)), h, contexts[layer.block.context_kind])
+            logits.append(lm_head(self, h, True))
+        return logits
 
     def _context(
         self,

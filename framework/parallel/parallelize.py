@@ -72,12 +72,19 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, recipe: 
 
 def blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(qualified name, block) of every transformer block: the children of each `layers` ModuleDict
-    (decoder/encoder: `layers.N`; encoder-decoder: `encoder.layers.N`, `decoder.layers.N`)."""
+    (decoder/encoder: `layers.N`; encoder-decoder: `encoder.layers.N`, `decoder.layers.N`), then the multi-token
+    prediction depths' blocks (`mtp.K.block`), which activation checkpointing, compile and FSDP treat alike."""
     found = []
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleDict) and name.rsplit(".", 1)[-1] == "layers":
             found += [(f"{name}.{key}", block) for key, block in module.items()]
-    return found
+    return found + [(f"{name}.block", layer.block) for name, layer in mtp_layers(model)]
+
+
+def mtp_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, layer) of the multi-token prediction depths this rank holds (`mtp.K`; none without)."""
+    mtp = getattr(model, "mtp", None)
+    return [(f"mtp.{key}", layer) for key, layer in mtp.named_children()] if mtp is not None else []
 
 
 def apply_pipeline(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, recipe: Recipe) -> None:
@@ -148,7 +155,8 @@ def apply_data_parallel(
     takes what is left (embeddings, final norm, head). cpu_offload: the sharded parameters, their gradients and
     the optimizer step live in CPU memory (FSDP2's CPUOffloadPolicy). With expert parallelism (`expert_dp`, the
     experts' data-parallel mesh) each MoE layer's experts are a unit of their own over that mesh, sharded first
-    so the block's unit leaves them alone (their ep ranks are part of dp_shard: the block's mesh would overlap)."""
+    so the block's unit leaves them alone (their ep ranks are part of dp_shard: the block's mesh would overlap).
+    Each multi-token prediction depth (`mtp.K`) is a unit around its block's."""
     if dims.dp * dims.cp == 1:
         return
     dp_mesh = data_parallel_mesh(mesh, dims)
@@ -167,6 +175,8 @@ def apply_data_parallel(
         shard(experts, mesh=expert_dp)
     for _, block in blocks(model):
         shard(block)
+    for _, layer in mtp_layers(model):
+        shard(layer)  # an MTP depth's norms and eh_proj (2d x d) are gathered with it, not kept by the root
     # A rank running two pipeline stages runs them as two modules: each must be an FSDP root of its own (the root
     # gathers the non-block parameters and drives the blocks' prefetch); otherwise the rank model is the root.
     parts = pipeline_parts(model)

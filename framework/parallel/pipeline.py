@@ -45,8 +45,9 @@ from framework.parallel.dims import ParallelDims
 
 FIRST_ONLY = ("tok_embeddings", "pos_embeddings", "type_embeddings", "embed_norm")
 """Input modules: only the first stage embeds tokens."""
-LAST_ONLY = ("norm", "head_transform", "output", "output_bias")
-"""Output modules (and the tied head's bias): only the last stage produces logits."""
+LAST_ONLY = ("norm", "head_transform", "output", "output_bias", "mtp")
+"""Output modules (and the tied head's bias): only the last stage produces logits. The multi-token prediction
+depths (`mtp`) run after the main stack's final norm, on the last stage too."""
 
 SCHEDULES: dict[str, type[_PipelineSchedule]] = {
     "gpipe": ScheduleGPipe,
@@ -89,7 +90,7 @@ def split_for_pipeline(model: nn.Module, dims: ParallelDims, recipe: Recipe, pp_
     ids = stages_of_rank(pp_rank, dims.pp, p.pp_schedule)
     last = dims.pp_stages - 1
     owned = {b for s in ids for b in per_stage[s]}
-    tied = recipe.model.tie_embeddings
+    tied = shares_embedding(recipe)
     _prune(model, owned, _unowned(first=0 in ids, last=last in ids, tied=tied))
     if len(ids) == 1:
         return PipelineParts(ids, dims.pp_stages, [model])
@@ -97,10 +98,16 @@ def split_for_pipeline(model: nn.Module, dims: ParallelDims, recipe: Recipe, pp_
     return PipelineParts(ids, dims.pp_stages, views)
 
 
+def shares_embedding(recipe: Recipe) -> bool:
+    """Whether the last stage uses the token embedding too: a tied head, or multi-token prediction (its depths
+    embed the tokens ahead)."""
+    return recipe.model.tie_embeddings or recipe.model.mtp is not None
+
+
 def _unowned(*, first: bool, last: bool, tied: bool) -> set[str]:
-    """Top-level modules a stage drops. With a tied head the last stage keeps its own copy of `tok_embeddings`
-    (initialised from the same name, so equal): the first and the last stage then sum that weight's gradients
-    before each update (PipelineTrainModule), so the two copies stay identical."""
+    """Top-level modules a stage drops. With a tied head (or model.mtp: `shares_embedding`) the last stage keeps
+    its own copy of `tok_embeddings` (initialised from the same name, so equal): the first and the last stage then
+    sum that weight's gradients before each update (PipelineTrainModule), so the two copies stay identical."""
     drop = (set() if first else set(FIRST_ONLY)) | (set() if last else set(LAST_ONLY))
     if tied and last:
         drop.discard("tok_embeddings")

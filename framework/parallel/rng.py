@@ -113,5 +113,6 @@ def fork_tp_dropout(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel:
 
 
 def _in_block(name: str) -> bool:
-    # blocks live in `layers` ModuleDicts (layers.N, encoder.layers.N, decoder.layers.N)
-    return ".layers." in f".{name}"
+    # blocks live in `layers` ModuleDicts (layers.N, encoder.layers.N, decoder.layers.N) and in the multi-token
+    # prediction depths (mtp.K.block)
+    return ".layers." in f".{name}" or name.startswith("mtp.")

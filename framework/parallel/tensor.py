@@ -29,7 +29,9 @@ norms run on shards (SequenceParallel: Replicate weights whose gradients are sum
 all-gather their input (PrepareModuleInput) and reduce-scatter their output (row-parallel to Shard(1)), MoE layers
 gather their input and keep their output's shard, and the stack's last block all-gathers, so the final norm, head,
 encoder memory (cross-attention keys/values) and pipeline stage outputs are whole sequences again. Pipeline stages
-are stacks of their own here: each stage starts and ends replicated.
+are stacks of their own here: each stage starts and ends replicated, and so is each multi-token prediction depth's
+block (its eh_proj, norms and the shared head see whole sequences). The MTP blocks' attention and MLP take the same
+plans as the main stack's (found by module type and name).
 """
 
 from __future__ import annotations
@@ -103,7 +105,9 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool, 
         embeddings.register_forward_pre_hook(_keep_weight_grad_sharded)
     if sequence_parallel:
         for stack in _stacks(model):
-            _shard_sequence_inside(stack, tp_mesh)
+            _shard_sequence_inside(list(stack.values()), tp_mesh)
+        for layer in getattr(model, "mtp", None) or ():
+            _shard_sequence_inside([layer.block], tp_mesh)  # an MTP depth's block is a stack of its own
     if vocab and model.cfg.tie_embeddings:
         _tie_vocab_parallel(model, tp_mesh)  # after the stack boundaries: its hook must run last
 
@@ -257,11 +261,10 @@ def _stacks(model: nn.Module) -> list[nn.ModuleDict]:
     ]
 
 
-def _shard_sequence_inside(layers: nn.ModuleDict, tp_mesh: DeviceMesh) -> None:
+def _shard_sequence_inside(blocks: list[nn.Module], tp_mesh: DeviceMesh) -> None:
     """The stack's first block takes its sequence shard of the replicated input (a local slice; its backward
     all-gathers the gradient); the last block all-gathers its output. A block is called as
     block(x, ctx, memory, memory_ctx): only x changes layout."""
-    blocks = list(layers.values())
     first = {
         "input_layouts": (Replicate(), None, None, None),
         "desired_input_layouts": (SEQ, None, None, None),

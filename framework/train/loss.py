@@ -31,6 +31,8 @@ class LossOutput:
     loss: torch.Tensor
     ce: torch.Tensor
     z_loss: torch.Tensor
+    mtp: torch.Tensor | None = None
+    """Multi-token prediction: [D] detached per-depth losses (framework/train/mtp_loss.py); None without it."""
 
 
 def count_labelled(labels: torch.Tensor) -> torch.Tensor:

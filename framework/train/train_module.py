@@ -21,6 +21,7 @@ from torch import nn
 from framework.config import Recipe
 from framework.train.loss import LossOutput, compute_loss, count_labelled, loss_sums
 from framework.train.moe_loss import MoEBalancer
+from framework.train.mtp_loss import mtp_loss, mtp_metrics, take_mtp_logits
 from framework.train.optim import build_optimizer
 from framework.train.precision import Precision
 from framework.train.schedule import build_scheduler, scheduler_state_for
@@ -113,6 +114,8 @@ class TrainModule(BaseTrainModule):
         # Optimizer state is saved keyed by parameter name (FQN), in the optimizer's own parameter order.
         self._param_names = [names[id(p)] for p in self._params]
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._mtp_pending: torch.Tensor | None = None
+        """The step's per-depth MTP losses [D], summed over micro-batches and ranks (None without model.mtp)."""
         # MoE router losses, load metrics and selection-bias updates (None for dense models).
         self.moe = MoEBalancer.for_model(model, recipe.model.moe, self._global_sum, self._shard_sum)
 
@@ -139,12 +142,16 @@ class TrainModule(BaseTrainModule):
         if self.moe is not None:
             self.moe.start_step([b["input_ids"].shape for b in batches])
         ce = z = torch.zeros((), device=self.device)
+        mtp: torch.Tensor | None = None
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             with self._grad_sync(last=last):
                 out = self._forward_loss(batch, total)
                 self._backward(out.loss, last)
             ce, z = ce + out.ce, z + out.z_loss
+            if out.mtp is not None:
+                mtp = out.mtp if mtp is None else mtp + out.mtp
+        self._mtp_pending = self._global_sum(mtp) if mtp is not None else None
         tokens = sum(b["input_ids"].numel() for b in batches)
         self.counters.tokens += tokens
         self._pending = (self._global_sum(ce), self._global_sum(z), total)
@@ -160,8 +167,14 @@ class TrainModule(BaseTrainModule):
             scaler.unscale_(self.optimizer)  # true gradients from here on: norms and clipping see real values
         norm = self._grad_norm()
         # The one host sync of the step: the skip decision and the logs need these numbers on the host.
-        loss, z_loss, n_labelled, grad_norm = torch.stack([ce, z, labelled.float(), norm.float()]).tolist()
+        mtp = self._mtp_pending if self._mtp_pending is not None else ce.new_zeros(0)
+        self._mtp_pending = None
+        head = torch.stack([ce, z, labelled.float(), norm.float()])
+        values = torch.cat([head, mtp.float()]).tolist()
+        loss, z_loss, n_labelled, grad_norm = values[:4]
         stats = {"step": self.step + 1, "loss": loss, "z_loss": z_loss, "grad_norm": grad_norm}
+        if len(values) > 4:
+            stats.update(mtp_metrics(values[4:]))  # multi-token prediction, logged on its own
         stats.update(self._moe_metrics())
         lr = self.lr
         reason = self._skip_reason(stats, veto)
@@ -212,6 +225,10 @@ class TrainModule(BaseTrainModule):
     def _forward_loss(self, batch: Batch, total_labelled: torch.Tensor) -> LossOutput:
         # The loss runs outside autocast, in fp32 (loss_sums upcasts the logits).
         out = compute_loss(self._forward(batch), batch["labels"], total_labelled, self.recipe.train.z_loss)
+        mtp_logits = take_mtp_logits(self.model)
+        if mtp_logits is not None:  # multi-token prediction: + loss_weight x mean over depths
+            extra = mtp_loss(mtp_logits, batch["labels"], total_labelled, self.recipe.model.mtp.loss_weight)
+            out.loss, out.mtp = out.loss + extra.loss, extra.depths
         if self.moe is not None:
             out.loss = out.loss + self.moe.micro_batch_loss()  # router aux + z losses; logged by metrics()
         return out

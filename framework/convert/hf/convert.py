@@ -7,6 +7,7 @@ checkpoint written exactly as training writes one (so `loom train --resume` cont
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 from types import ModuleType
@@ -39,6 +40,7 @@ from framework.convert.hf import (
 )
 from framework.convert.hf.configs import check_representable, hf_config
 from framework.convert.hf.mapping import check_shapes, from_hf_state, to_hf_state
+from framework.convert.hf.mtp import without_mtp
 from framework.convert.hf.weights import DEFAULT_SHARD_BYTES, save_weights
 from framework.convert.output import check, staged
 
@@ -80,8 +82,12 @@ def _family(cfg: ModelConfig) -> ModuleType:
 
 def export_state(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Loom model state dict -> HF state dict as files lay it out (ConfigError for an unrepresentable
-    architecture). MoE families rename onto transformers' in-memory names, then split them per expert."""
+    architecture). MoE families rename onto transformers' in-memory names, then split them per expert. The
+    multi-token prediction depths (model.mtp) are dropped: HF causal-LM classes do not load them
+    (framework/convert/hf/mtp.py)."""
     family = _family(cfg)
+    state, _ = without_mtp(state)
+    cfg = dataclasses.replace(cfg, mtp=None)
     hf_state = to_hf_state(family.renames(cfg), state)
     return family.to_files(cfg, hf_state) if hasattr(family, "to_files") else hf_state
 
@@ -224,6 +230,22 @@ def export_checkpoint(
     with staged(out, "convert-hf", overwrite=overwrite) as tmp:
         save_hf(recipe.model, loaded.tensors, tmp, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
     return out
+
+
+def export_note(checkpoint: str | Path) -> str:
+    """What the one-line output of `loom convert --to hf` adds about the export: the multi-token prediction
+    depths it left out (model.mtp), or nothing."""
+    from framework.checkpoint.io import resolve_checkpoint
+    from framework.convert.consolidate import read_meta_json
+
+    step_dir = resolve_checkpoint(checkpoint)
+    recipe = recipe_from_metadata(read_meta_json(step_dir / "meta.json"), step_dir)
+    mtp = recipe.model.mtp
+    if mtp is None:
+        return ""
+    return (
+        f" (without the {mtp.depth} multi-token prediction depth(s) of model.mtp: HF models do not load them)"
+    )
 
 
 def recipe_from_metadata(metadata: dict[str, Any], path: Path) -> Recipe:

@@ -18,6 +18,7 @@ import torch
 from framework.config.errors import ConfigError
 from framework.config.schema import ModelConfig
 from framework.convert.hf.mapping import Rename, copy
+from framework.convert.hf.mtp import mtp_hf_layers
 
 Tensor = torch.Tensor
 FUSED = re.compile(
@@ -76,11 +77,12 @@ def to_files(state: dict[str, Tensor], files: FileLayout) -> dict[str, Tensor]:
 
 
 def from_files(state: dict[str, Tensor], files: FileLayout, cfg: ModelConfig) -> dict[str, Tensor]:
-    """Either layout -> the fused one. Per-expert tensors of cfg's MoE layers are stacked (every expert
-    0..E-1 must be present); anything else passes through for the name-by-name check."""
+    """Either layout -> the fused one. Per-expert tensors of cfg's MoE layers (the MTP depths' too, HF layers
+    n_layers + k) are stacked (every expert 0..E-1 must be present); anything else passes through for the
+    name-by-name check."""
     assert cfg.moe is not None
     out = dict(state)
-    for i in cfg.moe_layers:
+    for i in cfg.moe_layers + [j for j in mtp_hf_layers(cfg) if cfg.is_moe_layer(j)]:
         base = f"model.layers.{i}.{files.block}."
         if base + "gate.weight" in out:  # a fused-layout file names the block `mlp` and has no such key
             out[f"model.layers.{i}.mlp.gate.weight"] = out.pop(base + "gate.weight")

@@ -57,13 +57,24 @@ def renames(
         copy("norm.weight", "model.norm.weight"),
     ]
     for i in range(cfg.n_layers):
-        layer = LAYER.format(i=i)
-        out += [copy(f"layers.{i}.attention_norm.weight", f"{layer}input_layernorm.weight")]
-        out += [copy(f"layers.{i}.ffn_norm.weight", f"{layer}post_attention_layernorm.weight")]
-        out += mixer(cfg, i) + ffn(cfg, i)
+        out += block(cfg, i, ffn, mixer)
     if not cfg.tie_embeddings:
         out.append(copy("output.weight", "lm_head.weight"))
     return out
+
+
+def block(
+    cfg: ModelConfig,
+    i: int,
+    ffn: Callable[[ModelConfig, int], list[Rename]] = feed_forward,
+    mixer: Callable[[ModelConfig, int], list[Rename]] | None = None,
+) -> list[Rename]:
+    """Block i: its two norms, mixer and feed-forward (Loom layers.{i}.* -> model.layers.{i}.*); also the block
+    of an MTP depth (framework/convert/hf/mtp.py mtp_renames takes it as its per-layer renames)."""
+    layer = LAYER.format(i=i)
+    out = [copy(f"layers.{i}.attention_norm.weight", f"{layer}input_layernorm.weight")]
+    out += [copy(f"layers.{i}.ffn_norm.weight", f"{layer}post_attention_layernorm.weight")]
+    return out + (attention if mixer is None else mixer)(cfg, i) + ffn(cfg, i)
 
 
 def optional(name: str) -> bool:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from framework.config.schema import ModelConfig
+from framework.config.schema import ModelConfig, MoEConfig, MTPConfig
 from framework.models import build_model
 from framework.models.flops import (
     attention_flops_per_query,
@@ -65,6 +65,9 @@ VARIANTS = {
     ),
     "embedding_norm_types": dict(embedding_norm=True, type_vocab_size=3),
     "bert": BERT,
+    # multi-token prediction: D more blocks, eh_proj and head matmuls (counted in the training forward)
+    "mtp": dict(mtp=MTPConfig(depth=2), kv_heads=2),
+    "mtp_tied_window": dict(mtp=MTPConfig(depth=1), tie_embeddings=True, sliding_window=4),
     "bert_untied_no_bias": {**BERT, "tie_embeddings": False, "bias": False, "norm": "rmsnorm"},
     "t5": T5,
     "t5_untied_deeper_decoder": {**T5, "n_decoder_layers": 3, "tie_embeddings": False},
@@ -101,6 +104,19 @@ def test_param_counts_equal_built_model(name: str) -> None:
     assert counts["embedding"] + counts["non_embedding"] == counts["total"] == counts["active"]
 
 
+def test_mtp_moe_param_counts() -> None:
+    """The MTP blocks follow the MoE layer rule (block 3 = depth 2 is MoE here): counted, and their idle experts
+    left out of `active` like the main stack's."""
+    cfg = _cfg("llama", mtp=MTPConfig(depth=2), moe=MoEConfig(n_experts=4, top_k=2, first_dense=1, every=2))
+    with torch.device("meta"):
+        model = build_model(cfg)
+    counts = param_counts(cfg)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    expert = model.mtp[1].block.feed_forward.experts
+    per_expert = sum(p.numel() for p in expert.parameters()) // 4
+    assert counts["total"] - counts["active"] == 2 * (4 - 2) * per_expert  # layers.1 and mtp.1.block
+
+
 def test_embedding_split_matches_module_names() -> None:
     cfg = _cfg("t5_everything")
     with torch.device("meta"):
@@ -127,8 +143,9 @@ def _counted_flops(
         kwargs["decoder_input_ids"] = torch.randint(0, cfg.vocab_size, (batch, dec))
     with FlopCounterMode(display=False) as counter:
         out = model(ids, **kwargs)
-        if train:
-            out.float().square().mean().backward()
+        if train:  # with model.mtp the depths' logits take part in the loss too
+            extra = [lg.float().square().mean() for lg in getattr(model, "mtp_logits", None) or []]
+            (out.float().square().mean() + sum(extra)).backward()
     counts = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
     counts["total"] = counter.get_total_flops()
     return counts
@@ -137,12 +154,12 @@ def _counted_flops(
 def _dense_pairs(cfg: ModelConfig, seq: int, dec: int) -> int:
     """(query, key) pairs the naive backend computes: it materialises every score, masked or not."""
     if cfg.family != "encoder_decoder":
-        return cfg.n_layers * seq * seq
+        return (cfg.n_layers + (cfg.mtp.depth if cfg.mtp is not None else 0)) * seq * seq
     return cfg.n_layers * seq * seq + cfg.decoder_layers * (dec * dec + dec * seq)
 
 
 COUNTER_CASES = ["llama", "gqa", "mqa_head_dim", "tied", "bias", "relu", "bert", "t5", "t5_everything",
-                 "sliding_window", "soft_masking", "alibi", "gemma2"]  # fmt: skip
+                 "sliding_window", "soft_masking", "alibi", "gemma2", "mtp", "mtp_tied_window"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", COUNTER_CASES)

@@ -15,6 +15,7 @@ from framework.config.schema import (
     LayersConfig,
     Mamba2Config,
     ModelConfig,
+    MTPConfig,
     ParallelConfig,
     PrecisionConfig,
     Recipe,
@@ -28,6 +29,7 @@ from framework.models.memory import (
     sequence_lengths,
 )
 from framework.train.loss import compute_loss
+from framework.train.mtp_loss import mtp_loss, take_mtp_logits
 
 TOLERANCE = 0.20
 SMALL = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, ffn_hidden=48, max_seq_len=64)
@@ -82,6 +84,7 @@ CASES = {
         {},
     ),
     "t5_rope_gqa": (dict(family="encoder_decoder", position="rope", kv_heads=2, tie_embeddings=True), {}),
+    "mtp": (dict(mtp=MTPConfig(depth=2), kv_heads=2), {}),
 }
 
 
@@ -188,6 +191,9 @@ def _saved_bytes_of_step(model: torch.nn.Module, recipe: Recipe, *, live: bool =
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             logits = model(batch.pop("input_ids"), **batch)
         out = compute_loss(logits, labels, (labels != -100).sum(), recipe.train.z_loss)
+        mtp_logits = take_mtp_logits(model)
+        if mtp_logits is not None:  # model.mtp: the depths' losses, as the train module adds them
+            out.loss = out.loss + mtp_loss(mtp_logits, labels, (labels != -100).sum(), 0.3).loss
     if live:
         gc.collect()
         alive = (ref() for ref in packed)

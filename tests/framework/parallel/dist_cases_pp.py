@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from dist_cases import full_params, global_batches, tiny_recipe, train_steps
+from dist_cases import full_params, global_batches, tiny_recipe
 
 from framework.config import Recipe
 from framework.engines.build import train_module_for
@@ -48,6 +48,20 @@ def with_documents(batches: list[list[Batch]]) -> list[list[Batch]]:
     return [[add(b) for b in step] for step in batches]
 
 
+def _train(
+    module: TrainModule, batches: list[list[Batch]]
+) -> tuple[list[float], list[float], dict[str, float]]:
+    """dist_cases.train_steps, also returning the multi-token prediction losses (model.mtp) of every step."""
+    losses, norms, mtp = [], [], {}
+    for micro_batches in batches:
+        module.train_batch(micro_batches)
+        stats = module.optim_step()
+        losses.append(stats["loss"])
+        norms.append(stats["grad_norm"])
+        mtp |= {f"{k}@{len(losses)}": v for k, v in stats.items() if k.startswith("mtp_")}
+    return losses, norms, mtp
+
+
 def pp_parity(
     steps: int,
     parallel: dict[str, Any],
@@ -62,14 +76,14 @@ def pp_parity(
     if documents:
         batches = with_documents(batches)
     reference = TrainModule(materialize_model(recipe.model, torch.device("cpu"), 0), recipe, "cpu")
-    ref_losses, ref_norms = train_steps(reference, batches)
+    ref_losses, ref_norms, ref_mtp = _train(reference, batches)
 
     module = build_pipeline_module(recipe)
     dims, mesh = module.dims, module.mesh
     per_rank = len(batches[0]) // dims.dp
     rank = mesh["dp_replicate"].get_local_rank() * dims.dp_shard + mesh["dp_shard"].get_local_rank()
     mine = [regroup(b[rank * per_rank : (rank + 1) * per_rank], micro_batch) for b in batches]
-    losses, norms = train_steps(module, mine)
+    losses, norms, mtp = _train(module, mine)
     eval_ce, eval_n = module.eval_batch(regroup(batches[0], micro_batch)[0])
     ref_ce, ref_n = reference.eval_batch(regroup(batches[0], micro_batch)[0])
 
@@ -82,6 +96,9 @@ def pp_parity(
             ((p - ref_params[n]).norm() / ref_params[n].norm()).item() for n, p in params.items()
         ),
         "eval_rel": abs(eval_ce.item() - ref_ce.item()) / ref_ce.item(),
+        # the last step's multi-token prediction losses (model.mtp), the same on every rank
+        "mtp_rel": {k: abs(v - ref_mtp[k]) / abs(ref_mtp[k]) for k, v in mtp.items()},
+        "mtp_keys_equal": set(mtp) == set(ref_mtp),
         "eval_tokens_equal": int(eval_n) == int(ref_n),
         "names_subset": set(params) <= set(ref_params),
         "names": sorted(params),

@@ -19,7 +19,7 @@ import pytest
 from dist_cases import tiny_recipe
 
 from framework.config import ConfigError
-from framework.config.schema import MoEConfig
+from framework.config.schema import MoEConfig, MTPConfig
 from framework.parallel.dims import ParallelDims
 
 # Router weights at init std 0.08 (not the default 0.02) in MOE and MOE8: wider score gaps, so seeds whose top-k
@@ -86,6 +86,9 @@ CASES: dict[str, tuple[int, dict[str, Any], dict[str, Any], bool, int, int]] = {
     # two stages per rank (4 blocks), experts split over dp_shard, DeepSeek-V3 style layers
     "ep2_pp2_interleaved": (4, {"ep": 2} | INTERLEAVED, MOE8 | {"n_layers": 4}, False, 38, 2),
     "tp2_sp_pp2_cp2_ep2": (8, EVERYTHING, MOE_GLOBAL_BIAS, False, 24, 2),
+    # multi-token prediction on the last stage: depth 2's block (index 5) is an MoE layer, its router losses and
+    # load rows counted with the main stack's (seed 11: margin 1.6e-4; 8-10 fall below 1e-4)
+    "pp2_mtp_moe": (2, {"pp": 2}, MOE_ODD | {"mtp": MTPConfig(depth=2)}, False, 11, 2),
 }
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import pytest
 
+from framework.config.schema import MTPConfig
+
 STEPS = 5
 """Optimizer steps each layout trains and is compared with one process for (the issue's parity rule)."""
 
@@ -28,6 +30,12 @@ TP_LAYOUTS = {
     "tp2_alibi": (2, {"tp": 2}, ALIBI),
     "fsdp2xtp2_gqa": (4, {"tp": 2, "data_parallel": "fsdp"}, GQA),
     "fsdp2xtp2_alibi": (4, {"tp": 2, "data_parallel": "fsdp"}, ALIBI),
+    # multi-token prediction: the depths' blocks under the TP plans, checkpointed, each depth an FSDP2 unit
+    "fsdp2xtp2_mtp_full_ac": (
+        4,
+        {"tp": 2, "data_parallel": "fsdp", "activation_checkpointing": "full"},
+        GQA | {"mtp": MTPConfig(depth=2)},
+    ),
 }
 
 

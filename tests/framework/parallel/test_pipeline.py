@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from framework.config import ConfigError, ModelConfig, ParallelConfig, Recipe
+from framework.config.schema import MTPConfig
 from framework.models import build_model
 from framework.parallel.dims import ParallelDims
 from framework.parallel.pipeline import split_for_pipeline, stage_blocks, stages_of_rank
@@ -34,6 +35,16 @@ LAYOUTS = {
         {},
     ),
     "pp2_tied": (2, {"pp": 2}, 2, False, {"tie_embeddings": True}),
+    # multi-token prediction: its depths on the last stage, which embeds the tokens ahead (untied head)
+    "pp2_mtp": (2, {"pp": 2}, 2, True, {"mtp": MTPConfig(depth=2, loss_weight=0.3)}),
+    # ... with a rank running two stages (the last one a view), the depth's block under the TP + SP plans
+    "tp2_sp_xpp2_mtp_interleaved": (
+        4,
+        {"pp": 2, "tp": 2, "dp_shard": 1, "sequence_parallel": True, "pp_schedule": "interleaved_1f1b"},
+        4,
+        False,
+        {"mtp": MTPConfig(depth=1, loss_weight=0.5)},
+    ),
     "pp4_tied": (4, {"pp": 4}, 4, True, {"tie_embeddings": True}),
     "pp2xfsdp2": (4, {"pp": 2, "dp_shard": 2}, 2, True, {}),
     "pp2xfsdp2_tied_interleaved": (
@@ -81,6 +92,9 @@ def check(results: list[dict], world: int, overrides: dict) -> None:
         assert max(result["norm_rel"]) <= 1e-5, result
         assert result["param_rel"] <= 1e-4, result
         assert result["eval_rel"] <= 1e-5 and result["eval_tokens_equal"], result
+        assert result["mtp_keys_equal"] and max(result["mtp_rel"].values(), default=0.0) <= 1e-5, result
+    if "mtp" in overrides:
+        assert all(r["mtp_rel"] for r in results)  # logged on every rank, pipeline stages included
     # Together the pipeline ranks hold every parameter of the model.
     held = set().union(*(r["names"] for r in results))
     model = build_model(
