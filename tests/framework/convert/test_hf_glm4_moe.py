@@ -335,17 +335,21 @@ def test_cli_export_import_round_trip(
 ) -> None:
     """`loom convert` both ways from a training checkpoint whose router balances itself (bias_update_rate): the
     trained selection bias goes out as e_score_correction_bias and comes back as a fixed buffer (the update
-    rate is a training rule config.json has no field for), every weight bit for bit."""
+    rate is a training rule config.json has no field for), the MTP depth goes and comes back, every weight bit
+    for bit."""
     assert CFG.moe is not None
     moe = dataclasses.replace(CFG.moe, expert_bias=False, bias_update_rate=1e-3)
-    cfg = dataclasses.replace(CFG, vocab_size=4100, moe=moe)  # covers the demo tokenizer
+    cfg = dataclasses.replace(
+        CFG, vocab_size=4100, moe=moe, mtp=MTPConfig(depth=1)
+    )  # the demo tokenizer's ids
     monkeypatch.setattr(
         convert_cli, "random_model", lambda c, seed: _model(seed, c)
     )  # a trained-looking bias
     model = write_checkpoint(cfg, tmp_path / "ckpt", demo_data / "tokenizer.model", seed=1)
     assert model.state_dict()["layers.1.feed_forward.router.expert_bias"].abs().min() > 0
-    code, _, err = run(capsys, "convert", tmp_path / "ckpt", "--to", "hf", tmp_path / "hf")
+    code, out, err = run(capsys, "convert", tmp_path / "ckpt", "--to", "hf", tmp_path / "hf")
     assert code == 0, err
+    assert "with the 1 multi-token prediction depth(s)" in out, out
     ids = torch.randint(0, 4100, (2, SEQ), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         assert (model(ids) - _logits(_load(tmp_path / "hf"), ids)).abs().max() <= TOL
