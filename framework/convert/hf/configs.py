@@ -248,9 +248,7 @@ _EXTRA: dict[str, dict[str, Any]] = {
     "t5": _ABSENT | {"softmax_scale": "none"},
     "mixtral": _ABSENT | {"softmax_scale": "inv_sqrt_dk"},
     "qwen3_moe": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None},
-    # (its Hub checkpoints' MTP layers are not mapped yet: model.mtp is refused, an export writes none)
-    "glm4_moe": _ABSENT
-    | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None, "attention_sinks": False, "mtp": None},
+    "glm4_moe": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None, "attention_sinks": False},
     "qwen3_next": _ABSENT
     | {
         "softmax_scale": "inv_sqrt_dk",
@@ -739,8 +737,8 @@ def _glm4_moe(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
         "norm_topk_prob": moe.renormalize,
         "first_k_dense_replace": moe.first_dense,
         "attention_dropout": cfg.attention_dropout,
-        # Loom builds no multi-token-prediction blocks for this family yet: the export has none
-        "num_nextn_predict_layers": 0,
+        # the MTP depths are exported as layers num_hidden_layers + k (glm4_moe.renames)
+        "num_nextn_predict_layers": cfg.mtp.depth if cfg.mtp is not None else 0,
     }
     return "Glm4MoeForCausalLM", "Glm4MoeConfig", kwargs
 

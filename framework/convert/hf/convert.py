@@ -86,8 +86,9 @@ def export_state(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, 
     multi-token prediction depths (model.mtp) are dropped: HF causal-LM classes do not load them
     (framework/convert/hf/mtp.py)."""
     family = _family(cfg)
-    state, _ = without_mtp(state)
-    cfg = dataclasses.replace(cfg, mtp=None)
+    if not getattr(family, "EXPORTS_MTP", False):  # GLM-4.5 writes its depths as layers L + k
+        state, _ = without_mtp(state)
+        cfg = dataclasses.replace(cfg, mtp=None)
     hf_state = to_hf_state(family.renames(cfg), state)
     return family.to_files(cfg, hf_state) if hasattr(family, "to_files") else hf_state
 
@@ -121,6 +122,10 @@ def config_from_hf(hf: Any, state: dict[str, torch.Tensor] | None = None) -> Mod
     fields = module.model_config(hf)
     if state is not None and hasattr(module, "tied"):
         fields["tie_embeddings"] = module.tied(state)
+    if state is not None and hasattr(module, "state_fields"):
+        fields |= module.state_fields(
+            hf, state
+        )  # what only the weights say (GLM-4.5: the MTP layers present)
     cfg = ModelConfig(**fields)
     try:
         cfg.validate()
@@ -243,6 +248,10 @@ def export_note(checkpoint: str | Path) -> str:
     mtp = recipe.model.mtp
     if mtp is None:
         return ""
+    if getattr(_family(recipe.model), "EXPORTS_MTP", False):
+        return (
+            f" (with the {mtp.depth} multi-token prediction depth(s) of model.mtp as layers after the stack)"
+        )
     return (
         f" (without the {mtp.depth} multi-token prediction depth(s) of model.mtp: HF models do not load them)"
     )

@@ -282,7 +282,6 @@ def _moe(**fields: object) -> ModelConfig:
         (_moe(n_groups=6, topk_groups=3), ["model.moe.n_groups=6"]),  # one expert per group
         (dataclasses.replace(CFG, bias_scope="all"), ["model.bias_scope='all'"]),
         (dataclasses.replace(CFG, sliding_window=5), ["model.sliding_window=5"]),
-        (dataclasses.replace(CFG, mtp=MTPConfig()), ["model.mtp=MTPConfig("]),  # MTP layers not mapped yet
         (
             dataclasses.replace(CFG, rope_scaling="linear", rope_scaling_factor=2.0),
             ["model.rope_scaling='linear'"],
@@ -297,7 +296,6 @@ def _moe(**fields: object) -> ModelConfig:
         "groups-of-one",
         "bias-all",
         "window",
-        "mtp",
         "rope-scaling",
     ],  # fmt: skip
 )
@@ -315,8 +313,8 @@ def test_settings_transformers_does_not_compute_are_refused(cfg: ModelConfig, fi
 
 
 def test_mtp_layers_are_dropped_and_a_missing_tensor_is_named(tmp_path: Path) -> None:
-    """The Hub checkpoint's multi-token-prediction layer (model.layers.{num_hidden_layers}) is skipped, as
-    transformers does; Loom builds no MTP block for this family."""
+    """A multi-token-prediction layer (model.layers.{num_hidden_layers}) beyond the depths config.json declares
+    (num_nextn_predict_layers 0 here) is skipped, as transformers skips them all."""
     save_hf(CFG, _model().state_dict(), tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
     mtp = {
@@ -337,17 +335,21 @@ def test_cli_export_import_round_trip(
 ) -> None:
     """`loom convert` both ways from a training checkpoint whose router balances itself (bias_update_rate): the
     trained selection bias goes out as e_score_correction_bias and comes back as a fixed buffer (the update
-    rate is a training rule config.json has no field for), every weight bit for bit."""
+    rate is a training rule config.json has no field for), the MTP depth goes and comes back, every weight bit
+    for bit."""
     assert CFG.moe is not None
     moe = dataclasses.replace(CFG.moe, expert_bias=False, bias_update_rate=1e-3)
-    cfg = dataclasses.replace(CFG, vocab_size=4100, moe=moe)  # covers the demo tokenizer
+    cfg = dataclasses.replace(
+        CFG, vocab_size=4100, moe=moe, mtp=MTPConfig(depth=1)
+    )  # the demo tokenizer's ids
     monkeypatch.setattr(
         convert_cli, "random_model", lambda c, seed: _model(seed, c)
     )  # a trained-looking bias
     model = write_checkpoint(cfg, tmp_path / "ckpt", demo_data / "tokenizer.model", seed=1)
     assert model.state_dict()["layers.1.feed_forward.router.expert_bias"].abs().min() > 0
-    code, _, err = run(capsys, "convert", tmp_path / "ckpt", "--to", "hf", tmp_path / "hf")
+    code, out, err = run(capsys, "convert", tmp_path / "ckpt", "--to", "hf", tmp_path / "hf")
     assert code == 0, err
+    assert "with the 1 multi-token prediction depth(s)" in out, out
     ids = torch.randint(0, 4100, (2, SEQ), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         assert (model(ids) - _logits(_load(tmp_path / "hf"), ids)).abs().max() <= TOL
@@ -382,4 +384,77 @@ def test_the_recipe_is_the_hub_config(tmp_path: Path) -> None:
     rules = {
         k: getattr(recipe.moe, k) for k in ("aux_loss", "aux_loss_scope", "bias_update_rate", "expert_bias")
     }
-    assert dataclasses.replace(imported, moe=dataclasses.replace(imported.moe, **rules)) == recipe
+    assert imported.mtp == MTPConfig(
+        depth=1
+    )  # declared; the recipe trains without MTP (transformers has none)
+    assert dataclasses.replace(imported, moe=dataclasses.replace(imported.moe, **rules), mtp=None) == recipe
+
+
+MTP_CFG = dataclasses.replace(CFG, mtp=MTPConfig(depth=1))
+
+
+def test_mtp_depth_exports_as_the_hub_layer_and_matches_transformers_mtp_model(tmp_path: Path) -> None:
+    """model.mtp depth 1 goes out as HF layer 3 (an MoE block, enorm / hnorm / eh_proj / shared_head.norm, and
+    copies of the embedding and head), comes back bit for bit, and its logits equal transformers' MtpModel (the
+    oracle) holding the exported layer: same h^0 (the main stack after its final norm), ids shifted by one."""
+    from transformers.modeling_layers import MtpModel
+
+    from framework.convert.hf import experts, glm4_moe
+    from framework.train.mtp_loss import take_mtp_logits
+
+    model = _model(cfg=MTP_CFG)
+    save_hf(MTP_CFG, model.state_dict(), tmp_path)
+    files = load_file(tmp_path / "model.safetensors")
+    assert json.loads((tmp_path / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    assert torch.equal(files["model.layers.3.eh_proj.weight"], model.state_dict()["mtp.0.eh_proj.weight"])
+    assert torch.equal(files["model.layers.3.shared_head.head.weight"], model.state_dict()["output.weight"])
+    assert (
+        "model.layers.3.embed_tokens.weight" in files
+        and "model.layers.3.mlp.experts.5.up_proj.weight" in files
+    )
+    cfg_back, state_back = read_hf(tmp_path)
+    assert cfg_back == MTP_CFG and state_back.keys() == model.state_dict().keys()
+    assert all(torch.equal(state_back[k], v) for k, v in model.state_dict().items())
+
+    main = _load(tmp_path)  # transformers' causal LM leaves layer 3 unread
+    ids = _ids(7)
+    assert (_routed(model, ids) - _logits(main, ids)).abs().max() <= TOL
+    oracle = MtpModel(main, 1).eval()
+    layer = {k.removeprefix("model.layers.3."): v for k, v in experts.from_files(files, glm4_moe.FILES, MTP_CFG).items()
+             if k.startswith("model.layers.3.")}  # fmt: skip
+    extra = {"enorm.weight", "hnorm.weight", "eh_proj.weight"}
+    ours = {f"layers.0.{k}" if k in extra else f"layers.0.mtp_block.{k}": v for k, v in layer.items()
+            if k not in ("shared_head.norm.weight", "embed_tokens.weight", "shared_head.head.weight")}  # fmt: skip
+    ours["layers.0.post_norm.weight"] = layer["shared_head.norm.weight"]
+    missing, unexpected = oracle.load_state_dict(ours, strict=False)
+    assert not unexpected and set(missing) <= {"embed_tokens.weight", "shared_head.weight"}
+    model.train()  # dropout 0: train mode only adds the MTP logits
+    with torch.no_grad():
+        _routed(model, ids)
+        (got,) = take_mtp_logits(model)
+        h0 = _final_norm_output(model.eval(), ids)
+        positions = torch.arange(SEQ)[None].expand(2, -1)
+        h1 = oracle.forward_layer(0, h0, positions, None, input_ids=torch.roll(ids, -1, dims=1))
+        expected = oracle._project_to_logits(h1)
+    diff = (got - expected).abs().max().item()
+    print(f"glm4_moe: MTP depth max |logit diff| = {diff:.2e}")
+    assert expected.std() > 0.1 and diff <= TOL
+
+
+def _final_norm_output(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    seen: list[torch.Tensor] = []
+    handle = model.norm.register_forward_hook(lambda m, a, out: seen.append(out))
+    model(ids)
+    handle.remove()
+    return seen[0]
+
+
+def test_declared_mtp_layers_the_weights_lack_are_not_imported(tmp_path: Path) -> None:
+    """transformers' save_pretrained writes no MTP layer even when num_nextn_predict_layers says 1."""
+    hf_config = build_hf_model(MTP_CFG).config
+    assert hf_config.num_nextn_predict_layers == 1
+    torch.manual_seed(0)
+    transformers.Glm4MoeForCausalLM(hf_config).save_pretrained(tmp_path)
+    cfg, state = read_hf(tmp_path)
+    assert cfg.mtp is None and not any(k.startswith("mtp.") for k in state)
+    assert config_from_hf(hf_config).mtp == MTPConfig(depth=1)  # the config alone declares it
