@@ -10,7 +10,7 @@ overhead of multi-token prediction against what its FLOPs predict.
    the step-time ratio against the model-FLOP ratio (framework/models/flops.py); target: time ratio <= 1.10 x the
    FLOP ratio.
 
-    python benchmarks/frontier.py [--seq 1024] [--repeats 5] [--threads N] [--quick] [--clock cpu]
+    python benchmarks/frontier.py [--seq 1024] [--repeats 5] [--threads N] [--quick] [--clock cpu] [--device cuda]
 
 Results: docs/benchmarks.md, "Frontier blocks (issue 24)".
 """
@@ -56,9 +56,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--clock", choices=tuple(CLOCKS), default="wall", help="cpu: process CPU time (loaded hosts)"
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, the target not meaningful")
+    p.add_argument("--device", default="cpu", help="cuda: bf16, wall clock, synchronised around each step")
     args = p.parse_args(argv)
     if args.quick:
         vars(args).update(QUICK)
+    args.cuda = args.device.startswith("cuda")
+    args.dtype = torch.bfloat16 if args.cuda else torch.float32  # the flash kernels want bf16 on CUDA
+    args.clock = "wall" if args.cuda else args.clock  # CPU time does not see the GPU's work
     return args
 
 
@@ -66,8 +70,12 @@ def median_time(step: Callable[[], None], args: argparse.Namespace) -> float:
     """Median seconds (args.clock) of `step` over args.repeats calls after one warm-up call."""
     clock, times = CLOCKS[args.clock], []
     for i in range(1 + args.repeats):
+        if args.cuda:
+            torch.cuda.synchronize()
         start = clock()
         step()
+        if args.cuda:
+            torch.cuda.synchronize()
         if i > 0:
             times.append(clock() - start)
     return statistics.median(times)
@@ -103,10 +111,10 @@ def mixer_step(name: str, cfg: ModelConfig, args: argparse.Namespace) -> Callabl
     from framework.models.positions import rope_angles
 
     torch.manual_seed(0)
-    layer = MIXERS[name].build(cfg)
-    x = torch.randn(1, args.seq, cfg.d_model, requires_grad=True)
+    layer = MIXERS[name].build(cfg).to(args.device, args.dtype)
+    x = torch.randn(1, args.seq, cfg.d_model, device=args.device, dtype=args.dtype, requires_grad=True)
     grad = torch.randn_like(x)
-    rope = rope_angles(cfg, torch.arange(args.seq)[None])
+    rope = rope_angles(cfg, torch.arange(args.seq, device=args.device)[None])
 
     def step() -> None:
         layer.zero_grad(set_to_none=True)
@@ -138,14 +146,16 @@ def report_mla(args: argparse.Namespace) -> None:
 def train_step(cfg: ModelConfig, args: argparse.Namespace) -> Callable[[], None]:
     """Forward, loss (main + MTP when cfg.mtp) and backward of a whole model on one random [1, seq] batch."""
     torch.manual_seed(0)
-    model = build_model(cfg).train()
-    ids = torch.randint(0, cfg.vocab_size, (1, args.seq + 1))
+    model = build_model(cfg).train().to(args.device)
+    ids = torch.randint(0, cfg.vocab_size, (1, args.seq + 1), device=args.device)
     inputs, labels = ids[:, :-1], ids[:, 1:]
-    total = torch.tensor(labels.numel())
+    total = torch.tensor(labels.numel(), device=args.device)
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        loss = compute_loss(model(inputs), labels, total, 0.0).loss
+        with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.cuda):
+            logits = model(inputs)
+        loss = compute_loss(logits, labels, total, 0.0).loss
         logits = take_mtp_logits(model)
         if logits is not None:
             loss = loss + mtp_loss(logits, labels, total, cfg.mtp.loss_weight).loss
@@ -176,7 +186,7 @@ def load_average() -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, cpu, fp32, threads {args.threads}, {args.clock} clock, "
+    print(f"torch {torch.__version__}, {args.device}, {args.dtype}, threads {args.threads}, {args.clock} clock, "
           f"seq {args.seq}, repeats {args.repeats} (median), load average {load_average()}")  # fmt: skip
     report_mla(args)
     report_mtp(args)

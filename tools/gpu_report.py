@@ -17,7 +17,10 @@ from typing import Any
 
 BEGIN, END = "<!-- gpu-session:begin -->", "<!-- gpu-session:end -->"
 PHASES = ("env", "smoke", "gpu_tests", "throughput", "fp8", "profile")
-OPTIONAL = ("mixers",)  # phases run only when `--only` names them: reported when their JSON is there
+OPTIONAL = (
+    "mixers",
+    "frontier",
+)  # phases run only when `--only` names them: reported when their JSON is there
 
 
 def load(folder: Path) -> dict[str, dict[str, Any]]:
@@ -41,7 +44,8 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         _tests(results["gpu_tests"]),
     ]
     parts += [_throughput(results["throughput"]), _fp8(results["fp8"]), _profile(results["profile"])]
-    parts.append(_mixers(results.get("mixers", {})))
+    parts.append(_benchmark("Sequence mixers", results.get("mixers", {})))
+    parts.append(_benchmark("Frontier blocks", results.get("frontier", {})))
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
@@ -150,10 +154,11 @@ def _profile(profile: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def _mixers(mixers: dict[str, Any]) -> str:
-    if not mixers.get("output"):
+def _benchmark(title: str, phase: dict[str, Any]) -> str:
+    """An opt-in benchmark phase's printed lines, under its command (nothing when it did not run)."""
+    if not phase.get("output"):
         return ""
-    return "\n".join([f"Sequence mixers (`{mixers['command']}`):", "", "```", *mixers["output"], "```"])
+    return "\n".join([f"{title} (`{phase['command']}`):", "", "```", *phase["output"], "```"])
 
 
 def update(doc: Path, section: str) -> None:

@@ -15,6 +15,8 @@ less than its minimum is left of the whole budget, and stopped at its budget):
   mixers      (only with --only: the phases above already bring back the device tool's 8 files) benchmarks/
               mixers.py on CUDA: attention / GDN / Mamba-2 fwd+bwd per token, chunked vs naive ops, and the
               kernel libraries (FLA, mamba_ssm) vs the PyTorch chunked ops when they import
+  frontier    (only with --only) benchmarks/frontier.py on CUDA, bf16: MLA vs equal-FLOP GQA (the SDPA kernel
+              MLA's unequal head dims get, padded to one width) and the MTP depth-1 step overhead
 
 Every phase writes DIR/<phase>.json ({"status": ok | failed | skipped | timeout, "seconds", "reason", ...});
 the log is DIR/session.log and the trace DIR/trace.json.gz: eight files at most, what the device tool brings
@@ -87,6 +89,7 @@ PHASES = (
     Phase("fp8", 90, 40),
     Phase("profile", 40, 20),
     Phase("mixers", 40, 20, default=False),
+    Phase("frontier", 40, 20, default=False),
 )
 
 
@@ -606,15 +609,29 @@ MIXERS_ARGS = ["--device", "cuda", "--seqs", "2048,8192", "--repeats", "5"]
 DRY_MIXERS_ARGS = ["--quick", "--threads", "1", "--clock", "cpu"]
 
 
+# benchmarks/frontier.py: MLA and MTP at the CPU benchmark's sizes, on CUDA in bf16 (seconds on an H200).
+FRONTIER_ARGS = ["--device", "cuda", "--seq", "4096", "--repeats", "10"]
+DRY_FRONTIER_ARGS = ["--quick", "--threads", "1", "--clock", "cpu"]
+
+
 def phase_mixers(ctx: Context) -> dict[str, Any]:
     """benchmarks/mixers.py in a child process; its output lines (tables, PASS/FAIL) are the result."""
-    args = DRY_MIXERS_ARGS if ctx.dry_run else MIXERS_ARGS
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "mixers.py"), *args]
+    return _benchmark(ctx, "mixers.py", DRY_MIXERS_ARGS if ctx.dry_run else MIXERS_ARGS)
+
+
+def phase_frontier(ctx: Context) -> dict[str, Any]:
+    """benchmarks/frontier.py in a child process, reported as phase_mixers is."""
+    return _benchmark(ctx, "frontier.py", DRY_FRONTIER_ARGS if ctx.dry_run else FRONTIER_ARGS)
+
+
+def _benchmark(ctx: Context, script: str, args: list[str]) -> dict[str, Any]:
+    """One benchmarks/ script with `args`, stopped at the phase's limit: its printed lines and PASS/FAIL verdicts."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), *args]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
-    result: dict[str, Any] = {"command": "python benchmarks/mixers.py " + " ".join(args)}
+    result: dict[str, Any] = {"command": f"python benchmarks/{script} " + " ".join(args)}
     try:
         proc = subprocess.run(
             cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=max(5.0, ctx.left() - 3)
@@ -642,6 +659,7 @@ PHASE_FUNCTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "fp8": phase_fp8,
     "profile": phase_profile,
     "mixers": phase_mixers,
+    "frontier": phase_frontier,
 }
 
 

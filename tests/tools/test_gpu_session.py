@@ -181,3 +181,16 @@ def test_scratch_is_marked_and_a_foreign_folder_is_refused(tmp_path, monkeypatch
     monkeypatch.setenv("LOOM_GPU_SCRATCH", str(tmp_path / "new"))
     made = session.scratch()
     assert session.owned_kind(made) == session.SCRATCH_KIND and session.scratch() == made
+
+
+def test_frontier_phase_runs_when_named_and_is_reported(tmp_path) -> None:
+    assert session.run_session(tmp_path, budget=60, dry_run=True, only={"frontier"}) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frontier.json", "session.log"]
+    frontier = _phase(tmp_path, "frontier")
+    assert frontier["status"] == "ok" and frontier["exit_status"] == 0 and "--quick" in frontier["command"]
+    assert [v.split(":")[0] for v in frontier["verdicts"]] == ["mtp"]
+    assert sum(line.startswith(("| mla |", "| gqa |")) for line in frontier["output"]) == 2
+    text = report.render(report.load(tmp_path))
+    assert (
+        "Frontier blocks (`python benchmarks/frontier.py --quick" in text and frontier["verdicts"][0] in text
+    )
