@@ -19,7 +19,7 @@ import pytest
 from dist_cases import tiny_recipe
 
 from framework.config import ConfigError
-from framework.config.schema import MoEConfig, MTPConfig
+from framework.config.schema import LayersConfig, MLAConfig, MoEConfig, MTPConfig
 from framework.parallel.dims import ParallelDims
 
 # Router weights at init std 0.08 (not the default 0.02) in MOE and MOE8: wider score gaps, so seeds whose top-k
@@ -52,6 +52,9 @@ MOE_GLOBAL = {
 MOE_ODD = MOE | {"n_layers": 4, "moe": replace(MOE["moe"], first_dense=1, every=2)}
 # global_batch statistics (what cp allows) with aux-loss-free bias updates, for the layout with every dimension
 MOE_GLOBAL_BIAS = {"mlp": "swiglu", "moe": replace(MOE_GLOBAL["moe"], bias_update_rate=0.01, z_loss=1e-3)}
+# DeepSeek-V3's block in miniature: MLA (odd widths), MoE blocks 1 and 3, one MTP depth on the last stage
+MLA = MLAConfig(kv_lora_rank=12, q_lora_rank=10, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5)
+MLA_MOE_MTP = MOE_ODD | {"layers": LayersConfig(pattern=["mla"]), "mla": MLA, "mtp": MTPConfig(depth=1)}
 INTERLEAVED = {"pp": 2, "pp_schedule": "interleaved_1f1b", "pp_microbatches": 2}
 ZERO_BUBBLE = {"pp": 2, "pp_schedule": "zero_bubble", "pp_microbatches": 2}
 EVERYTHING = {"tp": 2, "sequence_parallel": True, "pp": 2, "cp": 2, "ep": 2}
@@ -89,6 +92,8 @@ CASES: dict[str, tuple[int, dict[str, Any], dict[str, Any], bool, int, int]] = {
     # multi-token prediction on the last stage: depth 2's block (index 5) is an MoE layer, its router losses and
     # load rows counted with the main stack's (seed 11: margin 1.6e-4; 8-10 fall below 1e-4)
     "pp2_mtp_moe": (2, {"pp": 2}, MOE_ODD | {"mtp": MTPConfig(depth=2)}, False, 11, 2),
+    # MLA + MoE + MTP (the MTP depth on the last stage) with the experts over dp_shard (seed 15: margin 1.1e-4)
+    "pp2xep2_mla_mtp": (4, {"pp": 2, "ep": 2}, MLA_MOE_MTP, False, 16, 2),
 }
 
 
