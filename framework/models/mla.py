@@ -18,6 +18,7 @@ RoPE is Loom's pair layout (positions.apply_rope), which is DeepSeek's rope_inte
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,9 @@ class MLA(Attention):
         self.local_view = _identity
         self.attend_hook = _attend_here
         self.kernel = None
+        self.shared_view: Callable[[torch.Tensor], torch.Tensor] = _identity
+        """Hook on the rope key every head shares: tensor parallelism sums its gradient over the tp ranks, whose
+        heads each use it (framework/parallel/tensor.py; keeps this file free of torch.distributed)."""
         self.head_dim = m.qk_head_dim
         self.backend = cfg.attention_backend
         self.scale = mla_softmax_scale(cfg)
@@ -94,7 +98,7 @@ class MLA(Attention):
         kv = self.wkv_b(self.kv_norm(latent)).unflatten(-1, (-1, m.qk_nope_head_dim + m.v_head_dim))
         k_nope, v = kv.split((m.qk_nope_head_dim, m.v_head_dim), dim=-1)
         q_nope, q_rope = q.split((m.qk_nope_head_dim, m.qk_rope_head_dim), dim=-1)
-        k_rope = k_rope.unsqueeze(2)  # [B, S, 1, rope]: one rope key shared by every head
+        k_rope = self.shared_view(k_rope).unsqueeze(2)  # [B, S, 1, rope]: one rope key shared by every head
         if ctx.rope is not None:
             q_rope, k_rope = apply_rope(q_rope, *ctx.rope), apply_rope(k_rope, *ctx.rope)
         q = torch.cat((q_nope, q_rope), dim=-1)

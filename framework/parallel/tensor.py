@@ -3,6 +3,8 @@
 Layout over the tp mesh dimension, per transformer block:
 
     attention      wq/wk/wv column-parallel (each rank its contiguous block of heads), wo row-parallel
+    MLA            wq or wq_b, and wkv_b column-parallel (heads), wo row-parallel; the down projections wq_a /
+                   wkv_a and the latent norms replicated, the shared rope key's gradient summed over tp
     MLP            w1/w3 column-parallel, w2 row-parallel
     MoE            replicated (experts are split by expert parallelism, not tp); identical work on every tp rank
     per-head       ALiBi slopes by global head (`head_offset`); learned temperature / distance weights and the T5
@@ -37,6 +39,7 @@ plans as the main stack's (found by module type and name).
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch import nn
@@ -56,12 +59,13 @@ from torch.distributed.tensor.parallel import (
 
 from framework.config import Recipe
 from framework.models.attention import Attention
+from framework.models.mla import MLA
 from framework.models.mlp import FeedForward
 from framework.models.moe import MoE
 from framework.models.positions import RelativePositionBias
 from framework.models.recurrence import RecurrentMixer
 from framework.parallel.dims import ParallelDims
-from framework.parallel.recurrent import recurrent_tp_plan
+from framework.parallel.recurrent import recurrent_tp_plan, sum_gradient
 
 SEQ = Shard(1)
 """Sequence dimension of [B, S, D] activations."""
@@ -85,7 +89,9 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool, 
     """Lay `model` out over `tp_mesh` (see the module docstring). `vocab`: split embedding and head."""
     plan: dict[str, ParallelStyle] = {}
     for name, module in model.named_modules():
-        if isinstance(module, Attention):
+        if isinstance(module, MLA):
+            plan |= _mla_plan(name, module, tp_mesh, sequence_parallel)
+        elif isinstance(module, Attention):
             plan |= _attention_plan(name, module, tp_mesh, sequence_parallel)
         elif isinstance(module, RecurrentMixer):
             plan |= recurrent_tp_plan(name, module, tp_mesh, sequence_parallel, SEQ)
@@ -138,6 +144,25 @@ def _attention_plan(
             f"{name}.{n}": SequenceParallel(sequence_dim=2, use_local_output=True)
             for n in ("q_norm", "k_norm")
         }
+    return plan
+
+
+def _mla_plan(name: str, mla: MLA, tp_mesh: DeviceMesh, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """MLA by heads: the up projections (wq, or wq_b after the replicated wq_a and q_norm; wkv_b after the
+    replicated wkv_a and kv_norm) column-parallel, wo row-parallel. The replicated down projections see every
+    head's gradient: the latents reach wkv_b / wq_b through ColwiseParallel, whose input gradient is all-reduced,
+    and the shared rope key, which each rank's heads use directly, sums its gradient over tp (`shared_view`). So
+    the block input's gradient is whole on every rank, and with sequence parallelism the input is gathered into a
+    plain tensor whose gradient is then already summed (its Shard(1) slice is taken, no reduce-scatter)."""
+    mla.head_offset = tp_mesh.get_local_rank() * (mla.n_heads // tp_mesh.size())
+    mla.shared_view = functools.partial(sum_gradient, group=tp_mesh.get_group())
+    columns = [w for w in ("wq", "wq_b", "wkv_b") if hasattr(mla, w)]
+    plan: dict[str, ParallelStyle] = {f"{name}.{w}": ColwiseParallel() for w in columns}
+    plan[f"{name}.wo"] = RowwiseParallel(output_layouts=SEQ if sequence_parallel else Replicate())
+    if sequence_parallel:
+        plan[name] = PrepareModuleInput(
+            input_layouts=(SEQ, None), desired_input_layouts=(Replicate(), None), use_local_output=True
+        )
     return plan
 
 
