@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from framework.config.schema import ModelConfig, MoEConfig, MTPConfig
+from framework.config.schema import LayersConfig, MLAConfig, ModelConfig, MoEConfig, MTPConfig
 from framework.models import build_model
 from framework.models.flops import (
     attention_flops_per_query,
@@ -68,6 +68,17 @@ VARIANTS = {
     # multi-token prediction: D more blocks, eh_proj and head matmuls (counted in the training forward)
     "mtp": dict(mtp=MTPConfig(depth=2), kv_heads=2),
     "mtp_tied_window": dict(mtp=MTPConfig(depth=1), tie_embeddings=True, sliding_window=4),
+    # Multi-head Latent Attention with odd widths, with and without the query latent, and DeepSeek-V3's head
+    "mla": dict(
+        layers=LayersConfig(pattern=["mla"]),
+        mla=MLAConfig(kv_lora_rank=12, q_lora_rank=10, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5),
+        n_heads=5,
+    ),
+    "mla_no_q_lora_mtp": dict(
+        layers=LayersConfig(pattern=["mla"]),
+        mla=MLAConfig(kv_lora_rank=12, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5),
+        mtp=MTPConfig(depth=1),
+    ),
     "bert_untied_no_bias": {**BERT, "tie_embeddings": False, "bias": False, "norm": "rmsnorm"},
     "t5": T5,
     "t5_untied_deeper_decoder": {**T5, "n_decoder_layers": 3, "tie_embeddings": False},
@@ -182,6 +193,26 @@ def test_flops_match_flop_counter(name: str, backend: str) -> None:
         dense_attention = attention_flops_per_query(cfg, _dense_pairs(cfg, seq, dec))
         assert forward["aten.bmm"] == batch * dense_attention
         assert _counted_flops(model, cfg, batch, seq, dec, train=True)["total"] == 3 * forward["total"]
+
+
+@pytest.mark.parametrize("name", ["mla", "mla_no_q_lora_mtp"])
+@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+def test_mla_flops_match_flop_counter(name: str, backend: str) -> None:
+    """MLA's matmul term (its latent projections counted from the registry) equals the counted mm / addmm with
+    either backend; with the naive backend its q.k over nope + rope channels and p.v over v_head_dim equal the
+    counted bmm over every (query, key) pair the naive backend materialises. Training counts 3 x forward."""
+    batch, seq = 2, 12
+    cfg = _cfg(name, attention_backend=backend)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    parts = forward_flops_breakdown(cfg, seq)
+    forward = _counted_flops(model, cfg, batch, seq, 0, train=False)
+    assert forward.get("aten.mm", 0) + forward.get("aten.addmm", 0) == batch * parts["matmul"]
+    if backend == "naive":
+        m, blocks = cfg.mla, cfg.n_layers + (cfg.mtp.depth if cfg.mtp is not None else 0)
+        pairs = blocks * seq * seq
+        assert forward["aten.bmm"] == batch * pairs * 2 * cfg.n_heads * (m.qk_head_dim + m.v_head_dim)
+        assert _counted_flops(model, cfg, batch, seq, 0, train=True)["total"] == 3 * forward["total"]
 
 
 def test_bidirectional_total_matches_counter() -> None:
