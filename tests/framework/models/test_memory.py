@@ -14,6 +14,7 @@ from framework.config.schema import (
     GDNConfig,
     LayersConfig,
     Mamba2Config,
+    MLAConfig,
     ModelConfig,
     MTPConfig,
     ParallelConfig,
@@ -85,6 +86,16 @@ CASES = {
     ),
     "t5_rope_gqa": (dict(family="encoder_decoder", position="rope", kv_heads=2, tie_embeddings=True), {}),
     "mtp": (dict(mtp=MTPConfig(depth=2), kv_heads=2), {}),
+    # Multi-head Latent Attention (odd widths; SDPA pads q/k/v to one head width)
+    "mla": (
+        dict(
+            layers=LayersConfig(pattern=["mla"]),
+            mla=MLAConfig(
+                kv_lora_rank=12, q_lora_rank=10, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5
+            ),
+        ),
+        {},
+    ),
 }
 
 
