@@ -702,10 +702,32 @@ class ModelConfig:
             self._validate_layers(self.layers)
         if self.mtp is not None:
             self.mtp.validate()
+        if self.layers is not None and "mla" in self.layers.pattern:
+            self._validate_mla()
             _require(
                 self.family == "decoder", "model.mtp", "set", "predicts further tokens of a causal LM",
                 "remove model.mtp, or set model.family: decoder",
             )  # fmt: skip
+
+    def _validate_mla(self) -> None:
+        """Attention options MLA blocks do not have (model.mla sets their widths; one shared rope key)."""
+        ignored = {
+            "kv_heads": None, "qk_norm": False, "attention_gate": False, "learned_temperature": False,
+            "soft_distance_bias": False, "rope_fraction": 1.0, "attention_temperature": 1.0,
+        }  # fmt: skip
+        for key, default in ignored.items():
+            value = getattr(self, key)
+            _require(
+                value == default, f"model.{key}", value,
+                "does not apply to mla blocks (MLA shares one latent and one rope key over all heads; its widths "
+                "are model.mla's)",
+                f"remove model.{key}, or use attention blocks in model.layers.pattern",
+            )  # fmt: skip
+        _require(
+            self.position in ("rope", "none", "learned", "sinusoidal"), "model.position", self.position,
+            "mla blocks take no score bias (ALiBi, T5 relative bias)",
+            "use position: rope (MLA's decoupled RoPE), or attention blocks",
+        )  # fmt: skip
 
     def _validate_layers(self, layers: LayersConfig) -> None:
         key = "model.layers.pattern"

@@ -185,3 +185,14 @@ def test_an_mla_block_needs_its_section() -> None:
     with pytest.raises(ConfigError) as err:
         dataclasses.replace(config(), mla=None, d_model=40).validate()  # 40: d_model rules pass
     assert err.value.key == "model.layers.pattern[0]" and "model.mla" in err.value.fix
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("kv_heads", 1), ("qk_norm", True), ("attention_gate", True), ("learned_temperature", True),
+     ("soft_distance_bias", True), ("rope_fraction", 0.5), ("position", "alibi")],
+)  # fmt: skip
+def test_attention_options_mla_lacks_are_refused(key: str, value: object) -> None:
+    with pytest.raises(ConfigError) as err:
+        config(**{key: value})
+    assert err.value.key == f"model.{key}" and err.value.fix
