@@ -30,6 +30,11 @@ from framework.models.norms import RMSNorm
 from framework.models.positions import apply_rope
 
 
+LATENT_NORM_EPS = 1e-6
+"""eps of the latent norms (q_norm, kv_norm): DeepSeek's fixed value (its q_a_layernorm / kv_a_layernorm take no
+config eps), whatever model.norm_eps the block norms use."""
+
+
 def mla_config(cfg: ModelConfig) -> MLAConfig:
     if cfg.mla is None:
         raise ValueError("an mla block needs model.mla")
@@ -81,10 +86,10 @@ class MLA(Attention):
             self.wq = nn.Linear(d, heads * m.qk_head_dim, bias=False)
         else:
             self.wq_a = nn.Linear(d, m.q_lora_rank, bias=cfg.bias)
-            self.q_norm = RMSNorm(m.q_lora_rank, cfg.norm_eps)
+            self.q_norm = RMSNorm(m.q_lora_rank, LATENT_NORM_EPS)
             self.wq_b = nn.Linear(m.q_lora_rank, heads * m.qk_head_dim, bias=False)
         self.wkv_a = nn.Linear(d, m.kv_lora_rank + m.qk_rope_head_dim, bias=cfg.bias)
-        self.kv_norm = RMSNorm(m.kv_lora_rank, cfg.norm_eps)
+        self.kv_norm = RMSNorm(m.kv_lora_rank, LATENT_NORM_EPS)
         self.wkv_b = nn.Linear(m.kv_lora_rank, heads * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
         self.wo = nn.Linear(heads * m.v_head_dim, d, bias=cfg.dense_bias)
 

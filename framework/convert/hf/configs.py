@@ -14,12 +14,14 @@ from framework.config.schema import LayersConfig, ModelConfig
 
 def hf_family(cfg: ModelConfig) -> str:
     """llama | mistral | qwen3 | qwen2 | phi3 | gpt2 | bloom | bert | t5 | mixtral | qwen3_moe | qwen3_next |
-    glm4_moe | gemma | gemma2 | gemma3_text | olmo2 | olmo3 | mamba2 | bamba,
+    glm4_moe | deepseek_v3 | gemma | gemma2 | gemma3_text | olmo2 | olmo3 | mamba2 | bamba,
     from the architecture fields (phi3 only when model.hf_architecture names it: its weights are Llama's).
     Gated DeltaNet blocks or a gated attention output are Qwen3-Next's alone; a sigmoid router with partial
     rotary or q/k/v-only biases is GLM-4.5's (DeepSeek-V3 routing on full-rotary, bias-free attention is not)."""
     if cfg.family == "decoder" and ("gdn" in cfg.mixers or cfg.attention_gate):
         return "qwen3_next"
+    if cfg.family == "decoder" and "mla" in cfg.mixers:  # Multi-head Latent Attention: DeepSeek-V3 (Kimi-K2)
+        return "deepseek_v3"
     if _is_glm4_moe(cfg):
         return "glm4_moe"
     if "mamba2" in cfg.mixers:  # Mamba-2 blocks alone (no MLP), or a hybrid with an MLP in every block
@@ -134,6 +136,9 @@ _REQUIRED["qwen2"] = _REQUIRED["llama"] | {"bias": True, "bias_scope": "qkv"}
 _REQUIRED["glm4_moe"] = {k: v for k, v in _REQUIRED["llama"].items() if k != "qk_norm"} | {
     "rope_scaling": "none"
 }
+# DeepSeek-V3: MLA blocks (their widths model.mla's) with GLM-4.5's MoE layers; no biases in the real checkpoints'
+# layout Loom maps (attention_bias false), full-width RoPE keys (no partial rotary), default or yarn RoPE scaling
+_REQUIRED["deepseek_v3"] = {k: v for k, v in _REQUIRED["llama"].items() if k != "qk_norm"} | {"bias": False}
 _REQUIRED["phi3"] = _REQUIRED["llama"] | {"bias": False, "hf_architecture": "phi3"}
 # Mamba-2: RMSNorm pre-norm blocks around the mixer alone (no attention, no MLP, no biases); Bamba: Llama's
 # attention and MLP beside Mamba-2 mixers, its RoPE hard-coded to half of each head (partial_rotary_factor 0.5)
@@ -165,6 +170,7 @@ _MOE_REQUIRED["qwen3_next"] = _MOE_REQUIRED["qwen3_moe"] | {"n_shared_experts": 
 _MOE_REQUIRED["glm4_moe"] = {"router": "sigmoid", "shared_expert_gate": False, "shared_expert_hidden": None,
                              "every": 1, "jitter": 0.0, "capacity_factor": None, "router_bias": False,
                              "expert_linear_bias": False}  # fmt: skip
+_MOE_REQUIRED["deepseek_v3"] = _MOE_REQUIRED["glm4_moe"]  # the same DeepSeek routing and shared experts
 
 
 def _moe_rules(cfg: ModelConfig, family: str) -> list[str]:
@@ -176,7 +182,7 @@ def _moe_rules(cfg: ModelConfig, family: str) -> list[str]:
         for k, v in _MOE_REQUIRED[family].items()
         if getattr(cfg.moe, k) != v
     ]
-    return wrong + (_glm4_moe_rules(cfg) if family == "glm4_moe" else [])
+    return wrong + (_glm4_moe_rules(cfg) if family in ("glm4_moe", "deepseek_v3") else [])
 
 
 def _glm4_moe_rules(cfg: ModelConfig) -> list[str]:
@@ -249,6 +255,8 @@ _EXTRA: dict[str, dict[str, Any]] = {
     "mixtral": _ABSENT | {"softmax_scale": "inv_sqrt_dk"},
     "qwen3_moe": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None},
     "glm4_moe": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None, "attention_sinks": False},
+    "deepseek_v3": _ABSENT
+    | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None, "attention_sinks": False},
     "qwen3_next": _ABSENT
     | {
         "softmax_scale": "inv_sqrt_dk",
@@ -332,6 +340,7 @@ def _mamba_rules(cfg: ModelConfig, family: str) -> list[str]:
 _MIXERS_ALLOWED = {
     "gemma3_text": {"attention", "attention_local"},
     "qwen3_next": {"gdn", "attention"},
+    "deepseek_v3": {"mla"},
 } | _MIXERS
 """Block mixers (model.layers.pattern) a family's layer kinds name; every other family has attention only."""
 
@@ -385,6 +394,7 @@ def hf_config(cfg: ModelConfig) -> tuple[str, Any]:
         "qwen3_moe": _qwen3_moe,
         "qwen3_next": _qwen3_next,
         "glm4_moe": _glm4_moe,
+        "deepseek_v3": _deepseek_v3,
         "qwen2": _qwen2,
         "phi3": _phi3,
         "gpt2": _gpt2,
@@ -741,6 +751,18 @@ def _glm4_moe(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
         "num_nextn_predict_layers": cfg.mtp.depth if cfg.mtp is not None else 0,
     }
     return "Glm4MoeForCausalLM", "Glm4MoeConfig", kwargs
+
+
+def _deepseek_v3(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
+    """GLM-4.5's MoE and decoder fields with MLA's widths, rope_interleave and yarn (deepseek_v3.hf_kwargs); the
+    MTP depths are dropped on export (num_nextn_predict_layers 0)."""
+    from framework.convert.hf import deepseek_v3
+
+    _, _, kwargs = _glm4_moe(cfg)
+    for key in ("use_qk_norm", "head_dim"):
+        kwargs.pop(key, None)
+    kwargs |= deepseek_v3.hf_kwargs(cfg) | {"num_nextn_predict_layers": 0, "num_key_value_heads": cfg.n_heads}
+    return "DeepseekV3ForCausalLM", "DeepseekV3Config", kwargs
 
 
 def build_hf_model(cfg: ModelConfig) -> Any:

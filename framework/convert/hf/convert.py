@@ -21,6 +21,7 @@ from framework.convert.hf import (
     bamba,
     bert,
     bloom,
+    deepseek_v3,
     gemma,
     gemma2,
     gemma3,
@@ -56,6 +57,8 @@ FAMILIES: dict[str, ModuleType] = {
     "qwen3_moe": qwen3_moe,
     "qwen3_next": qwen3_next,
     "glm4_moe": glm4_moe,
+    "deepseek_v3": deepseek_v3,
+    "kimi_k2": deepseek_v3,  # Moonshot's config.json: the DeepSeek-V3 architecture under its own model_type
     "qwen2": qwen2,
     "phi3": phi3,
     "gpt2": gpt2,

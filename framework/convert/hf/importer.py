@@ -45,6 +45,11 @@ def read_hf(directory: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]
     return cfg, import_state(cfg, state)
 
 
+SAME_AS = {"kimi_k2": "deepseek_v3"}
+"""model_types transformers has no class for whose architecture is another family's: Moonshot's Kimi-K2 ships
+model_type kimi_k2 with its own modeling code (auto_map) for DeepseekV3ForCausalLM's architecture and weights."""
+
+
 def _hf_config(path: Path) -> Any:
     """The transformers config object of config.json; a malformed file is one ConfigError naming it."""
     from transformers import AutoConfig
@@ -54,6 +59,11 @@ def _hf_config(path: Path) -> Any:
         rule = "is not a Hugging Face config (a JSON object with a model_type string)"
         raise ConfigError(None, "source", str(path), rule, "pass a folder written by save_pretrained")
     try:
+        if fields["model_type"] in SAME_AS:  # read as the family it is, without running the checkpoint's code
+            from transformers import CONFIG_MAPPING
+
+            known = {k: v for k, v in fields.items() if k not in ("model_type", "auto_map")}
+            return CONFIG_MAPPING[SAME_AS[fields["model_type"]]](**known)
         return AutoConfig.from_pretrained(str(path.parent), local_files_only=True)
     except Exception as error:  # noqa: BLE001 - transformers' refusals (e.g. huggingface_hub's strict dataclass
         # validation) share no base class; any of them means this config.json is not one it reads

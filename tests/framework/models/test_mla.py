@@ -54,7 +54,7 @@ def rotate_pairs(
 
 def reference(layer: MLA, cfg: ModelConfig, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """DeepSeek-V2 eqs. 1-11 with the expanded keys and values; allowed [B, S, S] bool."""
-    m, h, eps = cfg.mla, cfg.n_heads, cfg.norm_eps
+    m, h, eps = cfg.mla, cfg.n_heads, 1e-6  # DeepSeek's latent-norm eps
     b, s, _ = x.shape
     if m.q_lora_rank is None:
         q = x @ layer.wq.weight.T
