@@ -3,6 +3,8 @@ laid out for a cluster its layout and whether it fits the GPU it names (launch.g
 
 from __future__ import annotations
 
+import dataclasses
+
 from framework.config.loader import dump_recipe, load_recipe
 from framework.config.schema import Recipe
 
@@ -23,13 +25,16 @@ def summary(recipe: Recipe) -> str:
     from framework.models.flops import flops_per_token, param_counts
     from framework.models.memory import memory_per_rank
 
-    counts = param_counts(recipe.model)
+    # the headline counts the model a checkpoint converts to (the MTP depths have their own line), as published
+    # sizes do: DeepSeek-V3's 671B excludes its MTP module
+    counts = param_counts(dataclasses.replace(recipe.model, mtp=None))
     flops = flops_per_token(recipe.model, recipe.data.seq_len, training=True)
     memory = memory_per_rank(recipe)
     lines = [
         "# summary",
         f"parameters: total {counts['total']:,} ({_human(counts['total'])}), active {counts['active']:,}, "
-        f"embedding {counts['embedding']:,}, non-embedding {counts['non_embedding']:,}",
+        f"embedding {counts['embedding']:,}, non-embedding {counts['non_embedding']:,}"
+        + (" (without model.mtp's depths)" if recipe.model.mtp is not None else ""),
         *_moe_lines(recipe, counts),
         *_mixer_lines(recipe),
         *_mtp_lines(recipe, flops),
@@ -109,8 +114,6 @@ def _mixer_lines(recipe: Recipe) -> list[str]:
 
 def _mtp_lines(recipe: Recipe, flops: float) -> list[str]:
     """Multi-token prediction's share of the parameters and of the training FLOPs per token (nothing without)."""
-    import dataclasses
-
     from framework.models.flops import flops_per_token, mtp_params
 
     mtp = recipe.model.mtp

@@ -29,7 +29,6 @@ from framework.models.attention import Attention, AttentionContext, _attend_here
 from framework.models.norms import RMSNorm
 from framework.models.positions import apply_rope
 
-
 LATENT_NORM_EPS = 1e-6
 """eps of the latent norms (q_norm, kv_norm): DeepSeek's fixed value (its q_a_layernorm / kv_a_layernorm take no
 config eps), whatever model.norm_eps the block norms use."""

@@ -15,18 +15,9 @@ from framework.models import build_model
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
 
-# Recipes no `transformers` family represents, and the fields the refusal must name (DeepSeek-V3 routing:
-# sigmoid scores, shared experts, expert groups, selection bias, weight scale, a dense first layer).
-NO_HF_FAMILY = {
-    "deepseek-v3-style-16b": (
-        "model.moe.router",
-        "model.moe.n_shared_experts",
-        "model.moe.n_groups",
-        "model.moe.bias_update_rate",
-        "model.moe.route_scale",
-        "model.moe.first_dense",
-    ),
-}
+# Recipes no `transformers` family represents, and the fields the refusal must name (none at present: every
+# shipped recipe has a Hugging Face family).
+NO_HF_FAMILY: dict[str, tuple[str, ...]] = {}
 
 
 def numel(module: torch.nn.Module) -> int:
@@ -54,7 +45,10 @@ def test_parameter_count_matches_transformers(path: Path) -> None:
     with torch.device("meta"):
         ours = build_model(recipe.model)
         reference = build_hf_model(recipe.model)
-    assert numel(ours) == numel(reference)
+    # transformers' causal-LM classes have no multi-token-prediction depths (an export drops model.mtp)
+    mtp = sum(p.numel() for name, p in ours.named_parameters() if name.startswith("mtp."))
+    assert (recipe.model.mtp is None) == (mtp == 0)
+    assert numel(ours) - mtp == numel(reference)
 
 
 def size_overrides(recipe_path: Path, data_dir: Path, run_dir: Path) -> list[str]:
@@ -100,6 +94,9 @@ def mixer_size_overrides(pattern: list[str]) -> list[str]:
     if "gdn" in kinds:
         sets += ["model.gdn.heads=4", "model.gdn.key_heads=2", "model.gdn.key_head_dim=8"]
         sets += ["model.gdn.value_head_dim=8"]
+    if "mla" in kinds:  # odd latent widths; the query latent only where the recipe has one
+        sets += ["model.mla.kv_lora_rank=12", "model.mla.qk_nope_head_dim=6", "model.mla.qk_rope_head_dim=4"]
+        sets += ["model.mla.v_head_dim=5"]
     if "mamba2" in kinds:
         sets += ["model.mamba2.heads=4", "model.mamba2.head_dim=16", "model.mamba2.state_dim=16"]
         sets += ["model.mamba2.groups=1", "model.mamba2.chunk_size=16"]
@@ -112,9 +109,20 @@ def moe_size_overrides(moe: MoEConfig) -> list[str]:
     sets.append(f"model.moe.top_k={min(moe.top_k, 2)}")
     if moe.n_groups > 1:
         sets += ["model.moe.n_groups=4", "model.moe.topk_groups=2"]
+    if moe.first_dense > 1:  # DeepSeek-V3's 3 dense layers: one, so one of the 2 blocks left is MoE
+        sets.append("model.moe.first_dense=1")
     if moe.shared_expert_hidden is not None:
         sets.append("model.moe.shared_expert_hidden=24")
     return sets
+
+
+def test_deepseek_v3_671b_is_671b_with_37b_active(capsys: pytest.CaptureFixture[str]) -> None:
+    """`loom check` of the DeepSeek-V3 shape reports its published size (the MTP module counted apart)."""
+    from launcher.cli import main
+
+    assert main(["check", str(RECIPES[0].parent / "deepseek-v3-671b.yaml")]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("parameters: "))
+    assert line.startswith("parameters: total 671,0") and "(671.03G), active 37,5" in line, line
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
