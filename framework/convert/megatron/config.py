@@ -253,6 +253,13 @@ _NOT_EXPORTABLE: dict[str, tuple[Any, str]] = {
 }
 
 
+_MIXER_GAP = (
+    "Loom's megatron mapping writes SelfAttention layers only: Gated DeltaNet and Mamba-2 blocks have no "
+    "megatron-core GPT layer, and MLA (megatron-core 0.16.1's MLASelfAttention, in its local layer spec too) is not "
+    "mapped yet"
+)
+
+
 def _not_exportable(key: str, value: Any, why: str) -> ConfigError:
     return ConfigError(None, key, value, f"cannot be written for megatron-core: {why}",
                        "export to megatron only models megatron-core can represent (docs/megatron.md)")  # fmt: skip
@@ -263,6 +270,10 @@ def megatron_args(cfg: ModelConfig) -> dict[str, dict[str, Any]]:
     for name, (default, why) in _NOT_EXPORTABLE.items():
         if getattr(cfg, name) != default:
             raise _not_exportable(f"model.{name}", getattr(cfg, name), why)
+    if set(cfg.mixers) != {"attention"}:
+        raise _not_exportable("model.layers.pattern", cfg.layers.pattern if cfg.layers else None, _MIXER_GAP)
+    if cfg.mtp is not None:
+        raise _not_exportable("model.mtp", cfg.mtp.depth, "Loom's megatron mapping has no MTP layers yet")
     position = {v: k for k, v in _POSITIONS.items()}.get(cfg.position)
     if position is None:
         raise _not_exportable("model.position", cfg.position, "GPTModel has rope, learned_absolute or none")

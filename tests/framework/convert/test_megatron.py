@@ -492,3 +492,30 @@ def test_common_pt_outside_the_allowlist_needs_trust(world: dict[str, Any], tmp_
     torch.save({"iteration": 3}, folder / torch_dist.COMMON_FILE)
     with pytest.raises(ConfigError, match="no Megatron-LM `args`"):
         read_megatron(folder)
+
+
+@pytest.mark.parametrize(
+    ("model", "key"),
+    [
+        ({"layers": "mla"}, "model.layers.pattern"),
+        ({"layers": "gdn"}, "model.layers.pattern"),
+        ({"mtp": True}, "model.mtp"),
+    ],
+)
+def test_export_refuses_blocks_megatron_mapping_lacks(model: dict[str, Any], key: str) -> None:
+    """MLA / Gated DeltaNet blocks and MTP depths are refused by name (one ConfigError), not written as
+    SelfAttention layers."""
+    from framework.config.schema import GDNConfig, LayersConfig, MLAConfig, ModelConfig, MTPConfig
+    from framework.convert.megatron.config import megatron_args
+
+    fields: dict[str, Any] = {"d_model": 32, "n_heads": 4, "n_layers": 2, "ffn_hidden": 48}
+    if model.get("layers") == "mla":
+        fields |= {"layers": LayersConfig(pattern=["mla"]), "mla": MLAConfig(kv_lora_rank=8, qk_nope_head_dim=4,
+                   qk_rope_head_dim=4, v_head_dim=4)}  # fmt: skip
+    if model.get("layers") == "gdn":
+        fields |= {"layers": LayersConfig(pattern=["gdn", "attention"]), "gdn": GDNConfig(heads=2)}
+    if model.get("mtp"):
+        fields["mtp"] = MTPConfig(depth=1)
+    with pytest.raises(ConfigError) as err:
+        megatron_args(ModelConfig(**fields))
+    assert err.value.key == key and "megatron" in err.value.rule
