@@ -702,12 +702,12 @@ class ModelConfig:
             self._validate_layers(self.layers)
         if self.mtp is not None:
             self.mtp.validate()
-        if self.layers is not None and "mla" in self.layers.pattern:
-            self._validate_mla()
             _require(
                 self.family == "decoder", "model.mtp", "set", "predicts further tokens of a causal LM",
                 "remove model.mtp, or set model.family: decoder",
             )  # fmt: skip
+        if self.layers is not None and "mla" in self.layers.pattern:
+            self._validate_mla()
 
     def _validate_mla(self) -> None:
         """Attention options MLA blocks do not have (model.mla sets their widths; one shared rope key)."""
