@@ -7,6 +7,11 @@ Scores, per head h, query i, key j (every backend computes exactly this):
 bias_h(i, j) = T5 relative bias[h, bucket(p_j - p_i)] - (alibi_slope_h + w_h) * |p_i - p_j|, where p are the
 position ids, w_h the learned soft distance weight and T_h the fixed or learned (exp(log_temperature))
 temperature. cap(s) = c * tanh(s / c) with c = model.attention_softcap (Gemma 2), the identity without one.
+With attention sinks (model.attention_sinks, gpt-oss; Xiao et al. 2023) a learned logit sink_h joins every
+query's softmax denominator with no value: p_ij = exp(logit_ij) / (sum_k exp(logit_ik) + exp(sink_h)), so a head
+can put weight "nowhere". Kernels that return the log-sum-exp L_i of the logits get it exactly by rescaling their
+output by Z / (Z + e^sink) = sigmoid(L_i - sink_h) (`rescale_for_sinks`, Flex); SDPA gets it with one extra key
+(`sdpa_attention_with_sinks`).
 Heads are indexed globally from `head_offset` so a tensor- or context-parallel block of heads keeps its heads'
 slopes.
 """
@@ -22,7 +27,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_block_mask, flex_attention
 
 from framework.config.schema import ModelConfig
 from framework.models.masks import AttentionMask
@@ -112,8 +117,10 @@ def naive_attention(
     inv_temperature: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     cap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reference attention over q [B, H, Sq, D], k/v [B, Hkv, Sk, D]; materialises the scores."""
+    """Reference attention over q [B, H, Sq, D], k/v [B, Hkv, Sk, D]; materialises the scores. sinks [H]: each
+    head's sink logit, one more softmax column whose probability is dropped (no value)."""
     groups = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     scores = softcap(torch.einsum("bhqd,bhkd->bhqk", q, k) * scale, cap)
@@ -123,7 +130,14 @@ def naive_attention(
         scores = scores * inv_temperature.view(1, -1, 1, 1)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = F.dropout(scores.float().softmax(dim=-1).type_as(q), p=dropout_p)
+    scores = scores.float()
+    if sinks is not None:
+        sink_column = sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        scores = torch.cat([scores, sink_column], dim=-1)
+    probs = scores.softmax(dim=-1)
+    if sinks is not None:
+        probs = probs[..., :-1]
+    probs = F.dropout(probs.type_as(q), p=dropout_p)
     return torch.einsum("bhqk,bhkd->bhqd", probs, v)
 
 
@@ -156,6 +170,44 @@ def sdpa_attention(
     )  # fmt: skip
 
 
+def sdpa_attention_with_sinks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    sinks: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    inv_temperature: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Attention with sinks [H] through plain SDPA, exactly: one more key, prepended, whose logit is sink_h and
+    whose value is 0. Its logit comes from one more channel: q's is sink_h / scale, the sink key's 1 (its other
+    channels 0), every real key's 0, so the real logits are unchanged. The sink key is visible to every query (a
+    True column before the mask; a plain causal mask must be passed dense)."""
+    if inv_temperature is not None:  # as sdpa_attention scales them, but before the sink channel is added
+        q = q * inv_temperature.view(1, -1, 1, 1).to(q.dtype)
+        bias = None if bias is None else bias * inv_temperature.view(1, -1, 1, 1)
+    batch, heads, q_len, _ = q.shape
+    sink_channel = (sinks.float() / scale).to(q.dtype).view(1, heads, 1, 1).expand(batch, heads, q_len, 1)
+    q = torch.cat([q, sink_channel], dim=-1)
+    sink_key = k.new_zeros(k.shape[0], k.shape[1], 1, k.shape[3] + 1)
+    sink_key[..., -1] = 1.0
+    k = torch.cat([sink_key, F.pad(k, (0, 1))], dim=2)
+    v = F.pad(v, (0, 0, 1, 0))
+    mask = None if mask is None else F.pad(mask, (1, 0), value=True)
+    bias = None if bias is None else F.pad(bias, (1, 0))
+    return sdpa_attention(q, k, v, scale=scale, mask=mask, bias=bias, dropout_p=dropout_p)
+
+
+def rescale_for_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """out [B, H, Sq, D] of plain attention and its log-sum-exp lse [B, H, Sq] (natural log) -> the sink softmax's
+    output: out * Z / (Z + e^sink_h) = out * sigmoid(lse - sink_h). A fully masked row (lse = -inf) stays 0."""
+    weight = torch.sigmoid(lse.float() - sinks.float().view(1, -1, 1))
+    return out * weight.unsqueeze(-1).to(out.dtype)
+
+
 AttentionPath = Literal["naive", "sdpa", "sdpa_repeat_kv", "flex", "flex_compiled"]
 
 
@@ -168,12 +220,15 @@ def attention_path(
     gqa: bool,
     half: bool,
     capped: bool = False,
+    sinks: bool = False,
 ) -> AttentionPath:
     """Which kernel one attention call runs (docs/kernels.md). `fused_sdpa`: no bias and either no mask or a plain
     causal one, the only calls torch's flash kernel takes (with is_causal, and GQA); `half`: q is fp16 / bf16;
     `capped`: the scores are soft-capped (model.attention_softcap), which no SDPA kernel can do, so such calls run
     compiled FlexAttention (a score_mod) on CUDA and the naive reference where Flex cannot: on CPU (eager Flex
-    has no backward there) and with attention dropout.
+    has no backward there) and with attention dropout. `sinks` (model.attention_sinks): on CUDA compiled
+    FlexAttention (its log-sum-exp rescales the output; `rescale_for_sinks`), elsewhere and with dropout SDPA with
+    one extra key (`sdpa_attention_with_sinks`, which needs a dense mask).
 
     On CUDA (torch 2.11) SDPA falls to the math kernel, which materialises fp32 scores [B, H, Sq, Sk], whenever
     neither fused kernel takes the call: flash takes no mask, no bias and no fp32; the memory-efficient kernel
@@ -188,6 +243,8 @@ def attention_path(
         return "flex" if device_type == "cpu" else "flex_compiled"
     if capped:
         return "flex_compiled" if device_type == "cuda" and not dropout else "naive"
+    if sinks and device_type == "cuda":
+        return "flex_compiled" if not dropout else ("sdpa_repeat_kv" if gqa else "sdpa")
     if device_type != "cuda":
         return "sdpa"
     if fused_sdpa:
@@ -257,6 +314,8 @@ class Attention(nn.Module):
             self.log_temperature = nn.Parameter(torch.full((heads,), math.log(cfg.attention_temperature)))
         if cfg.soft_distance_bias and not cross:
             self.distance_weight = nn.Parameter(torch.zeros(heads))
+        if cfg.attention_sinks and not cross:
+            self.sinks = nn.Parameter(torch.zeros(heads))  # sink_h, a logit (gpt-oss: `self_attn.sinks`)
 
     def forward(
         self, x: torch.Tensor, ctx: AttentionContext, memory: torch.Tensor | None = None
@@ -287,11 +346,12 @@ class Attention(nn.Module):
         bias_fn = self._bias_fn(ctx, heads)
         inv_temperature = self._inv_temperature(heads, q.device)
         dropout_p = self.dropout_p if self.training else 0.0
+        sinks = self._sinks()
         if self.kernel is not None:
             if bias_fn is not None:
                 raise NotImplementedError("an injected kernel takes no score bias (ALiBi, T5, distance)")
-            if self.softcap is not None:
-                raise NotImplementedError("an injected kernel takes no attention_softcap")
+            if self.softcap is not None or sinks is not None:
+                raise NotImplementedError("an injected kernel takes no attention_softcap or attention_sinks")
             return self.kernel(q, k, v, ctx, KernelCall(self.scale, dropout_p, inv_temperature))
         causal = ctx.mask.is_plain_causal and q_len == k_len
         path = attention_path(
@@ -302,22 +362,28 @@ class Attention(nn.Module):
             gqa=k.shape[1] != heads,
             half=q.dtype in (torch.float16, torch.bfloat16),
             capped=self.softcap is not None,
+            sinks=sinks is not None,
         )
         if path in ("flex", "flex_compiled"):
             block_mask = ctx.block_mask(batch, q_len, k_len, q.device)
             # inside a compiled block (parallel.compile) flex_attention is traced into the block's own graph
             eager = path == "flex" or torch.compiler.is_compiling()
             flex = flex_attention if eager else compiled_flex_attention()
-            return self._flex(flex, q, k, v, block_mask, bias_fn, inv_temperature, dropout_p)
+            if sinks is None:
+                return self._flex(flex, q, k, v, block_mask, bias_fn, inv_temperature, dropout_p)
+            out, lse = self._flex(flex, q, k, v, block_mask, bias_fn, inv_temperature, dropout_p, lse=True)
+            return rescale_for_sinks(out, lse, sinks)
         if path == "sdpa_repeat_kv":  # the kernels that take this call (efficient, cuDNN) have no GQA
             k, v = repeat_kv(k, heads // k.shape[1]), repeat_kv(v, heads // k.shape[1])
         bias = None if bias_fn is None else bias_fn(*_dense_indices(batch, heads, q_len, k_len, q.device))
         kwargs = dict(scale=self.scale, bias=bias, inv_temperature=inv_temperature, dropout_p=dropout_p)
-        if path != "naive" and bias is None and causal:
+        if path != "naive" and bias is None and causal and sinks is None:
             return sdpa_attention(q, k, v, is_causal=True, **kwargs)  # no mask built: it would be S^2
         mask = ctx.dense_mask(batch, q_len, k_len, q.device)
         if path == "naive":
-            return naive_attention(q, k, v, mask=mask, cap=self.softcap, **kwargs)
+            return naive_attention(q, k, v, mask=mask, cap=self.softcap, sinks=sinks, **kwargs)
+        if sinks is not None:
+            return sdpa_attention_with_sinks(q, k, v, mask=mask, sinks=sinks, **kwargs)
         return sdpa_attention(q, k, v, mask=mask, **kwargs)
 
     def _flex(
@@ -330,7 +396,10 @@ class Attention(nn.Module):
         bias_fn: BiasFn | None,
         inv_temperature: torch.Tensor | None,
         dropout_p: float,
-    ) -> torch.Tensor:
+        *,
+        lse: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """flex(q, k, v) with this module's score_mod; with `lse` also the log-sum-exp [B, H, Sq] (natural log)."""
         if dropout_p > 0:
             raise NotImplementedError("FlexAttention has no attention dropout; use attention_backend sdpa")
         score_mod = None
@@ -344,9 +413,16 @@ class Attention(nn.Module):
                 return score if inv_temperature is None else score * inv_temperature[h]
 
         groups = q.shape[1] // k.shape[1]
-        return flex(
-            q, k, v, score_mod=score_mod, block_mask=block_mask, scale=self.scale, enable_gqa=groups > 1
-        )
+        out = flex(
+            q, k, v, score_mod=score_mod, block_mask=block_mask, scale=self.scale, enable_gqa=groups > 1,
+            return_aux=AuxRequest(lse=True) if lse else None,
+        )  # fmt: skip
+        return (out[0], out[1].lse) if lse else out
+
+    def _sinks(self) -> torch.Tensor | None:
+        """sink_h of the local heads, fp32 (None without attention sinks)."""
+        sinks = getattr(self, "sinks", None)
+        return None if sinks is None else self.local_view(sinks).float()
 
     def _inv_temperature(self, heads: int, device: torch.device) -> torch.Tensor | None:
         """1 / T_h per local head; None when it is exactly 1 (plain attention)."""
