@@ -112,7 +112,8 @@ class MoEConfig:
     """Group-limited routing: a token picks its top_k experts only from its best topk_groups groups, a group
     scoring the sum of its two best expert scores."""
     renormalize: bool = True
-    """Divide the top_k weights by their sum (Mixtral, Qwen3-MoE norm_topk_prob, DeepSeek-V3)."""
+    """Divide the top_k weights by their sum (Mixtral, Qwen3-MoE norm_topk_prob, DeepSeek-V3). With the softmax
+    router this is exactly a softmax over the top_k logits alone (gpt-oss's softmax after top-k)."""
     route_scale: float = 1.0
     """Multiplier of the routed experts' weights (DeepSeek-V3: routed_scaling_factor 2.5)."""
     jitter: float = 0.0
@@ -713,7 +714,7 @@ class ModelConfig:
         """Attention options MLA blocks do not have (model.mla sets their widths; one shared rope key)."""
         ignored = {
             "kv_heads": None, "qk_norm": False, "attention_gate": False, "learned_temperature": False,
-            "soft_distance_bias": False, "rope_fraction": 1.0, "attention_temperature": 1.0,
+            "soft_distance_bias": False, "rope_fraction": 1.0, "attention_temperature": 1.0, "attention_sinks": False,
         }  # fmt: skip
         for key, default in ignored.items():
             value = getattr(self, key)
@@ -798,12 +799,12 @@ class ModelConfig:
             "remove model.moe, or set model.family: decoder",
         )
         _require(
-            not self.dense_bias,
+            not self.dense_bias or moe.expert_linear_bias,
             "model.bias",
             self.bias,
-            "experts have no biases (as in Mixtral, Qwen3-MoE, DeepSeek), so MoE models need bias: false, or "
-            "biases on q/k/v only (GLM-4.5: bias_scope qkv)",
-            "set model.bias: false, or model.bias_scope: qkv",
+            "biases on the output and feed-forward layers need biased experts too (moe.expert_linear_bias, as in "
+            "gpt-oss); Mixtral, Qwen3-MoE and DeepSeek have none, GLM-4.5 only on q/k/v (bias_scope qkv)",
+            "set model.bias: false, model.bias_scope: qkv, or model.moe.expert_linear_bias: true",
         )
 
 

@@ -30,6 +30,8 @@ def te_refusals(recipe: Recipe) -> list[tuple[str, object, str]]:
         refused.append(
             ("model.attention_softcap", m.attention_softcap, "TE attention has no score soft-capping")
         )
+    if m.attention_sinks:  # TE's softmax_type "learnable" is not mapped yet
+        refused.append(("model.attention_sinks", True, "Loom's attention sinks are not mapped to TE"))
     if recipe.data.objective == "prefix":
         refused.append(("data.objective", "prefix", "prefix-LM masks are not mapped to TE"))
     if m.family == "encoder_decoder" and recipe.data.document_masking:

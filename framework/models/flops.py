@@ -32,7 +32,7 @@ from __future__ import annotations
 from framework.config.schema import ModelConfig
 from framework.models import mixers
 
-GATED_MLPS = ("swiglu", "geglu")
+GATED_MLPS = ("swiglu", "geglu", "clamped_swiglu")
 
 
 # --------------------------------------------------------------------------------------------- parameter counts
@@ -66,6 +66,7 @@ def attention_params(cfg: ModelConfig, *, cross: bool = False) -> int:
     elif cfg.qk_norm:
         total += 2 * _norm_params(cfg, hd)  # q_norm and k_norm act per head, shared by the heads
     total += heads * int(cfg.learned_temperature)
+    total += heads * int(cfg.attention_sinks and not cross)  # one sink logit per head (gpt-oss)
     return total + heads * int(cfg.soft_distance_bias and not cross)
 
 
@@ -81,21 +82,34 @@ def _mlp_params(cfg: ModelConfig) -> int:
 
 
 def _expert_matrix_params(cfg: ModelConfig) -> int:
-    """One routed expert: the model's MLP type at width moe.expert_hidden (experts have no biases)."""
+    """One routed expert's matrices: the model's MLP type at width moe.expert_hidden."""
     assert cfg.moe is not None
     return _mlp_matrices(cfg) * cfg.d_model * cfg.moe.resolved_expert_hidden(cfg.ffn_hidden)
 
 
-def _ffn_params(cfg: ModelConfig, layer: int, *, active: bool = False) -> int:
+def _expert_params(cfg: ModelConfig) -> int:
+    """One routed expert: its matrices and, with moe.expert_linear_bias (gpt-oss), a bias per hidden unit of
+    each input matrix and one per output channel."""
+    assert cfg.moe is not None
+    if not cfg.moe.expert_linear_bias:
+        return _expert_matrix_params(cfg)
+    hidden = cfg.moe.resolved_expert_hidden(cfg.ffn_hidden)
+    return _expert_matrix_params(cfg) + (_mlp_matrices(cfg) - 1) * hidden + cfg.d_model
+
+
+def _ffn_params(cfg: ModelConfig, layer: int, *, active: bool = False, matrices: bool = False) -> int:
     """Feed-forward of block `layer`: the dense MLP, or router + experts + shared experts of an MoE layer.
-    active: only the top_k experts a token uses (the router and shared experts are used by every token)."""
+    active: only the top_k experts a token uses (the router and shared experts are used by every token);
+    matrices: weight matrices only (the matmuls), no biases."""
     moe = cfg.moe
     if moe is None or not cfg.is_moe_layer(layer):
-        return _mlp_params(cfg)
+        return _mlp_matrix_params(cfg) if matrices else _mlp_params(cfg)
     experts = moe.top_k if active else moe.n_experts
     router = cfg.d_model * (moe.n_experts + int(moe.shared_expert_gate))  # the shared gate is one more row
+    router += 0 if matrices else moe.n_experts * int(moe.router_bias)
     shared = _mlp_matrices(cfg) * cfg.d_model * moe.resolved_shared_hidden(cfg.ffn_hidden)
-    return router + experts * _expert_matrix_params(cfg) + shared
+    expert = _expert_matrix_params(cfg) if matrices else _expert_params(cfg)
+    return router + experts * expert + shared
 
 
 def _has_ffn(cfg: ModelConfig) -> bool:
@@ -131,7 +145,7 @@ def block_params(cfg: ModelConfig, *, expert_shards: int = 1) -> list[int]:
     """Parameters of each block (the units FSDP2 gathers one at a time): the encoder's or decoder-only model's
     blocks, then a T5 decoder's. expert_shards: the ranks an MoE layer's routed experts are split over (expert
     parallelism), whose parameters count 1 / expert_shards each."""
-    routed = cfg.moe.n_experts * _expert_matrix_params(cfg) if cfg.moe is not None else 0
+    routed = cfg.moe.n_experts * _expert_params(cfg) if cfg.moe is not None else 0
     kept = routed - routed // expert_shards
 
     def block(layer: int, cross: bool) -> int:
@@ -190,7 +204,7 @@ def _inactive_expert_params(cfg: ModelConfig) -> int:
     if cfg.moe is None:
         return 0
     layers = len(cfg.moe_layers) + sum(cfg.is_moe_layer(i) for i in mtp_layers(cfg))
-    return layers * (cfg.moe.n_experts - cfg.moe.top_k) * _expert_matrix_params(cfg)
+    return layers * (cfg.moe.n_experts - cfg.moe.top_k) * _expert_params(cfg)
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
@@ -240,7 +254,7 @@ def _stack_matmul_params(cfg: ModelConfig, *, active: bool, layers: list[int] | 
         return mixing
     if cfg.moe is None:
         return mixing + len(indices) * _mlp_matrix_params(cfg)
-    return mixing + sum(_ffn_params(cfg, i, active=active) for i in indices)
+    return mixing + sum(_ffn_params(cfg, i, active=active, matrices=True) for i in indices)
 
 
 def _mtp_matmul_params(cfg: ModelConfig, *, active: bool) -> int:

@@ -51,7 +51,7 @@ def stable_seed(seed: int, name: str) -> int:
 def _group_of(cfg: ModelConfig, module_name: str, module: nn.Module, param_name: str) -> str:
     if param_name in getattr(module, "own_init", ()):
         return "module_drawn"  # e.g. Mamba2's A_log / dt_bias: distributions no std expresses
-    if param_name in ("bias", "output_bias"):
+    if param_name in ("bias", "output_bias") or (isinstance(module, GroupedExperts) and param_name[0] == "b"):
         return "biases"
     if isinstance(module, OffsetRMSNorm):
         return "offset_norms"
@@ -60,7 +60,9 @@ def _group_of(cfg: ModelConfig, module_name: str, module: nn.Module, param_name:
     if isinstance(module, nn.Embedding):
         return "embeddings"
     if isinstance(module, Attention):
-        return {"log_temperature": "temperatures", "distance_weight": "distance_weights"}[param_name]
+        return {"log_temperature": "temperatures", "distance_weight": "distance_weights", "sinks": "sinks"}[
+            param_name
+        ]
     if module_name.endswith((".wo", ".w2", ".out_proj")) or (
         isinstance(module, GroupedExperts) and param_name == "w2"
     ):
@@ -87,6 +89,7 @@ def _group_specs(cfg: ModelConfig) -> dict[str, _Group]:
         "biases": _Group([], 0.0, fill=0.0),
         "temperatures": _Group([], 0.0, fill=math.log(cfg.attention_temperature)),
         "distance_weights": _Group([], 0.0, fill=0.0),
+        "sinks": _Group([], 0.0, fill=0.0),  # logit 0: a sink weighs as one key with a zero logit at init
         "module_drawn": _Group([], 0.0),
     }
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from framework.config.schema import ModelConfig, MoEConfig
-from framework.models.mlp import GATED, FeedForward, activation
+from framework.models.mlp import GATED, FeedForward, activation, gated_unit
 
 
 @dataclass
@@ -77,7 +77,7 @@ class Router(nn.Module):
     def __init__(self, cfg: ModelConfig, moe: MoEConfig) -> None:
         super().__init__()
         self.moe = moe
-        self.gate = nn.Linear(cfg.d_model, moe.n_experts, bias=False)
+        self.gate = nn.Linear(cfg.d_model, moe.n_experts, bias=moe.router_bias)  # gpt-oss has a bias
         if moe.has_expert_bias:
             # A buffer, not a parameter: it is updated from the observed load, never by gradients, and it is
             # in state_dict() so checkpoints restore it (DeepSeek-V3, auxiliary-loss-free balancing; fixed when
@@ -90,7 +90,8 @@ class Router(nn.Module):
             noise = torch.empty_like(x).uniform_(1.0 - self.moe.jitter, 1.0 + self.moe.jitter)
             x = x * noise  # Switch Transformer's multiplicative jitter, training only
         with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.gate.weight.float())
+            bias = None if self.gate.bias is None else self.gate.bias.float()
+            logits = F.linear(x.float(), self.gate.weight.float(), bias)
         if self.moe.router == "softmax":
             scores = logits.softmax(dim=-1)
             probs = scores
@@ -197,30 +198,61 @@ def grouped_mm_fits(device_type: str, dtype: torch.dtype, widths: tuple[int, ...
     return device_type == "cuda" and dtype == torch.bfloat16 and aligned and hasattr(torch, "_grouped_mm")
 
 
+@dataclass
+class ExpertWeights:
+    """The stacked weights one call uses (the local experts' rows under expert parallelism): w1/w3 [E, H, D],
+    w2 [E, D, H] and, with moe.expert_linear_bias, b1/b3 [E, H] and b2 [E, D]."""
+
+    w1: torch.Tensor
+    w3: torch.Tensor | None
+    w2: torch.Tensor
+    b1: torch.Tensor | None = None
+    b3: torch.Tensor | None = None
+    b2: torch.Tensor | None = None
+
+    def expert(self, e: int) -> ExpertWeights:
+        """Expert e's matrices and biases."""
+        return ExpertWeights(
+            *(None if t is None else t[e] for t in (self.w1, self.w3, self.w2, self.b1, self.b3, self.b2))
+        )
+
+
 class GroupedExperts(nn.Module):
     """`n_experts` MLPs with stacked weights: w1 [E, H, D] (gate / up), w3 [E, H, D] (up of gated MLPs),
-    w2 [E, D, H] (down). Stacked so expert parallelism can shard dim 0 over the ep mesh dimension."""
+    w2 [E, D, H] (down), and with moe.expert_linear_bias their biases b1, b3 [E, H], b2 [E, D] (gpt-oss).
+    Stacked so expert parallelism can shard dim 0 over the ep mesh dimension."""
 
     def __init__(self, cfg: ModelConfig, n_experts: int, hidden: int, kernel: ExpertKernel = "auto") -> None:
         super().__init__()
         self.act = activation(cfg)
-        d = cfg.d_model
+        self.glu = gated_unit(cfg)
+        d, gated = cfg.d_model, cfg.mlp in GATED
         self.w1 = nn.Parameter(torch.empty(n_experts, hidden, d))
-        self.w3 = nn.Parameter(torch.empty(n_experts, hidden, d)) if cfg.mlp in GATED else None
+        self.w3 = nn.Parameter(torch.empty(n_experts, hidden, d)) if gated else None
         self.w2 = nn.Parameter(torch.empty(n_experts, d, hidden))
+        biased = cfg.moe is not None and cfg.moe.expert_linear_bias
+        self.b1 = nn.Parameter(torch.zeros(n_experts, hidden)) if biased else None
+        self.b3 = nn.Parameter(torch.zeros(n_experts, hidden)) if biased and gated else None
+        self.b2 = nn.Parameter(torch.zeros(n_experts, d)) if biased else None
         self.kernel: ExpertKernel = kernel
         # Expert parallelism sets this to return the rank's own experts' rows of a stacked weight (a DTensor
         # sharded over experts; keeps this file free of torch.distributed), like Attention.local_view.
         self.local_view: Callable[[torch.Tensor], torch.Tensor] = _identity
 
+    def weights(self) -> ExpertWeights:
+        """This rank's experts' weights, read through local_view."""
+        names = ("w1", "w3", "w2", "b1", "b3", "b2")
+        return ExpertWeights(
+            *(None if getattr(self, n) is None else self.local_view(getattr(self, n)) for n in names)
+        )
+
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [R, D] sorted by expert with counts[e] rows for the e-th expert held here, then R - sum(counts) rows
         no expert takes (dropped assignments) -> [R, D], zeros in those last rows."""
-        w1, w2 = self.local_view(self.w1), self.local_view(self.w2)
-        w3 = self.local_view(self.w3) if self.w3 is not None else None
+        ws = self.weights()
         if self.uses_grouped_mm(x):
-            return self._grouped(x, counts, w1, w3, w2)
-        return self._loop(x, counts.tolist(), w1, w3, w2)
+            return self._grouped(x, counts, ws)
+        return self._loop(x, counts.tolist(), ws)
 
     def uses_grouped_mm(self, x: torch.Tensor) -> bool:
         """The kernel `forward` takes for x (see ExpertKernel)."""
@@ -230,54 +262,50 @@ class GroupedExperts(nn.Module):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         return grouped_mm_fits(device, dtype, (self.w1.shape[-1], self.w1.shape[-2]))
 
-    def _loop(
-        self, x: torch.Tensor, counts: list[int], w1: torch.Tensor, w3: torch.Tensor | None, w2: torch.Tensor
-    ) -> torch.Tensor:
+    def _loop(self, x: torch.Tensor, counts: list[int], ws: ExpertWeights) -> torch.Tensor:
         kept = sum(counts)
         outputs = [
-            self._mlp(chunk, w1[e], None if w3 is None else w3[e], w2[e])
-            for e, chunk in enumerate(x[:kept].split(counts))
-            if counts[e] > 0
+            self._mlp(chunk, ws.expert(e)) for e, chunk in enumerate(x[:kept].split(counts)) if counts[e] > 0
         ]
         if not outputs:
             # No rows at all: still pass the empty input through an expert, so the output depends on the input
             # and the weights (zero gradients, not None). Under expert parallelism every rank's backward must
             # then reach the same collectives (the reverse all-to-all, the experts' gradient reduction).
-            outputs = [self._mlp(x[:0], w1[0], None if w3 is None else w3[0], w2[0])]
+            outputs = [self._mlp(x[:0], ws.expert(0))]
         if kept < x.shape[0]:
             outputs.append(outputs[0].new_zeros(x.shape[0] - kept, outputs[0].shape[-1]))
         return torch.cat(outputs)
 
-    def _grouped(
-        self,
-        x: torch.Tensor,
-        counts: torch.Tensor,
-        w1: torch.Tensor,
-        w3: torch.Tensor | None,
-        w2: torch.Tensor,
-    ) -> torch.Tensor:
+    def _grouped(self, x: torch.Tensor, counts: torch.Tensor, ws: ExpertWeights) -> torch.Tensor:
         """The loop's function with torch._grouped_mm: expert e takes rows [offs[e-1], offs[e]). Rows past the last
         offset (dropped) are masked on the way in (their gradient) and out (their values): torch leaves them
-        unspecified."""
+        unspecified. Biases are gathered per row by its expert (a device-side searchsorted, no sync)."""
         offs = counts.cumsum(0).to(torch.int32)
-        taken = (torch.arange(x.shape[0], device=x.device) < offs[-1]).unsqueeze(-1)
+        rows = torch.arange(x.shape[0], device=x.device)
+        taken = (rows < offs[-1]).unsqueeze(-1)
+        row_expert = torch.searchsorted(offs, rows.to(torch.int32), right=True).clamp(max=offs.shape[0] - 1)
         x = torch.where(taken, x, 0.0)
-        hidden = self.act(_grouped_linear(x, w1, offs))
-        if w3 is not None:
-            hidden = hidden * _grouped_linear(x, w3, offs)
-        return torch.where(taken, _grouped_linear(hidden, w2, offs), 0.0)
+        gate = _add_row_bias(_grouped_linear(x, ws.w1, offs), ws.b1, row_expert)
+        if ws.w3 is None:
+            hidden = self.act(gate)
+        else:
+            hidden = self.glu(gate, _add_row_bias(_grouped_linear(x, ws.w3, offs), ws.b3, row_expert))
+        out = _add_row_bias(_grouped_linear(hidden, ws.w2, offs), ws.b2, row_expert)
+        return torch.where(taken, out, 0.0)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert e on x [n, D] (the same function as FeedForward with w1[e], w3[e], w2[e])."""
-        return self._mlp(x, self.w1[e], None if self.w3 is None else self.w3[e], self.w2[e])
+        """Expert e on x [n, D] (the same function as FeedForward with w1[e], w3[e], w2[e] and their biases)."""
+        return self._mlp(x, self.weights().expert(e))
 
-    def _mlp(
-        self, x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor | None, w2: torch.Tensor
-    ) -> torch.Tensor:
-        hidden = self.act(F.linear(x, w1))
-        if w3 is not None:
-            hidden = hidden * F.linear(x, w3)
-        return F.linear(hidden, w2)
+    def _mlp(self, x: torch.Tensor, ws: ExpertWeights) -> torch.Tensor:
+        gate = F.linear(x, ws.w1, ws.b1)
+        hidden = self.act(gate) if ws.w3 is None else self.glu(gate, F.linear(x, ws.w3, ws.b3))
+        return F.linear(hidden, ws.w2, ws.b2)
+
+
+def _add_row_bias(y: torch.Tensor, bias: torch.Tensor | None, row_expert: torch.Tensor) -> torch.Tensor:
+    """y [R, W] plus each row's expert's bias [E, W] (unchanged without biases)."""
+    return y if bias is None else y + bias.index_select(0, row_expert).to(y.dtype)
 
 
 def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

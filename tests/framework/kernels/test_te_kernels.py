@@ -68,6 +68,7 @@ def test_asking_for_te_without_it_is_one_config_error_naming_the_gpu_extra() -> 
         ({"position": "relative_bias"}, "model.position"),
         ({"soft_distance_bias": True}, "model.soft_distance_bias"),
         ({"attention_softcap": 50.0}, "model.attention_softcap"),
+        ({"attention_sinks": True}, "model.attention_sinks"),
     ],
 )
 def test_te_refuses_score_biases(change: dict[str, object], key: str) -> None:

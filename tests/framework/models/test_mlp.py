@@ -64,3 +64,18 @@ def test_feed_forward_shapes(mlp: str, matrices: int) -> None:
     if matrices == 3:
         expected["w3.weight"] = (12, 8)
     assert weights == expected
+
+
+def test_clamped_swiglu_formula() -> None:
+    """gpt-oss: gate clamped above at limit, up to [-limit, limit]; gate * sigmoid(alpha gate) * (up + 1)."""
+    torch.manual_seed(0)
+    ffn = FeedForward(ModelConfig(d_model=16, ffn_hidden=24, mlp="clamped_swiglu", swiglu_limit=1.5))
+    x = 3 * torch.randn(2, 3, 16)
+    gate, up = _linear(x, ffn.w1), _linear(x, ffn.w3)
+    assert (gate > 1.5).any() and (up < -1.5).any()  # both clamps bind somewhere
+    gate, up = (
+        torch.minimum(gate, torch.tensor(1.5)),
+        torch.maximum(torch.minimum(up, torch.tensor(1.5)), -1.5 * torch.ones(())),
+    )
+    hidden = gate / (1 + torch.exp(-1.702 * gate)) * (up + 1)
+    torch.testing.assert_close(ffn(x), _linear(hidden, ffn.w2), atol=1e-5, rtol=1e-5)

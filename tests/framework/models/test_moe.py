@@ -344,3 +344,83 @@ def test_auto_takes_grouped_mm_on_cuda_bf16_with_aligned_rows_only() -> None:
     assert not layer.experts.uses_grouped_mm(torch.randn(3, 16))  # auto on CPU
     layer.experts.kernel = "grouped"
     assert layer.experts.uses_grouped_mm(torch.randn(3, 16))
+
+
+# ------------------------------------------------------------------------------------------- gpt-oss experts
+GPT_OSS_MOE = {
+    "n_experts": 6,
+    "top_k": 3,
+    "expert_hidden": 12,
+    "router_bias": True,
+    "expert_linear_bias": True,
+}
+
+
+def gpt_oss_layer(seed: int = 0) -> MoE:
+    cfg = ModelConfig(
+        vocab_size=32,
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        ffn_hidden=24,
+        max_seq_len=16,
+        mlp="clamped_swiglu",
+        swiglu_limit=0.8,
+        moe=MoEConfig(**GPT_OSS_MOE),
+    )  # fmt: skip  (a small limit so the clamps bind on these activations)
+    layer = MoE(cfg)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0.0, 0.5)
+    return layer
+
+
+def test_gpt_oss_experts_match_transformers() -> None:
+    """Clamped SwiGLU, expert and router biases, softmax over the top-k logits: transformers' GptOssMLP with the
+    same weights (its gate_up_proj interleaves gate and up columns) gives the same output."""
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
+    layer = gpt_oss_layer().eval()
+    hf_cfg = GptOssConfig(
+        hidden_size=16, intermediate_size=12, num_local_experts=6, num_experts_per_tok=3, swiglu_limit=0.8
+    )
+    theirs = GptOssMLP(hf_cfg).eval()
+    e = layer.experts
+    with torch.no_grad():
+        theirs.router.weight.copy_(layer.router.gate.weight)
+        theirs.router.bias.copy_(layer.router.gate.bias)
+        gate_up = torch.stack([e.w1, e.w3], dim=2).flatten(1, 2)  # [E, H, 2, D] -> rows g0 u0 g1 u1 ...
+        theirs.experts.gate_up_proj.copy_(gate_up.transpose(1, 2))
+        theirs.experts.gate_up_proj_bias.copy_(torch.stack([e.b1, e.b3], dim=-1).flatten(-2))
+        theirs.experts.down_proj.copy_(e.w2.transpose(1, 2))
+        theirs.experts.down_proj_bias.copy_(e.b2)
+    x = torch.randn(2, 7, 16)
+    want, _ = theirs(x)
+    hidden = torch.cat([F.linear(x.reshape(-1, 16), e.w1[0]), F.linear(x.reshape(-1, 16), e.w3[0])])
+    assert (hidden > 0.8).any() and (hidden < -0.8).any()  # the clamps change something
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_biased_experts_grouped_mm_matches_the_loop() -> None:
+    layer = gpt_oss_layer()
+    x = torch.randn(2, 6, 16)
+    loop, loop_grads = _run(layer, x, "loop")
+    grouped, grouped_grads = _run(layer, x, "grouped")
+    torch.testing.assert_close(grouped, loop, rtol=1e-6, atol=1e-6)
+    assert {"experts.b1", "experts.b3", "experts.b2", "router.gate.bias"} <= loop_grads.keys()
+    for name, grad in loop_grads.items():
+        torch.testing.assert_close(grouped_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_gpt_oss_parameter_count_and_bias_rule() -> None:
+    cfg = ModelConfig(
+        vocab_size=32, d_model=16, n_layers=2, n_heads=2, ffn_hidden=24, max_seq_len=16, mlp="clamped_swiglu",
+        bias=True, attention_sinks=True, moe=MoEConfig(**GPT_OSS_MOE),
+    )  # fmt: skip
+    cfg.validate()
+    model = build_model(cfg)
+    assert param_counts(cfg)["total"] == sum(p.numel() for p in model.parameters())
+    with pytest.raises(ConfigError, match="expert_linear_bias"):
+        ModelConfig(bias=True, moe=MoEConfig()).validate()
