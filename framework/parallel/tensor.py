@@ -124,7 +124,7 @@ def _attention_plan(
     # ALiBi slopes (and any per-head table) are indexed by global head: this rank holds heads
     # offset .. offset + n_heads / tp - 1 (ColwiseParallel gives rank r the r-th contiguous block of rows).
     attention.head_offset = tp_mesh.get_local_rank() * (attention.n_heads // tp_mesh.size())
-    _shard_heads(attention, ("log_temperature", "distance_weight"), 0, tp_mesh)
+    _shard_heads(attention, ("log_temperature", "distance_weight", "sinks"), 0, tp_mesh)
     columns = ("wq", "wk", "wv") + (("wg",) if hasattr(attention, "wg") else ())  # gate: per head, as wq
     plan: dict[str, ParallelStyle] = {f"{name}.{w}": ColwiseParallel() for w in columns}
     plan[f"{name}.wo"] = RowwiseParallel(output_layouts=SEQ if sequence_parallel else Replicate())

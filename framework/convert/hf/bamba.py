@@ -17,7 +17,7 @@ from typing import Any
 from framework.config.errors import ConfigError
 from framework.config.schema import LayersConfig, ModelConfig
 from framework.convert.hf import llama, mamba2
-from framework.convert.hf.mapping import Rename, copy
+from framework.convert.hf.mapping import Rename, copy, layer_period
 
 LAYER = llama.LAYER  # model.layers.{i}.
 ROPE_FRACTION = 0.5
@@ -98,16 +98,6 @@ def model_config(hf: Any) -> dict[str, Any]:
         "max_seq_len": hf.max_position_embeddings,
         "tie_embeddings": bool(hf.tie_word_embeddings),
         "softmax_scale": "inv_sqrt_dk",
-        "layers": LayersConfig(pattern=_period(pattern), feed_forward=True),
+        "layers": LayersConfig(pattern=layer_period(pattern), feed_forward=True),
         "mamba2": mamba2.mamba2_section(hf, names),
     }
-
-
-def _period(pattern: list[str]) -> list[str]:
-    """The shortest prefix that repeats into the whole per-layer list (Loom's pattern repeats from the start),
-    so [m, m, a, m, m, a] imports as [m, m, a]; the full list when nothing shorter repeats."""
-    n = len(pattern)
-    for size in range(1, n + 1):
-        if all(pattern[i] == pattern[i % size] for i in range(n)):
-            return pattern[:size]
-    return pattern

@@ -14,16 +14,19 @@ from framework.config.schema import LayersConfig, ModelConfig
 
 def hf_family(cfg: ModelConfig) -> str:
     """llama | mistral | qwen3 | qwen2 | phi3 | gpt2 | bloom | bert | t5 | mixtral | qwen3_moe | qwen3_next |
-    glm4_moe | deepseek_v3 | gemma | gemma2 | gemma3_text | olmo2 | olmo3 | mamba2 | bamba,
+    glm4_moe | deepseek_v3 | gpt_oss | gemma | gemma2 | gemma3_text | olmo2 | olmo3 | mamba2 | bamba,
     from the architecture fields (phi3 only when model.hf_architecture names it: its weights are Llama's).
     Gated DeltaNet blocks or a gated attention output are Qwen3-Next's alone; a sigmoid router with partial
-    rotary or q/k/v-only biases is GLM-4.5's (DeepSeek-V3 routing on full-rotary, bias-free attention is not)."""
+    rotary or q/k/v-only biases is GLM-4.5's (DeepSeek-V3 routing on full-rotary, bias-free attention is not);
+    attention sinks, the clamped SwiGLU or biased experts are gpt-oss's."""
     if cfg.family == "decoder" and ("gdn" in cfg.mixers or cfg.attention_gate):
         return "qwen3_next"
     if cfg.family == "decoder" and "mla" in cfg.mixers:  # Multi-head Latent Attention: DeepSeek-V3 (Kimi-K2)
         return "deepseek_v3"
     if _is_glm4_moe(cfg):
         return "glm4_moe"
+    if cfg.family == "decoder" and _is_gpt_oss(cfg):
+        return "gpt_oss"
     if "mamba2" in cfg.mixers:  # Mamba-2 blocks alone (no MLP), or a hybrid with an MLP in every block
         return "mamba2" if cfg.layers is not None and not cfg.layers.feed_forward else "bamba"
     if cfg.moe is not None and cfg.family == "decoder":
@@ -60,6 +63,12 @@ def _is_glm4_moe(cfg: ModelConfig) -> bool:
     glm_attention = cfg.rope_fraction < 1 or (cfg.bias and cfg.bias_scope == "qkv")
     routed = cfg.moe is not None and cfg.moe.router == "sigmoid"
     return cfg.family == "decoder" and routed and glm_attention and "mla" not in cfg.mixers
+
+
+def _is_gpt_oss(cfg: ModelConfig) -> bool:
+    """gpt-oss's distinguishing fields: attention sinks, the clamped SwiGLU, or biased experts / router."""
+    biased = cfg.moe is not None and (cfg.moe.expert_linear_bias or cfg.moe.router_bias)
+    return cfg.attention_sinks or cfg.mlp == "clamped_swiglu" or biased
 
 
 # Fields each family fixes; a config that differs cannot be represented by it.
@@ -140,6 +149,8 @@ _REQUIRED["glm4_moe"] = {k: v for k, v in _REQUIRED["llama"].items() if k != "qk
 # layout Loom maps (attention_bias false), full-width RoPE keys (no partial rotary), default or yarn RoPE scaling
 _REQUIRED["deepseek_v3"] = {k: v for k, v in _REQUIRED["llama"].items() if k != "qk_norm"} | {"bias": False}
 _REQUIRED["phi3"] = _REQUIRED["llama"] | {"bias": False, "hf_architecture": "phi3"}
+# gpt-oss: Llama's layers with sinks in every attention, the clamped SwiGLU, one attention_bias for q/k/v/o
+_REQUIRED["gpt_oss"] = _REQUIRED["llama"] | {"mlp": "clamped_swiglu", "attention_sinks": True}
 # Mamba-2: RMSNorm pre-norm blocks around the mixer alone (no attention, no MLP, no biases); Bamba: Llama's
 # attention and MLP beside Mamba-2 mixers, its RoPE hard-coded to half of each head (partial_rotary_factor 0.5)
 _REQUIRED["mamba2"] = {"norm": "rmsnorm", "norm_position": "pre", "qk_norm": False, "bias": False}
@@ -171,6 +182,11 @@ _MOE_REQUIRED["glm4_moe"] = {"router": "sigmoid", "shared_expert_gate": False, "
                              "every": 1, "jitter": 0.0, "capacity_factor": None, "router_bias": False,
                              "expert_linear_bias": False}  # fmt: skip
 _MOE_REQUIRED["deepseek_v3"] = _MOE_REQUIRED["glm4_moe"]  # the same DeepSeek routing and shared experts
+# gpt-oss: every layer sparse, softmax over the top-k logits (renormalised), router and expert biases, no shared
+# experts, groups, selection bias or scale; dropless, no jitter
+_MOE_REQUIRED["gpt_oss"] = {k: v for k, v in _MOE_REQUIRED["mixtral"].items()} | {
+    "router_bias": True, "expert_linear_bias": True, "expert_bias": False, "jitter": 0.0,
+}  # fmt: skip
 
 
 def _moe_rules(cfg: ModelConfig, family: str) -> list[str]:
@@ -183,6 +199,16 @@ def _moe_rules(cfg: ModelConfig, family: str) -> list[str]:
         if getattr(cfg.moe, k) != v
     ]
     return wrong + (_glm4_moe_rules(cfg) if family in ("glm4_moe", "deepseek_v3") else [])
+
+
+def _gpt_oss_rules(cfg: ModelConfig) -> list[str]:
+    """gpt-oss is MoE in every layer, with one RoPE (default or YaRN) for its sliding and full layers."""
+    wrong = [] if cfg.moe is not None else ["model.moe=None (needs an MoE in every layer: gpt-oss is sparse)"]
+    if cfg.rope_scaling not in ("none", "yarn"):
+        wrong.append(f"model.rope_scaling={cfg.rope_scaling!r} (needs 'none' or 'yarn')")
+    if cfg.layers is not None and cfg.layers.local_rope_theta is not None:
+        wrong.append(f"model.layers.local_rope_theta={cfg.layers.local_rope_theta} (needs null: one RoPE)")
+    return wrong
 
 
 def _glm4_moe_rules(cfg: ModelConfig) -> list[str]:
@@ -257,6 +283,8 @@ _EXTRA: dict[str, dict[str, Any]] = {
     "glm4_moe": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None, "attention_sinks": False},
     "deepseek_v3": _ABSENT
     | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None, "attention_sinks": False},
+    # gpt-oss windows only its sliding layers (model.layers' attention_local)
+    "gpt_oss": _ABSENT | {"softmax_scale": "inv_sqrt_dk", "sliding_window": None},
     "qwen3_next": _ABSENT
     | {
         "softmax_scale": "inv_sqrt_dk",
@@ -317,6 +345,8 @@ def _derived_rules(cfg: ModelConfig, family: str) -> list[str]:
         wrong.append(f"model.moe (family {family} is dense)")
     if family in _MIXERS:
         wrong += _mamba_rules(cfg, family)
+    if family == "gpt_oss":
+        wrong += _gpt_oss_rules(cfg)
     return wrong
 
 
@@ -341,6 +371,7 @@ _MIXERS_ALLOWED = {
     "gemma3_text": {"attention", "attention_local"},
     "qwen3_next": {"gdn", "attention"},
     "deepseek_v3": {"mla"},
+    "gpt_oss": {"attention", "attention_local"},
 } | _MIXERS
 """Block mixers (model.layers.pattern) a family's layer kinds name; every other family has attention only."""
 
@@ -395,6 +426,7 @@ def hf_config(cfg: ModelConfig) -> tuple[str, Any]:
         "qwen3_next": _qwen3_next,
         "glm4_moe": _glm4_moe,
         "deepseek_v3": _deepseek_v3,
+        "gpt_oss": _gpt_oss,
         "qwen2": _qwen2,
         "phi3": _phi3,
         "gpt2": _gpt2,
@@ -763,6 +795,12 @@ def _deepseek_v3(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
         kwargs.pop(key, None)
     kwargs |= deepseek_v3.hf_kwargs(cfg) | {"num_nextn_predict_layers": 0, "num_key_value_heads": cfg.n_heads}
     return "DeepseekV3ForCausalLM", "DeepseekV3Config", kwargs
+
+
+def _gpt_oss(cfg: ModelConfig) -> tuple[str, str, dict[str, Any]]:
+    from framework.convert.hf import gpt_oss
+
+    return "GptOssForCausalLM", "GptOssConfig", _decoder_common(cfg) | gpt_oss.hf_kwargs(cfg)
 
 
 def build_hf_model(cfg: ModelConfig) -> Any:

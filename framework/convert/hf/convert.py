@@ -27,6 +27,7 @@ from framework.convert.hf import (
     gemma3,
     glm4_moe,
     gpt2,
+    gpt_oss,
     llama,
     mamba2,
     mistral,
@@ -59,6 +60,7 @@ FAMILIES: dict[str, ModuleType] = {
     "glm4_moe": glm4_moe,
     "deepseek_v3": deepseek_v3,
     "kimi_k2": deepseek_v3,  # Moonshot's config.json: the DeepSeek-V3 architecture under its own model_type
+    "gpt_oss": gpt_oss,
     "qwen2": qwen2,
     "phi3": phi3,
     "gpt2": gpt2,

@@ -133,3 +133,11 @@ def check_shapes(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], wh
                 f"has shape {tuple(tensor.shape)}, the architecture needs {tuple(want)}",
                 "check that config.json belongs to these weights",
             )
+
+
+def layer_period(pattern: list[str]) -> list[str]:
+    """The shortest prefix that repeats into the whole per-layer list (Loom's model.layers.pattern repeats from
+    the start), so [m, m, a, m, m, a] imports as [m, m, a]; the full list when nothing shorter repeats."""
+    n = len(pattern)
+    size = next(p for p in range(1, n + 1) if all(pattern[i] == pattern[i % p] for i in range(n)))
+    return pattern[:size]

@@ -24,7 +24,14 @@ from framework.config.errors import ConfigError
 from framework.config.schema import GDNConfig, LayersConfig, ModelConfig, MoEConfig
 from framework.convert.hf import experts, llama, qwen3_moe
 from framework.convert.hf.gdn_weights import from_hf_gdn_state, to_hf_gdn_state
-from framework.convert.hf.mapping import Rename, copy, halves_to_interleaved, interleaved_to_halves, rope
+from framework.convert.hf.mapping import (
+    Rename,
+    copy,
+    halves_to_interleaved,
+    interleaved_to_halves,
+    layer_period,
+    rope,
+)
 from framework.models.positions import rotary_dim
 
 Tensor = torch.Tensor
@@ -152,11 +159,7 @@ def pattern(layer_types: list[str]) -> list[str]:
             "config.json", "layer_types", unknown[0], "is not a Qwen3-Next layer type Loom builds",
             "import a checkpoint whose layer_types are linear_attention / full_attention",
         )  # fmt: skip
-    mixers = [back[t] for t in layer_types]
-    period = next(
-        p for p in range(1, len(mixers) + 1) if all(m == mixers[i % p] for i, m in enumerate(mixers))
-    )
-    return mixers[:period]
+    return layer_period([back[t] for t in layer_types])
 
 
 def _moe(hf: Any) -> MoEConfig | None:
