@@ -29,7 +29,13 @@ def test_the_zoo_is_shipped() -> None:
     assert {"debug", "llama-125m", "llama-1b", "llama-8b", "mistral-7b", "qwen3-0.6b"} <= names
     assert {"bert-base", "t5-base", "alibi-560m"} <= names
     assert {"mixtral-8x7b", "qwen3-moe-30b-a3b", "deepseek-v3-style-16b", "glm-4.5-air-style"} <= names
-    assert {"qwen3-next-style", "mamba2-hybrid-style", "gemma3-style", "gpt-oss-20b", "deepseek-v3-671b"} <= names
+    assert {
+        "qwen3-next-style",
+        "mamba2-hybrid-style",
+        "gemma3-style",
+        "gpt-oss-20b",
+        "deepseek-v3-671b",
+    } <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
