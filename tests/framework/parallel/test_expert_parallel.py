@@ -55,6 +55,13 @@ MOE_GLOBAL_BIAS = {"mlp": "swiglu", "moe": replace(MOE_GLOBAL["moe"], bias_updat
 # DeepSeek-V3's block in miniature: MLA (odd widths), MoE blocks 1 and 3, one MTP depth on the last stage
 MLA = MLAConfig(kv_lora_rank=12, q_lora_rank=10, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5)
 MLA_MOE_MTP = MOE_ODD | {"layers": LayersConfig(pattern=["mla"]), "mla": MLA, "mtp": MTPConfig(depth=1)}
+# gpt-oss's MoE in miniature: biased clamped-SwiGLU experts (the biases shard with their experts), a biased router,
+# sinks in alternating sliding / full attention layers, q/k/v/o biases
+GPT_OSS = WIDE | {
+    "mlp": "clamped_swiglu", "swiglu_limit": 0.5, "bias": True, "attention_sinks": True,
+    "layers": LayersConfig(pattern=["attention_local", "attention"], local_window=5),
+    "moe": MoEConfig(n_experts=4, top_k=2, expert_hidden=16, router_bias=True, expert_linear_bias=True),
+}  # fmt: skip
 INTERLEAVED = {"pp": 2, "pp_schedule": "interleaved_1f1b", "pp_microbatches": 2}
 ZERO_BUBBLE = {"pp": 2, "pp_schedule": "zero_bubble", "pp_microbatches": 2}
 EVERYTHING = {"tp": 2, "sequence_parallel": True, "pp": 2, "cp": 2, "ep": 2}
@@ -95,6 +102,8 @@ CASES: dict[str, tuple[int, dict[str, Any], dict[str, Any], bool, int, int]] = {
     # the issue's 8-process layout, MLA + MoE + MTP (the depth on the last stage): MLA's heads over tp 2 inside
     # each of 2 stages, the experts over dp_shard 2 (seed 15: margin 1.1e-4; 11-14 and 16 fall below 1e-4)
     "tp2xpp2xep2_mla_mtp": (8, {"tp": 2, "pp": 2, "ep": 2}, MLA_MOE_MTP, False, 15, 2),
+    # gpt-oss: the experts' biases split over ep with their matrices, the sinks over tp with their heads
+    "ep2_tp2_gpt_oss": (4, {"ep": 2, "tp": 2}, GPT_OSS, False, SEED, 1),
 }
 
 
