@@ -250,6 +250,7 @@ _NOT_EXPORTABLE: dict[str, tuple[Any, str]] = {
     "embedding_scale": ("none", "GPTModel does not scale its embeddings"),
     "final_logit_softcap": (None, "GPTModel does not soft-cap its logits"),
     "attention_softcap": (None, "megatron-core's local attention does not soft-cap its scores"),
+    "attention_sinks": (False, "Loom's megatron mapping has no attention sinks (gpt-oss) yet"),
 }
 
 
@@ -285,6 +286,8 @@ def megatron_args(cfg: ModelConfig) -> dict[str, dict[str, Any]]:
         "gelu": (False, "gelu"),
         "relu": (False, "relu"),
     }
+    if cfg.mlp not in act:
+        raise _not_exportable("model.mlp", cfg.mlp, "Loom's megatron mapping has no clamped SwiGLU (gpt-oss) yet")
     gated, activation = act[cfg.mlp]
     tc = {
         "num_layers": cfg.n_layers, "hidden_size": cfg.d_model, "num_attention_heads": cfg.n_heads,

@@ -407,7 +407,8 @@ def test_import_refuses_tensors_loom_lacks(world: dict[str, Any], tmp_path: Path
      ("bias_scope", "qkv"),  # Qwen2's q/k/v-only biases (with bias: true)
      ("norm_weight_offset", True), ("sandwich_norm", True), ("embedding_scale", "sqrt_d_model"),
      ("final_logit_softcap", 30.0), ("attention_softcap", 50.0), ("norm_position", "reordered"),
-     ("qk_norm_scope", "projection")],  # OLMo 2's norms
+     ("qk_norm_scope", "projection"),  # OLMo 2's norms
+     ("attention_sinks", True), ("mlp", "clamped_swiglu")],  # gpt-oss's
 )  # fmt: skip
 def test_export_refuses_what_megatron_cannot_hold(field: str, value: Any) -> None:
     extra = {"qk_norm": True} if field == "qk_norm_scope" else {}
