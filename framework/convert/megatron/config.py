@@ -51,6 +51,17 @@ REFUSED: dict[str, Any] = {
     "mtp_num_layers": None, "window_size": None, "heterogeneous_block_specs": False,
     "experimental_attention_variant": None, "rotary_percent": 1.0,
 }  # fmt: skip
+MLA_GAP = (
+    "megatron-core 0.16.1 builds MLASelfAttention only with Transformer Engine's attention: its local spec's "
+    "DotProductAttention takes no k_channels / v_channels (TypeError on CPU), so Loom's megatron mapping has no "
+    "MLA (no CPU reference to verify one against)"
+)
+_REFUSED_WHY = {
+    "multi_latent_attention": (MLA_GAP, "convert the model through its Hugging Face DeepSeek-V3 checkpoint "
+                               "(loom convert --from hf)"),
+    "softmax_type": ("Loom's attention sinks (gpt-oss) are not mapped to megatron-core's learnable softmax yet",
+                     "convert the model through its Hugging Face gpt-oss checkpoint (loom convert --from hf)"),
+}  # fmt: skip
 _ACTIVATIONS = {
     (True, "silu"): "swiglu",
     (True, "gelu"): "geglu",
@@ -92,9 +103,10 @@ def model_config(args: dict[str, dict[str, Any]]) -> ModelConfig:
     for key, default in REFUSED.items():
         value = {**args["transformer_config"], **args["gpt_model"]}.get(key, default)
         if value != default:
-            raise _refuse(
-                key, value, "has no counterpart in Loom's model", f"convert a model with {key}: {default}"
+            rule, fix = _REFUSED_WHY.get(
+                key, ("has no counterpart in Loom's model", f"convert a model with {key}: {default}")
             )
+            raise _refuse(key, value, rule, fix)
     for key in ("num_layers", "hidden_size", "num_attention_heads"):
         if tc.get(key) is None:
             raise _refuse(f"transformer_config.{key}", None, "is required", "add it")
@@ -256,8 +268,7 @@ _NOT_EXPORTABLE: dict[str, tuple[Any, str]] = {
 
 _MIXER_GAP = (
     "Loom's megatron mapping writes SelfAttention layers only: Gated DeltaNet and Mamba-2 blocks have no "
-    "megatron-core GPT layer, and MLA (megatron-core 0.16.1's MLASelfAttention, in its local layer spec too) is not "
-    "mapped yet"
+    "megatron-core GPT layer"
 )
 
 
@@ -272,7 +283,8 @@ def megatron_args(cfg: ModelConfig) -> dict[str, dict[str, Any]]:
         if getattr(cfg, name) != default:
             raise _not_exportable(f"model.{name}", getattr(cfg, name), why)
     if set(cfg.mixers) != {"attention"}:
-        raise _not_exportable("model.layers.pattern", cfg.layers.pattern if cfg.layers else None, _MIXER_GAP)
+        why = MLA_GAP if "mla" in cfg.mixers else _MIXER_GAP
+        raise _not_exportable("model.layers.pattern", cfg.layers.pattern if cfg.layers else None, why)
     if cfg.mtp is not None:
         raise _not_exportable("model.mtp", cfg.mtp.depth, "Loom's megatron mapping has no MTP layers yet")
     position = {v: k for k, v in _POSITIONS.items()}.get(cfg.position)
@@ -287,7 +299,9 @@ def megatron_args(cfg: ModelConfig) -> dict[str, dict[str, Any]]:
         "relu": (False, "relu"),
     }
     if cfg.mlp not in act:
-        raise _not_exportable("model.mlp", cfg.mlp, "Loom's megatron mapping has no clamped SwiGLU (gpt-oss) yet")
+        raise _not_exportable(
+            "model.mlp", cfg.mlp, "Loom's megatron mapping has no clamped SwiGLU (gpt-oss) yet"
+        )
     gated, activation = act[cfg.mlp]
     tc = {
         "num_layers": cfg.n_layers, "hidden_size": cfg.d_model, "num_attention_heads": cfg.n_heads,
