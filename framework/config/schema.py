@@ -602,7 +602,7 @@ class ModelConfig:
         )
         _positive(self, p, "init_std", "embedding_init_std", "attention_temperature", "rope_scaling_factor")
         _positive(self, p, "relative_buckets", "relative_max_distance")
-        _positive(self, p, "final_logit_softcap", "attention_softcap")
+        _positive(self, p, "final_logit_softcap", "attention_softcap", "swiglu_limit", "swiglu_alpha")
         # llama3 RoPE scaling divides by each of these (framework/models/positions.py: _llama3_scale)
         _positive(self, p, "rope_original_max_seq_len", "rope_low_freq_factor", "rope_high_freq_factor")
         _fraction(self, p, "dropout", "attention_dropout")

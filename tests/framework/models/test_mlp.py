@@ -79,3 +79,12 @@ def test_clamped_swiglu_formula() -> None:
     )
     hidden = gate / (1 + torch.exp(-1.702 * gate)) * (up + 1)
     torch.testing.assert_close(ffn(x), _linear(hidden, ffn.w2), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("key", ["swiglu_limit", "swiglu_alpha"])
+def test_clamped_swiglu_needs_positive_constants(key: str) -> None:
+    from framework.config.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        ModelConfig(mlp="clamped_swiglu", **{key: 0.0}).validate()
+    assert err.value.key == f"model.{key}" and err.value.fix
