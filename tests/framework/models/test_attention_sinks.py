@@ -159,3 +159,24 @@ def test_sinks_match_transformers_gpt_oss_attention() -> None:
     want, _ = theirs(x, (ones[..., : HEAD_DIM // 2], zeros[..., : HEAD_DIM // 2]), bias)
     got = attn(x, AttentionContext(AttentionMask(causal=True, window=3)))
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sinks_on_cuda_match_the_naive_backend(dtype: torch.dtype) -> None:
+    """The CUDA path (compiled FlexAttention, its log-sum-exp differentiated through rescale_for_sinks) against
+    the naive reference on the same device: outputs and every gradient, sinks included, under a window mask."""
+    device = torch.device("cuda")
+    results = []
+    for backend in ("sdpa", "naive"):
+        attn = make(backend, head_dim=16).to(device)
+        x = torch.randn(B, 64, D_MODEL, generator=torch.Generator().manual_seed(5)).to(device, dtype)
+        x.requires_grad_(True)
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            out = attn(x, AttentionContext(AttentionMask(causal=True, window=16)))
+        out.float().square().sum().backward()
+        results.append((out.float(), attn.sinks.grad, x.grad.float()))
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
+    for got, want in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(got, want, **tol)
