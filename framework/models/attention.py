@@ -185,7 +185,9 @@ def sdpa_attention_with_sinks(
     """Attention with sinks [H] through plain SDPA, exactly: one more key, prepended, whose logit is sink_h and
     whose value is 0. Its logit comes from one more channel: q's is sink_h / scale, the sink key's 1 (its other
     channels 0), every real key's 0, so the real logits are unchanged. The sink key is visible to every query (a
-    True column before the mask; a plain causal mask must be passed dense)."""
+    True column before the mask; a plain causal mask must be passed dense). v gets the extra channel too (zeros,
+    cut from the output): with equal q/k/v widths CPU's flash kernel takes the call, with unequal ones SDPA falls to
+    the math kernel, which keeps the [B, H, Sq, Sk] probabilities."""
     if inv_temperature is not None:  # as sdpa_attention scales them, but before the sink channel is added
         q = q * inv_temperature.view(1, -1, 1, 1).to(q.dtype)
         bias = None if bias is None else bias * inv_temperature.view(1, -1, 1, 1)
@@ -195,10 +197,11 @@ def sdpa_attention_with_sinks(
     sink_key = k.new_zeros(k.shape[0], k.shape[1], 1, k.shape[3] + 1)
     sink_key[..., -1] = 1.0
     k = torch.cat([sink_key, F.pad(k, (0, 1))], dim=2)
-    v = F.pad(v, (0, 0, 1, 0))
+    width = v.shape[-1]
+    v = F.pad(v, (0, k.shape[-1] - width, 1, 0))
     mask = None if mask is None else F.pad(mask, (1, 0), value=True)
     bias = None if bias is None else F.pad(bias, (1, 0))
-    return sdpa_attention(q, k, v, scale=scale, mask=mask, bias=bias, dropout_p=dropout_p)
+    return sdpa_attention(q, k, v, scale=scale, mask=mask, bias=bias, dropout_p=dropout_p)[..., :width]
 
 
 def rescale_for_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:

@@ -209,6 +209,8 @@ def _attention_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape, k_len: int, *, 
     total = _qk_norm_bytes(cfg, s, b * sq, b * k_len) + _bias_bytes(cfg, s, shape, k_len, cross, path)
     if path == "fused":
         total += (2 * q_elems + 2 * kv_elems) * s.compute + b * h * sq * FP32  # q, k, v, out, logsumexp
+        if cfg.attention_sinks and not cross:
+            total += _sinks_bytes(cfg, s, shape, k_len, dense)
         if not keeps_score_tensor(cfg, s.cpu):
             return total
         if has_bias:
@@ -226,6 +228,19 @@ def _attention_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape, k_len: int, *, 
     if cfg.attention_softcap is not None:
         total += b * h * sq * k_len * s.compute  # tanh's output (the soft-capped scores)
     return total + _probs_bytes(cfg, b * h * sq * k_len, s.compute, FP32)
+
+
+def _sinks_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape, k_len: int, dense: bool) -> int:
+    """What attention sinks add to a fused call. CPU (sdpa_attention_with_sinks): q, k, v one channel wider and
+    k, v one key longer, SDPA's output one channel wider and, no longer a free view for wo, kept beside wo's
+    input copy; the mask one key column longer (a plain causal call builds one: no is_causal). CUDA (compiled
+    Flex, rescale_for_sinks): the plain output and the sigmoid weight the product keeps."""
+    b, sq, h, hd, kv = shape.batch, shape.seq, cfg.n_heads, cfg.resolved_head_dim, cfg.resolved_kv_heads
+    if not s.cpu:
+        return b * sq * h * hd * s.compute + b * h * sq * (FP32 + s.compute)
+    wider = b * h * sq + b * h * sq * (hd + 1) + 2 * b * kv * ((k_len + 1) * (hd + 1) - k_len * hd)
+    mask = 0 if not dense else b * sq * (k_len + 1) if _plain_causal(cfg, shape) else b * sq
+    return (wider + mask) * s.compute
 
 
 def attention_activation_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape) -> int:

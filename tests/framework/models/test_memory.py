@@ -119,6 +119,14 @@ MIXER_CASES = {
              kv_heads=2),
         {},
     ),
+    # gpt-oss's attention: learned sinks (on CPU SDPA with one extra key and the dense mask) in alternating
+    # sliding / full blocks, q/k/v/o biases
+    "sinks_local_global": (
+        dict(layers=LayersConfig(pattern=["attention_local", "attention"], local_window=5), kv_heads=2,
+             attention_sinks=True, bias=True),
+        {},
+    ),
+    "sinks_documents": (dict(attention_sinks=True), dict(document_masking=True)),
     "mamba2_documents": (
         dict(layers=LayersConfig(pattern=["mamba2"], feed_forward=False), mamba2=MAMBA), dict(document_masking=True),
     ),
@@ -324,7 +332,13 @@ def test_bf16_keeps_fp32_parameters() -> None:
 
 @pytest.mark.parametrize(
     "change",
-    [{"sliding_window": 4}, {"position": "alibi"}, {"sliding_window": 4, "position": "alibi"}],
+    [
+        {"sliding_window": 4},
+        {"position": "alibi"},
+        {"sliding_window": 4, "position": "alibi"},
+        {"attention_sinks": True},
+        {"attention_sinks": True, "sliding_window": 4},
+    ],  # fmt: skip
     ids=str,
 )
 def test_cuda_attention_keeps_no_score_sized_tensor_for_any_mask(change: dict) -> None:
