@@ -835,6 +835,15 @@ class ParallelConfig:
     """Pipeline-parallel stages."""
     cp: int = 1
     """Context-parallel size (sequence split across ranks)."""
+    cp_ring: int = 1
+    """Of parallel.cp, the ranks that pass K/V around a ring (ring attention, framework/parallel/ring.py); the
+    other factor, cp / cp_ring, exchanges heads (Ulysses) inside each ring rank's group. 1 = Ulysses only; cp =
+    pure ring (no head-count limit: MQA works)."""
+    cp_ulysses: int | None = None
+    """Of parallel.cp, the Ulysses (head-exchange) group size; null = cp / cp_ring. cp_ulysses x cp_ring = cp."""
+    cp_load_balance: bool = True
+    """With cp_ring > 1: zigzag sharding (ring rank r holds sequence chunks r and 2 cp_ring - 1 - r of 2 cp_ring),
+    so causal attention gives every ring rank the same work; false = contiguous chunks."""
     ep: int = 1
     """Expert-parallel size (MoE experts split across ranks)."""
     sequence_parallel: bool = False
@@ -873,6 +882,21 @@ class ParallelConfig:
         _at_most(
             self, "parallel", MAX_RANKS, "dp_replicate", "dp_shard", "tp", "pp", "cp", "ep", "pp_microbatches"
         )
+        _positive(self, "parallel", "cp_ring", "cp_ulysses")
+        _require(
+            self.cp % self.cp_ring == 0, "parallel.cp_ring", self.cp_ring,
+            f"must divide parallel.cp={self.cp} (cp = cp_ulysses x cp_ring)", "pick a divisor of cp",
+        )  # fmt: skip
+        _require(
+            self.cp_ulysses is None or self.cp_ulysses * self.cp_ring == self.cp, "parallel.cp_ulysses",
+            self.cp_ulysses, f"times parallel.cp_ring={self.cp_ring} must equal parallel.cp={self.cp}",
+            "set cp_ulysses to cp / cp_ring, or leave it null",
+        )  # fmt: skip
+
+    @property
+    def resolved_cp_ulysses(self) -> int:
+        """The Ulysses factor of cp: cp / cp_ring unless set."""
+        return self.cp // self.cp_ring
 
 
 @dataclass

@@ -91,7 +91,7 @@ class DistributedTrainModule(TrainModule):
     def _to_device(self, batch: Batch) -> Batch:
         """Training and evaluation batches: with cp, this rank's sequence shard (framework/parallel/context.py).
         The token counters then count the shard: the tokens this rank computed."""
-        return shard_batch(super()._to_device(batch), self.mesh["cp"])
+        return shard_batch(super()._to_device(batch), self.mesh["cp"], self.dims)
 
     def eval_batch(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         with loss_context(self.dims, self.recipe):  # the head's logits may be sharded over the vocabulary

@@ -45,6 +45,7 @@ from framework.models.positions import RelativePositionBias, default_positions
 from framework.models.recurrence import RecurrentMixer
 from framework.parallel.dims import ParallelDims
 from framework.parallel.recurrent import install_recurrent_cp
+from framework.parallel.ring import RingAttention, RingPlan, ring_tokens, token_order
 
 PER_TOKEN = ("input_ids", "labels", "positions", "document_ids", "token_type_ids")
 """Batch entries [B, S, ...] that are sliced along the sequence (everything else, e.g. prefix_lengths, is whole)."""
@@ -52,13 +53,30 @@ _FULL_CONTEXT = "context_parallel"
 """Key of the whole-sequence AttentionContext in the stack's (per-forward) context cache."""
 
 
-def shard_batch(batch: dict[str, torch.Tensor], cp_mesh: DeviceMesh) -> dict[str, torch.Tensor]:
-    """This cp rank's contiguous sequence shard of every per-token entry, with global position ids added."""
-    return shard_sequence(batch, cp_mesh.size(), cp_mesh.get_local_rank())
+def shard_batch(
+    batch: dict[str, torch.Tensor], cp_mesh: DeviceMesh, dims: ParallelDims | None = None
+) -> dict[str, torch.Tensor]:
+    """This cp rank's sequence shard of every per-token entry, with global position ids added: contiguous, or
+    with ring attention the zigzag order's (framework/parallel/ring.py token_order)."""
+    ring = dims is not None and dims.cp_ring > 1
+    order = None
+    if ring:
+        assert dims is not None
+        seq = batch["input_ids"].shape[1]
+        order = cached_token_order(seq, dims.cp_ring, dims.cp_ulysses, dims.cp_balanced)
+    return shard_sequence(batch, cp_mesh.size(), cp_mesh.get_local_rank(), order)
 
 
-def shard_sequence(batch: dict[str, torch.Tensor], cp: int, rank: int) -> dict[str, torch.Tensor]:
-    """`shard_batch` for sequence-parallel rank `rank` of `cp` (also used by the DeepSpeed engine's Ulysses)."""
+@functools.cache
+def cached_token_order(seq: int, ring: int, ulysses: int, balanced: bool) -> torch.Tensor:
+    return token_order(seq, ring, ulysses, balanced=balanced)
+
+
+def shard_sequence(
+    batch: dict[str, torch.Tensor], cp: int, rank: int, order: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """`shard_batch` for sequence-parallel rank `rank` of `cp` (also used by the DeepSpeed engine's Ulysses);
+    `order`: the natural index of each position of the sharded order (None: the natural order)."""
     if cp == 1:
         return batch
     ids = batch["input_ids"]
@@ -69,10 +87,12 @@ def shard_sequence(batch: dict[str, torch.Tensor], cp: int, rank: int) -> dict[s
         # computed on the whole sequence: a shard's positions continue where the previous shard's stopped
         positions = default_positions(ids.shape[0], ids.shape[1], ids.device, batch.get("document_ids"))
         batch = {**batch, "positions": positions}
-    return {k: _shard(v, cp, rank) if k in PER_TOKEN else v for k, v in batch.items()}
+    return {k: _shard(v, cp, rank, order) if k in PER_TOKEN else v for k, v in batch.items()}
 
 
-def _shard(t: torch.Tensor, cp: int, rank: int) -> torch.Tensor:
+def _shard(t: torch.Tensor, cp: int, rank: int, order: torch.Tensor | None = None) -> torch.Tensor:
+    if order is not None:
+        t = t.index_select(1, order.to(t.device))
     return t.tensor_split(cp, dim=1)[rank]
 
 
@@ -98,6 +118,9 @@ def apply_context_parallel(model: nn.Module, dims: ParallelDims, cp_mesh: Device
     """Install the Ulysses exchange on every attention module and the whole-sequence T5 bias (module docstring).
     Runs after tensor parallelism: the head offset and local views compose with tp's."""
     if dims.cp == 1:
+        return
+    if dims.cp_ring > 1:
+        install_ring_attention(model, dims, cp_mesh)
         return
     install_sequence_parallel(model, cp_mesh.get_group(), dims.tp, ulysses_attend)
 
@@ -211,3 +234,73 @@ def _whole_sequence_bias(
     # self-attention passes one tensor twice: gather it once
     k_all = q_all if k_positions is q_positions else _gather_sequence(k_positions, group)
     return bias(q_all, k_all)
+
+
+# ------------------------------------------------------------------------------------------ ring attention
+def install_ring_attention(model: nn.Module, dims: ParallelDims, cp_mesh: DeviceMesh) -> None:
+    """Ring attention over cp_ring, inside a Ulysses head exchange over cp_ulysses when it is > 1
+    (framework/parallel/ring.py). cp rank c = ring rank c // cp_ulysses, ulysses rank c % cp_ulysses."""
+    ring, ulysses = dims.cp_ring, dims.cp_ulysses
+    sub = cp_mesh._unflatten(0, (ring, ulysses), ("cp_ring", "cp_ulysses"))
+    ring_group, ulysses_group = sub["cp_ring"].get_group(), sub["cp_ulysses"].get_group()
+    uly_rank = sub["cp_ulysses"].get_local_rank()
+    layout = RingLayout(cp_mesh.get_group(), ring_group, ulysses_group if ulysses > 1 else None, dims)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            heads = module.n_heads // (dims.tp * ulysses)  # this rank's heads after the Ulysses exchange
+            module.head_offset += uly_rank * heads
+            module.local_view = functools.partial(_narrow_heads, module.local_view, uly_rank * heads, heads)
+            module.attend_hook = functools.partial(ring_attend, layout=layout, scale=module.scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class RingLayout:
+    """The process groups of one hybrid CP layout and its sharding (ring.token_order)."""
+
+    cp_group: dist.ProcessGroup
+    ring_group: dist.ProcessGroup
+    ulysses_group: dist.ProcessGroup | None
+    dims: ParallelDims
+
+
+def ring_attend(
+    attend: AttendFn,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ctx: AttentionContext,
+    *,
+    layout: RingLayout,
+    scale: float,
+) -> torch.Tensor:
+    """q/k/v [B, heads, S/cp, D] -> (Ulysses: [B, heads/cp_ulysses, S/cp_ring, D]) -> ring attention -> back.
+    The module's own kernel (`attend`) is not called: the ring computes its blocks itself."""
+    group = layout.ulysses_group
+    if group is not None:
+        q, k, v = (_sequence_to_heads(t, group) for t in (q, k, v))
+    plan = _ring_plan(ctx, layout, q.shape[2] * layout.dims.cp_ring, scale, q.device)
+    out = RingAttention.apply(q, k, v, plan)
+    return out if group is None else _heads_to_sequence(out, group)
+
+
+def _ring_plan(
+    ctx: AttentionContext, layout: RingLayout, seq: int, scale: float, device: torch.device
+) -> RingPlan:
+    """The block masks' inputs, once per forward and stack context: every ring rank's natural token indices and
+    the document ids of the whole sequence in natural order (gathered over cp, un-permuted)."""
+    key = f"ring_plan_{scale}"
+    cached = ctx._cache.get(key)
+    if isinstance(cached, RingPlan):
+        return cached
+    dims = layout.dims
+    order = cached_token_order(seq, dims.cp_ring, dims.cp_ulysses, dims.cp_balanced)
+    mask = ctx.mask
+    if mask.q_documents is not None:
+        gathered = _gather_sequence(mask.q_documents, layout.cp_group)
+        natural = torch.empty_like(gathered)
+        natural[:, order.to(gathered.device)] = gathered
+        mask = dataclasses.replace(mask, q_documents=natural, k_documents=natural)
+    tokens = [ring_tokens(order, dims.cp_ring, j).to(device) for j in range(dims.cp_ring)]
+    plan = RingPlan(layout.ring_group, mask, tokens, scale)
+    ctx._cache[key] = plan  # type: ignore[assignment]  # per-forward cache, dropped with ctx
+    return plan

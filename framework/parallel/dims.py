@@ -80,6 +80,10 @@ class ParallelDims:
     """Pipeline stages in total (pp, or 2 x pp for the interleaved schedules)."""
     ep: int = 1
     """Expert-parallel ranks, carved from dp_shard x cp (not a factor of the world size)."""
+    cp_ring: int = 1
+    """Of cp, the ring-attention ranks (framework/parallel/ring.py); cp / cp_ring exchange heads (Ulysses)."""
+    cp_balanced: bool = True
+    """With cp_ring > 1: zigzag sequence sharding (ring.token_order)."""
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, world_size: int) -> ParallelDims:
@@ -97,6 +101,8 @@ class ParallelDims:
             sequence_parallel=p.sequence_parallel and p.tp > 1,
             pp_stages=p.pp * (2 if p.pp_schedule in INTERLEAVED and p.pp > 1 else 1),
             ep=p.ep,
+            cp_ring=p.cp_ring,
+            cp_balanced=p.cp_load_balance,
         )
         _check_product(dims, recipe)
         _check_supported(dims, recipe)
@@ -107,6 +113,11 @@ class ParallelDims:
         _check_batch(dims, recipe)
         _check_cpu_offload(dims, recipe)
         return dims
+
+    @property
+    def cp_ulysses(self) -> int:
+        """Of cp, the ranks that exchange heads (Ulysses); cp_ring x cp_ulysses = cp."""
+        return self.cp // self.cp_ring
 
     @property
     def dp(self) -> int:
@@ -270,24 +281,31 @@ def _check_cp(dims: ParallelDims, recipe: Recipe) -> None:
     heads / (tp x cp) heads over the whole sequence."""
     if dims.cp == 1:
         return
-    m, split = recipe.model, dims.cp * dims.tp
+    m, split = recipe.model, dims.cp_ulysses * dims.tp
+    heads_over = "parallel.cp x parallel.tp" if dims.cp_ring == 1 else "parallel.cp_ulysses x parallel.tp"
     for key, count in _split_counts(m, recurrent=False).items():
         if count % split:
             raise _error(
                 key,
                 count,
-                f"must be divisible by parallel.cp x parallel.tp = {split} (attention splits its heads over both)",
-                "change cp, tp or the heads",
+                f"must be divisible by {heads_over} = {split} (attention splits its heads over both)",
+                "change cp, tp or the heads"
+                + (", or use ring attention (parallel.cp_ring)" * (dims.cp_ring == 1)),
             )
-    shards = dims.cp * (dims.tp if dims.sequence_parallel else 1)
+    zigzag = 2 if dims.cp_ring > 1 and dims.cp_balanced else 1
+    shards = dims.cp * (dims.tp if dims.sequence_parallel else 1) * zigzag
     if recipe.data.seq_len % shards:
-        what = f"parallel.cp={dims.cp}" + (
-            f" x parallel.tp={dims.tp} (sequence parallel)" * dims.sequence_parallel
+        what = (
+            f"parallel.cp={dims.cp}"
+            + (f" x parallel.tp={dims.tp} (sequence parallel)" * dims.sequence_parallel)
+            + " x 2 (zigzag chunks of the load-balanced ring)" * (zigzag == 2)
         )
         raise _error(
             "data.seq_len", recipe.data.seq_len, f"must be divisible by {what}", "change seq_len or cp"
         )
     _check_cp_features(dims, recipe)
+    if dims.cp_ring > 1:
+        _check_ring_features(dims, recipe)
 
 
 def _check_cp_features(dims: ParallelDims, recipe: Recipe) -> None:
@@ -305,6 +323,41 @@ def _check_cp_features(dims: ParallelDims, recipe: Recipe) -> None:
             "whole micro-batch, whose sequences are split over the cp ranks)",
             "set moe.capacity_factor: null (dropless), or cp: 1",
         )
+
+
+# Attention options the ring's block kernel (framework/parallel/ring.py) does not compute, with their defaults
+_RING_NOT_YET = {
+    "attention_softcap": (None, "a soft-capped score"), "attention_sinks": (False, "a sink logit"),
+    "attention_dropout": (0.0, "attention dropout"), "attention_temperature": (1.0, "a temperature"),
+    "learned_temperature": (False, "a temperature"), "soft_distance_bias": (False, "a score bias"),
+}  # fmt: skip
+
+
+def _check_ring_features(dims: ParallelDims, recipe: Recipe) -> None:
+    """Ring attention merges blocks of plain masked softmax attention: score biases (ALiBi, T5, soft distance),
+    temperatures, soft-capping, sinks and dropout are not in its block kernel yet, recurrent and MLA mixers not
+    in its sharding; the DeepSpeed engine and TE attention have their own sequence parallelism."""
+    m = recipe.model
+    reasons = {k: why for k, (default, why) in _RING_NOT_YET.items() if getattr(m, k) != default}
+    if m.position in ("alibi", "relative_bias"):
+        reasons["position"] = "a score bias"
+    for key, why in reasons.items():
+        raise _error(
+            f"model.{key}", getattr(m, key), f"ring attention (parallel.cp_ring > 1) does not compute {why} yet",
+            "use Ulysses only (parallel.cp_ring: 1), or drop the option",
+        )  # fmt: skip
+    other = sorted(set(m.mixers) - {"attention", "attention_local"})
+    if other:
+        raise _error(
+            "model.layers.pattern", other[0], "ring attention (parallel.cp_ring > 1) runs attention blocks only",
+            "use parallel.cp_ring: 1 (Ulysses; recurrent mixers pass their state)",
+        )  # fmt: skip
+    if m.kernels == "te" or recipe.parallel.engine == "deepspeed":
+        key, value = ("model.kernels", "te") if m.kernels == "te" else ("parallel.engine", "deepspeed")
+        raise _error(
+            key, value, "has its own context parallelism; Loom's ring is not mapped onto it yet",
+            "use parallel.cp_ring: 1, or model.kernels: torch with the native engine",
+        )  # fmt: skip
 
 
 def _check_tp_vocab(dims: ParallelDims, recipe: Recipe) -> None:

@@ -93,6 +93,7 @@ def parity(
         # each rank computed its dp slice's sequence shards only (the engine sliced the batches)
         "tokens_share": module.tokens / reference.tokens,
         "hooked_attention": sum(_hooked(m) for m in module.model.modules()),
+        "hooks": sorted({m.attend_hook.func.__name__ for m in module.model.modules() if _hooked(m)}),
         "buffer_rel": max(
             (_rel(b, ref_buffers[n]) for n, b in buffers.items() if ref_buffers[n].norm() > 0), default=0.0
         ),
