@@ -131,6 +131,9 @@ class ParallelDims:
         """The layout for logs, e.g. 'world 4 = dp_shard 2 x tp 2 (fsdp, sequence parallel)'."""
         used = [f"{n} {s}" for n, s in self.sizes().items() if s > 1] or ["single process"]
         used += [f"(ep {self.ep} of dp_shard{' x cp' * (self.cp > 1)})"] if self.ep > 1 else []
+        if self.cp_ring > 1:
+            zigzag = ", zigzag" if self.cp_balanced else ", contiguous"
+            used += [f"(cp = ulysses {self.cp_ulysses} x ring {self.cp_ring}{zigzag})"]
         extra = ([self.data_parallel] if self.dp > 1 else []) + (
             ["sequence parallel"] if self.sequence_parallel else []
         )

@@ -167,3 +167,47 @@ def test_moe_composes_with_pipeline_and_expert_parallel_over_cp(world: int, kwar
     r.model.moe = MoEConfig(n_experts=4, top_k=2, expert_hidden=16, aux_loss_scope="global_batch")
     d = ParallelDims.from_recipe(r, world)
     assert (d.pp, d.cp, d.ep) == (kwargs["pp"], kwargs.get("cp", 1), kwargs.get("ep", 1))
+
+
+# ------------------------------------------------------------------------------------------ ring attention
+def test_ring_lifts_the_head_limit_of_ulysses() -> None:
+    """kv_heads 2: Ulysses stops at cp 2; a ring (or a hybrid whose Ulysses factor divides the heads) goes on."""
+    with pytest.raises(ConfigError) as err:
+        dims(4, cp=4)
+    assert err.value.key == "model.kv_heads" and "cp_ring" in err.value.fix
+    ring = dims(4, cp=4, cp_ring=4)
+    assert (ring.cp_ring, ring.cp_ulysses) == (4, 1)
+    hybrid = dims(4, cp=4, cp_ring=2)
+    assert (hybrid.cp_ring, hybrid.cp_ulysses) == (2, 2)
+    assert "(cp = ulysses 2 x ring 2, zigzag)" in hybrid.describe()
+
+
+@pytest.mark.parametrize(
+    ("model", "parallel", "key"),
+    [
+        ({"position": "alibi"}, {}, "model.position"),
+        ({"attention_softcap": 30.0}, {}, "model.attention_softcap"),
+        ({"attention_sinks": True}, {}, "model.attention_sinks"),
+        ({"learned_temperature": True}, {}, "model.learned_temperature"),
+        ({"attention_dropout": 0.1}, {}, "model.attention_dropout"),
+        ({}, {"cp_ulysses": 1}, "parallel.cp_ulysses"),  # 1 x 2 != cp 4
+        ({}, {"cp_ring": 3}, "parallel.cp_ring"),
+    ],
+)
+def test_ring_refusals_name_the_field(model: dict[str, Any], parallel: dict[str, Any], key: str) -> None:
+    r = recipe(cp=4, **({"cp_ring": 2} | parallel))
+    for name, value in model.items():
+        setattr(r.model, name, value)
+    with pytest.raises(ConfigError) as err:
+        r.validate()
+        ParallelDims.from_recipe(r, 4)
+    assert err.value.key == key and err.value.fix
+
+
+def test_a_zigzag_ring_needs_two_chunks_per_rank() -> None:
+    r = recipe(cp=4, cp_ring=4)
+    r.data.seq_len = 20  # divisible by cp 4, not by the 8 zigzag chunks
+    with pytest.raises(ConfigError, match="zigzag"):
+        ParallelDims.from_recipe(r, 4)
+    r.parallel.cp_load_balance = False
+    assert ParallelDims.from_recipe(r, 4).cp_ring == 4
