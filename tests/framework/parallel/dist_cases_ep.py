@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from dist_cases import GLOBAL_BATCH, full_params, global_batches, tiny_recipe
+from dist_cases import GLOBAL_BATCH, SEQ, full_params, global_batches, tiny_recipe
 from dist_cases_pp import regroup
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -26,6 +26,7 @@ from torch.distributed.tensor import DTensor
 from framework.engines.build import train_module_for
 from framework.models.moe import Routing, moe_layers
 from framework.parallel.dims import ParallelDims, build_mesh
+from framework.parallel.ring import token_order
 from framework.run import build_parallel_model, materialize_model
 from framework.train.train_module import Batch, TrainModule
 
@@ -57,11 +58,18 @@ class RouteLog:
         return record
 
     def take(
-        self, step: int, sizes: list[int], first_sample: int, shards: int, shard: int
+        self,
+        step: int,
+        sizes: list[int],
+        first_sample: int,
+        shards: int,
+        shard: int,
+        order: torch.Tensor | None = None,
     ) -> dict[RouteKey, str]:
         """Hashes of the calls since the last take: per layer, its last len(sizes) calls are the micro-batches (or
         pipeline chunks) of `sizes` sequences in order (an earlier call is torch's pipeline shape inference on
-        placeholders); each call's sequences are cut into `shards` parts, keyed shard, shard + 1, ..."""
+        placeholders); each call's sequences are cut into `shards` parts, keyed shard, shard + 1, ...; `order`: the
+        cp token order the shards read the sequence in (ring attention's zigzag; None = natural)."""
         calls, self.calls = self.calls, []
         out: dict[RouteKey, str] = {}
         for name in dict.fromkeys(n for n, _, _ in calls):
@@ -70,6 +78,7 @@ class RouteLog:
             for size, routing in zip(sizes, mine, strict=True):
                 rows = routing.experts.view(size, -1, routing.experts.shape[-1])
                 for b, sequence in enumerate(rows):
+                    sequence = sequence if order is None else sequence[order]
                     for j, part in enumerate(sequence.chunk(shards)):
                         key = (step, sample + b, name, shard + j)
                         out[key] = hashlib.sha256(part.contiguous().numpy().tobytes()).hexdigest()
@@ -92,6 +101,7 @@ def _train(
     first_sample: int,
     shards: tuple[int, int],
     evaluate: list[Batch],
+    order: torch.Tensor | None = None,
 ) -> Trace:
     """Train `steps`; after step 1 (of 0, 1, ...) evaluate the batches `evaluate` once and sum their cross-entropy
     (a pipeline then re-infers its shapes before the next step)."""
@@ -103,7 +113,7 @@ def _train(
         if log.calls:  # a pipeline rank may hold no MoE layer
             margin = min(margin, log.margins(log.calls, top_k))
         sizes = [mb["input_ids"].shape[0] for mb in micro_batches]
-        routes |= log.take(i, _chunk_sizes(module, sizes), first_sample, *shards)
+        routes |= log.take(i, _chunk_sizes(module, sizes), first_sample, *shards, order)
         if i == 0:
             grads = {n: _full(p.grad) for n, p in module.model.named_parameters() if p.grad is not None}
         stats = module.optim_step()
@@ -165,7 +175,12 @@ def parity(
     dims = ParallelDims.from_recipe(recipe, dist.get_world_size())
     # a pipeline evaluates one micro-batch in one-sample chunks, the reference those samples (capacities per call)
     ref_held_out, held_out = (held_out, regroup(held_out, micro_batch)) if dims.pp > 1 else ([], [])
-    ref = _train(reference, [_merge(b) if merge else b for b in data], 0, (dims.cp, 0), ref_held_out)
+    order = (
+        token_order(SEQ, dims.cp_ring, dims.cp_ulysses, balanced=dims.cp_balanced)
+        if dims.cp_ring > 1
+        else None
+    )
+    ref = _train(reference, [_merge(b) if merge else b for b in data], 0, (dims.cp, 0), ref_held_out, order)
 
     mesh = build_mesh(dims, "cpu")
     module = train_module_for(build_parallel_model(recipe, dims, mesh, cpu), recipe, cpu, dims, mesh)

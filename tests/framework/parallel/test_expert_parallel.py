@@ -91,7 +91,8 @@ CASES: dict[str, tuple[int, dict[str, Any], dict[str, Any], bool, int, int]] = {
     # zero-bubble (separate input- and weight-gradient passes) with every block recomputed in backward
     # ep spanning both dp_shard and cp (ranks 0-3 = dp_shard 2 x cp 2): one expert per rank, tokens of both cp
     # shards of both samples dispatched
-    "ep4_over_fsdp2_cp2": (4, {"ep": 4, "cp": 2}, MOE_GLOBAL, True, SEED_GLOBAL, 1),
+    # ... with ring attention over the cp ranks (zigzag shards: each cp rank dispatches non-contiguous tokens)
+    "ep4_over_fsdp2_ring2": (4, {"ep": 4, "cp": 2, "cp_ring": 2}, MOE_GLOBAL, True, SEED_GLOBAL, 1),
     "pp2_zero_bubble_ac": (2, ZERO_BUBBLE | {"activation_checkpointing": "full"}, MOE_ODD, False, 8, 2),
     # two stages per rank (4 blocks), experts split over dp_shard, DeepSeek-V3 style layers
     "ep2_pp2_interleaved": (4, {"ep": 2} | INTERLEAVED, MOE8 | {"n_layers": 4}, False, 38, 2),

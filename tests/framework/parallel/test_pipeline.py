@@ -65,7 +65,8 @@ LAYOUTS = {
         {},
     ),
     "tp2_sp_xpp2xfsdp2": (8, {"pp": 2, "tp": 2, "dp_shard": 2, "sequence_parallel": True}, 2, True, {}),
-    "cp2xpp2": (4, {"pp": 2, "cp": 2, "dp_shard": 1}, 2, True, {}),
+    # ring attention inside pipeline stages (Ulysses x PP: the two cases below)
+    "ring2xpp2": (4, {"pp": 2, "cp": 2, "cp_ring": 2, "dp_shard": 1}, 2, True, {}),
     "cp2xpp2_interleaved_tied": (
         4,
         {"pp": 2, "cp": 2, "dp_shard": 1, "pp_schedule": "interleaved_1f1b"},
