@@ -58,10 +58,8 @@ def shard_batch(
 ) -> dict[str, torch.Tensor]:
     """This cp rank's sequence shard of every per-token entry, with global position ids added: contiguous, or
     with ring attention the zigzag order's (framework/parallel/ring.py token_order)."""
-    ring = dims is not None and dims.cp_ring > 1
     order = None
-    if ring:
-        assert dims is not None
+    if dims is not None and dims.cp_ring > 1:
         seq = batch["input_ids"].shape[1]
         order = cached_token_order(seq, dims.cp_ring, dims.cp_ulysses, dims.cp_balanced)
     return shard_sequence(batch, cp_mesh.size(), cp_mesh.get_local_rank(), order)

@@ -184,7 +184,7 @@ _MOE_REQUIRED["glm4_moe"] = {"router": "sigmoid", "shared_expert_gate": False, "
 _MOE_REQUIRED["deepseek_v3"] = _MOE_REQUIRED["glm4_moe"]  # the same DeepSeek routing and shared experts
 # gpt-oss: every layer sparse, softmax over the top-k logits (renormalised), router and expert biases, no shared
 # experts, groups, selection bias or scale; dropless, no jitter
-_MOE_REQUIRED["gpt_oss"] = {k: v for k, v in _MOE_REQUIRED["mixtral"].items()} | {
+_MOE_REQUIRED["gpt_oss"] = _MOE_REQUIRED["mixtral"] | {
     "router_bias": True, "expert_linear_bias": True, "expert_bias": False, "jitter": 0.0,
 }  # fmt: skip
 

@@ -29,9 +29,8 @@ def config(**moe: object) -> ModelConfig:
     )
 
 
-def make_layer(seed: int = 0, **moe: object) -> MoE:
-    cfg = config(**moe)
-    layer = MoE(cfg)
+def make_layer(seed: int = 0, cfg: ModelConfig | None = None, **moe: object) -> MoE:
+    layer = MoE(cfg if cfg is not None else config(**moe))
     torch.manual_seed(seed)
     with torch.no_grad():
         for p in layer.parameters():
@@ -368,12 +367,7 @@ def gpt_oss_layer(seed: int = 0) -> MoE:
         swiglu_limit=0.8,
         moe=MoEConfig(**GPT_OSS_MOE),
     )  # fmt: skip  (a small limit so the clamps bind on these activations)
-    layer = MoE(cfg)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.normal_(0.0, 0.5)
-    return layer
+    return make_layer(seed, cfg)
 
 
 def test_gpt_oss_experts_match_transformers() -> None:
