@@ -38,6 +38,28 @@ def te_refusals(recipe: Recipe) -> list[tuple[str, object, str]]:
         refused.append(
             ("data.document_masking", True, "TE document masks are mapped for self-attention only")
         )
+    return refused + _te_ring_refusals(recipe)
+
+
+def _te_ring_refusals(recipe: Recipe) -> list[tuple[str, object, str]]:
+    """With ring attention (parallel.cp_ring > 1) TE runs its own ring (cp_comm_type "p2p") on Loom's zigzag
+    shards, which are TE's dual-chunk-swap shards; what else TE's CP would shard or mask differently is refused
+    (model.kernels auto then runs Loom's torch ring)."""
+    p, m = recipe.parallel, recipe.model
+    if p.cp_ring == 1:
+        return []
+    refused: list[tuple[str, object, str]] = []
+    if p.resolved_cp_ulysses > 1:
+        refused.append(("parallel.cp_ulysses", p.resolved_cp_ulysses,
+                        "TE's hierarchical a2a+p2p CP is not mapped onto Loom's hybrid token order"))  # fmt: skip
+    if recipe.data.document_masking:
+        refused.append(("data.document_masking", True,
+                        "TE's CP shards every document apart (thd); Loom's ring shards the packed sequence"))  # fmt: skip
+    if m.sliding_window is not None or "attention_local" in m.mixers:
+        refused.append(("model.sliding_window", m.sliding_window or m.layers.local_window,
+                        "TE's p2p CP is not mapped with sliding windows"))  # fmt: skip
+    if not p.cp_load_balance:
+        refused.append(("parallel.cp_load_balance", False, "TE's p2p CP expects zigzag (dual-chunk) shards"))
     return refused
 
 

@@ -20,9 +20,12 @@ What each call maps to (TE 2.20 API docs, https://docs.nvidia.com/deeplearning/t
                             ids (each batch row starts a run) and attn_mask_type "padding" / "padding_causal";
                             the window, if any, applies inside each document as in Loom.
   A learned or fixed attention temperature scales q (as sdpa_attention does). Context parallelism: Loom's
-  Ulysses hook (framework/parallel/context.py) wraps this kernel unchanged; TE's own ring / all-to-all
-  (`cp_group`, `cp_global_ranks`, `cp_stream`, `cp_comm_type` "p2p" / "a2a") is reachable through
-  `ContextParallelArgs` but not yet chosen by framework/parallel.
+  Ulysses hook (framework/parallel/context.py) wraps this kernel unchanged. With ring attention
+  (parallel.cp_ring > 1, no Ulysses factor) TE runs its own ring instead of Loom's: `with_ring` gives the kernel
+  `cp_group` = the ring's group, `cp_global_ranks` its ranks, `cp_comm_type` "p2p" and a side `cp_stream`, and
+  TE gets this rank's shard as it is: Loom's zigzag shard (chunks r and 2 cp - 1 - r of 2 cp,
+  framework/parallel/ring.py token_order) is TE's dual-chunk-swap layout for causal p2p CP. Hierarchical
+  "a2a+p2p", documents and windows under TE's CP are refused by framework/kernels/choice.py.
 - `swap_linears` -> `transformer_engine.pytorch.Linear` for every `nn.Linear` of the transformer blocks (same
   `weight` / `bias` names and values), so `fp8_context` has TE modules to run in FP8. TE adds an `_extra_state`
   entry per module to the state dict.
@@ -91,6 +94,11 @@ class ContextParallelArgs:
     """A torch.cuda.Stream for overlapping the ring's steps (p2p)."""
 
 
+def with_ring(group: Any, global_ranks: list[int], stream: Any = None) -> ContextParallelArgs:
+    """TE's own ring ("p2p") over `group` for a Loom ring of cp_ring ranks (module docstring)."""
+    return ContextParallelArgs(group=group, global_ranks=global_ranks, comm_type="p2p", stream=stream)
+
+
 class TEAttention:
     """Attention.kernel backed by te.DotProductAttention. A plain object, not a module: the model's state dict
     and parameter names do not change. One TE module per (heads, kv heads, head dim, scale, dropout), built on
@@ -106,6 +114,10 @@ class TEAttention:
         batch, heads, q_len, head_dim = q.shape
         mask = ctx.mask
         check_mask(mask, q_len, k.shape[2])
+        if self.context_parallel is not None and (mask.q_documents is not None or mask.window is not None):
+            raise NotImplementedError(
+                "kernels te: TE's context parallelism is mapped for causal / full masks"
+            )
         if call.inv_temperature is not None:
             q = q * call.inv_temperature.view(1, -1, 1, 1).to(q.dtype)
         # TE requires q, k and v of one dtype. With qk_norm the RMSNorm's fp32 weight promotes bf16 q and k to

@@ -83,13 +83,17 @@ def _world_size(recipe: Recipe) -> int:
 
 def shard_degree(recipe: Recipe) -> int:
     """Ranks that share one copy of the weights: dp_shard for FSDP / HSDP (-1 = what the world size leaves after
-    the other dimensions), 1 for DDP."""
+    the other dimensions), times cp with the native engine (FSDP2 shards over the flattened (dp_shard, cp) mesh:
+    framework/parallel/context.py data_parallel_mesh), 1 for DDP."""
     p = recipe.parallel
     if p.data_parallel == "ddp":
         return 1
-    if p.dp_shard != -1:
-        return p.dp_shard
-    return max(1, _world_size(recipe) // (p.dp_replicate * p.tp * p.pp * p.cp))
+    dp_shard = (
+        p.dp_shard
+        if p.dp_shard != -1
+        else max(1, _world_size(recipe) // (p.dp_replicate * p.tp * p.pp * p.cp))
+    )
+    return dp_shard * (p.cp if p.engine == "native" else 1)
 
 
 def _weight_fraction(recipe: Recipe, *, sharded: bool = True) -> float:
@@ -136,6 +140,8 @@ class _Shape:
     causal: bool
     documents: bool = False
     prefix: bool = False
+    ring: bool = False
+    """Self-attention runs as ring attention (parallel.cp_ring > 1): `_ring_bytes`."""
 
     @property
     def tokens(self) -> int:
@@ -204,6 +210,8 @@ def _attention_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape, k_len: int, *, 
     """One attention module's kept tensors after the projections (their inputs are counted by the block)."""
     b, sq, h, hd = shape.batch, shape.seq, cfg.n_heads, cfg.resolved_head_dim
     q_elems, kv_elems = b * sq * h * hd, b * k_len * cfg.resolved_kv_heads * hd
+    if shape.ring and not cross:
+        return _qk_norm_bytes(cfg, s, b * sq, b * k_len) + _ring_bytes(q_elems, kv_elems, b * h * sq, s)
     has_bias, dense = _has_bias(cfg, cross), _dense_mask(shape, cross)
     path = _sdpa_path(cfg, s, has_bias=has_bias)
     total = _qk_norm_bytes(cfg, s, b * sq, b * k_len) + _bias_bytes(cfg, s, shape, k_len, cross, path)
@@ -228,6 +236,14 @@ def _attention_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape, k_len: int, *, 
     if cfg.attention_softcap is not None:
         total += b * h * sq * k_len * s.compute  # tanh's output (the soft-capped scores)
     return total + _probs_bytes(cfg, b * h * sq * k_len, s.compute, FP32)
+
+
+def _ring_bytes(q_elems: int, kv_elems: int, rows: int, s: _Sizes) -> int:
+    """Ring attention (framework/parallel/ring.py) keeps its q, k and v shards, the last K/V block it received
+    (where backward starts), the merged output and its fp32 log-sum-exp, whatever the mask or score terms (blocks
+    and their masks are rebuilt in backward); wo's input is a copy of the output ([B, H, s, D] transposed to
+    [B, s, H x D])."""
+    return (3 * q_elems + 4 * kv_elems) * s.compute + rows * FP32
 
 
 def _sinks_bytes(cfg: ModelConfig, s: _Sizes, shape: _Shape, k_len: int, dense: bool) -> int:
@@ -628,6 +644,7 @@ def activation_breakdown(recipe: Recipe, *, device: str | None = None) -> dict[s
         cfg.causal,
         data.document_masking,
         data.objective == "prefix",
+        ring=p.cp_ring > 1,
     )
     embeddings = _embedding_bytes(cfg, s, first, token_types=True)
     layers = _stack_bytes(recipe, s, first, math.ceil(cfg.n_layers / p.pp), None)

@@ -40,12 +40,13 @@ from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 
+from framework.kernels.te import ContextParallelArgs, TEAttention, with_ring
 from framework.models.attention import AttendFn, Attention, AttentionContext
 from framework.models.positions import RelativePositionBias, default_positions
 from framework.models.recurrence import RecurrentMixer
 from framework.parallel.dims import ParallelDims
 from framework.parallel.recurrent import install_recurrent_cp
-from framework.parallel.ring import RingAttention, RingPlan, ring_tokens, token_order
+from framework.parallel.ring import RingAttention, RingPlan, ScoreTerms, ring_tokens, token_order
 
 PER_TOKEN = ("input_ids", "labels", "positions", "document_ids", "token_type_ids")
 """Batch entries [B, S, ...] that are sliced along the sequence (everything else, e.g. prefix_lengths, is whole)."""
@@ -242,23 +243,47 @@ def install_ring_attention(model: nn.Module, dims: ParallelDims, cp_mesh: Device
     sub = cp_mesh._unflatten(0, (ring, ulysses), ("cp_ring", "cp_ulysses"))
     ring_group, ulysses_group = sub["cp_ring"].get_group(), sub["cp_ulysses"].get_group()
     uly_rank = sub["cp_ulysses"].get_local_rank()
-    layout = RingLayout(cp_mesh.get_group(), ring_group, ulysses_group if ulysses > 1 else None, dims)
+    layout = RingLayout(
+        cp_mesh.get_group(), ring_group, ulysses_group if ulysses > 1 else None, uly_rank, dims
+    )
     for module in model.modules():
         if isinstance(module, Attention):
             heads = module.n_heads // (dims.tp * ulysses)  # this rank's heads after the Ulysses exchange
             module.head_offset += uly_rank * heads
             module.local_view = functools.partial(_narrow_heads, module.local_view, uly_rank * heads, heads)
-            module.attend_hook = functools.partial(ring_attend, layout=layout, scale=module.scale)
+            module.attend_hook = functools.partial(ring_attend, module=module, layout=layout)
+        elif isinstance(module, RelativePositionBias):
+            module.bias = functools.partial(_natural_sequence_bias, module.bias, layout=layout)
 
 
 @dataclasses.dataclass(frozen=True)
 class RingLayout:
-    """The process groups of one hybrid CP layout and its sharding (ring.token_order)."""
+    """The process groups of one hybrid CP layout, this rank's place in its Ulysses group, and its sharding
+    (ring.token_order)."""
 
     cp_group: dist.ProcessGroup
     ring_group: dist.ProcessGroup
     ulysses_group: dist.ProcessGroup | None
+    ulysses_rank: int
     dims: ParallelDims
+
+    def te_ring(self) -> ContextParallelArgs:
+        """TE's p2p context parallelism over the ring (with a side CUDA stream for its overlap)."""
+        stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        return with_ring(self.ring_group, dist.get_process_group_ranks(self.ring_group), stream)
+
+    def order(self, seq: int) -> torch.Tensor:
+        return cached_token_order(seq, self.dims.cp_ring, self.dims.cp_ulysses, self.dims.cp_balanced)
+
+    def natural(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """[B, S/cp] ids of this rank's tokens -> [B, S] of the whole sequence in natural order (gathered over
+        cp, then un-permuted; no gradient: ids)."""
+        gathered = _gather_sequence(t, self.cp_group)
+        if gathered is None:
+            return None
+        natural = torch.empty_like(gathered)
+        natural[:, self.order(gathered.shape[1]).to(gathered.device)] = gathered
+        return natural
 
 
 def ring_attend(
@@ -268,37 +293,63 @@ def ring_attend(
     v: torch.Tensor,
     ctx: AttentionContext,
     *,
+    module: Attention,
     layout: RingLayout,
-    scale: float,
 ) -> torch.Tensor:
     """q/k/v [B, heads, S/cp, D] -> (Ulysses: [B, heads/cp_ulysses, S/cp_ring, D]) -> ring attention -> back.
-    The module's own kernel (`attend`) is not called: the ring computes its blocks itself."""
+    The module's own kernel (`attend`) is not called: the ring computes its blocks itself, with the module's
+    per-head score terms (ALiBi slopes by global head, learned temperatures and distance weights, sinks)."""
+    if isinstance(module.kernel, TEAttention):  # model.kernels te: TE's own ring (framework/kernels/te.py)
+        if module.kernel.context_parallel is None:  # kernels are installed after parallelize: given it here
+            module.kernel = type(module.kernel)(layout.te_ring())
+        return attend(q, k, v, ctx)
     group = layout.ulysses_group
     if group is not None:
         q, k, v = (_sequence_to_heads(t, group) for t in (q, k, v))
-    plan = _ring_plan(ctx, layout, q.shape[2] * layout.dims.cp_ring, scale, q.device)
-    out = RingAttention.apply(q, k, v, plan)
+    heads = q.shape[1]
+    plan = _ring_plan(ctx, layout, q.shape[2] * layout.dims.cp_ring, module, q.device)
+    table = ctx.position_bias
+    if table is not None and table.shape[1] != heads:  # the T5 bias of the tp-local heads: this rank's block
+        table = table.narrow(1, layout.ulysses_rank * heads, heads)
+    # the model's own per-head terms (framework/models/attention.py), already narrowed by local_view
+    score = ScoreTerms(
+        module._distance_coefficient(heads), table, module._inv_temperature(heads, q.device), module._sinks()
+    )
+    out = RingAttention.apply(q, k, v, plan, *score.tensors())
     return out if group is None else _heads_to_sequence(out, group)
 
 
 def _ring_plan(
-    ctx: AttentionContext, layout: RingLayout, seq: int, scale: float, device: torch.device
+    ctx: AttentionContext, layout: RingLayout, seq: int, module: Attention, device: torch.device
 ) -> RingPlan:
-    """The block masks' inputs, once per forward and stack context: every ring rank's natural token indices and
-    the document ids of the whole sequence in natural order (gathered over cp, un-permuted)."""
-    key = f"ring_plan_{scale}"
+    """The block masks' inputs, once per forward and stack context: every ring rank's natural token indices, and
+    the document and position ids of the whole sequence in natural order (gathered over cp, un-permuted)."""
+    key = f"ring_plan_{module.scale}_{module.softcap}"
     cached = ctx._cache.get(key)
     if isinstance(cached, RingPlan):
         return cached
     dims = layout.dims
-    order = cached_token_order(seq, dims.cp_ring, dims.cp_ulysses, dims.cp_balanced)
     mask = ctx.mask
     if mask.q_documents is not None:
-        gathered = _gather_sequence(mask.q_documents, layout.cp_group)
-        natural = torch.empty_like(gathered)
-        natural[:, order.to(gathered.device)] = gathered
-        mask = dataclasses.replace(mask, q_documents=natural, k_documents=natural)
+        documents = layout.natural(mask.q_documents)
+        mask = dataclasses.replace(mask, q_documents=documents, k_documents=documents)
+    order = layout.order(seq)
     tokens = [ring_tokens(order, dims.cp_ring, j).to(device) for j in range(dims.cp_ring)]
-    plan = RingPlan(layout.ring_group, mask, tokens, scale)
+    rank, positions = dist.get_rank(layout.ring_group), layout.natural(ctx.positions)
+    plan = RingPlan(layout.ring_group, rank, mask, tokens, module.scale, module.softcap, positions)
     ctx._cache[key] = plan  # type: ignore[assignment]  # per-forward cache, dropped with ctx
     return plan
+
+
+def _natural_sequence_bias(
+    bias: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    q_positions: torch.Tensor,
+    k_positions: torch.Tensor,
+    *,
+    layout: RingLayout,
+) -> torch.Tensor:
+    """RelativePositionBias.bias over the whole sequence in natural order (what the ring's blocks index with
+    their tokens' natural indices): [B, heads, S, S]."""
+    q_all = layout.natural(q_positions)
+    k_all = q_all if k_positions is q_positions else layout.natural(k_positions)
+    return bias(q_all, k_all)

@@ -328,26 +328,17 @@ def _check_cp_features(dims: ParallelDims, recipe: Recipe) -> None:
         )
 
 
-# Attention options the ring's block kernel (framework/parallel/ring.py) does not compute, with their defaults
-_RING_NOT_YET = {
-    "attention_softcap": (None, "a soft-capped score"), "attention_sinks": (False, "a sink logit"),
-    "attention_dropout": (0.0, "attention dropout"), "attention_temperature": (1.0, "a temperature"),
-    "learned_temperature": (False, "a temperature"), "soft_distance_bias": (False, "a score bias"),
-}  # fmt: skip
-
-
 def _check_ring_features(dims: ParallelDims, recipe: Recipe) -> None:
-    """Ring attention merges blocks of plain masked softmax attention: score biases (ALiBi, T5, soft distance),
-    temperatures, soft-capping, sinks and dropout are not in its block kernel yet, recurrent and MLA mixers not
-    in its sharding; the DeepSpeed engine and TE attention have their own sequence parallelism."""
+    """Ring attention computes every score term in its blocks (framework/parallel/ring.py) but not attention
+    dropout (a block's dropout pattern would differ from one process's); recurrent and MLA mixers are not in its
+    sharding; the DeepSpeed engine has its own sequence parallelism. TE attention runs TE's own ring where it maps
+    (framework/kernels/choice.py says where not)."""
     m = recipe.model
-    reasons = {k: why for k, (default, why) in _RING_NOT_YET.items() if getattr(m, k) != default}
-    if m.position in ("alibi", "relative_bias"):
-        reasons["position"] = "a score bias"
-    for key, why in reasons.items():
+    if m.attention_dropout:
         raise _error(
-            f"model.{key}", getattr(m, key), f"ring attention (parallel.cp_ring > 1) does not compute {why} yet",
-            "use Ulysses only (parallel.cp_ring: 1), or drop the option",
+            "model.attention_dropout", m.attention_dropout,
+            "ring attention (parallel.cp_ring > 1) does not apply attention dropout",
+            "use Ulysses only (parallel.cp_ring: 1), or model.attention_dropout: 0",
         )  # fmt: skip
     other = sorted(set(m.mixers) - {"attention", "attention_local"})
     if other:
@@ -355,11 +346,10 @@ def _check_ring_features(dims: ParallelDims, recipe: Recipe) -> None:
             "model.layers.pattern", other[0], "ring attention (parallel.cp_ring > 1) runs attention blocks only",
             "use parallel.cp_ring: 1 (Ulysses; recurrent mixers pass their state)",
         )  # fmt: skip
-    if m.kernels == "te" or recipe.parallel.engine == "deepspeed":
-        key, value = ("model.kernels", "te") if m.kernels == "te" else ("parallel.engine", "deepspeed")
+    if recipe.parallel.engine == "deepspeed":
         raise _error(
-            key, value, "has its own context parallelism; Loom's ring is not mapped onto it yet",
-            "use parallel.cp_ring: 1, or model.kernels: torch with the native engine",
+            "parallel.engine", "deepspeed", "has its own sequence parallelism; Loom's ring is not mapped onto it",
+            "use parallel.cp_ring: 1, or parallel.engine: native",
         )  # fmt: skip
 
 

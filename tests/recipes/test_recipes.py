@@ -35,6 +35,7 @@ def test_the_zoo_is_shipped() -> None:
         "gemma3-style",
         "gpt-oss-20b",
         "deepseek-v3-671b",
+        "llama-8b-128k",
     } <= names
 
 
@@ -129,6 +130,19 @@ def test_deepseek_v3_671b_is_671b_with_37b_active(capsys: pytest.CaptureFixture[
     assert main(["check", str(RECIPES[0].parent / "deepseek-v3-671b.yaml")]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("parameters: "))
     assert line.startswith("parameters: total 671,0") and "(671.03G), active 37,5" in line, line
+
+
+def test_llama_8b_128k_fits_80gb_per_rank_on_4_nodes(capsys: pytest.CaptureFixture[str]) -> None:
+    """`loom check` lays out 131,072 tokens per sequence on 4 x 8 GPUs as Ulysses 8 x ring 2 with FSDP2 over all
+    32 ranks, and the per-rank estimate (8,192 tokens a rank) fits an H100-80GB."""
+    from launcher.cli import main
+
+    assert main(["check", str(RECIPES[0].parent / "llama-8b-128k.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "world 32 = dp_shard 2 x cp 16 x (cp = ulysses 8 x ring 2, zigzag)" in out, out
+    fit = next(x for x in out.splitlines() if x.startswith("memory fit on launch.gpu: "))
+    assert fit.startswith("memory fit on launch.gpu: fits H100-80GB"), fit
+    assert "micro-batch 1 x 131072" in out
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)

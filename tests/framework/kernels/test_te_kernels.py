@@ -85,6 +85,34 @@ def test_te_refuses_prefix_lm() -> None:
     assert err.value.key == "data.objective"
 
 
+@pytest.mark.parametrize(
+    ("parallel", "data", "key"),
+    [
+        ({"cp": 4, "cp_ring": 2}, {}, "parallel.cp_ulysses"),  # hierarchical a2a+p2p: not mapped
+        ({"cp": 2, "cp_ring": 2}, {"document_masking": True}, "data.document_masking"),
+        ({"cp": 2, "cp_ring": 2, "cp_load_balance": False}, {}, "parallel.cp_load_balance"),
+    ],
+)
+def test_te_ring_maps_only_what_te_shards_like_loom(
+    parallel: dict[str, object], data: dict[str, object], key: str
+) -> None:
+    """TE's p2p CP runs on Loom's zigzag shards of the packed sequence: a plain causal ring maps; a hybrid,
+    packed documents or contiguous shards are refused for te, and auto then runs the torch ring."""
+    ring = recipe(kernels="te")
+    ring.parallel.cp, ring.parallel.cp_ring = 2, 2
+    assert resolve_kernels(ring, CUDA, importable=lambda: True) == "te"
+    r = recipe(kernels="te")
+    for name, value in parallel.items():
+        setattr(r.parallel, name, value)
+    for name, value in data.items():
+        setattr(r.data, name, value)
+    with pytest.raises(ConfigError) as err:
+        resolve_kernels(r, CUDA, importable=lambda: True)
+    assert err.value.key == key
+    r.model.kernels = "auto"
+    assert resolve_kernels(r, CUDA, importable=lambda: True) == "torch"
+
+
 def test_train_refuses_te_on_cpu_before_building_anything() -> None:
     from framework.run import train
 

@@ -122,3 +122,33 @@ def _moe_rel(module: TrainModule, reference: TrainModule) -> dict[str, float]:
 
 def _hooked(module: torch.nn.Module) -> bool:
     return isinstance(module, Attention) and module.attend_hook.__class__.__name__ == "partial"
+
+
+def te_ring_wiring() -> dict[str, Any]:
+    """model.kernels te with ring cp = world: what TE's DotProductAttention would be given. The kernel is a
+    TEAttention whose call records its context-parallel arguments and the shard it receives instead of
+    importing TE (CPU): the ring hook must hand it TE's p2p CP over the ring's ranks and this rank's own shard."""
+    from framework.kernels.te import TEAttention
+
+    calls: list[dict[str, Any]] = []
+
+    class Recording(TEAttention):
+        def __call__(self, q, k, v, ctx, call):  # noqa: ANN001, ANN204 (TEAttention's signature)
+            cp = self.context_parallel
+            calls.append({"comm_type": cp.comm_type, "ranks": cp.global_ranks, "q_len": q.shape[2],
+                          "group_size": dist.get_world_size(cp.group)})  # fmt: skip
+            return torch.zeros_like(q)
+
+    recipe = tiny_recipe({}, cp=dist.get_world_size(), cp_ring=dist.get_world_size())
+    dims = ParallelDims.from_recipe(recipe, dist.get_world_size())
+    mesh = build_mesh(dims, "cpu")
+    model = build_parallel_model(recipe, dims, mesh, torch.device("cpu"))
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.kernel = Recording()  # what framework/kernels/choice.py use_kernels installs for te
+    batch = batches(1, "causal")[0][0]
+    from framework.parallel.context import shard_batch
+
+    mine = shard_batch({"input_ids": batch["input_ids"]}, mesh["cp"], dims)
+    model(mine["input_ids"], positions=mine["positions"])
+    return {"calls": calls, "seq": SEQ}

@@ -134,3 +134,64 @@ def gradient_bytes_between_micro_batches(parallel: dict[str, Any]) -> dict[str, 
         sum(p.numel() for p in materialize_model(recipe.model, torch.device("meta"), 0).parameters()) * 4
     )
     return {"held": held[0], "model_bytes": model_bytes, "dp_shard": dims.dp_shard}
+
+
+def long_sequence_recipe(seq: int, cp: int) -> Recipe:
+    """A tiny fp32 decoder at sequence length `seq`, ring attention over `cp` ranks (cp 1: one process)."""
+    model = ModelConfig(
+        vocab_size=64, d_model=32, n_layers=1, n_heads=4, kv_heads=2, ffn_hidden=64, max_seq_len=seq
+    )
+    recipe = Recipe(
+        model=model,
+        data=DataConfig(seq_len=seq),
+        train=TrainConfig(micro_batch_size=1, global_batch_size=1, device="cpu"),
+        parallel=ParallelConfig(data_parallel="ddp", cp=cp, cp_ring=cp),  # no gathered weight copies
+    )
+    recipe.launch.nproc_per_node = cp
+    recipe.validate()
+    return recipe
+
+
+def _saved_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saved in one forward and loss, parameters left out."""
+    params = {_local(p).untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = compute_loss(model(**batch), labels, torch.tensor(labels.numel()), 0.0)
+    out.loss.backward()
+    return sum(storages.values())
+
+
+def ring_forward_keeps(seq: int) -> dict[str, Any]:
+    """What one forward at sequence length `seq` keeps on this rank under ring cp = world, and (rank 0) on one
+    process, with the estimates of both (framework/models/memory.py)."""
+    from framework.parallel.context import shard_batch
+
+    world = dist.get_world_size()
+    recipe = long_sequence_recipe(seq, world)
+    dims = ParallelDims.from_recipe(recipe, world)
+    mesh = build_mesh(dims, "cpu")
+    model = build_parallel_model(recipe, dims, mesh, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    ids, labels = torch.randint(0, 64, (2, 1, seq), generator=gen)
+    # copies: a shard is a view of the whole batch's storage, which saved_bytes would count
+    mine = {
+        k: t.clone() for k, t in shard_batch({"input_ids": ids, "labels": labels}, mesh["cp"], dims).items()
+    }
+    result: dict[str, Any] = {"ring": _saved_bytes(model, {k: mine[k] for k in ("input_ids", "positions")},
+                                                   mine["labels"])}  # fmt: skip
+    result["ring_estimate"] = sum(activation_breakdown(recipe).values())
+    if dist.get_rank() == 0:
+        one = long_sequence_recipe(seq, 1)
+        single = materialize_model(one.model, torch.device("cpu"), 0)
+        result["single"] = _saved_bytes(single, {"input_ids": ids}, labels)
+        result["single_estimate"] = sum(activation_breakdown(one).values())
+    dist.barrier()
+    return result

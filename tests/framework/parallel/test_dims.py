@@ -185,10 +185,6 @@ def test_ring_lifts_the_head_limit_of_ulysses() -> None:
 @pytest.mark.parametrize(
     ("model", "parallel", "key"),
     [
-        ({"position": "alibi"}, {}, "model.position"),
-        ({"attention_softcap": 30.0}, {}, "model.attention_softcap"),
-        ({"attention_sinks": True}, {}, "model.attention_sinks"),
-        ({"learned_temperature": True}, {}, "model.learned_temperature"),
         ({"attention_dropout": 0.1}, {}, "model.attention_dropout"),
         ({}, {"cp_ulysses": 1}, "parallel.cp_ulysses"),  # 1 x 2 != cp 4
         ({}, {"cp_ring": 3}, "parallel.cp_ring"),

@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 from dist_cases_cp import assert_matches
+from test_context_parallel import ALIBI_WINDOW, RELATIVE
+from test_tensor_parallel import GEMMA2
 
 from framework.config.schema import LayersConfig
 
@@ -27,6 +29,13 @@ CASES: dict[str, tuple[int, dict[str, Any], dict[str, Any], str]] = {
     "ring4_mqa_window": (4, {"cp": 4, "cp_ring": 4}, MQA | LOCAL_GLOBAL, "documents"),
     "ring2_prefix_lm": (2, {"cp": 2, "cp_ring": 2}, {}, "prefix"),
     "hybrid2x2_gqa": (4, {"cp": 4, "cp_ring": 2}, GQA, "documents"),
+    # score terms in the blocks, each with its gradient: ALiBi slopes by global head, learned temperatures and
+    # soft distance weights on global positions, a window, the prefix reaching across ring ranks
+    "ring2_alibi_soft_prefix": (2, {"cp": 2, "cp_ring": 2}, ALIBI_WINDOW, "prefix"),
+    # the T5 table over the whole sequence in natural order, narrowed to the Ulysses rank's heads
+    "hybrid2x2_relative": (4, {"cp": 4, "cp_ring": 2}, RELATIVE, "documents"),
+    # Gemma 2's soft-capped scores and gpt-oss's sinks (merged as one more block with no value)
+    "ring2_softcap_sinks": (2, {"cp": 2, "cp_ring": 2}, GEMMA2 | {"attention_sinks": True}, "documents"),
 }
 
 
@@ -58,3 +67,25 @@ def test_zigzag_balances_causal_work() -> None:
     assert sum(contiguous) == sum(zigzag) == seq * (seq + 1) // 2
     assert contiguous[-1] / contiguous[0] > 2 * ring - 2 and len(set(zigzag)) == 1
     print(f"causal pairs per ring rank: contiguous {contiguous}, zigzag {zigzag}")
+
+
+def test_ring_activation_memory_falls_as_one_over_cp(dist_pool) -> None:
+    """Sequence 16k on 4 ranks (ring cp4, tiny model): what a rank's forward keeps for backward, measured with the
+    saved-tensor accounting of the memory tests, is 1/4 of what one process keeps (within 15%), and the estimate
+    of framework/models/memory.py is the measurement (to 8 bytes: the loss's scalars)."""
+    results = dist_pool(4).run("dist_cases_memory:ring_forward_keeps", 16384)
+    single = results[0]["single"]
+    assert abs(results[0]["single_estimate"] - single) <= 8, results[0]
+    for rank, r in enumerate(results):
+        print(rank, r, f"one process / rank: {single / r['ring']:.3f}")
+        assert abs(single / r["ring"] / 4 - 1) <= 0.15, r
+        assert abs(r["ring_estimate"] - r["ring"]) <= 8, r
+
+
+def test_te_kernels_run_te_ring_on_the_zigzag_shard(dist_pool) -> None:
+    """model.kernels te with a ring: every attention layer's TE kernel gets TE's p2p context parallelism over
+    the ring's ranks and this rank's shard (S / cp tokens) unchanged; Loom's own ring does not run."""
+    for result in dist_pool(2).run("dist_cases_cp:te_ring_wiring"):
+        assert result["calls"], result
+        for call in result["calls"]:
+            assert call == {"comm_type": "p2p", "ranks": [0, 1], "q_len": result["seq"] // 2, "group_size": 2}
