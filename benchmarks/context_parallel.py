@@ -108,7 +108,7 @@ def overlap_worker(rank: int, world: int, args: argparse.Namespace, seq: int, _:
     waited, alone = [], []
     for i in range(args.warmup + args.steps):
         plan = RingPlan(group, rank, AttentionMask(causal=True), tokens, head_dim**-0.5, waits=[])
-        RingAttention.apply(q, k, v, plan).sum().backward()
+        RingAttention.apply(q, k, v, plan, None, None, None, None).sum().backward()  # no score terms
         dist.barrier()
         kv = torch.stack([k.detach(), v.detach()])
         start = time.perf_counter()
