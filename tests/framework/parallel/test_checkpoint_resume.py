@@ -57,6 +57,12 @@ def test_resume_is_bitwise_on_tp2_fsdp2(dist_pool, tmp_path: Path, demo_data: Pa
     _resume_bitwise(dist_pool, tmp_path, demo_data, 4, dict(tp=2, dp_shard=2, data_parallel="fsdp"))
 
 
+def test_resume_is_bitwise_on_ring_cp2(dist_pool, tmp_path: Path, demo_data: Path) -> None:
+    """The zigzag shards of ring attention read the same batches after a resume (2 processes: the 4-process
+    layouts' cost is spent on tp2_fsdp2 above and the cross-layout resumes below)."""
+    _resume_bitwise(dist_pool, tmp_path, demo_data, 2, dict(cp=2, cp_ring=2, dp_shard=1))
+
+
 TIED = {"tie_embeddings": True}  # the last stage's copy of the embedding must load from the one saved table
 EP = dict(moe=True, data_parallel="fsdp")
 # (saved on, resumed on): sizes and world of each side
@@ -69,8 +75,9 @@ CROSS = {
         (2, dict(dp_replicate=2, data_parallel="ddp")),
     ),
     "ep2->ep4": ((2, dict(EP, dp_shard=2, ep=2)), (4, dict(EP, dp_shard=4, ep=4))),
-    # context parallelism: Ulysses cp4 -> ring cp4 (the zigzag shards read the same global batches)
+    # context parallelism: Ulysses cp4 -> ring cp4 (the zigzag shards read the same global batches) -> no cp
     "ulysses4->ring4": ((4, dict(cp=4, dp_shard=1)), (4, dict(cp=4, cp_ring=4, dp_shard=1))),
+    "ring4->one": ((4, dict(cp=4, cp_ring=4, dp_shard=1)), (1, {})),
 }
 
 

@@ -29,6 +29,13 @@ CASES: dict[str, tuple[int, dict[str, Any], dict[str, Any], str]] = {
     "ring4_mqa_window": (4, {"cp": 4, "cp_ring": 4}, MQA | LOCAL_GLOBAL, "documents"),
     "ring2_prefix_lm": (2, {"cp": 2, "cp_ring": 2}, {}, "prefix"),
     "hybrid2x2_gqa": (4, {"cp": 4, "cp_ring": 2}, GQA, "documents"),
+    # 8 processes: heads over tp 2 x ulysses 2, the ring across, FSDP2 over (dp_shard, cp), sequence parallel
+    "hybrid2x2_tp2_sp_fsdp": (
+        8,
+        {"cp": 4, "cp_ring": 2, "tp": 2, "sequence_parallel": True, "data_parallel": "fsdp"},
+        {"n_heads": 8, "kv_heads": 4},
+        "documents",
+    ),  # fmt: skip
     # score terms in the blocks, each with its gradient: ALiBi slopes by global head, learned temperatures and
     # soft distance weights on global positions, a window, the prefix reaching across ring ranks
     "ring2_alibi_soft_prefix": (2, {"cp": 2, "cp_ring": 2}, ALIBI_WINDOW, "prefix"),
