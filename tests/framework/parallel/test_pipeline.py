@@ -26,7 +26,6 @@ LAYOUTS = {
     "pp2_1f1b": (2, {"pp": 2, "pp_schedule": "1f1b"}, 2, True, {}),
     "pp2_gpipe": (2, {"pp": 2, "pp_schedule": "gpipe"}, 2, False, {}),
     "pp2_interleaved": (2, {"pp": 2, "pp_schedule": "interleaved_1f1b"}, 4, True, {}),
-    "pp2_zero_bubble": (2, {"pp": 2, "pp_schedule": "zero_bubble"}, 4, False, {}),
     "pp2_uneven_full_ac": (
         2,
         {"pp": 2, "pp_layers": [3, 1], "activation_checkpointing": "full"},
@@ -56,14 +55,8 @@ LAYOUTS = {
     ),
     "pp2xhsdp2": (4, {"pp": 2, "data_parallel": "hsdp", "dp_replicate": 2, "dp_shard": 1}, 2, False, {}),
     "tp2xpp2": (4, {"pp": 2, "tp": 2, "dp_shard": 1}, 2, True, {}),
+    # zero bubble (pp2 alone is this layout without tp); TP2 + SP x PP2 interleaved is tp2_sp_xpp2_mtp_interleaved
     "tp2xpp2_zero_bubble": (4, {"pp": 2, "tp": 2, "dp_shard": 1, "pp_schedule": "zero_bubble"}, 4, False, {}),
-    "tp2_sp_xpp2_interleaved": (
-        4,
-        {"pp": 2, "tp": 2, "dp_shard": 1, "sequence_parallel": True, "pp_schedule": "interleaved_1f1b"},
-        4,
-        False,
-        {},
-    ),
     "tp2_sp_xpp2xfsdp2": (8, {"pp": 2, "tp": 2, "dp_shard": 2, "sequence_parallel": True}, 2, True, {}),
     # ring attention inside pipeline stages (Ulysses x PP: the two cases below)
     "ring2xpp2": (4, {"pp": 2, "cp": 2, "cp_ring": 2, "dp_shard": 1}, 2, True, {}),
