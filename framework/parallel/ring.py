@@ -85,6 +85,8 @@ class RingPlan:
     chunk_elements: int = 2**28
     """The math form materialises at most this many scores at once (1 GiB fp32): a block's query rows are
     taken in chunks."""
+    pieces: dict[int, list[tuple[slice, slice, bool]] | None] = dataclasses.field(default_factory=dict)
+    """Per key rank, the block's mask-free pieces (`_pieces`), computed once per plan."""
     waits: list[float] | None = None
     """Seconds each wait for a transfer took, when a list (benchmarks/context_parallel.py); None: not timed."""
 
@@ -274,6 +276,85 @@ def _logits(
     return logits
 
 
+Piece = tuple[slice, slice, bool]
+"""(query rows, key columns, causal) of a block: a rectangle the fused kernel computes without a mask."""
+
+
+def _pieces(plan: RingPlan, owner: int) -> list[Piece] | None:
+    """With a plain causal (or full) mask, one block splits into pieces by the runs of consecutive token indices
+    (zigzag: two chunks of queries, two of keys): a key chunk wholly before a query chunk is seen whole, the same
+    chunk is causal (top-left), a later one is skipped. The fused kernel then skips the masked half of a causal
+    piece (is_causal) and builds no dense mask. None for masks pieces cannot express (documents, windows,
+    prefix-LM) or runs that do not line up."""
+    m = plan.mask
+    if not (m.is_plain_causal or m.is_full):
+        return None
+    if owner not in plan.pieces:
+        plan.pieces[owner] = _split(_runs(plan.tokens[plan.rank]), _runs(plan.tokens[owner]), m.causal)
+    return plan.pieces[owner]
+
+
+def _runs(tokens: torch.Tensor) -> list[tuple[slice, int, int]]:
+    """(positions, first natural index, last + 1) of each run of consecutive natural indices in `tokens`."""
+    values = tokens.tolist()
+    starts = [0] + [i for i in range(1, len(values)) if values[i] != values[i - 1] + 1]
+    ends = [*starts[1:], len(values)]
+    return [(slice(a, b), values[a], values[b - 1] + 1) for a, b in zip(starts, ends, strict=True)]
+
+
+def _split(q_runs: list, k_runs: list, causal: bool) -> list[Piece] | None:  # noqa: ANN001 (_runs's lists)
+    pieces: list[Piece] = []
+    for rows, q_first, q_end in q_runs:
+        for cols, k_first, k_end in k_runs:
+            if not causal or k_end - 1 <= q_first:  # every key at or before every query
+                pieces.append((rows, cols, False))
+            elif (k_first, k_end) == (q_first, q_end):
+                pieces.append((rows, cols, True))
+            elif k_first < q_end:  # overlapping but not the same chunk: only a mask says it
+                return None
+    return pieces
+
+
+def _pieces_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan, pieces: list[Piece]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block as its pieces (k, v repeated to q's heads), each through the fused kernel, merged by rows."""
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+    for rows, cols, causal in pieces:
+        piece_out, piece_lse = _FLASH_CPU(
+            q[:, :, rows], k[:, :, cols], v[:, :, cols], 0.0, causal, scale=plan.scale
+        )
+        out[:, :, rows], lse[:, :, rows] = _merge(
+            out[:, :, rows], lse[:, :, rows], piece_out, piece_lse.float()
+        )
+    return out, lse
+
+
+def _pieces_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    plan: RingPlan,
+    pieces: list[Piece],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv (k, v repeated) of a block from its pieces, each exact given the final out and lse."""
+    dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (q, k, v))
+    for rows, cols, causal in pieces:
+        grads = _FLASH_CPU_BACKWARD(
+            grad_out[:, :, rows].contiguous(), q[:, :, rows].contiguous(), k[:, :, cols].contiguous(),
+            v[:, :, cols].contiguous(), out[:, :, rows].contiguous(), lse[:, :, rows].contiguous(), 0.0, causal,
+            scale=plan.scale,
+        )  # fmt: skip
+        dq[:, :, rows] += grads[0]
+        dk[:, :, cols] += grads[1]
+        dv[:, :, cols] += grads[2]
+    return dq, dk, dv
+
+
 def _fused(q: torch.Tensor, plan: RingPlan, score: ScoreTerms) -> bool:
     """The block runs CPU's fused flash op (plain masked softmax on CPU); else the math form, in row chunks."""
     return q.device.type == "cpu" and score.plain(plan)
@@ -286,10 +367,13 @@ def _block_forward(
     block hides have lse -inf."""
     batch, groups = q.shape[0], q.shape[1] // k.shape[1]
     if _fused(q, plan, score):
+        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+        pieces = _pieces(plan, owner)
+        if pieces is not None:
+            return _pieces_forward(q, k, v, plan, pieces) if pieces else None
         allowed = plan.allowed(batch, owner)
         if not allowed.any():
             return None
-        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
         out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=_additive(allowed, q.dtype), scale=plan.scale)
         return out, torch.where(allowed.any(-1), lse.float(), float("-inf"))
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -326,14 +410,20 @@ def _block_backward(
     learned term its share."""
     batch, kv_heads, groups = q.shape[0], k.shape[1], q.shape[1] // k.shape[1]
     if _fused(q, plan, score):
-        allowed = plan.allowed(batch, owner)
-        if not allowed.any():
-            return None
         kr, vr = repeat_kv(k, groups), repeat_kv(v, groups)
-        mask = _additive(allowed, q.dtype)
-        dq, dk, dv = _FLASH_CPU_BACKWARD(
-            grad_out, q, kr, vr, out, lse, 0.0, False, attn_mask=mask, scale=plan.scale
-        )
+        pieces = _pieces(plan, owner)
+        if pieces is not None:
+            if not pieces:
+                return None
+            dq, dk, dv = _pieces_backward(grad_out, q, kr, vr, out, lse, plan, pieces)
+        else:
+            allowed = plan.allowed(batch, owner)
+            if not allowed.any():
+                return None
+            mask = _additive(allowed, q.dtype)
+            dq, dk, dv = _FLASH_CPU_BACKWARD(
+                grad_out, q, kr, vr, out, lse, 0.0, False, attn_mask=mask, scale=plan.scale
+            )
         if groups > 1:  # a kv head's gradient sums over the query heads it serves
             dk, dv = (g.unflatten(1, (kv_heads, groups)).sum(2) for g in (dk, dv))
         return dq, dk, dv, [None] * 4

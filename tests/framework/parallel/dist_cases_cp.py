@@ -24,7 +24,7 @@ from framework.train.train_module import Batch, TrainModule
 
 
 def _causal(tokens: torch.Tensor, kind: str, g: torch.Generator) -> Batch:
-    """A causal-LM sample with packed documents ('documents') or a prefix-LM prefix ('prefix')."""
+    """A causal-LM sample with packed documents ('documents'), a prefix-LM prefix ('prefix'), or neither."""
     labels = tokens[1:].clone()
     labels[:3] = IGNORE_INDEX
     batch = {"input_ids": tokens[None, :-1], "labels": labels[None]}
@@ -32,7 +32,7 @@ def _causal(tokens: torch.Tensor, kind: str, g: torch.Generator) -> Batch:
         # a new document starts at ~1 in 4 tokens: boundaries on both sides of every shard boundary
         starts = torch.rand(SEQ, generator=g) < 0.25
         batch["document_ids"] = starts.long().cumsum(0)[None]
-    else:
+    elif kind == "prefix":
         batch["prefix_lengths"] = torch.randint(3, SEQ - 3, (1,), generator=g)
     return batch
 
@@ -146,7 +146,7 @@ def te_ring_wiring() -> dict[str, Any]:
     for module in model.modules():
         if isinstance(module, Attention):
             module.kernel = Recording()  # what framework/kernels/choice.py use_kernels installs for te
-    batch = batches(1, "causal")[0][0]
+    batch = batches(1, "plain")[0][0]
     from framework.parallel.context import shard_batch
 
     mine = shard_batch({"input_ids": batch["input_ids"]}, mesh["cp"], dims)

@@ -28,6 +28,8 @@ CASES: dict[str, tuple[int, dict[str, Any], dict[str, Any], str]] = {
     "ring2_unbalanced": (2, {"cp": 2, "cp_ring": 2, "cp_load_balance": False}, GQA, "documents"),
     "ring4_mqa_window": (4, {"cp": 4, "cp_ring": 4}, MQA | LOCAL_GLOBAL, "documents"),
     "ring2_prefix_lm": (2, {"cp": 2, "cp_ring": 2}, {}, "prefix"),
+    # plain causal: blocks as mask-free pieces of the zigzag chunks (rank 1's chunks 1 and 2 are one run)
+    "ring2_plain_causal": (2, {"cp": 2, "cp_ring": 2}, GQA, "plain"),
     "hybrid2x2_gqa": (4, {"cp": 4, "cp_ring": 2}, GQA, "documents"),
     # 8 processes: heads over tp 2 x ulysses 2, the ring across, FSDP2 over (dp_shard, cp), sequence parallel
     "hybrid2x2_tp2_sp_fsdp": (
