@@ -72,7 +72,14 @@ def test_the_layout_is_what_makes_it_fit(path: Path) -> None:
     """The layout is not decoration: the recipe on its named GPU alone (one process, the whole model) needs more
     than it does spread over its cluster."""
     recipe = load_recipe(path)
-    alone = load_recipe(path, ["launch.nnodes=1", "launch.nproc_per_node=1", "parallel.ep=1"])
+    one = [
+        "launch.nnodes=1",
+        "launch.nproc_per_node=1",
+        "parallel.ep=1",
+        "parallel.cp=1",
+        "parallel.cp_ring=1",
+    ]
+    alone = load_recipe(path, [*one, "parallel.dp_shard=-1"])
     assert memory_per_rank(recipe, device="cuda")["total"] < memory_per_rank(alone, device="cuda")["total"]
 
 
@@ -91,7 +98,8 @@ def test_the_header_states_the_launch_and_layout(path: Path) -> None:
     accumulation = recipe.train.global_batch_size // (recipe.train.micro_batch_size * dp)
     steps = re.search(r"(\d+) accumulation steps|no accumulation", layout)
     assert int(steps.group(1) or 1) == accumulation, layout
-    checkpointing = {"none": "no activation checkpointing", "full": "full activation checkpointing"}
+    checkpointing = {"none": "no activation checkpointing", "full": "full activation checkpointing",
+                     "selective": "selective activation checkpointing"}  # fmt: skip
     assert checkpointing[recipe.parallel.activation_checkpointing] in layout
     assert (f"ep {recipe.parallel.ep}" in layout) == (recipe.parallel.ep > 1)
 
