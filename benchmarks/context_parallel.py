@@ -169,17 +169,17 @@ def main() -> None:
     seqs = [int(s) for s in args.seqs.split(",")]
     print(f"cores {os.cpu_count()}; device {args.device}, kernels {args.kernels}; model d={args.d_model} "
           f"layers={args.layers} heads {HEADS}/{KV_HEADS}")  # fmt: skip
-    print(f"{'seq':>7}{'layout':>14}{'procs':>6}{'s/step':>9}{'ratio':>8}")
+    print(f"{'seq':>7}{'layout':>20}{'procs':>6}{'s/step':>9}{'ratio':>8}")
     for seq in seqs:
         recipe, device = recipe_for(args, seq, {}), torch.device(args.device)
         model = use_kernels(materialize_model(recipe.model, device, 0), resolve_kernels(recipe, device))
         reference = TrainModule(model, recipe, device)
         base = median_step(reference, batch(seq), args)
-        print(f"{seq:>7}{'one process':>14}{1:>6}{base:>9.3f}{1.0:>8.2f}", flush=True)
+        print(f"{seq:>7}{'one process':>20}{1:>6}{base:>9.3f}{1.0:>8.2f}", flush=True)
         for name in args.layouts.split(","):
             world, parallel = LAYOUTS[name]
             step = spawn(step_worker, world, args, seq, parallel)
-            print(f"{seq:>7}{name:>14}{world:>6}{step:>9.3f}{step / base:>8.2f}", flush=True)
+            print(f"{seq:>7}{name:>20}{world:>6}{step:>9.3f}{step / base:>8.2f}", flush=True)
     waited, alone = spawn(overlap_worker, 2, args, max(seqs), {})
     print(f"ring cp2 attention at {max(seqs)}: transfers alone {alone * 1e3:.1f} ms, waited in forward + "
           f"backward {waited * 1e3:.1f} ms: exposed {waited / alone:.1%} (target <= 25%)")  # fmt: skip
