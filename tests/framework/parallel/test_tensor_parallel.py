@@ -69,13 +69,13 @@ TP2, SP = {"tp": 2}, {"tp": 2, "sequence_parallel": True}
 
 # name: (world, parallel, model, batch kind, z-loss)
 CASES: dict[str, tuple[int, dict[str, Any], dict[str, Any], str, float]] = {
+    # SP with an untied head (the MHA case of SP is tp2_sp_tied's, the untied head's without SP tp2_untied's)
     "tp2_sp_gqa": (2, SP, GQA, "causal", 1e-3),
     # Qwen2: biases on the sharded q/k/v columns only, none on the row-parallel wo or the MLP
     "tp2_sp_qkv_bias": (2, SP, {"kv_heads": 2, "bias": True, "bias_scope": "qkv"}, "causal", 0.0),
     "tp2_sp_alibi": (2, SP, ALIBI, "causal", 0.0),
     "tp2_untied": (2, TP2, {}, "causal", 1e-3),
     "tp2_tied": (2, TP2, {"tie_embeddings": True}, "causal", 1e-3),
-    "tp2_sp_untied": (2, SP, {}, "causal", 0.0),
     "tp2_sp_tied": (2, SP, {"tie_embeddings": True}, "causal", 0.0),
     "tp2_bert_tied": (2, TP2, BERT | {"tie_embeddings": True}, "mlm", 0.0),
     "tp2_sp_bert_untied": (2, SP, BERT, "mlm", 0.0),
