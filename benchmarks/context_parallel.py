@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from parallel_overhead import median_step  # this folder's script (sys.path[0] when run as a script)
 
 from framework.config import ModelConfig, ParallelConfig, Recipe
 from framework.engines.build import train_module_for
@@ -81,17 +82,6 @@ def recipe_for(args: argparse.Namespace, seq: int, parallel: dict[str, Any]) -> 
 def batch(seq: int) -> list[Batch]:
     tokens = torch.randint(0, 1024, (1, seq + 1), generator=torch.Generator().manual_seed(0))
     return [{"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}]
-
-
-def median_step(module: TrainModule, micro_batches: list[Batch], args: argparse.Namespace) -> float:
-    times = []
-    for i in range(args.warmup + args.steps):
-        start = time.perf_counter()
-        module.train_batch(micro_batches)
-        module.optim_step()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def step_worker(rank: int, world: int, args: argparse.Namespace, seq: int, parallel: dict, out: Any) -> None:

@@ -85,7 +85,7 @@ class RingPlan:
     chunk_elements: int = 2**28
     """The math form materialises at most this many scores at once (1 GiB fp32): a block's query rows are
     taken in chunks."""
-    pieces: dict[int, list[tuple[slice, slice, bool]] | None] = dataclasses.field(default_factory=dict)
+    pieces: dict[int, list[Piece] | None] = dataclasses.field(default_factory=dict)
     """Per key rank, the block's mask-free pieces (`_pieces`), computed once per plan."""
     waits: list[float] | None = None
     """Seconds each wait for a transfer took, when a list (benchmarks/context_parallel.py); None: not timed."""
@@ -276,8 +276,19 @@ def _logits(
     return logits
 
 
-Piece = tuple[slice, slice, bool]
-"""(query rows, key columns, causal) of a block: a rectangle the fused kernel computes without a mask."""
+Piece = tuple[slice, slice, bool, torch.Tensor | None]
+"""(query rows, key columns, causal, allowed) of a block: a rectangle the fused kernel computes, without a mask
+(allowed None) or with the dense one ([B, 1, rows, cols] bool) where no mask-free split says it."""
+
+
+def _fused_pieces(plan: RingPlan, batch: int, owner: int) -> list[Piece]:
+    """The block for the fused kernel: its mask-free pieces (`_pieces`), else the whole block with its dense mask;
+    [] when the mask hides all of it."""
+    pieces = _pieces(plan, owner)
+    if pieces is not None:
+        return pieces
+    allowed = plan.allowed(batch, owner)
+    return [(slice(None), slice(None), False, allowed)] if allowed.any() else []
 
 
 def _pieces(plan: RingPlan, owner: int) -> list[Piece] | None:
@@ -307,9 +318,9 @@ def _split(q_runs: list, k_runs: list, causal: bool) -> list[Piece] | None:  # n
     for rows, q_first, q_end in q_runs:
         for cols, k_first, k_end in k_runs:
             if not causal or k_end - 1 <= q_first:  # every key at or before every query
-                pieces.append((rows, cols, False))
+                pieces.append((rows, cols, False, None))
             elif (k_first, k_end) == (q_first, q_end):
-                pieces.append((rows, cols, True))
+                pieces.append((rows, cols, True, None))
             elif k_first < q_end:  # overlapping but not the same chunk: only a mask says it
                 return None
     return pieces
@@ -318,13 +329,17 @@ def _split(q_runs: list, k_runs: list, causal: bool) -> list[Piece] | None:  # n
 def _pieces_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan, pieces: list[Piece]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A block as its pieces (k, v repeated to q's heads), each through the fused kernel, merged by rows."""
+    """A block as its pieces (k, v repeated to q's heads), each through the fused kernel, merged by rows; rows a
+    piece's mask hides get lse -inf."""
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
-    for rows, cols, causal in pieces:
+    for rows, cols, causal, allowed in pieces:
+        mask = None if allowed is None else _additive(allowed, q.dtype)
         piece_out, piece_lse = _FLASH_CPU(
-            q[:, :, rows], k[:, :, cols], v[:, :, cols], 0.0, causal, scale=plan.scale
+            q[:, :, rows], k[:, :, cols], v[:, :, cols], 0.0, causal, attn_mask=mask, scale=plan.scale
         )
+        if allowed is not None:
+            piece_lse = torch.where(allowed.any(-1), piece_lse.float(), float("-inf"))
         out[:, :, rows], lse[:, :, rows] = _merge(
             out[:, :, rows], lse[:, :, rows], piece_out, piece_lse.float()
         )
@@ -343,11 +358,11 @@ def _pieces_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv (k, v repeated) of a block from its pieces, each exact given the final out and lse."""
     dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (q, k, v))
-    for rows, cols, causal in pieces:
+    for rows, cols, causal, allowed in pieces:
         grads = _FLASH_CPU_BACKWARD(
             grad_out[:, :, rows].contiguous(), q[:, :, rows].contiguous(), k[:, :, cols].contiguous(),
             v[:, :, cols].contiguous(), out[:, :, rows].contiguous(), lse[:, :, rows].contiguous(), 0.0, causal,
-            scale=plan.scale,
+            attn_mask=None if allowed is None else _additive(allowed, q.dtype), scale=plan.scale,
         )  # fmt: skip
         dq[:, :, rows] += grads[0]
         dk[:, :, cols] += grads[1]
@@ -367,15 +382,10 @@ def _block_forward(
     block hides have lse -inf."""
     batch, groups = q.shape[0], q.shape[1] // k.shape[1]
     if _fused(q, plan, score):
-        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-        pieces = _pieces(plan, owner)
-        if pieces is not None:
-            return _pieces_forward(q, k, v, plan, pieces) if pieces else None
-        allowed = plan.allowed(batch, owner)
-        if not allowed.any():
-            return None
-        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=_additive(allowed, q.dtype), scale=plan.scale)
-        return out, torch.where(allowed.any(-1), lse.float(), float("-inf"))
+        pieces = _fused_pieces(plan, batch, owner)
+        return (
+            _pieces_forward(q, repeat_kv(k, groups), repeat_kv(v, groups), plan, pieces) if pieces else None
+        )
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
     vr, empty = repeat_kv(v, groups).float(), True
@@ -410,20 +420,11 @@ def _block_backward(
     learned term its share."""
     batch, kv_heads, groups = q.shape[0], k.shape[1], q.shape[1] // k.shape[1]
     if _fused(q, plan, score):
+        pieces = _fused_pieces(plan, batch, owner)
+        if not pieces:
+            return None
         kr, vr = repeat_kv(k, groups), repeat_kv(v, groups)
-        pieces = _pieces(plan, owner)
-        if pieces is not None:
-            if not pieces:
-                return None
-            dq, dk, dv = _pieces_backward(grad_out, q, kr, vr, out, lse, plan, pieces)
-        else:
-            allowed = plan.allowed(batch, owner)
-            if not allowed.any():
-                return None
-            mask = _additive(allowed, q.dtype)
-            dq, dk, dv = _FLASH_CPU_BACKWARD(
-                grad_out, q, kr, vr, out, lse, 0.0, False, attn_mask=mask, scale=plan.scale
-            )
+        dq, dk, dv = _pieces_backward(grad_out, q, kr, vr, out, lse, plan, pieces)
         if groups > 1:  # a kv head's gradient sums over the query heads it serves
             dk, dv = (g.unflatten(1, (kv_heads, groups)).sum(2) for g in (dk, dv))
         return dq, dk, dv, [None] * 4

@@ -98,7 +98,7 @@ def test_plain_causal_blocks_run_as_mask_free_pieces() -> None:
     order = torch.cat([chunks[0], chunks[3], chunks[1], chunks[2]])
     plan = RingPlan(None, 0, AttentionMask(causal=True), [order], D**-0.5)
     pieces = _pieces(plan, 0)
-    assert pieces is not None and sum(causal for *_, causal in pieces) == 3 and len(pieces) == 6, pieces
+    assert pieces is not None and sum(causal for _, _, causal, _ in pieces) == 3 and len(pieces) == 6, pieces
     ring_in = [_leaf(t.index_select(2, order)) for t in (q, k, v)]
     out = RingAttention.apply(*ring_in, plan, None, None, None, None)
     ref_in = [_leaf(t) for t in (q, k, v)]
