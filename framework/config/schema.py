@@ -986,11 +986,43 @@ class PrecisionConfig:
 
 
 @dataclass
-class OptimConfig:
-    """AdamW with decoupled weight decay and gradient clipping."""
+class MuonConfig:
+    """Muon (Jordan et al. 2024; Moonlight, Liu et al. 2025) for the hidden weight matrices when optim.name is
+    muon. Its learning rate and weight decay are optim.lr and optim.weight_decay; the AdamW fields above drive the
+    other parameters. See docs/optimizers.md."""
 
-    name: Literal["adamw"] = "adamw"
-    """Optimizer (AdamW; fused kernels on CUDA)."""
+    momentum: float = 0.95
+    """Momentum (an exponential average of the gradients: buf = momentum*buf + (1 - momentum)*grad)."""
+    nesterov: bool = True
+    """Orthogonalise grad + momentum*(buf - grad) (Nesterov) instead of the momentum buffer itself."""
+    ns_steps: int = 5
+    """Newton-Schulz iterations (the quintic of Jordan et al., coefficients 3.4445, -4.7750, 2.0315)."""
+    ns_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Dtype of the Newton-Schulz iteration; auto: bfloat16 on CUDA, float32 on CPU."""
+    lr_scale: Literal["match_rms_adamw", "original"] = "match_rms_adamw"
+    """match_rms_adamw: update x 0.2*sqrt(max(rows, cols)) so its RMS matches AdamW's and AdamW's lr and weight
+    decay carry over (Moonlight); original: x sqrt(max(1, rows/cols)) (Jordan et al.)."""
+    include: list[str] = field(default_factory=list)
+    """Globs of parameter names (fnmatch) also given to Muon (2-D or more), beside the default rule: the weights
+    of linear layers and expert stacks, except the embeddings and the output head."""
+    exclude: list[str] = field(default_factory=list)
+    """Globs of parameter names given to AdamW instead of Muon (e.g. '*.gate.weight' for the MoE routers)."""
+
+    def validate(self) -> None:
+        _require(
+            0.0 <= self.momentum < 1.0, "optim.muon.momentum", self.momentum, "must be in [0, 1)", "use 0.95"
+        )
+        _require(1 <= self.ns_steps <= 20, "optim.muon.ns_steps", self.ns_steps, "must be 1..20", "use 5")
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer (AdamW, or Muon for hidden matrices with AdamW for the rest), decoupled weight decay and
+    gradient clipping."""
+
+    name: Literal["adamw", "muon"] = "adamw"
+    """adamw: AdamW for every parameter (fused kernels on CUDA); muon: Muon for the hidden weight matrices (rules in
+    optim.muon, listed by `loom check`), AdamW for embeddings, the output head, norms, biases and 1-D parameters."""
     lr: float = 3e-4
     """Peak learning rate (reached after warmup)."""
     betas: tuple[float, float] = (0.9, 0.95)
@@ -1005,8 +1037,11 @@ class OptimConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
     fused: bool | None = None
     """Fused AdamW kernel; null = on for CUDA, off elsewhere."""
+    muon: MuonConfig = field(default_factory=MuonConfig)
+    """Muon's settings (used when name is muon)."""
 
     def validate(self) -> None:
+        self.muon.validate()
         _positive(self, "optim", "lr", "eps")
         _non_negative(self, "optim", "weight_decay", "grad_clip")
         for i, beta in enumerate(self.betas):

@@ -339,10 +339,15 @@ class TrainModule(BaseTrainModule):
 
 
 def _matching_group(current: dict[str, Any], saved: list[dict[str, Any]], number: int) -> dict[str, Any]:
-    """The saved group whose hyperparameters this live group takes: the first with the same weight decay. Groups
+    """The saved group whose hyperparameters this live group takes: the first with the same algorithm (muon or
+    adamw) and weight decay. Groups
     of one decay class differ only in parameter layout, which another layout splits differently (TP alone keeps
     plain and DTensor groups apart, FSDP has one), so any of them holds the same values."""
-    same = [g for g in saved if g.get("weight_decay") == current.get("weight_decay")]
+
+    def kind(g: dict[str, Any]) -> tuple[Any, Any]:
+        return g.get("algorithm", "adamw"), g.get("weight_decay")  # AdamW-only runs save no algorithm
+
+    same = [g for g in saved if kind(g) == kind(current)]
     return same[0] if same else saved[min(number, len(saved) - 1)]
 
 

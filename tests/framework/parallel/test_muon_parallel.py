@@ -1,0 +1,49 @@
+"""Muon (optim.name muon, framework/train/muon.py) trains like one process on every layout: the owner of each
+sharded matrix gathers its full update, iterates Newton-Schulz and scatters the result back, so no rank
+orthogonalises a shard.
+
+Tolerances (the parity harness's): per-step loss and gradient norm <= 1e-5 relative, every parameter after 5 Muon
+steps <= 1e-4 relative. Measured: <= 4.1e-7 on every layout (fp32 Newton-Schulz on CPU). A rank orthogonalising
+its own shard instead is off by ~3e-2 after 5 steps (a transposed result broadcast without .contiguous() was).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from framework.config.schema import MoEConfig
+
+STEPS = 5
+GQA = {"kv_heads": 2, "mlp": "swiglu"}
+# 4 experts: stacked [E, H, D] weights, orthogonalised per expert (EP shards the expert dimension)
+MOE = {
+    "mlp": "swiglu",
+    "init_std": 0.08,
+    "moe": MoEConfig(n_experts=4, top_k=2, expert_hidden=16, z_loss=1e-3),
+}
+# name: (world, parallel, model, micro-batch)
+CASES: dict[str, tuple[int, dict[str, Any], dict[str, Any] | None, int]] = {
+    "fsdp2": (2, {"data_parallel": "fsdp"}, None, 1),
+    "tp2_sp": (2, {"tp": 2, "sequence_parallel": True}, GQA, 1),
+    "ep2": (2, {"ep": 2}, MOE, 1),
+    "hsdp2x2": (4, {"data_parallel": "hsdp", "dp_replicate": 2}, None, 1),
+    "pp2": (2, {"pp": 2}, {"n_layers": 4}, 2),
+    "tp2xpp2xfsdp2": (8, {"tp": 2, "pp": 2, "data_parallel": "fsdp"}, GQA | {"n_layers": 4}, 2),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_muon_matches_one_process(dist_pool, case: str) -> None:
+    world, parallel, model, micro_batch = CASES[case]
+    results = dist_pool(world).run("dist_cases_muon:muon_parity", STEPS, parallel, model, micro_batch)
+    for result in results:
+        print(case, result)
+        assert result["names_subset"] and result["moved"], result
+        assert max(result["loss_rel"]) <= 1e-5, result
+        assert max(result["norm_rel"]) <= 1e-5, result
+        assert result["param_rel"] <= 1e-4, result
+    sharded = [r for r in results if r["sharded"]]
+    if sharded:  # the work spreads: every rank owns some of the matrices, none owns all
+        assert all(0 < r["owned"] < r["sharded"] for r in sharded), results
