@@ -4,6 +4,7 @@ laid out for a cluster its layout and whether it fits the GPU it names (launch.g
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from framework.config.loader import dump_recipe, load_recipe
 from framework.config.schema import Recipe
@@ -38,6 +39,7 @@ def summary(recipe: Recipe) -> str:
         *_moe_lines(recipe, counts),
         *_mixer_lines(recipe),
         *_mtp_lines(recipe, flops),
+        *_optimizer_lines(recipe),
         f"training FLOPs per token (seq_len {recipe.data.seq_len}): {_human(flops)}"
         + (" with active experts only" if recipe.model.moe else "")
         + " (see docs/flops.md)",
@@ -124,6 +126,29 @@ def _mtp_lines(recipe: Recipe, flops: float) -> list[str]:
         f"mtp: depth {mtp.depth}, loss weight {mtp.loss_weight}; parameters {_human(mtp_params(recipe.model))} "
         f"(dropped by `loom convert --to hf`), training FLOPs per token +{(flops / without - 1):.1%}"
     ]
+
+
+def _optimizer_lines(recipe: Recipe) -> list[str]:
+    """The optimizer's parameter groups (optim.name and its rules), from the model built on the meta device: per
+    group its algorithm, weight decay, tensor and parameter counts, and its names with layer indices folded."""
+    import torch
+
+    from framework.models.transformer import build_model
+    from framework.train.optim import group_names
+
+    with torch.device("meta"):
+        model = build_model(recipe.model)
+    params = dict(model.named_parameters())
+    lines = [f"optimizer: {recipe.optim.name} (groups from framework/train/optim.py's rules; optim.muon.include/"
+             "exclude move parameters between Muon and AdamW)"]  # fmt: skip
+    for algorithm, decay, names in group_names(model, recipe.optim):
+        count = sum(params[n].numel() for n in names)
+        folded = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", n) for n in names))
+        lines.append(
+            f"  {algorithm} (weight decay {decay:g}): {len(names)} tensors, {_human(count)} parameters: "
+            + ", ".join(folded)
+        )
+    return lines
 
 
 def _moe_lines(recipe: Recipe, counts: dict[str, int]) -> list[str]:

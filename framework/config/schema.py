@@ -1006,7 +1006,7 @@ class MuonConfig:
     """Globs of parameter names (fnmatch) also given to Muon (2-D or more), beside the default rule: the weights
     of linear layers and expert stacks, except the embeddings and the output head."""
     exclude: list[str] = field(default_factory=list)
-    """Globs of parameter names given to AdamW instead of Muon (e.g. '*.gate.weight' for the MoE routers)."""
+    """Globs of parameter names given to AdamW instead of Muon (e.g. '*.router.gate.weight' for the MoE routers)."""
 
     def validate(self) -> None:
         _require(

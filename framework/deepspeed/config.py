@@ -109,6 +109,10 @@ def check_deepspeed(
                           "synchronously", "set checkpoint.async_save: false")  # fmt: skip
     _refuse(recipe.train.spike_sigma > 0, "train.spike_sigma",
             "DeepSpeed applies each update inside its step: Loom cannot skip one", "set train.spike_sigma: 0")  # fmt: skip
+    # ZeRO flattens and partitions the parameter groups: Newton-Schulz would see slices of flat buffers
+    if recipe.optim.name == "muon":
+        raise ConfigError(None, "optim.name", "muon", "ZeRO partitions flattened parameter groups, so Muon would "
+                          "orthogonalise slices, not matrices", "use parallel.engine: native (FSDP2) for Muon")  # fmt: skip
     _check_batch(recipe, world_size)
     validate_user_config(recipe.deepspeed.config)
 

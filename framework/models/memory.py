@@ -2,7 +2,8 @@
 
     parameters       fp32 master weights (bf16/fp16 autocast keeps parameters fp32 and casts per op)
     gradients        fp32, one per parameter
-    optimizer_state  AdamW: exp_avg and exp_avg_sq, fp32 (Kingma & Ba 2015; Loshchilov & Hutter 2019)
+    optimizer_state  AdamW: exp_avg and exp_avg_sq, fp32 (Kingma & Ba 2015; Loshchilov & Hutter 2019); with
+                     optim.name muon the weight matrices keep one fp32 momentum instead (Jordan et al. 2024)
     activations      tensors autograd saves for backward during one micro-batch
                      (train.micro_batch_size x data.seq_len), including the weight copies computed with
                      (autocast's low-precision copies, or the units FSDP2 has gathered)
@@ -74,6 +75,17 @@ from framework.models.mixers import MIXERS, Mixer, layer_window, local_config, m
 FP32 = 4
 INDEX = 8  # int64 token / position / bucket ids
 ADAMW_STATES = 2
+MATRIX_STATES = {"adamw": ADAMW_STATES, "muon": 1}
+"""fp32 state tensors per weight-matrix parameter, by optim.name: AdamW's two moments, Muon's momentum."""
+
+
+def optimizer_state_elements(recipe: Recipe) -> int:
+    """fp32 optimizer-state elements of the whole model. Muon's matrices (framework/train/optim.py's rule: every
+    matmul weight but the output head) keep MATRIX_STATES[optim.name]; everything else AdamW's two."""
+    cfg = recipe.model
+    total = param_counts(cfg)["total"]
+    matrices = matmul_params(cfg) - cfg.vocab_size * cfg.d_model if recipe.optim.name == "muon" else 0
+    return ADAMW_STATES * (total - matrices) + MATRIX_STATES[recipe.optim.name] * matrices
 
 
 # ------------------------------------------------------------------------------------------------ layout
@@ -704,11 +716,12 @@ def _weight_copies(recipe: Recipe, s: _Sizes) -> int:
 
 def memory_per_rank(recipe: Recipe, *, device: str | None = None) -> dict[str, int]:
     """Bytes one rank needs to train `recipe`: parameters, gradients, optimizer_state, activations, total."""
-    params = param_counts(recipe.model)["total"] * _weight_fraction(recipe)
+    fraction = _weight_fraction(recipe)
+    params = param_counts(recipe.model)["total"] * fraction
     out = {
         "parameters": int(params * FP32),
         "gradients": int(params * FP32),
-        "optimizer_state": int(params * FP32 * ADAMW_STATES),
+        "optimizer_state": int(optimizer_state_elements(recipe) * fraction * FP32),
         "activations": sum(activation_breakdown(recipe, device=device).values()),
     }
     out["total"] = sum(out.values())
@@ -724,7 +737,7 @@ class Fit:
     """What one device must hold at least to train a recipe, and what it has."""
 
     need: int
-    """Bytes: the whole per-rank estimate with one process; with more, parameters + gradients + AdamW state
+    """Bytes: the whole per-rank estimate with one process; with more, parameters + gradients + optimizer state
     spread perfectly over every rank (no layout can do better), times the ranks sharing one CPU's memory."""
     what: str
     """Which terms `need` counts, for the message."""
@@ -748,7 +761,7 @@ def fit_of(recipe: Recipe, world_size: int, device: str, *, limit: tuple[int, st
     nothing is allocated. Raises ConfigError when the sizes overflow int64."""
     kind = device.split(":")[0]
     counts = param_counts(recipe.model)
-    state = counts["total"] * FP32 * (2 + ADAMW_STATES)  # parameters, gradients, exp_avg, exp_avg_sq
+    state = (counts["total"] * 2 + optimizer_state_elements(recipe)) * FP32  # parameters, gradients, state
     if state > INT64_MAX:
         raise ConfigError(
             None, "model", f"{counts['total']:,} parameters", "the model's sizes overflow a 64-bit integer",
@@ -758,10 +771,16 @@ def fit_of(recipe: Recipe, world_size: int, device: str, *, limit: tuple[int, st
         one = dataclasses.replace(recipe.launch, nproc_per_node=1, nnodes=1)
         single = dataclasses.replace(recipe, parallel=_single_process_layout(recipe), launch=one)
         estimate = memory_per_rank(single, device=kind)
-        need, what = estimate["total"], "parameters, gradients, AdamW state and activations in one process"
+        need, what = (
+            estimate["total"],
+            "parameters, gradients, optimizer state and activations in one process",
+        )
     else:
         estimate = {"activations": 0}
-        need, what = -(-state // world_size), f"parameters, gradients and AdamW state over {world_size} ranks"
+        need, what = (
+            -(-state // world_size),
+            f"parameters, gradients and optimizer state over {world_size} ranks",
+        )
     if kind == "cuda" and _offloaded(recipe, world_size):  # the state lives in CPU memory
         need, what = estimate["activations"], "activations (the state is offloaded to the CPU)"
     if kind == "cpu":

@@ -110,3 +110,10 @@ def test_a_missing_deepspeed_names_the_extra(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(ConfigError) as err:
         import_deepspeed(torch.device("cpu"))
     assert err.value.key == "parallel.engine" and "loom-pretrain[deepspeed]" in str(err.value)
+
+
+def test_muon_is_refused_on_zero() -> None:
+    """ZeRO partitions flat buffers; Muon needs whole matrices (FSDP2's owner scheme does that)."""
+    with pytest.raises(ConfigError) as err:
+        check_deepspeed(_recipe("optim.name=muon"), 2, None)
+    assert err.value.key == "optim.name"

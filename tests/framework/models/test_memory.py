@@ -402,3 +402,23 @@ def test_recurrent_mixers_grow_linearly_in_sequence(mixer: str) -> None:
     attention = ModelConfig(vocab_size=256, d_model=256, n_layers=2, n_heads=4, ffn_hidden=512, max_seq_len=8192,
                             sliding_window=128)  # fmt: skip
     assert _layer_bytes(attention, 4096, "cpu") / _layer_bytes(attention, 2048, "cpu") > 2.4
+
+
+@pytest.mark.parametrize("name", ["llama", "bert", "gpt2_layernorm_gelu_bias_dropout"])
+def test_muon_state_is_one_momentum_per_matrix(name: str) -> None:
+    """optim.name muon: the optimizer's real state after one step (momentum for the matrices, AdamW's moments
+    for the rest; not AdamW's `step` scalars) is optimizer_state exactly, and well under AdamW's alone."""
+    from framework.train.optim import build_optimizer
+
+    recipe = _recipe(name, "fp32")
+    recipe.optim.name = "muon"
+    model = build_model(recipe.model)
+    init_weights(model, recipe.model, seed=0)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer = build_optimizer(model, recipe.optim, torch.device("cpu"))
+    optimizer.step()
+    state = [t for s in optimizer.state.values() for k, t in s.items() if k != "step"]
+    estimate = memory_per_rank(recipe)["optimizer_state"]
+    assert estimate == _nbytes(state)
+    assert estimate < 0.75 * memory_per_rank(_recipe(name, "fp32"))["optimizer_state"]
