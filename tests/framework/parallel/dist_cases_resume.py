@@ -28,6 +28,7 @@ def resume_recipe(
     every: int = 3,
     moe: bool = False,
     model: dict[str, Any] | None = None,
+    optim: dict[str, Any] | None = None,
     **parallel: Any,
 ) -> Recipe:
     """A 2-block decoder on the demo corpus: cosine schedule with warmup (its state matters on resume), clipping
@@ -46,6 +47,8 @@ def resume_recipe(
     recipe.train.steps, recipe.train.global_batch_size, recipe.train.micro_batch_size = steps, 8, 2
     recipe.train.device, recipe.train.eval_every = "cpu", 0
     recipe.optim.lr, recipe.optim.grad_clip = 1e-3, 0.5
+    for key, value in (optim or {}).items():
+        setattr(recipe.optim, key, value)
     recipe.schedule.name, recipe.schedule.warmup_steps = "cosine", 2
     recipe.checkpoint.every, recipe.checkpoint.keep_last = every, 10
     recipe.logging.run_dir = str(run_dir)
