@@ -1039,10 +1039,14 @@ class OptimConfig:
     """Fused AdamW kernel; null = on for CUDA, off elsewhere."""
     muon: MuonConfig = field(default_factory=MuonConfig)
     """Muon's settings (used when name is muon)."""
+    qk_clip: float = 0.0
+    """QK-clip tau (Kimi K2's MuonClip; e.g. 100): after each step, the query and key weights of every attention
+    head whose max logit on the step exceeded tau are scaled so it would be tau; 0 = off. docs/optimizers.md."""
 
     def validate(self) -> None:
         self.muon.validate()
         _positive(self, "optim", "lr", "eps")
+        _non_negative(self, "optim", "qk_clip")
         _non_negative(self, "optim", "weight_decay", "grad_clip")
         for i, beta in enumerate(self.betas):
             _require(
@@ -1490,6 +1494,25 @@ class Recipe:
         )
         if m.mtp is not None:
             self._validate_mtp_parallel()
+        if self.optim.qk_clip > 0:
+            self._validate_qk_clip()
+
+    def _validate_qk_clip(self) -> None:
+        """optim.qk_clip where rescaling W_q/W_k reaches the logits and the probe sees them whole."""
+        m, p, key, tau = self.model, self.parallel, "optim.qk_clip", self.optim.qk_clip
+        _require(
+            not m.qk_norm, key, tau, "has no effect with model.qk_norm: the norm undoes a scaled W_q or W_k "
+            "(QK-clip is the alternative to QK-norm, e.g. for MLA)", "set optim.qk_clip: 0, or model.qk_norm: false",
+        )  # fmt: skip
+        _require(
+            m.family == "decoder", key, tau, "clips decoder self-attention only (Kimi K2's setting)",
+            "set optim.qk_clip: 0 for encoders and encoder-decoders",
+        )  # fmt: skip
+        _require(
+            p.cp == 1 and p.engine == "native", key, tau, "needs each rank's attention to see whole sequences "
+            "and the native engine (context parallelism and DeepSpeed are not covered yet)",
+            "set parallel.cp: 1 and parallel.engine: native, or optim.qk_clip: 0",
+        )  # fmt: skip
 
     def _validate_mtp_parallel(self) -> None:
         """model.mtp under the layouts it does not support yet (framework/models/mtp.py)."""

@@ -66,6 +66,9 @@ class DistributedTrainModule(TrainModule):
         """Sum over cp: the ranks holding the other sequence shards of this rank's samples."""
         return _sum_over(value, self.mesh, ("cp",))
 
+    def _world_max(self, value: torch.Tensor) -> None:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+
     def global_sum(self, value: torch.Tensor) -> torch.Tensor:
         """Validation's sums: eval_batch already returns its batch's whole-sequence sums on every cp peer (as tp
         and pp peers do), so only the data-parallel ranks are added (its batch counts stay counts)."""

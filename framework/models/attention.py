@@ -204,6 +204,43 @@ def sdpa_attention_with_sinks(
     return sdpa_attention(q, k, v, scale=scale, mask=mask, bias=bias, dropout_p=dropout_p)[..., :width]
 
 
+LOGIT_ROWS = 512
+"""Query rows per chunk of max_logits: the score block it holds is [B, heads, 512, Sk] in fp32, never [Sq, Sk]."""
+
+
+@torch.no_grad()
+def max_logits(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    inv_temperature: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    causal: bool,
+) -> torch.Tensor:
+    """[heads] max over the batch and every allowed (i, j) of scale * q_i.k_j / T_h in fp32: the logit W_q and W_k
+    control (QK-clip's statistic; softcap and additive biases are not in it). q [B, H, Sq, D], k [B, Hkv, Sk, D]
+    with H a multiple of Hkv; mask [B, 1, Sq, Sk] (True = attend) or None; causal: the plain causal mask. Computed
+    in chunks of LOGIT_ROWS query rows, beside whichever kernel attends (flash, TE, flex): no full score matrix."""
+    batch, heads, q_len, dim = q.shape
+    groups = heads // k.shape[1]
+    qg = q.float().view(batch, k.shape[1], groups, q_len, dim)
+    kf = k.float()
+    best = torch.full((heads,), float("-inf"), device=q.device)
+    for start in range(0, q_len, LOGIT_ROWS):
+        rows = slice(start, min(start + LOGIT_ROWS, q_len))
+        scores = torch.einsum("bgrqd,bgkd->bgrqk", qg[:, :, :, rows], kf).flatten(1, 2) * scale
+        if inv_temperature is not None:
+            scores = scores * inv_temperature.float().view(1, heads, 1, 1)
+        allowed = mask[:, :, rows] if mask is not None else None
+        if causal:
+            qi = torch.arange(rows.start, rows.stop, device=q.device)[:, None]
+            allowed = qi >= torch.arange(k.shape[2], device=q.device)[None, :]
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        best = torch.maximum(best, scores.amax(dim=(0, 2, 3)))
+    return best
+
+
 def rescale_for_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
     """out [B, H, Sq, D] of plain attention and its log-sum-exp lse [B, H, Sq] (natural log) -> the sink softmax's
     output: out * Z / (Z + e^sink_h) = out * sigmoid(lse - sink_h). A fully masked row (lse = -inf) stays 0."""
@@ -292,6 +329,10 @@ class Attention(nn.Module):
         Engine's DotProductAttention here, keeping this file free of TE). A plain callable, not a module, so the
         state dict and parameter names stay the same whichever kernel runs."""
         self.head_dim = head_dim
+        self.track_logits = False
+        """Set by QK-clip (framework/train/qk_clip.py): each forward folds its max_logits into `max_logit`."""
+        self.max_logit: torch.Tensor | None = None
+        """[local heads] running max of max_logits since QK-clip last reset it (None: none recorded)."""
         self.backend = cfg.attention_backend
         self.scale = softmax_scale(cfg)
         self.temperature = cfg.attention_temperature
@@ -350,6 +391,8 @@ class Attention(nn.Module):
         inv_temperature = self._inv_temperature(heads, q.device)
         dropout_p = self.dropout_p if self.training else 0.0
         sinks = self._sinks()
+        if self.track_logits:
+            self._record_max_logit(q, k, ctx, inv_temperature)
         if self.kernel is not None:
             if bias_fn is not None:
                 raise NotImplementedError("an injected kernel takes no score bias (ALiBi, T5, distance)")
@@ -388,6 +431,15 @@ class Attention(nn.Module):
         if sinks is not None:
             return sdpa_attention_with_sinks(q, k, v, mask=mask, sinks=sinks, **kwargs)
         return sdpa_attention(q, k, v, mask=mask, **kwargs)
+
+    def _record_max_logit(
+        self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext, inv_temperature: torch.Tensor | None
+    ) -> None:
+        q_len, k_len = q.shape[2], k.shape[2]
+        causal = ctx.mask.is_plain_causal and q_len == k_len
+        mask = None if causal else ctx.dense_mask(q.shape[0], q_len, k_len, q.device)
+        found = max_logits(q, k, self.scale, inv_temperature, mask, causal)
+        self.max_logit = found if self.max_logit is None else torch.maximum(self.max_logit, found)
 
     def _flex(
         self,

@@ -68,6 +68,7 @@ class MLA(Attention):
         self.local_view = _identity
         self.attend_hook = _attend_here
         self.kernel = None
+        self.track_logits, self.max_logit = False, None  # QK-clip's probe (Attention)
         self.shared_view: Callable[[torch.Tensor], torch.Tensor] = _identity
         """Hook on the rope key every head shares: tensor parallelism sums its gradient over the tp ranks, whose
         heads each use it (framework/parallel/tensor.py; keeps this file free of torch.distributed)."""

@@ -20,7 +20,9 @@ matrices, and the layout changes no value: the same fp32 operations on the same 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,26 +170,61 @@ class OwnerPicker:
         return MatrixLayout(mesh, tuple(param.placements), gathered, own, owner, param.shape, param.stride())
 
 
+class PhaseClock:
+    """Seconds per phase of the optimizer step, summed over steps, when `timings` is a dict (benchmarks/muon.py);
+    a no-op otherwise. Profiling syncs the device around each phase, so it is off in training."""
+
+    def __init__(self, timings: dict[str, float] | None, device: torch.device) -> None:
+        self.timings, self.device = timings, device
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if self.timings is None:
+            yield
+            return
+        self._sync()
+        start = time.perf_counter()
+        yield
+        self._sync()
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+    def _sync(self) -> None:
+        """The device's queue, then every rank (so a phase's time is its own, not a wait for a slower rank's
+        previous phase: the owners' uneven Newton-Schulz work shows in `iterate`, not in `scatter`)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if dist.is_initialized():
+            dist.barrier()
+
+
 def orthogonalize(
-    updates: list[torch.Tensor], layouts: list[MatrixLayout | None], steps: int, dtype: torch.dtype
+    updates: list[torch.Tensor],
+    layouts: list[MatrixLayout | None],
+    steps: int,
+    dtype: torch.dtype,
+    clock: PhaseClock | None = None,
 ) -> list[torch.Tensor]:
     """NS5 of every matrix whose local shard is in `updates`; returns each rank's shard of the results (in the
     updates' dtype). Buckets of about BUCKET_ELEMENTS full elements: gather all, iterate the owned, broadcast."""
+    clock = clock or PhaseClock(None, torch.device("cpu"))
     out: list[torch.Tensor] = [torch.empty(0)] * len(updates)
     for bucket in _buckets(updates, layouts):
-        fulls = {i: layouts[i].gather(updates[i]) for i in bucket if layouts[i] is not None}  # type: ignore[union-attr]
-        for i in bucket:
-            layout = layouts[i]
-            if layout is None:
-                out[i] = newton_schulz(updates[i], steps, dtype).to(updates[i].dtype)
-            elif layout.mine:
-                # contiguous: a tall matrix's result is a transposed view, and the receivers' buffers are not
-                fulls[i] = newton_schulz(fulls[i], steps, dtype).to(updates[i].dtype).contiguous()
-        for i, full in fulls.items():
-            layout = layouts[i]
-            assert layout is not None
-            layout.broadcast(full)
-            out[i] = layout.scatter(full)
+        with clock.phase("gather"):
+            fulls = {i: layout.gather(updates[i]) for i in bucket if (layout := layouts[i]) is not None}
+        with clock.phase("iterate"):
+            for i in bucket:
+                layout = layouts[i]
+                if layout is None:
+                    out[i] = newton_schulz(updates[i], steps, dtype).to(updates[i].dtype)
+                elif layout.mine:
+                    # contiguous: a tall matrix's result is a transposed view, and the receivers' buffers are not
+                    fulls[i] = newton_schulz(fulls[i], steps, dtype).to(updates[i].dtype).contiguous()
+        with clock.phase("scatter"):
+            for i, full in fulls.items():
+                layout = layouts[i]
+                assert layout is not None
+                layout.broadcast(full)
+                out[i] = layout.scatter(full)
     return out
 
 
@@ -238,6 +275,10 @@ class MuonAdamW(torch.optim.Optimizer):
         )  # fmt: skip
         auto = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.ns_dtype = auto if muon.ns_dtype == "auto" else getattr(torch, muon.ns_dtype)
+        self.device = device
+        self.timings: dict[str, float] | None = None
+        """Set to {} to have each step add its seconds per phase (momentum, gather, iterate, scatter, apply,
+        adamw); None (training) measures nothing."""
         picker = OwnerPicker()
         self.layouts = {p: picker.layout(p) for g in self._muon_groups() for p in g["params"]}
 
@@ -259,20 +300,23 @@ class MuonAdamW(torch.optim.Optimizer):
         if closure is not None:
             raise ValueError("MuonAdamW.step takes no closure")
         if self._adamw is not None:
-            self._adamw.step()
+            with PhaseClock(self.timings, self.device).phase("adamw"):
+                self._adamw.step()
+        clock = PhaseClock(self.timings, self.device)
         params, updates = [], []
-        for group in self._muon_groups():
-            for p in group["params"]:
-                if p.grad is not None:
-                    params.append((p, group))
-                    updates.append(self._momentum_update(p))
+        with clock.phase("momentum"):
+            for group in self._muon_groups():
+                for p in group["params"]:
+                    if p.grad is not None:
+                        params.append((p, group))
+                        updates.append(self._momentum_update(p))
         layouts = [self.layouts[p] for p, _ in params]
-        for (p, group), o in zip(
-            params, orthogonalize(updates, layouts, self.ns_steps, self.ns_dtype), strict=True
-        ):
-            local = _local(p)
-            local.mul_(1 - group["lr"] * group["weight_decay"])
-            local.add_(o, alpha=-group["lr"] * lr_scale(p.shape, self.scale_rule))
+        results = orthogonalize(updates, layouts, self.ns_steps, self.ns_dtype, clock)
+        with clock.phase("apply"):
+            for (p, group), o in zip(params, results, strict=True):
+                local = _local(p)
+                local.mul_(1 - group["lr"] * group["weight_decay"])
+                local.add_(o, alpha=-group["lr"] * lr_scale(p.shape, self.scale_rule))
 
     def _momentum_update(self, p: torch.Tensor) -> torch.Tensor:
         """This rank's shard of the matrix to orthogonalise (elementwise, so shard by shard is exact)."""

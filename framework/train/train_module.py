@@ -24,6 +24,7 @@ from framework.train.moe_loss import MoEBalancer
 from framework.train.mtp_loss import mtp_loss, mtp_metrics, take_mtp_logits
 from framework.train.optim import build_optimizer
 from framework.train.precision import Precision
+from framework.train.qk_clip import QKClip
 from framework.train.schedule import build_scheduler, scheduler_state_for
 
 Batch = dict[str, torch.Tensor]
@@ -118,6 +119,9 @@ class TrainModule(BaseTrainModule):
         """The step's per-depth MTP losses [D], summed over micro-batches and ranks (None without model.mtp)."""
         # MoE router losses, load metrics and selection-bias updates (None for dense models).
         self.moe = MoEBalancer.for_model(model, recipe.model.moe, self._global_sum, self._shard_sum)
+        # QK-clip (optim.qk_clip): the heads' max logits of each step, rescaled after the update (None when off)
+        self.qk_clip = QKClip.for_recipe(model, recipe.model, recipe.optim.qk_clip, self._world_max)
+        self._qk_report: dict[str, Any] = {}
 
     @property
     def step(self) -> int:
@@ -136,6 +140,8 @@ class TrainModule(BaseTrainModule):
         if not micro_batches:
             raise ValueError("train_batch needs at least one micro-batch")
         self._set_training(True)
+        if self.qk_clip is not None:
+            self.qk_clip.start_step()
         batches = [self._to_device(mb) for mb in micro_batches]
         # Normaliser of every micro-batch: labelled tokens of the whole global batch, counted before any backward.
         total = self._global_sum(sum(count_labelled(b["labels"]) for b in batches))
@@ -185,7 +191,8 @@ class TrainModule(BaseTrainModule):
         if scaler is not None:
             scaler.update()  # backs off when unscale_ found inf/NaN, else counts towards growth
         self.counters.step += 1
-        return {**stats, **self._step_report(lr, reason), "labelled_tokens": int(n_labelled)}
+        report, self._qk_report = self._qk_report, {}
+        return {**stats, **self._step_report(lr, reason), **report, "labelled_tokens": int(n_labelled)}
 
     def global_sum(self, value: torch.Tensor) -> torch.Tensor:
         return self._global_sum(value)
@@ -251,6 +258,8 @@ class TrainModule(BaseTrainModule):
             self._clip_grads(clip, norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.qk_clip is not None:
+            self._qk_report = self.qk_clip.apply()  # a second host sync: the clipped-head count for the logs
         if self.moe is not None:
             self.moe.update_bias()  # aux-loss-free balancing uses the load of the step just applied
         # The schedule advances with applied updates only, so a skip leaves the optimizer untouched (LR included).
@@ -286,6 +295,9 @@ class TrainModule(BaseTrainModule):
     def _shard_sum(self, value: torch.Tensor) -> torch.Tensor:
         """Sum over the ranks holding other shards of the same sequences (context parallel; one process: itself)."""
         return value
+
+    def _world_max(self, value: torch.Tensor) -> None:
+        """Max over every rank, in place (one process: nothing to do)."""
 
     def _moe_metrics(self) -> dict[str, Any]:
         """The step's MoE router losses and load metrics (a seam: pipeline stages combine their layers')."""

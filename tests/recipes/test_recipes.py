@@ -26,7 +26,15 @@ def numel(module: torch.nn.Module) -> int:
 
 def test_the_zoo_is_shipped() -> None:
     names = {p.stem for p in RECIPES}
-    assert {"debug", "llama-125m", "llama-1b", "llama-8b", "mistral-7b", "qwen3-0.6b"} <= names
+    assert {
+        "debug",
+        "llama-125m",
+        "llama-125m-muon",
+        "llama-1b",
+        "llama-8b",
+        "mistral-7b",
+        "qwen3-0.6b",
+    } <= names
     assert {"bert-base", "t5-base", "alibi-560m"} <= names
     assert {"mixtral-8x7b", "qwen3-moe-30b-a3b", "deepseek-v3-style-16b", "glm-4.5-air-style"} <= names
     assert {

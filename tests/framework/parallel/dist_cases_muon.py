@@ -8,18 +8,30 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from dist_cases import GLOBAL_BATCH, full_params, global_batches, tiny_recipe, train_steps
+from dist_cases import GLOBAL_BATCH, full_params, global_batches, tiny_recipe
 from dist_cases_pp import regroup
 
 from framework.engines.build import train_module_for
 from framework.parallel.dims import ParallelDims, build_mesh
 from framework.run import build_parallel_model, materialize_model
 from framework.train.muon import MuonAdamW
-from framework.train.train_module import TrainModule
+from framework.train.train_module import Batch, TrainModule
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
+
+
+def _train(module: TrainModule, batches: list[list[Batch]]) -> tuple[list[float], list[float], list[int]]:
+    """dist_cases.train_steps, also returning each step's QK-clip count (optim.qk_clip; 0 without)."""
+    losses, norms, clipped = [], [], []
+    for micro_batches in batches:
+        module.train_batch(micro_batches)
+        stats = module.optim_step()
+        losses.append(stats["loss"])
+        norms.append(stats["grad_norm"])
+        clipped.append(stats.get("qk_clipped_heads", 0))
+    return losses, norms, clipped
 
 
 def muon_parity(
@@ -28,24 +40,27 @@ def muon_parity(
     model: dict[str, Any] | None = None,
     micro_batch: int = 1,
     seed: int = 0,
+    optim: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`steps` Muon steps in this layout and on one process; differences of the losses, gradient norms and of the
-    parameters this rank holds, and how many of the sharded matrices this rank iterated."""
+    parameters this rank holds, how many of the sharded matrices this rank iterated, and the heads QK-clip clipped
+    per step in both runs (`optim`: more optim.* settings, e.g. qk_clip)."""
     recipe = tiny_recipe(model, **parallel)
     recipe.optim.name, recipe.train.micro_batch_size, recipe.train.seed = "muon", micro_batch, seed
+    for key, value in (optim or {}).items():
+        setattr(recipe.optim, key, value)
     data = global_batches(steps)
     cpu = torch.device("cpu")
     reference = TrainModule(materialize_model(recipe.model, cpu, seed), recipe, "cpu")
-    ref_losses, ref_norms = train_steps(reference, data)
+    ref_losses, ref_norms, ref_clipped = _train(reference, data)
 
     dims = ParallelDims.from_recipe(recipe, dist.get_world_size())
     mesh = build_mesh(dims, "cpu")
     module = train_module_for(build_parallel_model(recipe, dims, mesh, cpu), recipe, cpu, dims, mesh)
     per_rank = GLOBAL_BATCH // dims.dp
     rank = mesh["dp_replicate"].get_local_rank() * dims.dp_shard + mesh["dp_shard"].get_local_rank()
-    losses, norms = train_steps(
-        module, [regroup(b[rank * per_rank : (rank + 1) * per_rank], micro_batch) for b in data]
-    )
+    mine = [regroup(b[rank * per_rank : (rank + 1) * per_rank], micro_batch) for b in data]
+    losses, norms, clipped = _train(module, mine)
 
     ref_params, params = full_params(reference.model), full_params(module.model)
     rel = {n: _rel(p, ref_params[n]) for n, p in params.items()}
@@ -61,6 +76,8 @@ def muon_parity(
         "muon_matrices": len(optimizer.layouts),
         "sharded": len(sharded),
         "owned": sum(layout.mine for layout in sharded),
+        "clipped": clipped,
+        "ref_clipped": ref_clipped,
         "moved": max(rel[n] for n in params if n in rel) > 0 and _moved(reference, ref_params),
     }
 

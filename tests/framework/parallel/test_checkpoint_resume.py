@@ -70,7 +70,10 @@ MUON = {"name": "muon"}
 CROSS = {
     "tp2xpp2->one": ((4, dict(tp=2, pp=2, model=TIED)), (1, dict(model=TIED))),
     # Muon: its momentum (sharded over 4 ranks) reshards onto TP2 like AdamW's moments (those of the 1-D tensors)
-    "fsdp2x2->tp2_muon": ((4, dict(dp_shard=4, data_parallel="fsdp", optim=MUON)), (2, dict(tp=2, optim=MUON))),
+    "fsdp2x2->tp2_muon": (
+        (4, dict(dp_shard=4, data_parallel="fsdp", optim=MUON)),
+        (2, dict(tp=2, optim=MUON)),
+    ),
     "one->pp2xfsdp2": ((1, {}), (4, dict(pp=2, dp_shard=2, data_parallel="fsdp"))),
     "dp4->dp2": (
         (4, dict(dp_replicate=4, data_parallel="ddp")),

@@ -34,6 +34,28 @@ CASES: dict[str, tuple[int, dict[str, Any], dict[str, Any] | None, int]] = {
 }
 
 
+# QK-clip at a tau below the tiny model's init logits (~0.05), so heads are clipped on every step: the per-head maxima
+# are max-reduced over data-parallel ranks (other samples) and tensor-parallel ranks (other heads)
+CLIP = {"qk_clip": 0.02}
+CLIP_CASES = {
+    "fsdp2_qk_clip": (2, {"data_parallel": "fsdp"}, GQA, 1),
+    "tp2_sp_qk_clip": (2, {"tp": 2, "sequence_parallel": True}, GQA | {"bias": True, "bias_scope": "qkv"}, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(CLIP_CASES))
+def test_qk_clip_matches_one_process(dist_pool, case: str) -> None:
+    world, parallel, model, micro_batch = CLIP_CASES[case]
+    results = dist_pool(world).run(
+        "dist_cases_muon:muon_parity", STEPS, parallel, model, micro_batch, 0, CLIP
+    )
+    for result in results:
+        print(case, result)
+        assert result["clipped"] == result["ref_clipped"] and min(result["clipped"]) > 0, result
+        assert max(result["loss_rel"]) <= 1e-5, result
+        assert result["param_rel"] <= 1e-4, result
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_muon_matches_one_process(dist_pool, case: str) -> None:
     world, parallel, model, micro_batch = CASES[case]
