@@ -76,6 +76,8 @@ class PipelineTrainModule(DistributedTrainModule):
         if not micro_batches:
             raise ValueError("train_batch needs at least one micro-batch")
         self._set_training(True)
+        if self.qk_clip is not None:
+            self.qk_clip.start_step()
         batches = [self._to_device(mb) for mb in micro_batches]
         self._total = self._global_sum(sum(count_labelled(b["labels"]) for b in batches))
         self._sums = []

@@ -40,6 +40,8 @@ CLIP = {"qk_clip": 0.02}
 CLIP_CASES = {
     "fsdp2_qk_clip": (2, {"data_parallel": "fsdp"}, GQA, 1),
     "tp2_sp_qk_clip": (2, {"tp": 2, "sequence_parallel": True}, GQA | {"bias": True, "bias_scope": "qkv"}, 1),
+    # pipeline stages hold other layers: each fills its rows of the [layers, heads] table
+    "pp2_qk_clip": (2, {"pp": 2}, {"n_layers": 4}, 2),
 }
 
 
