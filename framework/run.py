@@ -347,10 +347,19 @@ class StepBatches:
         """This data-parallel rank's slice of each global batch."""
         return self.source.batches(self.global_batch_size, self.micro_batch_size, self.dp_rank, self.dp_size)
 
-    def state_dict(self) -> dict[str, int]:
+    @property
+    def consumed_samples(self) -> int:
+        """The global sample position the next step starts from."""
+        return self.source.consumed_samples
+
+    def skip(self, start: int, end: int) -> None:
+        """Step over global samples [start, end) (a loss-spike rewind)."""
+        self.source.skip(start, end)
+
+    def state_dict(self) -> dict[str, Any]:
         return self.source.state_dict()
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.source.load_state_dict(state)
 
 

@@ -1,9 +1,12 @@
-"""A hybrid version of the demo learns like the dense demo: the debug recipe with three of every four blocks a
-Gated DeltaNet (Qwen3-Next's 3:1 pattern; the last block keeps attention), trained the dense demo's 200 steps.
+"""A hybrid version of the demo learns: the debug recipe with three of every four blocks a Gated DeltaNet
+(Qwen3-Next's 3:1 pattern; the last block keeps attention), trained with Muon (optim.name muon: its hidden matrices,
+the GDN projections included, on Muon; A_log, dt_bias, the convolutions and norms on AdamW) for 120 steps.
 
-Asserted: the last 20 steps average <= the dense demo's target 0.655 * ln(vocab) (tests/test_demo.py) and the
-validation loss falls. The GDN blocks carry the same head layout as the dense model's attention (6 heads of 32)
-and reset their state at every document start of the packed samples.
+Asserted: the last 20 steps average <= the dense demo's 200-step AdamW target 0.655 * ln(vocab) (tests/test_demo.py)
+and the validation loss falls. Measured: 5.17 nats at 120 steps with Muon against the 5.45 asserted; with AdamW the
+same 120 steps end at 5.63 (200 steps were needed, 2.6x this test's time), the dense demo with AdamW at 5.59. The GDN
+blocks carry the same head layout as the dense model's attention (6 heads of 32) and reset their state at every
+document start of the packed samples.
 """
 
 from __future__ import annotations
@@ -17,14 +20,14 @@ from framework.data import Tokenizer
 from framework.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS, TARGET = 200, 0.655  # the dense demo's step count and target (tests/test_demo.py)
+STEPS, TARGET = 120, 0.655  # the dense demo's target (tests/test_demo.py), reached in 120 Muon steps
 GDN = "{heads: 6, key_heads: 6, key_head_dim: 32, value_head_dim: 32, chunk_size: 64}"
 
 
 def test_hybrid_demo_learns(demo_data: Path, tmp_path: Path) -> None:
     overrides = [f"logging.run_dir={tmp_path}", "logging.progress_bar=false", "logging.tensorboard=false"]
     overrides += [f"data.tokenizer={demo_data / 'tokenizer.model'}", f"data.train={demo_data}"]
-    overrides += [f"data.validation={demo_data}", f"train.steps={STEPS}"]
+    overrides += [f"data.validation={demo_data}", f"train.steps={STEPS}", "optim.name=muon"]
     overrides += ["model.layers={pattern: [gdn, gdn, gdn, attention]}", f"model.gdn={GDN}"]
     recipe = load_recipe(ROOT / "recipes" / "debug.yaml", overrides)
     train(recipe)

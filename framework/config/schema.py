@@ -1117,8 +1117,17 @@ class DataConfig:
     """span_corruption: mean length of a corrupted span."""
     seed: int = 1234
     """Seed of the sample order and of the objective's randomness."""
+    skip_samples: list[tuple[int, int]] = field(default_factory=list)
+    """[start, end) ranges of global sample positions the training stream steps over: a step that would start
+    inside one starts at its end (the ranges a loss-spike rewind skipped are in runs/*/skipped_data.jsonl and the
+    checkpoints; listing them here replays a run without that data)."""
 
     def validate(self) -> None:
+        for i, (start, end) in enumerate(self.skip_samples):
+            _require(
+                0 <= start < end, f"data.skip_samples[{i}]", [start, end], "must be [start, end) with 0 <= start < end",
+                "write the range as [first skipped sample, first kept sample]",
+            )  # fmt: skip
         _positive(self, "data", "seq_len", "mean_span_length")
         _non_negative(self, "data", "num_workers")
         _at_most(self, "data", MAX_TOKENS, "seq_len")
@@ -1154,8 +1163,13 @@ class TrainConfig:
     """Loss-spike detection: a loss more than this many standard deviations above the recent mean; 0 disables."""
     spike_window: int = 50
     """Steps of recent losses used for the spike mean and deviation."""
-    spike_policy: Literal["skip", "halt"] = "skip"
-    """On a spike: skip the update, or stop with a diagnostics file."""
+    spike_policy: Literal["skip", "halt", "rewind"] = "skip"
+    """On a spike: skip the update; stop with a diagnostics file; or rewind: restore the last good checkpoint (in the
+    same processes), step over the samples consumed since it (plus spike_skip_samples) and go on (docs/stability)."""
+    spike_grad_norm: bool = False
+    """Also call a spike when the gradient norm exceeds mean + spike_sigma std of its own window."""
+    spike_skip_samples: int = 0
+    """rewind: samples skipped beyond the spiking step's (the margin after the bad data)."""
     max_consecutive_skips: int = 20
     """Halt after this many consecutive skipped steps."""
 
@@ -1164,7 +1178,7 @@ class TrainConfig:
             self, "train", "steps", "global_batch_size", "micro_batch_size", "eval_batches", "spike_window"
         )
         _positive(self, "train", "max_consecutive_skips")
-        _non_negative(self, "train", "z_loss", "eval_every", "spike_sigma")
+        _non_negative(self, "train", "z_loss", "eval_every", "spike_sigma", "spike_skip_samples")
         _at_most(self, "train", MAX_STEPS, "steps", "eval_every", "max_consecutive_skips")
         _at_most(
             self, "train", MAX_BATCH, "global_batch_size", "micro_batch_size", "eval_batches", "spike_window"
@@ -1496,6 +1510,12 @@ class Recipe:
             self._validate_mtp_parallel()
         if self.optim.qk_clip > 0:
             self._validate_qk_clip()
+        t = self.train
+        _require(
+            t.spike_policy != "rewind" or (self.checkpoint.every > 0 and t.spike_sigma > 0), "train.spike_policy",
+            "rewind", "goes back to the last checkpoint: needs checkpoint.every > 0 and train.spike_sigma > 0",
+            "set checkpoint.every (e.g. 500) and train.spike_sigma (e.g. 6), or spike_policy: skip",
+        )  # fmt: skip
 
     def _validate_qk_clip(self) -> None:
         """optim.qk_clip where rescaling W_q/W_k reaches the logits and the probe sees them whole."""

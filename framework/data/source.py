@@ -177,7 +177,24 @@ class TrainSource:
         self.device_type = device_type
         """The device type the batches go to (the run's train.device): decides pinning and read-ahead."""
         self.consumed_samples = 0
+        """The stream's position: the global sample index the next step starts at (after skipped ranges)."""
+        self.skipped: list[tuple[int, int]] = []
+        """[start, end) ranges of global sample positions no step reads (data.skip_samples, loss-spike rewinds)."""
         self._reseed(seed)
+
+    def skip(self, start: int, end: int) -> None:
+        """Step over [start, end) from now on: a step that would start inside it starts at `end`."""
+        self.skipped = sorted({*self.skipped, (int(start), int(end))})
+
+    def step_start(self, position: int) -> int:
+        """Where the step that would start at `position` starts: past every skipped range it falls in."""
+        moved = True
+        while moved:
+            moved = False
+            for start, end in self.skipped:
+                if start <= position < end:
+                    position, moved = end, True
+        return position
 
     def _reseed(self, seed: int) -> None:
         self.seed = seed
@@ -219,17 +236,23 @@ class TrainSource:
             except ConfigError:
                 loader = None  # stop the workers now, not when the error's traceback is collected
                 raise
-            self.consumed_samples += global_batch_size
+            self.consumed_samples = self.step_start(self.consumed_samples) + global_batch_size
             yield step
 
-    def state_dict(self) -> dict[str, int]:
-        """Everything needed to resume the stream."""
-        return {"consumed_samples": self.consumed_samples, "seed": self.seed}
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume the stream (the skipped ranges too, so a resume keeps stepping over them)."""
+        state: dict[str, Any] = {"consumed_samples": self.consumed_samples, "seed": self.seed}
+        if self.skipped:
+            state["skipped"] = [list(r) for r in self.skipped]
+        return state
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume: continue after `consumed_samples` with the checkpoint's seed (hence the same order)."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: continue after `consumed_samples` with the checkpoint's seed (hence the same order), also
+        stepping over the ranges it skipped (besides this run's data.skip_samples)."""
         self.consumed_samples = int(state["consumed_samples"])
         self._reseed(int(state["seed"]))
+        for start, end in state.get("skipped", []):
+            self.skip(start, end)
 
 
 class _Requests:
@@ -241,6 +264,7 @@ class _Requests:
     def __iter__(self) -> Iterator[tuple[int, ...]]:
         start = self.start
         while True:
+            start = self.source.step_start(start)
             for micro in self.source.step_indices(start, *self.args):
                 yield tuple(micro)
             start += self.args[0]
@@ -371,6 +395,8 @@ def build_data(
     train = TrainSource(
         datasets, objective, data_cfg.seed, data_cfg.weights, data_cfg.num_workers, device_type
     )
+    for start, end in data_cfg.skip_samples:
+        train.skip(start, end)
     if data_cfg.validation is None:
         return train, None
     split = _open(data_cfg, data_cfg.validation, "validation", "data.validation", tokenizer)

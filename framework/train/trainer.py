@@ -47,6 +47,8 @@ class Trainer:
         self.accumulation_steps = cfg.global_batch_size // (cfg.micro_batch_size * dp_size)
         self.should_stop = False
         """A callback sets this to end fit() cleanly after the current step."""
+        self.rewind_request: str | None = None
+        """Why the step just vetoed should be rewound (train.spike_policy rewind); the Checkpointer acts on it."""
         self.last_metrics: dict[str, Any] | None = None
         self._iterator: Iterator[Batch | list[Batch]] | None = None
 
@@ -127,6 +129,15 @@ class Trainer:
 
     def data_state(self) -> Any:
         return self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
+
+    def data_position(self) -> int | None:
+        """The global sample position the next step starts from (None for a stream without one)."""
+        return getattr(self.batches, "consumed_samples", None)
+
+    def skip_data(self, start: int, end: int) -> None:
+        """Step over global samples [start, end) from the next step on."""
+        self.batches.skip(start, end)  # type: ignore[attr-defined]
+        self._iterator = None  # the loader's read-ahead predates the range
 
     def load_data_state(self, state: Any) -> None:
         if state is not None and hasattr(self.batches, "load_state_dict"):

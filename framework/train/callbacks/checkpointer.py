@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 import warnings
@@ -41,6 +42,19 @@ from framework.train.callbacks.preemption import (
     write_record,
 )
 from framework.train.resume_check import FINGERPRINT, check_same_data, data_fingerprint
+
+SKIPPED_DATA = "skipped_data.jsonl"
+"""One JSON line per loss-spike rewind: the spiking step, the checkpoint gone back to, the skipped [start, end)."""
+
+
+def _append_line(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line durably (a crash leaves whole lines: the file is read line by line)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
 
 if TYPE_CHECKING:
     from framework.train.trainer import Trainer
@@ -122,6 +136,9 @@ class Checkpointer(Callback):
             self.load(trainer, path)
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        if trainer.rewind_request is not None:
+            self.rewind(trainer, metrics)
+            return
         signum = self.signal.agreed()
         if signum and trainer.step < self.recipe.train.steps:  # a finished run is finished, not preempted
             self._preempt(trainer, signum)
@@ -140,6 +157,34 @@ class Checkpointer(Callback):
                 self.writer.close()  # an in-flight save of good state still commits after a failure
             except Exception as error:  # noqa: BLE001 - do not mask the error that ended the run
                 log.warning("the checkpoint in flight when the run ended was not committed: %s", error)
+
+    # -- loss-spike rewind (train.spike_policy: rewind) ------------------------------------------------------
+
+    def rewind(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        """Go back to the newest good checkpoint in these processes and step over the global samples consumed from
+        its data position to the end of the spiking step, plus train.spike_skip_samples. Recorded in
+        <run_dir>/skipped_data.jsonl and, through the data state, in every later checkpoint."""
+        reason, trainer.rewind_request = trainer.rewind_request, None
+        self._wait()  # a save in flight commits first: it may be the one to go back to
+        path = self._newest_good()
+        end = trainer.data_position()
+        if path is None or end is None:
+            log.warning(
+                "loss spike at step %d: no checkpoint to rewind to; the update was skipped", trainer.step
+            )
+            return
+        spike_step = metrics.get("step", trainer.step)
+        self.load(trainer, path)
+        start = trainer.data_position()
+        assert start is not None
+        stop = end + self.recipe.train.spike_skip_samples
+        trainer.skip_data(start, stop)
+        record = {"spike_step": spike_step, "reason": reason, "rewound_to_step": trainer.step,
+                  "checkpoint": str(path), "samples": [start, stop], "time": time.time()}  # fmt: skip
+        if self.rank == 0:
+            _append_line(Path(self.recipe.logging.run_dir) / SKIPPED_DATA, record)
+        log.warning("loss spike at step %d (%s): rewound to %s, skipping samples [%d, %d)", spike_step, reason,
+                    path.name, start, stop)  # fmt: skip
 
     # -- save / load ---------------------------------------------------------------------------------------
 

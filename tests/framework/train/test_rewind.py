@@ -1,0 +1,95 @@
+"""Loss-spike rewind (train.spike_policy: rewind) end to end on the demo corpus: a poisoned range of the data (one
+repeated rare token) makes the loss spike; the run goes back to its last checkpoint in the same process, steps over
+the samples consumed since it (plus spike_skip_samples) and goes on. Its final model equals, bit for bit, a run
+whose data order simply omits that range (data.skip_samples) and which never spiked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from framework.config import ModelConfig, Recipe
+from framework.data.source import TrainSource
+from framework.run import train
+
+GBS, STEPS, EVERY = 4, 12, 4
+POISON = range(8 * GBS, 9 * GBS)  # the samples of step 9: the last checkpoint before it is step 8's
+
+
+def _recipe(run_dir: Path, data: Path) -> Recipe:
+    sizes = dict(vocab_size=4096, d_model=32, n_layers=2, n_heads=4, ffn_hidden=64, max_seq_len=128)
+    recipe = Recipe(model=ModelConfig(**sizes))
+    recipe.data.tokenizer, recipe.data.train, recipe.data.validation = (
+        str(data / "tokenizer.model"),
+        str(data),
+        None,
+    )
+    recipe.data.seq_len, recipe.data.verify = 128, "size"
+    recipe.train.steps, recipe.train.global_batch_size, recipe.train.micro_batch_size = STEPS, GBS, 2
+    recipe.train.device, recipe.train.eval_every = "cpu", 0
+    recipe.optim.lr, recipe.schedule.warmup_steps = 3e-3, 2
+    recipe.checkpoint.every, recipe.checkpoint.keep_last = EVERY, 10
+    recipe.logging.run_dir = str(run_dir)
+    recipe.logging.progress_bar = recipe.logging.tensorboard = False
+    return recipe
+
+
+@pytest.fixture
+def poisoned(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """TrainSource reads every sample of POISON as one repeated rare token; returns the poisoned indices read."""
+    read: list[int] = []
+    original = TrainSource.micro_batch
+
+    def micro_batch(self: TrainSource, global_indices: list[int]) -> dict[str, torch.Tensor]:
+        batch = original(self, global_indices)
+        for row, g in enumerate(global_indices):
+            if g in POISON:
+                read.append(g)
+                batch["input_ids"][row] = 4000
+                batch["labels"][row] = 4000
+        return batch
+
+    monkeypatch.setattr(TrainSource, "micro_batch", micro_batch)
+    return read
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from framework.checkpoint.io import load_checkpoint
+
+    state = load_checkpoint(run_dir / "checkpoints" / f"step_{STEPS:08d}", template=None, distributed=False)
+    return state.state["model"]
+
+
+def test_rewind_skips_the_bad_data_and_equals_a_run_without_it(
+    tmp_path: Path, demo_data: Path, poisoned: list[int]
+) -> None:
+    recipe = _recipe(tmp_path / "rewind", demo_data)
+    recipe.train.spike_sigma, recipe.train.spike_window = 3.0, 4
+    recipe.train.spike_policy, recipe.train.spike_skip_samples = "rewind", GBS
+    train(recipe)
+    assert sorted(set(poisoned)) == list(POISON)  # the bad batch was read once, by step 9
+    rows = [r for r in _rows(tmp_path / "rewind") if r["kind"] == "train"]
+    spiked = [r for r in rows if r["skipped"]]
+    assert [r["step"] for r in spiked] == [9] and spiked[0]["skip_reason"] == "loss_spike", spiked
+    (record,) = [json.loads(x) for x in (tmp_path / "rewind" / "skipped_data.jsonl").read_text().splitlines()]
+    # back to step 8's checkpoint; skipped: step 9's samples plus the margin of one more global batch
+    assert record["spike_step"] == 9 and record["rewound_to_step"] == 8
+    assert record["samples"] == [8 * GBS, 10 * GBS], record
+
+    poisoned.clear()
+    plain = _recipe(tmp_path / "plain", demo_data)
+    plain.data.skip_samples = [tuple(record["samples"])]
+    train(plain)
+    assert poisoned == []  # the replay never read the bad range
+    assert not any(r["skipped"] for r in _rows(tmp_path / "plain") if r["kind"] == "train")
+    ours, theirs = _final_weights(tmp_path / "rewind"), _final_weights(tmp_path / "plain")
+    assert ours.keys() == theirs.keys()
+    for name, tensor in ours.items():
+        assert torch.equal(tensor, theirs[name]), name
