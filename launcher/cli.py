@@ -98,6 +98,13 @@ def _run_data(args: argparse.Namespace) -> None:
 
         build_demo_data(args.out, overwrite=args.overwrite)
         return
+    if args.data_command == "show":
+        from framework.config.loader import load_recipe
+        from framework.data.show import parse_range, show_samples
+
+        start, end = parse_range(args.sample_range)
+        print(show_samples(load_recipe(args.recipe, args.overrides), start, end))
+        return
     _check_data_args(args)
     if args.data_command == "tokenizer" and args.tokenizer_type == "bpe":
         from framework.data.hf_tokenizer import train_bpe_on_files
@@ -225,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_tokenizer_parser(data_commands)
     _add_prepare_parser(data_commands)
+    show = data_commands.add_parser(
+        "show",
+        help="print the text of global training samples of a recipe's data order (e.g. a skipped range)",
+    )
+    _add_recipe_args(show)
+    show.add_argument("--range", required=True, dest="sample_range", metavar="START:END",
+                      help="global sample positions [START, END), e.g. a `samples` pair of skipped_data.jsonl")  # fmt: skip
     _add_convert(commands)
     _add_ckpt_commands(commands)
     _add_slurm_commands(commands)

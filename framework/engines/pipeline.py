@@ -65,6 +65,8 @@ class PipelineTrainModule(DistributedTrainModule):
         # MoE: each stage adds its layers' router losses in its own backward (framework/engines/moe_pipeline.py)
         self._moe = self._pipeline_moe()
         self._trained_last = False  # did the last schedule call train? (else torch re-infers shapes first)
+        self._qk_inference: set[int] = set()  # stages whose next forward is torch's metadata inference
+        self._hook_qk_clip()
         mtp = recipe.model.mtp
         self._mtp_depth = mtp.depth if mtp is not None else 0
         # the module whose forward stashes the MTP logits: the last stage's (a view when a rank runs two stages)
@@ -78,6 +80,8 @@ class PipelineTrainModule(DistributedTrainModule):
         self._set_training(True)
         if self.qk_clip is not None:
             self.qk_clip.start_step()
+            if not self._trained_last:
+                self._qk_inference = set(self.parts.stage_ids)
         batches = [self._to_device(mb) for mb in micro_batches]
         self._total = self._global_sum(sum(count_labelled(b["labels"]) for b in batches))
         self._sums = []
@@ -143,6 +147,24 @@ class PipelineTrainModule(DistributedTrainModule):
                 loss = self.precision.scale(out.loss * self.dims.dp * self.dims.cp)
         self._parts[id(loss)] = parts.detach()
         return loss
+
+    def _hook_qk_clip(self) -> None:
+        """QK-clip's max logits must not see torch's metadata-inference forward: a later stage runs it on empty
+        (uninitialised) placeholders. It is each stage's first forward of a schedule call after no training call
+        (the rule framework/engines/moe_pipeline.py states), so that forward runs with the probe off."""
+        if self.qk_clip is None:
+            return
+        tracked = set(map(id, self.qk_clip.modules.values()))
+        for stage, module in zip(self.parts.stage_ids, self.parts.modules, strict=True):
+            attention = [m for m in module.modules() if id(m) in tracked]
+
+            def before(_: nn.Module, __: Any, stage: int = stage, attention: list = attention) -> None:
+                inference = stage in self._qk_inference
+                self._qk_inference.discard(stage)
+                for m in attention:
+                    m.track_logits = not inference
+
+            module.register_forward_pre_hook(before)
 
     def _pipeline_moe(self) -> PipelineMoE | None:
         if self.recipe.model.moe is None:

@@ -256,3 +256,35 @@ def test_training_on_a_corrupt_shard_is_one_line(
     argv = ["train", str(recipe), *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
     err = refused(capsys, data, argv, f"{data / 'train-00000.tar'}: ", "token id 65535", "corrupt shard")
     assert "sample " in err
+
+
+@pytest.mark.parametrize("bad", ["5:3", "x:4", "7", "0:5000"])
+def test_data_show_refuses_a_bad_range(capsys: pytest.CaptureFixture[str], bad: str) -> None:
+    root = Path(__file__).resolve().parents[2]
+    assert main(["data", "show", str(root / "recipes" / "debug.yaml"), "--range", bad]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--range" in err, err
+
+
+def test_data_show_prints_the_samples_of_the_order(
+    capsys: pytest.CaptureFixture[str], demo_data: Path
+) -> None:
+    """Each global position's (dataset, sample) is the order's, and its text the tokenizer's decoding of it."""
+    from framework.config.loader import load_recipe
+    from framework.data.source import build_data
+
+    root = Path(__file__).resolve().parents[2]
+    sets = [f"data.tokenizer={demo_data / 'tokenizer.model'}", f"data.train={demo_data}"]
+    argv = ["data", "show", str(root / "recipes" / "debug.yaml"), "--range", "10:12"]
+    assert main(argv + [x for s in sets for x in ("--set", s)]) == 0
+    out = capsys.readouterr().out
+    recipe = load_recipe(root / "recipes" / "debug.yaml", sets)
+    tokenizer = Tokenizer(recipe.data.tokenizer)
+    source, _ = build_data(recipe.data, recipe.model, tokenizer)
+    for g in (10, 11):
+        dataset, sample = source.order(g)
+        assert f"# sample {g} (dataset {dataset}, sample {sample}, 128 tokens)" in out
+        tokens, _ = source.datasets[dataset].sample(
+            sample
+        )  # the prepared sample, read straight from its shard
+        assert tokenizer.decode(tokens[:128].tolist()) in out

@@ -197,3 +197,28 @@ def test_impossible_settings_are_config_errors(cfg: DataConfig, prepared: Path) 
     expect_error(replace(cfg, train=[str(prepared)] * 2, weights=[1.0]), "data.weights")
     manifest = json.loads((prepared / MANIFEST).read_text())
     assert manifest["splits"]["validation"]["samples"] > 0
+
+
+def test_skipped_ranges_are_stepped_over_and_resume(cfg: DataConfig) -> None:
+    """data.skip_samples: a step that would start inside [start, end) starts at end; the other steps are the
+    stream's own, the ranges travel in the state (a resume on another dp size keeps skipping them), and a range
+    whose start is inside a step takes effect at the next step start."""
+    straight = global_steps(cfg, 8)
+    skipping = global_steps(replace(cfg, skip_samples=[(2 * GLOBAL, 4 * GLOBAL)]), 6)
+    assert all(torch.equal(a, b) for a, b in zip(straight[:2] + straight[4:], skipping, strict=True))
+    source = build_data(replace(cfg, skip_samples=[(2 * GLOBAL, 4 * GLOBAL)]), MODEL)[0]
+    stream = source.batches(GLOBAL, MICRO)
+    for _ in range(3):
+        next(stream)
+    state = source.state_dict()
+    assert state["consumed_samples"] == 5 * GLOBAL and state["skipped"] == [[2 * GLOBAL, 4 * GLOBAL]]
+    resumed = global_steps(cfg, 2, dp_size=2, state=state)
+    assert all(torch.equal(a, b) for a, b in zip(straight[5:7], resumed, strict=True))
+    mid = global_steps(replace(cfg, skip_samples=[(GLOBAL + 1, 3 * GLOBAL)]), 3)
+    assert torch.equal(mid[1], straight[1]) and torch.equal(mid[2], straight[3])
+
+
+def test_a_bad_skip_range_is_a_config_error(cfg: DataConfig) -> None:
+    with pytest.raises(ConfigError) as err:
+        replace(cfg, skip_samples=[(5, 5)]).validate()
+    assert err.value.key == "data.skip_samples[0]"

@@ -83,7 +83,6 @@ CASES: dict[str, tuple[int, dict[str, Any], dict[str, Any], str, float]] = {
     "tp2_sp_encoder_tied": (2, SP, BERT | {"tie_embeddings": True, "mlm_head_transform": False}, "mlm", 0.0),
     # T5 v1.0 ties its head: the decoder stack feeds it
     "tp2_sp_t5_tied": (2, SP, T5 | {"tie_embeddings": True}, "seq2seq", 0.0),
-    "tp2_sp_t5": (2, SP, T5, "seq2seq", 0.0),
     "tp2_moe": (2, TP2, MOE, "causal", 0.0),
     "tp2_sp_moe": (2, SP, MOE, "causal", 0.0),
     "fsdp2xtp2_sp_gqa": (4, SP | {"data_parallel": "fsdp"}, GQA, "causal", 1e-3),

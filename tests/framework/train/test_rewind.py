@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from framework.config import ModelConfig, Recipe
+from framework.data import Tokenizer
+from framework.data.show import show_samples
 from framework.data.source import TrainSource
 from framework.run import train
 
@@ -82,6 +84,13 @@ def test_rewind_skips_the_bad_data_and_equals_a_run_without_it(
     # back to step 8's checkpoint; skipped: step 9's samples plus the margin of one more global batch
     assert record["spike_step"] == 9 and record["rewound_to_step"] == 8
     assert record["samples"] == [8 * GBS, 10 * GBS], record
+
+    # `loom data show --range` prints what was skipped: step 9's poisoned samples, then the margin's ordinary ones
+    text = show_samples(recipe, *record["samples"])
+    pieces = text.split("# sample ")[1:]
+    rare = Tokenizer(recipe.data.tokenizer).decode([4000] * 8)
+    assert len(pieces) == 2 * GBS
+    assert [rare in p for p in pieces] == [True] * GBS + [False] * GBS
 
     poisoned.clear()
     plain = _recipe(tmp_path / "plain", demo_data)
