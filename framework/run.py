@@ -10,6 +10,7 @@ import os
 import socket
 import warnings
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -342,10 +343,15 @@ class StepBatches:
         self.global_batch_size = recipe.train.global_batch_size
         self.micro_batch_size = recipe.train.micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.ramp, self.seq_len = recipe.train.batch_ramp, recipe.data.seq_len
 
     def __iter__(self) -> Iterator[list[dict[str, torch.Tensor]]]:
-        """This data-parallel rank's slice of each global batch."""
-        return self.source.batches(self.global_batch_size, self.micro_batch_size, self.dp_rank, self.dp_size)
+        """This data-parallel rank's slice of each global batch (of train.batch_ramp's size, when set)."""
+        ramp = self.ramp
+        size_at = None if ramp is None else partial(ramp.size_at, self.global_batch_size, self.seq_len)
+        return self.source.batches(
+            self.global_batch_size, self.micro_batch_size, self.dp_rank, self.dp_size, size_at
+        )
 
     @property
     def consumed_samples(self) -> int:

@@ -1138,6 +1138,42 @@ class DataConfig:
 
 
 @dataclass
+class BatchRampConfig:
+    """Batch-size ramp-up (GPT-3, Brown et al. 2020; Megatron-LM's --rampup-batch-size): the global batch grows from
+    `start` sequences to train.global_batch_size in steps of `increment`, evenly over the first `over_tokens`
+    tokens of the data order. It changes how many accumulation micro-batches a step has; the sample order is
+    unchanged, and the size is a function of the data position only, so a resume mid-ramp (on any layout) is exact."""
+
+    start: int = 32
+    """Sequences per step at the beginning (a multiple of train.micro_batch_size x data-parallel ranks)."""
+    increment: int = 32
+    """Sequences added per increase (a multiple of train.micro_batch_size x data-parallel ranks)."""
+    over_tokens: int = 1_000_000_000
+    """Tokens (data positions x data.seq_len) over which the batch reaches train.global_batch_size."""
+
+    def validate(self, global_batch_size: int, micro_batch_size: int) -> None:
+        _positive(self, "train.batch_ramp", "start", "increment", "over_tokens")
+        _require(
+            self.start < global_batch_size and (global_batch_size - self.start) % self.increment == 0,
+            "train.batch_ramp.start", self.start,
+            f"must be below train.global_batch_size={global_batch_size} by a multiple of increment={self.increment}",
+            "e.g. start: global_batch_size / 8 and increment: start",
+        )  # fmt: skip
+        for name in ("start", "increment"):
+            value = getattr(self, name)
+            _require(
+                value % micro_batch_size == 0, f"train.batch_ramp.{name}", value,
+                f"must be a multiple of train.micro_batch_size={micro_batch_size}", "round it to one",
+            )  # fmt: skip
+
+    def size_at(self, global_batch_size: int, seq_len: int, position: int) -> int:
+        """The global batch of the step that starts at data position `position` (samples)."""
+        increases = (global_batch_size - self.start) // self.increment
+        done = min(1.0, position * seq_len / self.over_tokens)
+        return self.start + self.increment * min(increases, math.floor(done * increases))
+
+
+@dataclass
 class TrainConfig:
     """The training loop: batch, length, loss extras, evaluation and stability policy."""
 
@@ -1168,6 +1204,8 @@ class TrainConfig:
     same processes), step over the samples consumed since it (plus spike_skip_samples) and go on (docs/stability)."""
     spike_grad_norm: bool = False
     """Also call a spike when the gradient norm exceeds mean + spike_sigma std of its own window."""
+    batch_ramp: BatchRampConfig | None = None
+    """Grow the global batch over the first tokens (see BatchRampConfig); null = train.global_batch_size throughout."""
     spike_skip_samples: int = 0
     """rewind: samples skipped beyond the spiking step's (the margin after the bad data)."""
     max_consecutive_skips: int = 20
@@ -1179,6 +1217,8 @@ class TrainConfig:
         )
         _positive(self, "train", "max_consecutive_skips")
         _non_negative(self, "train", "z_loss", "eval_every", "spike_sigma", "spike_skip_samples")
+        if self.batch_ramp is not None:
+            self.batch_ramp.validate(self.global_batch_size, self.micro_batch_size)
         _at_most(self, "train", MAX_STEPS, "steps", "eval_every", "max_consecutive_skips")
         _at_most(
             self, "train", MAX_BATCH, "global_batch_size", "micro_batch_size", "eval_batches", "spike_window"

@@ -218,25 +218,32 @@ class TrainSource:
         return [range(s, s + micro) for s in range(first, first + global_batch_size // size, micro)]
 
     def batches(
-        self, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1
+        self,
+        global_batch_size: int,
+        micro_batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        size_at: Callable[[int], int] | None = None,
     ) -> Iterator[list[Batch]]:
         """Per optimizer step, this rank's micro-batches (see `step_indices`), read by `num_workers` DataLoader
         workers (0: in this process; the batches are the same). `consumed_samples` advances by the global batch
         when a step is handed to training, not when workers prefetch it, so a checkpoint written after the step
-        resumes with the next one."""
+        resumes with the next one. `size_at(position)`: the global batch of the step starting at a data position
+        (a batch-size ramp; default global_batch_size throughout)."""
+        size_at = size_at or (lambda _: global_batch_size)
         _check_batching(global_batch_size, micro_batch_size, dp_rank, dp_size)
-        per_step = global_batch_size // (micro_batch_size * dp_size)
-        requests = _Requests(
-            self, self.consumed_samples, global_batch_size, micro_batch_size, dp_rank, dp_size
-        )
+        requests = _Requests(self, self.consumed_samples, size_at, micro_batch_size, dp_rank, dp_size)
         loader = iter(_loader(_MicroBatches(self), requests, self.num_workers, self.device_type))
         while True:
+            start = self.step_start(self.consumed_samples)
+            size = size_at(start)
+            _check_batching(size, micro_batch_size, dp_rank, dp_size)
             try:
-                step = [_unwrap(next(loader)) for _ in range(per_step)]
+                step = [_unwrap(next(loader)) for _ in range(size // (micro_batch_size * dp_size))]
             except ConfigError:
                 loader = None  # stop the workers now, not when the error's traceback is collected
                 raise
-            self.consumed_samples = self.step_start(self.consumed_samples) + global_batch_size
+            self.consumed_samples = start + size
             yield step
 
     def state_dict(self) -> dict[str, Any]:
@@ -258,16 +265,19 @@ class TrainSource:
 class _Requests:
     """The DataLoader's sampler: this rank's micro-batches (tuples of global indices), step after step."""
 
-    def __init__(self, source: TrainSource, start: int, gbs: int, micro: int, rank: int, size: int) -> None:
-        self.source, self.start, self.args = source, start, (gbs, micro, rank, size)
+    def __init__(
+        self, source: TrainSource, start: int, size_at: Callable[[int], int], micro: int, rank: int, size: int
+    ) -> None:
+        self.source, self.start, self.size_at, self.args = source, start, size_at, (micro, rank, size)
 
     def __iter__(self) -> Iterator[tuple[int, ...]]:
         start = self.start
         while True:
             start = self.source.step_start(start)
-            for micro in self.source.step_indices(start, *self.args):
+            gbs = self.size_at(start)
+            for micro in self.source.step_indices(start, gbs, *self.args):
                 yield tuple(micro)
-            start += self.args[0]
+            start += gbs
 
 
 class _MicroBatches(Dataset):

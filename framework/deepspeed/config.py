@@ -109,6 +109,8 @@ def check_deepspeed(
                           "synchronously", "set checkpoint.async_save: false")  # fmt: skip
     _refuse(recipe.train.spike_sigma > 0, "train.spike_sigma",
             "DeepSpeed applies each update inside its step: Loom cannot skip one", "set train.spike_sigma: 0")  # fmt: skip
+    _refuse(recipe.train.batch_ramp is not None, "train.batch_ramp", "DeepSpeed fixes its accumulation steps "
+            "in its config", "use parallel.engine: native for a batch-size ramp")  # fmt: skip
     # ZeRO flattens and partitions the parameter groups: Newton-Schulz would see slices of flat buffers
     if recipe.optim.name == "muon":
         raise ConfigError(None, "optim.name", "muon", "ZeRO partitions flattened parameter groups, so Muon would "

@@ -25,8 +25,8 @@ class Trainer:
     """Runs `train_module` for recipe.train.steps optimizer steps over `batches`.
 
     `batches` yields dicts (a whole per-rank global batch, or micro-batches: either way they are cut into
-    train.micro_batch_size pieces and grouped into the step's accumulation count) or lists of micro-batch dicts
-    used as they are. If it has state_dict()/load_state_dict(), its position is checkpointed.
+    train.micro_batch_size pieces and grouped into the step's accumulation count) or lists of micro-batch dicts,
+    each list one step's, used as they are (its length may vary: train.batch_ramp). If it has state_dict()/load_state_dict(), its position is checkpointed.
     `dp_size` is the data-parallel world size (per-rank batch = global_batch_size / dp_size).
     """
 
@@ -115,6 +115,8 @@ class Trainer:
             if item is None:
                 return None
             if isinstance(item, list):
+                if not micro:
+                    return item  # one step's micro-batches (a batch-size ramp varies their count)
                 micro.extend(item)
             else:
                 micro.extend(split_micro_batches(item, self.recipe.train.micro_batch_size))
