@@ -9,7 +9,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from framework.config import ConfigError, ModelConfig, Recipe
 from framework.config.schema import BatchRampConfig, TrainConfig
