@@ -33,6 +33,7 @@ from framework.parallel.parallelize import apply_compile, parallelize
 from framework.run_dir import LAUNCHED_ENV, guard_run_dir
 from framework.train import Trainer, TrainModule, default_callbacks, resolve_device
 from framework.train.callbacks.wandb_logger import check_wandb
+from framework.train.determinism import deterministic_run
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +265,23 @@ def _train(
     resume: str | None,
     layout: dict[str, int] | None,
     accept_data_change: bool = False,
+) -> dict[str, Any]:
+    with deterministic_run(recipe.train.deterministic):  # before the model: cuBLAS reads its setting once
+        return _train_body(recipe, device, make_module, dp_rank=dp_rank, dp_size=dp_size, rank=rank,
+                           resume=resume, layout=layout, accept_data_change=accept_data_change)  # fmt: skip
+
+
+def _train_body(
+    recipe: Recipe,
+    device: torch.device,
+    make_module: Callable[[Recipe, torch.device], TrainModule],
+    *,
+    dp_rank: int,
+    dp_size: int,
+    rank: int,
+    resume: str | None,
+    layout: dict[str, int] | None,
+    accept_data_change: bool,
 ) -> dict[str, Any]:
     torch.manual_seed(recipe.train.seed)  # Trainer.fit re-seeds dropout per rank (train_module.rng_seed)
     tokenizer = Tokenizer(recipe.data.tokenizer)

@@ -1204,6 +1204,10 @@ class TrainConfig:
     same processes), step over the samples consumed since it (plus spike_skip_samples) and go on (docs/stability)."""
     spike_grad_norm: bool = False
     """Also call a spike when the gradient norm exceeds mean + spike_sigma std of its own window."""
+    deterministic: bool = False
+    """Deterministic algorithms (torch.use_deterministic_algorithms, cuDNN autotuning off, cuBLAS's fixed
+    workspace, TE's deterministic attention backward): two runs on the same layout and GPUs repeat bit for bit as far
+    as those kernels allow; slower. docs/stability.md lists what it costs and what stays nondeterministic."""
     batch_ramp: BatchRampConfig | None = None
     """Grow the global batch over the first tokens (see BatchRampConfig); null = train.global_batch_size throughout."""
     spike_skip_samples: int = 0
