@@ -5,7 +5,8 @@ accumulation, cuDNN convolutions, SDPA's memory-efficient backward; an op withou
 cuDNN autotuning off, cuBLAS's fixed workspace (CUBLAS_WORKSPACE_CONFIG=:4096:8, which cuBLAS reads at its first
 call, hence set before the model is built), and Transformer Engine's deterministic fused-attention backward
 (NVTE_ALLOW_NONDETERMINISTIC_ALGO=0). Loom's own reductions already run in a fixed order: loss and token sums per
-rank then one all-reduce, gradient norms per layout, MoE combines in token order. The flags are process-wide;
+rank then one all-reduce, gradient norms per layout; the MoE combine is an index_add_, which deterministic mode
+covers (or warns about, where a torch version has no deterministic kernel for it). The flags are process-wide;
 `deterministic_run` restores the previous ones when the run ends (in-process callers such as tests keep theirs).
 Costs and limits: docs/stability.md ("Determinism").
 """
