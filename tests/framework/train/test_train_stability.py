@@ -24,6 +24,7 @@ def _stability(tmp_path, sigma=3.0, window=20, policy="skip", max_skips=20) -> S
         "train.spike_window": window,
         "train.spike_policy": policy,
         "train.max_consecutive_skips": max_skips,
+        "checkpoint.every": 10,  # a rewind needs checkpoints to go back to
     }
     return Stability(make_recipe(tmp_path, overrides).train, tmp_path)
 
@@ -129,3 +130,32 @@ class _Snapshot(Stability.__mro__[1]):  # a plain Callback
 
     def on_step_end(self, trainer, metrics):
         self.store[metrics["step"]] = trainer.train_module.model.w1.weight.detach().clone()
+
+
+def test_grad_norm_spikes_count_when_asked(tmp_path):
+    """train.spike_grad_norm: the gradient norm has its own window; a steady loss with a jumping norm is a spike."""
+    for enabled in (False, True):
+        stability = _stability(tmp_path, window=3)
+        stability.cfg.spike_grad_norm = enabled
+        for loss, norm in ((1.0, 1.0), (1.1, 1.1), (0.9, 0.9)):
+            stability.on_step_end(_FakeTrainer(), {"loss": loss, "grad_norm": norm, "skipped": False,
+                                                    "consecutive_skips": 0})  # fmt: skip
+        verdict = stability.on_before_optim_step(_FakeTrainer(), {"loss": 1.0, "grad_norm": 50.0})
+        assert verdict == ("loss_spike" if enabled else None)
+
+
+def test_rewind_policy_asks_the_trainer_and_needs_checkpoints(tmp_path):
+    from framework.config import ConfigError
+
+    stability = _stability(tmp_path, window=3, policy="rewind")
+    for loss in (1.0, 1.1, 0.9):
+        _accepted(stability, loss)
+    trainer = _FakeTrainer()
+    trainer.rewind_request = None
+    assert stability.on_before_optim_step(trainer, {"loss": 9.0, "grad_norm": 1.0}) == "loss_spike"
+    assert trainer.rewind_request.startswith("loss spike: 9")
+    with pytest.raises(ConfigError) as err:
+        make_recipe(
+            tmp_path, {"train.spike_sigma": 3.0, "train.spike_policy": "rewind", "checkpoint.every": 0}
+        )
+    assert err.value.key == "train.spike_policy"
