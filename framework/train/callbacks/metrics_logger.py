@@ -112,8 +112,10 @@ class MetricsLogger(Callback):
         self._interval_time, self._interval_tokens = 0.0, 0
         record = {key: _json_value({**metrics, **rates}.get(key)) for key in TRAIN_KEYS}
         # MoE router losses and load metrics, when the model has MoE layers (see framework/train/moe_loss.py);
-        # multi-token prediction losses with model.mtp (framework/train/mtp_loss.py).
-        record.update({k: _json_value(v) for k, v in metrics.items() if k.startswith(("moe_", "mtp_"))})
+        # multi-token prediction losses with model.mtp (framework/train/mtp_loss.py); QK-clip's largest logit and
+        # clipped heads with optim.qk_clip (framework/train/qk_clip.py).
+        extra = ("moe_", "mtp_", "qk_")
+        record.update({k: _json_value(v) for k, v in metrics.items() if k.startswith(extra)})
         return record
 
     def on_validation(self, trainer: Trainer, metrics: dict[str, Any]) -> None:

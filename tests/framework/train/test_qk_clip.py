@@ -125,3 +125,30 @@ def test_refused_where_it_cannot_work(model: dict, parallel: dict, key: str) -> 
     with pytest.raises(ConfigError) as err:
         recipe.validate()
     assert err.value.key == key
+
+
+def test_the_clip_is_logged(tmp_path, demo_data) -> None:
+    """metrics.jsonl carries qk_max_logit and qk_clipped_heads on every train record (`train` on the demo corpus)."""
+    import json
+
+    from framework.run import train
+
+    sizes = dict(vocab_size=4096, d_model=32, n_layers=2, n_heads=4, ffn_hidden=64, max_seq_len=128)
+    recipe = Recipe(model=ModelConfig(**sizes))
+    recipe.data.tokenizer, recipe.data.train, recipe.data.validation = (
+        str(demo_data / "tokenizer.model"), str(demo_data), None,
+    )  # fmt: skip
+    recipe.data.seq_len, recipe.data.verify = 128, "size"
+    recipe.train.steps, recipe.train.global_batch_size, recipe.train.micro_batch_size = 3, 2, 2
+    recipe.train.device, recipe.train.eval_every, recipe.checkpoint.every = "cpu", 0, 0
+    recipe.optim.name, recipe.optim.qk_clip = "muon", 0.05
+    recipe.logging.run_dir, recipe.logging.progress_bar, recipe.logging.tensorboard = (
+        str(tmp_path),
+        False,
+        False,
+    )
+    train(recipe)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert len(train_rows) == 3
+    assert all(r["qk_clipped_heads"] > 0 and r["qk_max_logit"] > 0.05 for r in train_rows), train_rows
