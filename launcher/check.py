@@ -128,6 +128,11 @@ def _mtp_lines(recipe: Recipe, flops: float) -> list[str]:
     ]
 
 
+MAX_LISTED_LAYERS = 512
+"""The optimizer's groups come from the model built on the meta device: seconds per thousand layers, so deeper
+(hypothetical) models are not listed."""
+
+
 def _optimizer_lines(recipe: Recipe) -> list[str]:
     """The optimizer's parameter groups (optim.name and its rules), from the model built on the meta device: per
     group its algorithm, weight decay, tensor and parameter counts, and its names with layer indices folded."""
@@ -136,11 +141,13 @@ def _optimizer_lines(recipe: Recipe) -> list[str]:
     from framework.models.transformer import build_model
     from framework.train.optim import group_names
 
+    lines = [f"optimizer: {recipe.optim.name} (groups from framework/train/optim.py's rules; optim.muon.include/"
+             "exclude move parameters between Muon and AdamW)"]  # fmt: skip
+    if recipe.model.n_layers > MAX_LISTED_LAYERS:
+        return [lines[0] + f"; groups not listed for more than {MAX_LISTED_LAYERS} layers"]
     with torch.device("meta"):
         model = build_model(recipe.model)
     params = dict(model.named_parameters())
-    lines = [f"optimizer: {recipe.optim.name} (groups from framework/train/optim.py's rules; optim.muon.include/"
-             "exclude move parameters between Muon and AdamW)"]  # fmt: skip
     for algorithm, decay, names in group_names(model, recipe.optim):
         count = sum(params[n].numel() for n in names)
         folded = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", n) for n in names))

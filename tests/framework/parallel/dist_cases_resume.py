@@ -108,3 +108,28 @@ def save_initial(recipe: Recipe, root: str) -> int:
     }  # as the Checkpointer writes it (verified on read)
     writer.save(0, module.state_dict(), {"recipe": recipe_to_dict(recipe), "layout": layout}, rank_state)
     return dist.get_rank()
+
+
+def run_poisoned(recipe: Recipe, poison: tuple[int, int], token: int) -> list[int]:
+    """run_here with the global samples [poison) read as one repeated `token` (a bad range of the data); returns
+    the poisoned global indices this rank read."""
+    from framework.data.source import TrainSource
+
+    read: list[int] = []
+    original = TrainSource.micro_batch
+
+    def micro_batch(self: TrainSource, global_indices: Any) -> dict[str, torch.Tensor]:
+        batch = original(self, global_indices)
+        for row, g in enumerate(global_indices):
+            if poison[0] <= g < poison[1]:
+                read.append(int(g))
+                batch["input_ids"][row] = token
+                batch["labels"][row] = token
+        return batch
+
+    TrainSource.micro_batch = micro_batch  # type: ignore[method-assign]
+    try:
+        run_here(recipe)
+    finally:
+        TrainSource.micro_batch = original  # type: ignore[method-assign]
+    return read
