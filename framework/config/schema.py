@@ -1210,6 +1210,9 @@ class TrainConfig:
     as those kernels allow; slower. docs/stability.md lists what it costs and what stays nondeterministic."""
     batch_ramp: BatchRampConfig | None = None
     """Grow the global batch over the first tokens (see BatchRampConfig); null = train.global_batch_size throughout."""
+    max_rewinds: int = 5
+    """rewind: halt (with the diagnostics file of spike_policy halt) at the spike after this many rewinds in one
+    run, the data was not what went wrong."""
     spike_skip_samples: int = 0
     """rewind: samples skipped beyond the spiking step's (the margin after the bad data)."""
     max_consecutive_skips: int = 20
@@ -1219,7 +1222,7 @@ class TrainConfig:
         _positive(
             self, "train", "steps", "global_batch_size", "micro_batch_size", "eval_batches", "spike_window"
         )
-        _positive(self, "train", "max_consecutive_skips")
+        _positive(self, "train", "max_consecutive_skips", "max_rewinds")
         _non_negative(self, "train", "z_loss", "eval_every", "spike_sigma", "spike_skip_samples")
         if self.batch_ramp is not None:
             self.batch_ramp.validate(self.global_batch_size, self.micro_batch_size)

@@ -41,6 +41,7 @@ from framework.train.callbacks.preemption import (
     clear_record,
     write_record,
 )
+from framework.train.callbacks.stability import TrainingHalted
 from framework.train.resume_check import FINGERPRINT, check_same_data, data_fingerprint
 
 SKIPPED_DATA = "skipped_data.jsonl"
@@ -103,6 +104,7 @@ class Checkpointer(Callback):
         self._trainer: Trainer | None = None
         self._started: dict[int, float] = {}  # checkpoint step -> when its save began (for checkpoints.jsonl)
         self._resumed: Path | None = None
+        self._rewinds = 0  # loss-spike rewinds so far in this run (train.max_rewinds)
 
     @property
     def last_checkpoint(self) -> Path | None:
@@ -165,6 +167,10 @@ class Checkpointer(Callback):
         its data position to the end of the spiking step, plus train.spike_skip_samples. Recorded in
         <run_dir>/skipped_data.jsonl and, through the data state, in every later checkpoint."""
         reason, trainer.rewind_request = trainer.rewind_request, None
+        # counted here, not in a callback's checkpointed state: a rewind restores those
+        self._rewinds += 1
+        if self._rewinds > self.recipe.train.max_rewinds:
+            self._halt_after_rewinds(trainer, reason, metrics)
         self._wait()  # a save in flight commits first: it may be the one to go back to
         path = self._newest_good()
         end = trainer.data_position()
@@ -185,6 +191,14 @@ class Checkpointer(Callback):
             _append_line(Path(self.recipe.logging.run_dir) / SKIPPED_DATA, record)
         log.warning("loss spike at step %d (%s): rewound to %s, skipping samples [%d, %d)", spike_step, reason,
                     path.name, start, stop)  # fmt: skip
+
+    def _halt_after_rewinds(self, trainer: Trainer, reason: str | None, metrics: dict[str, Any]) -> None:
+        limit = self.recipe.train.max_rewinds
+        why = f"{reason}, after {limit} rewinds (train.max_rewinds): skipping data did not stop the spikes"
+        stability = next((cb for cb in trainer.callbacks if hasattr(cb, "halt")), None)
+        if stability is None:
+            raise TrainingHalted(f"training halted at step {trainer.step}: {why}")
+        stability.halt(trainer, why, current=metrics)  # writes the diagnostics file, raises TrainingHalted
 
     # -- save / load ---------------------------------------------------------------------------------------
 

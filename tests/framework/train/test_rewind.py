@@ -102,3 +102,23 @@ def test_rewind_skips_the_bad_data_and_equals_a_run_without_it(
     assert ours.keys() == theirs.keys()
     for name, tensor in ours.items():
         assert torch.equal(tensor, theirs[name]), name
+
+
+def test_rewinds_that_do_not_help_halt(tmp_path: Path, demo_data: Path, poisoned: list[int]) -> None:
+    """Bad data wider than the skipped range: every replay of step 9 spikes again; after train.max_rewinds rewinds
+    the run halts with the diagnostics file."""
+    from framework.train.callbacks.stability import TrainingHalted
+
+    globals()["POISON"] = range(8 * GBS, 12 * GBS)  # read by the fixture's patched micro_batch
+    try:
+        recipe = _recipe(tmp_path / "run", demo_data)
+        recipe.train.spike_sigma, recipe.train.spike_window = 3.0, 4
+        recipe.train.spike_policy, recipe.train.max_rewinds = "rewind", 2
+        with pytest.raises(TrainingHalted, match="max_rewinds"):
+            train(recipe)
+    finally:
+        globals()["POISON"] = range(8 * GBS, 9 * GBS)
+    lines = (tmp_path / "run" / "skipped_data.jsonl").read_text().splitlines()
+    # each rewind skips from the checkpoint's data position (step 8's, both times) to the end of the spiking step
+    assert [json.loads(x)["samples"] for x in lines] == [[8 * GBS, 9 * GBS], [8 * GBS, 10 * GBS]]
+    assert list((tmp_path / "run").glob("halt_step_*.json"))
