@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from framework.checkpoint.writer import SAVE_DELAY_ENV
 from framework.config import ModelConfig, ParallelConfig, Recipe
-from framework.config.schema import MoEConfig
+from framework.config.schema import BatchRampConfig, MoEConfig
 from framework.parallel.dims import ParallelDims
 from framework.run import train, train_distributed
 
@@ -29,6 +29,7 @@ def resume_recipe(
     moe: bool = False,
     model: dict[str, Any] | None = None,
     optim: dict[str, Any] | None = None,
+    batch_ramp: BatchRampConfig | None = None,
     **parallel: Any,
 ) -> Recipe:
     """A 2-block decoder on the demo corpus: cosine schedule with warmup (its state matters on resume), clipping
@@ -49,6 +50,7 @@ def resume_recipe(
     recipe.optim.lr, recipe.optim.grad_clip = 1e-3, 0.5
     for key, value in (optim or {}).items():
         setattr(recipe.optim, key, value)
+    recipe.train.batch_ramp = batch_ramp
     recipe.schedule.name, recipe.schedule.warmup_steps = "cosine", 2
     recipe.checkpoint.every, recipe.checkpoint.keep_last = every, 10
     recipe.logging.run_dir = str(run_dir)

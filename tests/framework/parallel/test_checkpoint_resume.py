@@ -8,7 +8,9 @@ import math
 from pathlib import Path
 
 import pytest
-from dist_cases_resume import losses, resume_recipe, run_single
+from dist_cases_resume import SEQ, losses, resume_recipe, run_single
+
+from framework.config.schema import BatchRampConfig
 
 # The step-5 save is the only one: 8 is no multiple of 5 and the runs make no final save, so no second delayed
 # save stalls the end of the run (it proved nothing the first does not). Steps 6-8 after the resume: optimizer
@@ -68,12 +70,19 @@ def test_resume_is_bitwise_on_ring_cp2(dist_pool, tmp_path: Path, demo_data: Pat
 TIED = {"tie_embeddings": True}  # the last stage's copy of the embedding must load from the one saved table
 EP = dict(moe=True, data_parallel="fsdp")
 MUON = {"name": "muon"}
+# 4 sequences per step until data position 16, then 8: the step-3 checkpoint (position 12) is mid-ramp
+RAMP = BatchRampConfig(start=4, increment=4, over_tokens=16 * SEQ)
 # (saved on, resumed on): sizes and world of each side
 CROSS = {
     "tp2xpp2->one": ((4, dict(tp=2, pp=2, model=TIED)), (1, dict(model=TIED))),
     # Muon: its momentum (sharded over 2 ranks) reshards onto TP2 like AdamW's moments (those of the 1-D tensors)
     "fsdp2->tp2_muon": ((2, dict(dp_shard=2, data_parallel="fsdp", optim=MUON)), (2, dict(tp=2, optim=MUON))),
     "one->pp2xfsdp2": ((1, {}), (4, dict(pp=2, dp_shard=2, data_parallel="fsdp"))),
+    # a batch-size ramp resumed mid-ramp on another data-parallel size: the step sizes follow the data position
+    "one->fsdp2_ramp": (
+        (1, dict(batch_ramp=RAMP)),
+        (2, dict(dp_shard=2, data_parallel="fsdp", batch_ramp=RAMP)),
+    ),
     "dp4->dp2": (
         (4, dict(dp_replicate=4, data_parallel="ddp")),
         (2, dict(dp_replicate=2, data_parallel="ddp")),
