@@ -9,8 +9,9 @@ import math
 from pathlib import Path
 
 import pytest
+from train_helpers import demo_run_recipe
 
-from framework.config import ConfigError, ModelConfig, Recipe
+from framework.config import ConfigError, Recipe
 from framework.config.schema import BatchRampConfig, TrainConfig
 from framework.run import train
 
@@ -36,20 +37,8 @@ def test_bad_ramps_are_config_errors() -> None:
 
 
 def _recipe(run_dir: Path, data: Path, steps: int) -> Recipe:
-    sizes = dict(vocab_size=4096, d_model=32, n_layers=2, n_heads=4, ffn_hidden=64, max_seq_len=128)
-    recipe = Recipe(model=ModelConfig(**sizes))
-    recipe.data.tokenizer, recipe.data.train, recipe.data.validation = (
-        str(data / "tokenizer.model"),
-        str(data),
-        None,
-    )
-    recipe.data.seq_len, recipe.data.verify = 128, "size"
-    recipe.train.steps, recipe.train.global_batch_size, recipe.train.micro_batch_size = steps, 16, 4
+    recipe = demo_run_recipe(run_dir, data, steps=steps, global_batch=16, micro_batch=4, every=3)
     recipe.train.batch_ramp = RAMP
-    recipe.train.device, recipe.train.eval_every = "cpu", 0
-    recipe.checkpoint.every, recipe.checkpoint.keep_last = 3, 10
-    recipe.logging.run_dir = str(run_dir)
-    recipe.logging.progress_bar = recipe.logging.tensorboard = False
     return recipe
 
 

@@ -8,28 +8,16 @@ import os
 from pathlib import Path
 
 import torch
+from train_helpers import demo_run_recipe
 
-from framework.config import ModelConfig, Recipe
+from framework.config import Recipe
 from framework.run import train
 from framework.train.trainer import Trainer
 
 
 def _recipe(run_dir: Path, data: Path) -> Recipe:
-    sizes = dict(
-        vocab_size=4096, d_model=32, n_layers=2, n_heads=4, ffn_hidden=64, max_seq_len=128, dropout=0.1
-    )
-    recipe = Recipe(model=ModelConfig(**sizes))
-    recipe.data.tokenizer, recipe.data.train, recipe.data.validation = (
-        str(data / "tokenizer.model"),
-        str(data),
-        None,
-    )
-    recipe.data.seq_len, recipe.data.verify = 128, "size"
-    recipe.train.steps, recipe.train.global_batch_size, recipe.train.micro_batch_size = 4, 4, 2
-    recipe.train.device, recipe.train.eval_every, recipe.train.deterministic = "cpu", 0, True
-    recipe.checkpoint.every = 0
-    recipe.logging.run_dir = str(run_dir)
-    recipe.logging.progress_bar = recipe.logging.tensorboard = False
+    recipe = demo_run_recipe(run_dir, data, steps=4, global_batch=4, micro_batch=2, dropout=0.1)
+    recipe.train.deterministic = True
     return recipe
 
 

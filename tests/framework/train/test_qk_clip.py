@@ -131,16 +131,11 @@ def test_the_clip_is_logged(tmp_path, demo_data) -> None:
     """metrics.jsonl carries qk_max_logit and qk_clipped_heads on every train record (`train` on the demo corpus)."""
     import json
 
+    from train_helpers import demo_run_recipe
+
     from framework.run import train
 
-    sizes = dict(vocab_size=4096, d_model=32, n_layers=2, n_heads=4, ffn_hidden=64, max_seq_len=128)
-    recipe = Recipe(model=ModelConfig(**sizes))
-    recipe.data.tokenizer, recipe.data.train, recipe.data.validation = (
-        str(demo_data / "tokenizer.model"), str(demo_data), None,
-    )  # fmt: skip
-    recipe.data.seq_len, recipe.data.verify = 128, "size"
-    recipe.train.steps, recipe.train.global_batch_size, recipe.train.micro_batch_size = 3, 2, 2
-    recipe.train.device, recipe.train.eval_every, recipe.checkpoint.every = "cpu", 0, 0
+    recipe = demo_run_recipe(tmp_path, demo_data, steps=3, global_batch=2, micro_batch=2)
     recipe.optim.name, recipe.optim.qk_clip = "muon", 0.05
     recipe.logging.run_dir, recipe.logging.progress_bar, recipe.logging.tensorboard = (
         str(tmp_path),

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import demo_run_recipe
 
-from framework.config import ModelConfig, Recipe
+from framework.config import Recipe
 from framework.data import Tokenizer
 from framework.data.show import show_samples
 from framework.data.source import TrainSource
@@ -22,20 +23,8 @@ POISON = range(8 * GBS, 9 * GBS)  # the samples of step 9: the last checkpoint b
 
 
 def _recipe(run_dir: Path, data: Path) -> Recipe:
-    sizes = dict(vocab_size=4096, d_model=32, n_layers=2, n_heads=4, ffn_hidden=64, max_seq_len=128)
-    recipe = Recipe(model=ModelConfig(**sizes))
-    recipe.data.tokenizer, recipe.data.train, recipe.data.validation = (
-        str(data / "tokenizer.model"),
-        str(data),
-        None,
-    )
-    recipe.data.seq_len, recipe.data.verify = 128, "size"
-    recipe.train.steps, recipe.train.global_batch_size, recipe.train.micro_batch_size = STEPS, GBS, 2
-    recipe.train.device, recipe.train.eval_every = "cpu", 0
+    recipe = demo_run_recipe(run_dir, data, steps=STEPS, global_batch=GBS, micro_batch=2, every=EVERY)
     recipe.optim.lr, recipe.schedule.warmup_steps = 3e-3, 2
-    recipe.checkpoint.every, recipe.checkpoint.keep_last = EVERY, 10
-    recipe.logging.run_dir = str(run_dir)
-    recipe.logging.progress_bar = recipe.logging.tensorboard = False
     return recipe
 
 

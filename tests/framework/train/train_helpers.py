@@ -144,3 +144,33 @@ class SignalAt(Callback):
     def on_step_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
         if metrics["step"] == self.step:
             self.checkpointer.signal.received = signal.SIGUSR1
+
+
+def demo_run_recipe(
+    run_dir: Any, data: Any, *, steps: int, global_batch: int, micro_batch: int, every: int = 0, **model: Any
+) -> Recipe:
+    """A 2-block decoder (width 32, `model` overrides) on the demo corpus for in-process `framework.run.train` runs:
+    CPU, no validation, a checkpoint every `every` steps (0: only the final one), no progress bar or TensorBoard."""
+    from pathlib import Path
+
+    from framework.config import ModelConfig
+
+    sizes = dict(vocab_size=4096, d_model=32, n_layers=2, n_heads=4, ffn_hidden=64, max_seq_len=128)
+    recipe = Recipe(model=ModelConfig(**sizes | model))
+    data = Path(data)
+    recipe.data.tokenizer, recipe.data.train, recipe.data.validation = (
+        str(data / "tokenizer.model"),
+        str(data),
+        None,
+    )
+    recipe.data.seq_len, recipe.data.verify = 128, "size"
+    recipe.train.steps, recipe.train.global_batch_size, recipe.train.micro_batch_size = (
+        steps,
+        global_batch,
+        micro_batch,
+    )
+    recipe.train.device, recipe.train.eval_every = "cpu", 0
+    recipe.checkpoint.every, recipe.checkpoint.keep_last = every, 10
+    recipe.logging.run_dir = str(run_dir)
+    recipe.logging.progress_bar = recipe.logging.tensorboard = False
+    return recipe
