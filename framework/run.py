@@ -266,41 +266,26 @@ def _train(
     layout: dict[str, int] | None,
     accept_data_change: bool = False,
 ) -> dict[str, Any]:
-    with deterministic_run(recipe.train.deterministic):  # before the model: cuBLAS reads its setting once
-        return _train_body(recipe, device, make_module, dp_rank=dp_rank, dp_size=dp_size, rank=rank,
-                           resume=resume, layout=layout, accept_data_change=accept_data_change)  # fmt: skip
-
-
-def _train_body(
-    recipe: Recipe,
-    device: torch.device,
-    make_module: Callable[[Recipe, torch.device], TrainModule],
-    *,
-    dp_rank: int,
-    dp_size: int,
-    rank: int,
-    resume: str | None,
-    layout: dict[str, int] | None,
-    accept_data_change: bool,
-) -> dict[str, Any]:
-    torch.manual_seed(recipe.train.seed)  # Trainer.fit re-seeds dropout per rank (train_module.rng_seed)
-    tokenizer = Tokenizer(recipe.data.tokenizer)
-    train_source, val_source = build_data(recipe.data, recipe.model, tokenizer, device.type)
-    module = make_module(recipe, device)
-    callbacks = default_callbacks(
-        recipe,
-        val_batches=None if val_source is None else ValidationBatches(val_source, recipe),
-        # Held-out batches are split over the data-parallel ranks (tp/pp peers evaluate the same ones).
-        dp_rank=dp_rank,
-        dp_size=dp_size,
-        flops_per_token=flops_per_token(recipe.model, recipe.data.seq_len, training=True),
-        resume=resume,
-        rank=rank,
-        layout=layout,
-        accept_data_change=accept_data_change,
-    )
-    batches = StepBatches(train_source, recipe, dp_rank, dp_size)
-    return Trainer(module, batches, callbacks, recipe, dp_size=dp_size).fit() or {}
+    # before the model is built: cuBLAS reads its workspace setting once
+    with deterministic_run(recipe.train.deterministic):
+        torch.manual_seed(recipe.train.seed)  # Trainer.fit re-seeds dropout per rank (train_module.rng_seed)
+        tokenizer = Tokenizer(recipe.data.tokenizer)
+        train_source, val_source = build_data(recipe.data, recipe.model, tokenizer, device.type)
+        module = make_module(recipe, device)
+        callbacks = default_callbacks(
+            recipe,
+            val_batches=None if val_source is None else ValidationBatches(val_source, recipe),
+            # Held-out batches are split over the data-parallel ranks (tp/pp peers evaluate the same ones).
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            flops_per_token=flops_per_token(recipe.model, recipe.data.seq_len, training=True),
+            resume=resume,
+            rank=rank,
+            layout=layout,
+            accept_data_change=accept_data_change,
+        )
+        batches = StepBatches(train_source, recipe, dp_rank, dp_size)
+        return Trainer(module, batches, callbacks, recipe, dp_size=dp_size).fit() or {}
 
 
 def _single_module(recipe: Recipe, device: torch.device) -> TrainModule:
